@@ -1,0 +1,99 @@
+"""Bundled models and how a model id becomes something loadable.
+
+A model id is one of: a bundled name (``tiny-sd-shapes``: a folder under assets/), a
+local folder, or a hub id (``stabilityai/sd-turbo``). All three go through the same
+``from_pretrained`` call; only the source string differs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.types import ModelLoadError
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    modality: str
+    title: str
+    description: str
+    draft: str | None = None  # text: the paired draft model for speculative decoding
+
+    @property
+    def path(self) -> Path:
+        return ASSETS_DIR / self.name
+
+    @property
+    def available(self) -> bool:
+        return self.path.is_dir()
+
+
+BUNDLED: tuple[BundledModel, ...] = (
+    BundledModel("tiny-sd-shapes", "image", "Tiny SD (UNet) - shapes",
+                 "Stable Diffusion layout UNet trained here on rendered coloured shapes."),
+    BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
+                 "FLUX layout transformer trained here on rendered coloured shapes."),
+    BundledModel("tiny-code-llama", "text", "Tiny code Llama (12 layers)",
+                 "Llama layout LM trained here on Python's standard library.", draft="tiny-code-draft"),
+    BundledModel("tiny-code-draft", "text", "Tiny code draft (1 layer)",
+                 "1-layer draft with the same tokenizer, for speculative decoding."),
+)
+
+
+def bundled(modality: str | None = None, available_only: bool = True) -> list[BundledModel]:
+    return [
+        m for m in BUNDLED
+        if (modality is None or m.modality == modality) and (m.available or not available_only)
+    ]
+
+
+def find_bundled(name: str) -> BundledModel | None:
+    return next((m for m in BUNDLED if m.name == name), None)
+
+
+def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> str:
+    """Map a model id to the string handed to ``from_pretrained``.
+
+    ``allowed_roots``: when set (a shared app), local folders must lie inside one of
+    them, so a text field cannot be used to read arbitrary files on the server.
+    """
+    model_id = (model_id or "").strip()
+    if not model_id:
+        raise ModelLoadError("no model given: pick a bundled model or type a hub id / local folder")
+    entry = find_bundled(model_id)
+    if entry is not None:
+        if not entry.available:
+            raise ModelLoadError(
+                f"bundled model '{model_id}' is missing from {ASSETS_DIR}; rebuild it with "
+                f"`python -m backends.tiny.train` or check out the assets folder"
+            )
+        return str(entry.path)
+    path = Path(os.path.expanduser(model_id))
+    looks_local = path.is_absolute() or model_id.startswith((".", "~")) or path.exists()
+    if looks_local:
+        resolved = path.resolve()
+        if allowed_roots is not None and not any(_inside(resolved, root) for root in allowed_roots):
+            raise ModelLoadError(f"local model folders must be inside {', '.join(map(str, allowed_roots))}")
+        if not resolved.is_dir():
+            raise ModelLoadError(f"no model folder at {model_id}")
+        return str(resolved)
+    if not HUB_ID.match(model_id):
+        raise ModelLoadError(
+            f"unknown model '{model_id}': not a bundled model, an existing folder, or a hub id like 'owner/name'"
+        )
+    return model_id
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,169 @@
+"""Text-to-image through any diffusers pipeline (UNet or DiT denoiser)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from backends.base import Backend, ProgressFn, module_bytes
+from backends.timing import StageTimer, timed_method
+from backends.types import Request
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def pipeline_family(pipe: Any) -> str:
+    """'unet' or 'dit': decides which caching methods can patch the denoiser."""
+    if getattr(pipe, "unet", None) is not None:
+        return "unet"
+    if getattr(pipe, "transformer", None) is not None:
+        return "dit"
+    return "unknown"
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    # A CPU generator gives the same noise on every device, so a seed means one image.
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+class DiffusionBackend(Backend):
+    """Shared by image, video and audio diffusion: the pipeline call, stage timing, CFG.
+
+    Stages: ``encode`` (text encoders), ``decode`` (VAE / vocoder), ``denoise`` (the
+    rest of the loop), ``total``.
+    """
+
+    def __init__(self, model_id: str, pipe: Any, device: torch.device, dtype: torch.dtype):
+        super().__init__(model_id, device, dtype)
+        self.pipe = pipe
+        self.family = pipeline_family(pipe)
+        self.call_params = set(inspect.signature(pipe.__call__).parameters)
+        self.base_scheduler = pipe.scheduler
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "DiffusionBackend":
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        return cls(model_id, pipe.to(device), device, dtype)
+
+    @property
+    def denoiser(self) -> torch.nn.Module | None:
+        return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+
+    @property
+    def arch(self) -> str:
+        return type(self.denoiser).__name__
+
+    def memory_bytes(self) -> int:
+        return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components))
+
+    def unload(self) -> None:
+        self.pipe = None
+
+    @property
+    def uses_embedded_guidance(self) -> bool:
+        """FLUX.1-dev style: guidance is an input of the transformer, not a second pass."""
+        config = getattr(self.denoiser, "config", {})
+        return bool(getattr(config, "guidance_embeds", False))
+
+    def guidance_kwargs(self, guidance: float, negative_prompt: str) -> dict[str, Any]:
+        if "true_cfg_scale" in self.call_params:
+            if self.uses_embedded_guidance:
+                return {"guidance_scale": guidance}
+            return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or ""}
+        kwargs: dict[str, Any] = {"guidance_scale": guidance}
+        if "negative_prompt" in self.call_params:
+            kwargs["negative_prompt"] = negative_prompt or None
+        return kwargs
+
+    def cfg_passes(self, call: dict[str, Any]) -> int:
+        """Denoiser passes per step the guidance costs (2 with CFG, 1 without)."""
+        if "true_cfg_scale" in call:
+            return 2 if call["true_cfg_scale"] > 1 else 1
+        return 2 if call.get("guidance_scale", 0) > 1 and not self.uses_embedded_guidance else 1
+
+    def base_call(self, request: Request) -> dict[str, Any]:
+        params = request.params
+        call: dict[str, Any] = {
+            "prompt": request.prompt,
+            "num_inference_steps": int(params.get("steps", 25)),
+            "generator": seeded_generator(request.seed),
+            "_callbacks": [],
+            "_extra": {},
+        }
+        call.update(self.guidance_kwargs(float(params.get("guidance", 5.0)), request.negative_prompt))
+        tokenizer = getattr(self.pipe, "tokenizer_2", None)
+        if "max_sequence_length" in self.call_params and tokenizer is not None:
+            call["max_sequence_length"] = min(512, int(getattr(tokenizer, "model_max_length", 512)))
+        return call
+
+    def generate(self, call: dict[str, Any], timer: StageTimer, progress: ProgressFn | None) -> Any:
+        call = dict(call)
+        callbacks = call.pop("_callbacks", [])
+        call.pop("_extra", None)
+        steps = call["num_inference_steps"]
+        tensor_inputs = sorted({name for cb in callbacks for name in getattr(cb, "tensor_inputs", ())})
+
+        def on_step_end(pipe, step, timestep, kwargs):
+            out: dict[str, Any] = {}
+            for cb in callbacks:
+                out.update(cb(pipe, step, timestep, {**kwargs, **out}) or {})
+            if progress is not None:
+                progress(step + 1, steps, "denoise")
+            return out
+
+        if callbacks or progress is not None:
+            call["callback_on_step_end"] = on_step_end
+            call["callback_on_step_end_tensor_inputs"] = tensor_inputs
+        with self._timed_stages(timer):
+            output = self.pipe(**call)
+        timer.seconds["denoise"] = max(
+            0.0, timer.seconds["total_pipe"] - timer.seconds.get("encode", 0.0) - timer.seconds.get("decode", 0.0)
+        )
+        del timer.seconds["total_pipe"]
+        return self.extract_output(output)
+
+    def _timed_stages(self, timer: StageTimer):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        for name in TEXT_ENCODER_NAMES:
+            stack.enter_context(timed_method(getattr(self.pipe, name, None), "forward", timer, "encode"))
+        for name, attr in (("vae", "decode"), ("vocoder", "forward")):
+            stack.enter_context(timed_method(getattr(self.pipe, name, None), attr, timer, "decode"))
+        stack.enter_context(timer.stage("total_pipe"))
+        return stack
+
+    def extract_output(self, output: Any) -> Any:
+        raise NotImplementedError
+
+
+class ImageBackend(DiffusionBackend):
+    modality = "image"
+
+    def default_size(self) -> tuple[int, int]:
+        pipe = self.pipe
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        unet = getattr(pipe, "unet", None)
+        if unet is not None:
+            size = unet.config.sample_size
+            size = size if isinstance(size, int) else size[0]
+            return size * scale, size * scale
+        sample = getattr(pipe, "default_sample_size", 64)
+        return sample * scale, sample * scale
+
+    def build_call(self, request: Request) -> dict[str, Any]:
+        call = self.base_call(request)
+        default_h, default_w = self.default_size()
+        call["height"] = int(request.params.get("height") or default_h)
+        call["width"] = int(request.params.get("width") or default_w)
+        call["output_type"] = "pil"
+        return call
+
+    def extract_output(self, output: Any) -> Any:
+        return output.images[0]

@@ -1,0 +1,207 @@
+"""BackendManager: load models once, share them safely, evict under memory pressure.
+
+Several browser sessions share one process. The manager keeps one ``Backend`` per
+(modality, model id), loads each at most once even when two sessions ask at the same
+time, and evicts the least recently used model that is not running when the loaded
+weights exceed the memory budget. Each backend carries its own lock, held for a whole
+run, so two sessions never interleave denoising steps on the same pipeline.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+
+from backends.base import Backend
+from backends.catalog import resolve_source
+from backends.types import MODALITIES, ModelLoadError, StudioError, ValidationError
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[[torch.device, torch.dtype], Backend]
+
+
+def pick_device(preference: str | None = "auto") -> torch.device:
+    preference = (preference or "auto").lower()
+    if preference != "auto":
+        device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise StudioError("--device cuda was asked for, but no CUDA device is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def default_memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.85)
+    return int(psutil.virtual_memory().total * 0.5)
+
+
+def backend_class(modality: str) -> type[Backend]:
+    if modality == "image":
+        from backends.image import ImageBackend
+
+        return ImageBackend
+    if modality == "text":
+        from backends.text import TextBackend
+
+        return TextBackend
+    if modality == "video":
+        from backends.video import VideoBackend
+
+        return VideoBackend
+    if modality == "audio":
+        from backends.audio import AudioBackend
+
+        return AudioBackend
+    raise ValidationError(f"unknown modality '{modality}'; expected one of {', '.join(MODALITIES)}")
+
+
+class BackendManager:
+    def __init__(
+        self,
+        device: str | torch.device | None = "auto",
+        dtype: torch.dtype | None = None,
+        memory_budget_bytes: int | None = None,
+        allowed_roots: list[Path] | None = None,
+    ):
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.dtype = dtype or pick_dtype(self.device)
+        self.memory_budget_bytes = memory_budget_bytes or default_memory_budget(self.device)
+        self.allowed_roots = allowed_roots
+        self._backends: OrderedDict[tuple[str, str], Backend] = OrderedDict()
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._factories: dict[tuple[str, str], Factory] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # how many real loads happened (a cache hit does not count)
+
+    # -- registration ------------------------------------------------------------------
+    def register_factory(self, modality: str, model_id: str, factory: Factory) -> None:
+        """Make ``model_id`` loadable from code instead of a folder (tests, dummy models)."""
+        self._factories[(modality, model_id)] = factory
+
+    def known_factories(self, modality: str) -> list[str]:
+        return [mid for (mod, mid) in self._factories if mod == modality]
+
+    # -- loading -----------------------------------------------------------------------
+    def get(self, modality: str, model_id: str) -> Backend:
+        key = (modality, (model_id or "").strip())
+        with self._lock:
+            backend = self._backends.get(key)
+            if backend is not None:
+                self._backends.move_to_end(key)
+                return backend
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one loader per key; latecomers wait and then hit the cache
+            with self._lock:
+                backend = self._backends.get(key)
+                if backend is not None:
+                    self._backends.move_to_end(key)
+                    return backend
+            backend = self._load(*key)
+            with self._lock:
+                self._backends[key] = backend
+                self._loading.pop(key, None)
+                self.loads += 1
+            self.evict_to_budget(keep=key)
+            return backend
+
+    def _load(self, modality: str, model_id: str) -> Backend:
+        factory = self._factories.get((modality, model_id))
+        if factory is not None:
+            return factory(self.device, self.dtype)
+        cls = backend_class(modality)
+        source = resolve_source(model_id, self.allowed_roots)
+        try:
+            return cls.from_pretrained(model_id, source, self.device, self.dtype)
+        except StudioError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            self.free_caches()
+            raise ModelLoadError(f"out of memory while loading '{model_id}': {exc}") from exc
+        except Exception as exc:  # library errors: offline hub, wrong folder layout...
+            log.exception("loading %s failed", model_id)
+            raise ModelLoadError(_load_failure_message(model_id, source, exc)) from exc
+
+    # -- memory ------------------------------------------------------------------------
+    def loaded(self) -> list[dict]:
+        with self._lock:
+            return [
+                {"modality": m, "model": i, "bytes": b.memory_bytes(), "family": b.family}
+                for (m, i), b in self._backends.items()
+            ]
+
+    def loaded_bytes(self) -> int:
+        with self._lock:
+            return sum(b.memory_bytes() for b in self._backends.values())
+
+    def evict_to_budget(self, keep: tuple[str, str] | None = None) -> list[tuple[str, str]]:
+        """Unload least recently used models (skipping ``keep`` and busy ones)."""
+        evicted = []
+        with self._lock:
+            for key in list(self._backends):
+                if sum(b.memory_bytes() for b in self._backends.values()) <= self.memory_budget_bytes:
+                    break
+                if key == keep:
+                    continue
+                backend = self._backends[key]
+                if not backend.lock.acquire(blocking=False):
+                    continue  # running right now: never pull weights from under a run
+                try:
+                    del self._backends[key]
+                    backend.unload()
+                    evicted.append(key)
+                finally:
+                    backend.lock.release()
+        if evicted:
+            log.info("evicted %s to stay within the memory budget", evicted)
+            self.free_caches()
+        return evicted
+
+    def unload(self, modality: str, model_id: str) -> bool:
+        with self._lock:
+            backend = self._backends.pop((modality, model_id), None)
+        if backend is None:
+            return False
+        with backend.lock:
+            backend.unload()
+        self.free_caches()
+        return True
+
+    def unload_all(self) -> None:
+        for modality, model_id in list(self._backends):
+            self.unload(modality, model_id)
+
+    def free_caches(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _load_failure_message(model_id: str, source: str, exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if source == model_id and "/" in model_id:
+        return (
+            f"could not load '{model_id}' from the model hub (offline, or no such repository): {text[:300]}. "
+            "Download it to a local folder and give its path instead."
+        )
+    return f"could not load '{model_id}': {text[:300]}"

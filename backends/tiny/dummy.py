@@ -1,0 +1,83 @@
+"""Tiny random pipelines built from configs, the way diffusers' own tests build theirs
+(``get_dummy_components``): instant, offline, deterministic. Used by the test suite and
+as a last-resort model when the bundled assets are missing. Their output is noise: they
+prove plumbing, never quality."""
+
+from __future__ import annotations
+
+import torch
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def char_clip_tokenizer():
+    """A character-level CLIP tokenizer: the vocab holds every character with and without
+    the end-of-word suffix and there are no merges, so any prompt tokenizes offline."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in CHARS:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+
+
+def _clip_text_encoder(vocab_size: int, hidden: int = 32, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size,
+        max_position_embeddings=32, projection_dim=hidden,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _vae(latent_channels: int = 4, shift_factor: float | None = None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4, layers_per_block=1, shift_factor=shift_factor,
+    ).eval()
+
+
+def dummy_sd_pipeline(seed: int = 0):
+    """StableDiffusionPipeline with a 3-level UNet (so DeepCache has depth to skip)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=4,
+    ).eval()
+    tokenizer = char_clip_tokenizer()
+    pipe = StableDiffusionPipeline(
+        unet=unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
+        vae=_vae(), text_encoder=_clip_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe
+
+
+def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
+    """FluxPipeline with a tiny transformer (supports ``enable_cache``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+    tokenizer = char_clip_tokenizer()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0), text_encoder=_clip_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer, text_encoder_2=_clip_text_encoder(len(tokenizer)), tokenizer_2=tokenizer,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 8  # 8 latents * vae scale 2 = 16 px by default
+    return pipe

@@ -1,0 +1,123 @@
+"""The run contract shared by every modality: one ``Request`` in, one ``Result`` out.
+
+The studio (UI, compare, history) only ever sees these two types, which is what lets an
+executor run a request in-process or on another worker without the studio knowing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MODALITIES = ("image", "video", "audio", "text")
+
+
+class StudioError(Exception):
+    """An error whose message is meant for the user: shown in the UI as is."""
+
+
+class ValidationError(StudioError):
+    """The request is malformed or out of range; nothing was run."""
+
+
+class ModelLoadError(StudioError):
+    """The model could not be loaded (unknown id, offline hub, broken folder)."""
+
+
+class OutOfMemoryError(StudioError):
+    """The run exceeded device memory or the configured budget; caches were freed."""
+
+
+@dataclass
+class MethodChoice:
+    """One acceleration method and its parameters, in the order it is applied."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> "MethodChoice":
+        if isinstance(obj, MethodChoice):
+            return obj
+        if isinstance(obj, str):
+            return cls(obj, {})
+        if isinstance(obj, (list, tuple)) and len(obj) == 2:
+            return cls(str(obj[0]), dict(obj[1] or {}))
+        if isinstance(obj, dict) and "name" in obj:
+            return cls(str(obj["name"]), dict(obj.get("params") or {}))
+        raise ValidationError(f"cannot read a method from {obj!r}: expected a name or {{name, params}}")
+
+
+@dataclass
+class Request:
+    """What to generate. ``params`` holds the modality's own knobs (size, steps, ...)."""
+
+    modality: str
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    methods: list[MethodChoice] = field(default_factory=list)
+    compare_group: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["methods"] = [m.to_dict() for m in self.methods]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Request":
+        data = dict(data)
+        data["methods"] = [MethodChoice.from_obj(m) for m in data.get("methods") or []]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> "Request":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Result:
+    """What came out, and what it cost.
+
+    ``output`` is modality specific: a PIL image, a list of frames, ``(waveform, rate)``
+    or a string. ``method_stats`` maps a method name to its own counters (cache hits,
+    accepted draft tokens, skipped steps...), the numbers users check to see a method
+    actually did something.
+    """
+
+    output: Any
+    timings: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    model_evals: int = 0
+    method_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    worker: str = "local"
+    output_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe description without the output itself."""
+        return json.loads(
+            json.dumps(
+                {
+                    "timings": self.timings,
+                    "total_seconds": self.total_seconds,
+                    "peak_memory_bytes": self.peak_memory_bytes,
+                    "model_evals": self.model_evals,
+                    "method_stats": self.method_stats,
+                    "notes": self.notes,
+                    "device": self.device,
+                    "worker": self.worker,
+                },
+                default=str,
+            )
+        )

@@ -1,0 +1,1 @@
+"""Everything a user sees or keeps: UI, history, presets, compare, metrics."""

@@ -1,0 +1,163 @@
+"""Presets: named settings (modality, model, params, methods) as plain JSON data.
+
+Shipped presets live in presets/*.json; user presets live in the history database. A
+preset is parsed as data only (``json.loads``, then checked field by field against the
+method specs): a broken file is reported and skipped, it never stops the app.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.accel.base import get_method
+from backends.types import MODALITIES, MethodChoice, ValidationError
+from studio.history import HistoryStore
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "presets"
+MAX_PRESET_BYTES = 64 * 1024
+ALLOWED_KEYS = {"name", "modality", "model", "params", "methods", "description"}
+
+
+@dataclass
+class Preset:
+    name: str
+    modality: str
+    model: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    methods: list[MethodChoice] = field(default_factory=list)
+    description: str = ""
+    source: str = "user"  # "shipped" | "user"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modality": self.modality,
+            "model": self.model,
+            "params": self.params,
+            "methods": [m.to_dict() for m in self.methods],
+            "description": self.description,
+        }
+
+
+def parse_preset(data: Any, source: str = "user") -> Preset:
+    """Check a decoded JSON object and build a Preset, or raise ValidationError."""
+    if isinstance(data, (str, bytes)):
+        if len(data) > MAX_PRESET_BYTES:
+            raise ValidationError(f"preset is larger than {MAX_PRESET_BYTES // 1024} KiB")
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError(f"preset is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValidationError("a preset must be a JSON object with name, modality, params and methods")
+    unknown = sorted(set(data) - ALLOWED_KEYS)
+    if unknown:
+        raise ValidationError(f"preset has unknown fields {unknown}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise ValidationError("preset 'name' must be a non-empty string of at most 200 characters")
+    modality = data.get("modality")
+    if modality not in MODALITIES:
+        raise ValidationError(f"preset '{name}': 'modality' must be one of {list(MODALITIES)}")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValidationError(f"preset '{name}': 'model' must be a string or null")
+    params = data.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, (int, float, str, bool)) or v is None for v in params.values()):
+        raise ValidationError(f"preset '{name}': 'params' must be an object of plain values")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ValidationError(f"preset '{name}': 'description' must be a string")
+    raw_methods = data.get("methods", [])
+    if not isinstance(raw_methods, list):
+        raise ValidationError(f"preset '{name}': 'methods' must be a list")
+    methods = []
+    for raw in raw_methods:
+        try:
+            choice = MethodChoice.from_obj(raw)
+            spec = get_method(choice.name).spec
+            if modality not in spec.modalities:
+                raise ValidationError(f"method '{choice.name}' does not apply to {modality}")
+            choice.params = spec.validate(choice.params)
+        except ValidationError as exc:
+            raise ValidationError(f"preset '{name}': {exc}") from None
+        except (TypeError, ValueError, AttributeError):
+            raise ValidationError(f"preset '{name}': cannot read method {raw!r}") from None
+        methods.append(choice)
+    return Preset(name.strip(), modality, model, dict(params), methods, description, source)
+
+
+class PresetLibrary:
+    def __init__(self, history: HistoryStore, shipped_dir: Path = SHIPPED_DIR):
+        self.history = history
+        self.shipped_dir = Path(shipped_dir)
+
+    def shipped(self) -> tuple[list[Preset], list[str]]:
+        """All readable shipped presets, and one message per file that could not be read."""
+        presets, errors = [], []
+        for path in sorted(self.shipped_dir.glob("*.json")):
+            try:
+                presets.append(parse_preset(path.read_text(encoding="utf-8"), source="shipped"))
+            except (ValidationError, OSError, UnicodeDecodeError) as exc:
+                errors.append(f"{path.name}: {exc}")
+        return presets, errors
+
+    def user(self) -> list[Preset]:
+        out = []
+        for row in self.history.presets():
+            try:
+                out.append(parse_preset({
+                    "name": row.name, "modality": row.modality, "model": row.model,
+                    "params": row.params or {}, "methods": row.methods or [], "description": row.description or "",
+                }))
+            except ValidationError:
+                continue  # a method that no longer exists: hide, do not crash
+        return out
+
+    def all(self, modality: str | None = None) -> tuple[list[Preset], list[str]]:
+        shipped, errors = self.shipped()
+        presets = [p for p in shipped + self.user() if modality is None or p.modality == modality]
+        return presets, errors
+
+    def get(self, name: str) -> Preset:
+        presets, _ = self.all()
+        for preset in reversed(presets):  # a user preset shadows a shipped one of the same name
+            if preset.name == name:
+                return preset
+        raise ValidationError(f"no preset named '{name}'")
+
+    def save(self, preset: Preset) -> Preset:
+        preset = parse_preset(preset.to_dict())
+        self.history.save_preset(
+            preset.name, preset.modality, preset.model, preset.params,
+            [m.to_dict() for m in preset.methods], preset.description,
+        )
+        return preset
+
+    def rename(self, old: str, new: str) -> None:
+        if not new.strip():
+            raise ValidationError("the new name is empty")
+        if not self.history.rename_preset(old, new.strip()):
+            raise ValidationError(f"no user preset named '{old}' (shipped presets cannot be renamed)")
+
+    def delete(self, name: str) -> None:
+        if not self.history.delete_preset(name):
+            raise ValidationError(f"no user preset named '{name}' (shipped presets cannot be deleted)")
+
+    def import_json(self, text: str | bytes) -> list[Preset]:
+        """Import one preset object or a list of them; all are checked before any is saved."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError(f"not valid JSON: {exc}") from None
+        items = data if isinstance(data, list) else [data]
+        presets = [parse_preset(item) for item in items]
+        return [self.save(p) for p in presets]
+
+    def export_json(self, names: list[str] | None = None) -> str:
+        presets, _ = self.all()
+        chosen = [p.to_dict() for p in presets if names is None or p.name in names]
+        return json.dumps(chosen, indent=2)
