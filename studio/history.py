@@ -247,7 +247,8 @@ class HistoryStore:
                 baseline.setdefault(key, []).append(row.total_seconds or 0.0)
             elif f",{method}," in (row.method_names or "") and baseline.get(key) and row.total_seconds:
                 base = sorted(baseline[key])[len(baseline[key]) // 2]
-                points.append({"run_id": row.id, "time": row.created_at, "speedup": base / row.total_seconds})
+                points.append({"run_id": row.id, "time": row.created_at, "device": row.device,
+                               "speedup": base / row.total_seconds})
         return points
 
     # -- presets -----------------------------------------------------------------------

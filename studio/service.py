@@ -111,6 +111,23 @@ class Studio:
     def describe_model(self, modality: str, model: str) -> dict:
         return self.executor.describe(modality, model)
 
+    def method_hints(self, modality: str, model: str) -> dict[str, str]:
+        """What history says about each method on this model and this device: the studio
+        learns from its runs, and warns next to a toggle that measured slower than baseline."""
+        from backends.accel.base import methods_for
+
+        device = str(self.manager.device)
+        hints = {}
+        for cls in methods_for(modality):
+            points = [p for p in self.history.trend(model, cls.spec.name) if p["device"] == device]
+            if not points:
+                continue
+            speedups = sorted(p["speedup"] for p in points)
+            median = speedups[len(speedups) // 2]
+            verdict = "⚠️ slower than baseline here" if median < 1.0 else "faster than baseline here"
+            hints[cls.spec.name] = f"Measured on `{device}`: median **{median:.2f}x** over {len(points)} run(s), {verdict}."
+        return hints
+
     # -- upkeep ------------------------------------------------------------------------
     def repair(self) -> dict[str, int]:
         """Startup repair: remove output files no row points to (a crash between file and

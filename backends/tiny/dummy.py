@@ -81,3 +81,11 @@ def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
     )
     pipe.default_sample_size = 8  # 8 latents * vae scale 2 = 16 px by default
     return pipe
+
+
+def register_dummy_models(manager) -> None:
+    """Make ``dummy-sd`` and ``dummy-flux`` loadable (tests, ``app.py --dummy-models``)."""
+    from backends.image import ImageBackend
+
+    manager.register_factory("image", "dummy-sd", lambda d, t: ImageBackend("dummy-sd", dummy_sd_pipeline().to(d, t), d, t))
+    manager.register_factory("image", "dummy-flux", lambda d, t: ImageBackend("dummy-flux", dummy_flux_pipeline().to(d, t), d, t))

@@ -1,0 +1,101 @@
+"""FastGen Studio: ``python app.py [--host] [--port] [--share] [--auth U:P] [--data-dir] [--db URL] [--device]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("fastgen")
+
+SHARE_WITHOUT_AUTH_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! WARNING: --share without --auth: anyone with the link can use this studio, !!
+!! run models on this machine and read its history. Add --auth USER:PASS.     !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastgen-studio", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="create a public Gradio link")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this login for every page and API call")
+    parser.add_argument("--data-dir", default=os.environ.get("FASTGEN_DATA_DIR", "data"),
+                        help="where outputs and the default history database live")
+    parser.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the history database "
+                        "(default: sqlite:///DATA_DIR/history.db)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps or cpu")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="runs at once per generate endpoint (a model is still used by one run at a time)")
+    parser.add_argument("--memory-budget-gb", type=float, help="unload least recently used models above this")
+    parser.add_argument("--dummy-models", action="store_true",
+                        help="also offer tiny random models (dummy-sd, dummy-flux) that load instantly")
+    parser.add_argument("--allow-local-models", action="store_true",
+                        help="with --share: still accept any local folder as a model (off: only under DATA_DIR/models)")
+    args = parser.parse_args(argv)
+    if args.port <= 0 or args.port > 65535:
+        parser.error("--port must be between 1 and 65535")
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            parser.error("--auth takes USER:PASS, both non-empty")
+        args.auth_pair = (user, password)
+    else:
+        args.auth_pair = None
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
+
+
+def create_studio(args: argparse.Namespace):
+    from backends.manager import BackendManager
+    from studio.service import Studio
+
+    data_dir = Path(args.data_dir)
+    allowed_roots = None
+    if args.share and not args.allow_local_models:
+        allowed_roots = [data_dir / "models"]
+    budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
+    manager = BackendManager(device=args.device, memory_budget_bytes=budget, allowed_roots=allowed_roots)
+    if args.dummy_models:
+        from backends.tiny.dummy import register_dummy_models
+
+        register_dummy_models(manager)
+    return Studio(data_dir=data_dir, db_url=args.db, manager=manager)
+
+
+def create_app(args: argparse.Namespace):
+    from studio.ui import build_app
+
+    studio = create_studio(args)
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=args.concurrency)
+    return app, studio
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = parse_args(argv)
+    if args.share and not args.auth_pair:
+        print(SHARE_WITHOUT_AUTH_WARNING, file=sys.stderr)
+        log.warning("--share without --auth: the studio is open to anyone with the link")
+    from backends.types import StudioError
+
+    try:
+        app, studio = create_app(args)
+    except StudioError as exc:
+        print(f"fastgen-studio: {exc}", file=sys.stderr)
+        return 2
+    log.info("device %s, data dir %s, history %s", studio.manager.device, studio.data_dir, studio.history.url)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth_pair,
+               show_error=True, allowed_paths=[str(studio.data_dir.resolve())], footer_links=["api", "settings"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

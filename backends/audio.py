@@ -1,0 +1,43 @@
+"""Text-to-audio through diffusers audio pipelines (AudioLDM 2, Stable Audio Open...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from backends.image import DiffusionBackend
+from backends.types import Request
+
+LENGTH_ARGS = ("audio_length_in_s", "audio_end_in_s")
+
+
+class AudioBackend(DiffusionBackend):
+    modality = "audio"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family = {"dit": "audio-dit", "unet": "audio-unet"}.get(self.family, self.family)
+
+    @property
+    def sample_rate(self) -> int:
+        for owner in (getattr(self.pipe, "vae", None), getattr(self.pipe, "vocoder", None)):
+            rate = getattr(getattr(owner, "config", None), "sampling_rate", None)
+            if rate:
+                return int(rate)
+        return 16000
+
+    def build_call(self, request: Request) -> dict[str, Any]:
+        call = self.base_call(request)
+        seconds = request.params.get("seconds")
+        if seconds:
+            arg = next((a for a in LENGTH_ARGS if a in self.call_params), None)
+            if arg:
+                call[arg] = float(seconds)
+        if "output_type" in self.call_params:
+            call["output_type"] = "np"
+        return call
+
+    def extract_output(self, output: Any) -> tuple[np.ndarray, int]:
+        audio = np.asarray(output.audios[0], dtype=np.float32)
+        return audio, self.sample_rate

@@ -1,0 +1,340 @@
+"""Compare: the baseline and any number of method configurations, same request and seed.
+
+A configuration is written ``deepcache(interval=3) + sampler(scheduler=dpmpp_2m, steps=20)``;
+``baseline`` (or an empty line) means no method. The same syntax serves the Compare tab,
+parameter sweeps and ``python -m benchmarks --methods``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import statistics
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from backends.accel.base import get_method
+from backends.types import MethodChoice, Request, StudioError, ValidationError
+from studio import metrics
+
+
+@dataclass
+class CompareConfig:
+    label: str
+    methods: list[MethodChoice] = field(default_factory=list)
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.methods
+
+
+def _split_top_level(text: str, separator: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValidationError(f"unbalanced ')' in {text!r}")
+        if ch == separator and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth:
+        raise ValidationError(f"unbalanced '(' in {text!r}")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_value(raw: str) -> Any:
+    raw = raw.strip()
+    low = raw.lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw.strip("'\"")
+
+
+def parse_method(text: str) -> MethodChoice:
+    """``name`` or ``name(key=value, ...)`` -> a validated MethodChoice."""
+    text = text.strip()
+    name, _, rest = text.partition("(")
+    name = name.strip()
+    params: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith(")"):
+            raise ValidationError(f"expected ')' at the end of {text!r}")
+        for item in _split_top_level(rest[:-1], ","):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValidationError(f"expected key=value in {text!r}, got {item!r}")
+            params[key.strip()] = _parse_value(value)
+    spec = get_method(name).spec
+    return MethodChoice(spec.name, spec.validate(params))
+
+
+def parse_config(text: str) -> CompareConfig:
+    text = text.strip()
+    if not text or text.lower() in {"baseline", "none"}:
+        return CompareConfig("baseline", [])
+    methods = [parse_method(part) for part in _split_top_level(text, "+")]
+    return CompareConfig(format_config(methods), methods)
+
+
+def parse_configs(text: str) -> list[CompareConfig]:
+    """One configuration per line (or separated by ';'); blank lines are skipped."""
+    lines = [line for chunk in text.splitlines() for line in chunk.split(";")]
+    return [parse_config(line) for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def format_config(methods: list[MethodChoice]) -> str:
+    if not methods:
+        return "baseline"
+    parts = []
+    for m in methods:
+        defaults = get_method(m.name).spec.defaults()
+        changed = {k: v for k, v in m.params.items() if defaults.get(k) != v}
+        args = ", ".join(f"{k}={v}" for k, v in changed.items())
+        parts.append(f"{m.name}({args})" if args else m.name)
+    return " + ".join(parts)
+
+
+def sweep_configs(base: list[MethodChoice], method: str, param: str, values: list[Any]) -> list[CompareConfig]:
+    """One configuration per value of ``method.param``, on top of the ``base`` methods."""
+    spec = get_method(method).spec
+    spec.param(param)  # raises KeyError for an unknown parameter
+    configs = []
+    for value in values:
+        others = [m for m in base if m.name != method]
+        current = next((m.params for m in base if m.name == method), {})
+        choice = MethodChoice(method, spec.validate({**current, param: value}))
+        configs.append(CompareConfig(f"{method}.{param}={value}", [*others, choice]))
+    return configs
+
+
+def parse_values(text: str) -> list[Any]:
+    """``0.02, 0.05, 0.1`` or a range ``4..50:8`` (start..stop:count, evenly spaced)."""
+    text = text.strip()
+    if ".." in text:
+        span, _, count = text.partition(":")
+        start, stop = (float(x) for x in span.split(".."))
+        n = int(count or 5)
+        if n < 2 or n > 50:
+            raise ValidationError("a sweep takes between 2 and 50 values")
+        values = [start + (stop - start) * i / (n - 1) for i in range(n)]
+        if float(start).is_integer() and float(stop).is_integer():
+            values = sorted({int(round(v)) for v in values})
+        return values
+    values = [_parse_value(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValidationError("no sweep values given")
+    return values
+
+
+@dataclass
+class CompareRow:
+    label: str
+    methods: list[MethodChoice]
+    seconds: float | None = None
+    speedup: float | None = None
+    peak_memory_mb: float | None = None
+    model_evals: int | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+    task: dict[str, float] | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    run_ids: list[int] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    output_paths: list[str] = field(default_factory=list)
+    device: str = ""
+    worker: str = ""
+
+    def table_row(self) -> dict[str, Any]:
+        row = {
+            "config": self.label,
+            "seconds": _round(self.seconds, 4),
+            "speedup": _round(self.speedup, 3),
+            "peak_mem_mb": _round(self.peak_memory_mb, 1),
+            "model_evals": self.model_evals,
+        }
+        row.update({k: _round(v, 4) for k, v in self.quality.items()})
+        if self.task:
+            row.update({f"task_{k}": _round(v, 3) for k, v in self.task.items()})
+        row["device"] = self.device
+        row["worker"] = self.worker
+        row["error"] = self.error or ""
+        return row
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+@dataclass
+class CompareReport:
+    group: str
+    modality: str
+    model: str
+    rows: list[CompareRow]
+
+    def table(self) -> list[dict[str, Any]]:
+        return [row.table_row() for row in self.rows]
+
+    def to_csv(self) -> str:
+        table = self.table()
+        columns = list(dict.fromkeys(k for row in table for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+        return buffer.getvalue()
+
+    def pareto(self) -> list[str]:
+        """Configurations no other one beats on both speed and quality."""
+        scored = [(r.label, r.speedup, quality_score(self.modality, r)) for r in self.rows if r.speedup]
+        front = []
+        for label, speed, qual in scored:
+            dominated = any(
+                s >= speed and q >= qual and (s > speed or q > qual) for other, s, q in scored if other != label
+            )
+            if not dominated:
+                front.append(label)
+        return front
+
+    def to_html(self, images: dict[str, str] | None = None) -> str:
+        table = self.table()
+        columns = list(dict.fromkeys(k for row in table for k in row))
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>" for row in table
+        )
+        pictures = "".join(
+            f'<figure><img src="{src}" width="160"><figcaption>{html.escape(label)}</figcaption></figure>'
+            for label, src in (images or {}).items()
+        )
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>FastGen comparison {self.group}</title>"
+            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}figure{display:inline-block}</style>"
+            f"</head><body><h1>{html.escape(self.model)} ({self.modality})</h1><p>compare group {self.group}; "
+            f"Pareto front: {html.escape(', '.join(self.pareto()))}</p><div>{pictures}</div>"
+            f"<table><tr>{head}</tr>{body}</table></body></html>"
+        )
+
+
+def quality_score(modality: str, row: CompareRow) -> float:
+    """One number per row for the speed-vs-quality plot (higher is better)."""
+    q = row.quality
+    if modality in ("image", "video"):
+        return q.get("psnr", 0.0)
+    if modality == "text":
+        return q.get("token_agreement", 0.0)
+    if modality == "audio":
+        return -q.get("lsd", 0.0)
+    return 0.0
+
+
+def quality_label(modality: str) -> str:
+    return {"image": "PSNR vs baseline (dB)", "video": "PSNR vs baseline (dB)",
+            "text": "token agreement vs baseline", "audio": "-LSD vs baseline (dB)"}[modality]
+
+
+class Cancelled(StudioError):
+    pass
+
+
+def run_compare(
+    studio,
+    request: Request,
+    configs: list[CompareConfig],
+    *,
+    repeats: int = 1,
+    warmup: bool = False,
+    seeds: list[int] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> CompareReport:
+    """Baseline first, then each configuration; every run lands in history under one
+    compare group. A failing configuration becomes an error row; the others go on."""
+    if not 1 <= repeats <= 20:
+        raise ValidationError("repeats must be between 1 and 20")
+    if len(configs) > 32:
+        raise ValidationError("at most 32 configurations per comparison")
+    seeds = seeds or [request.seed]
+    group = uuid.uuid4().hex[:12]
+    configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
+    rows: list[CompareRow] = []
+    total = len(configs) * (repeats + int(warmup)) * len(seeds)
+    done = 0
+    baseline_outputs: dict[int, Any] = {}
+    for config in configs:
+        row = CompareRow(config.label, config.methods)
+        rows.append(row)
+        times: list[float] = []
+        try:
+            for seed in seeds:
+                req = request.replace(methods=config.methods, seed=seed, compare_group=group)
+                if warmup:
+                    studio.executor.run(studio_validate(req))  # not kept: warms caches/compilation
+                    done += 1
+                per_seed = []
+                for _ in range(repeats):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("comparison cancelled")
+                    if progress:
+                        progress(done, total, f"{config.label} (seed {seed})")
+                    outcome = studio.generate(req)
+                    done += 1
+                    per_seed.append(outcome)
+                    row.run_ids.append(outcome.run_id)
+                    times.append(outcome.result.total_seconds)
+                last = per_seed[-1].result
+                row.outputs.append(last.output)
+                row.output_paths.append(last.output_path)
+                row.model_evals = last.model_evals
+                row.stats = last.method_stats
+                row.notes = last.notes
+                row.device, row.worker = last.device, last.worker
+                row.peak_memory_mb = max(o.result.peak_memory_bytes for o in per_seed) / 2**20
+                row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in per_seed) for k in last.timings}
+                if config.is_baseline:
+                    baseline_outputs[seed] = last.output
+        except Cancelled:
+            row.error = "cancelled"
+            break
+        except StudioError as exc:
+            row.error = str(exc)
+            continue
+        row.seconds = statistics.median(times)
+        base = rows[0]
+        if base.seconds and base.device == row.device:  # a speedup only within one device class
+            row.speedup = base.seconds / row.seconds
+        if baseline_outputs:
+            per_seed_quality = [
+                metrics.quality(request.modality, baseline_outputs[s], out)
+                for s, out in zip(seeds, row.outputs) if s in baseline_outputs
+            ]
+            if per_seed_quality:
+                row.quality = {k: float(statistics.mean(q[k] for q in per_seed_quality)) for k in per_seed_quality[0]}
+        row.task = metrics.task_score(request.modality, request.model, row.outputs, [request.prompt] * len(row.outputs))
+        for run_id in row.run_ids:
+            studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})
+    if progress:
+        progress(total, total, "done")
+    return CompareReport(group, request.modality, request.model, rows)
+
+
+def studio_validate(request: Request) -> Request:
+    from studio.validation import validate_request
+
+    return validate_request(request)

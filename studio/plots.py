@@ -1,0 +1,66 @@
+"""Figures for a comparison: speed vs quality (Pareto front marked), time per stage."""
+
+from __future__ import annotations
+
+import difflib
+import html
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from studio.compare import CompareReport, quality_label, quality_score  # noqa: E402
+
+
+def speed_quality_figure(report: CompareReport):
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    front = set(report.pareto())
+    for row in report.rows:
+        if row.speedup is None:
+            continue
+        q = quality_score(report.modality, row)
+        on_front = row.label in front
+        ax.scatter(row.speedup, q, s=60, c="tab:red" if on_front else "tab:blue", zorder=3)
+        ax.annotate(row.label, (row.speedup, q), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    pts = sorted((r.speedup, quality_score(report.modality, r)) for r in report.rows if r.label in front and r.speedup)
+    if len(pts) > 1:
+        ax.plot(*zip(*pts), "--", c="tab:red", lw=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("speedup vs baseline (x)")
+    ax.set_ylabel(quality_label(report.modality))
+    ax.grid(alpha=0.3)
+    ax.set_title("speed vs quality")
+    fig.tight_layout()
+    return fig
+
+
+def stages_figure(report: CompareReport):
+    rows = [r for r in report.rows if r.stages]
+    stages = [s for s in ("encode", "prefill", "denoise", "decode") if any(s in r.stages for r in rows)]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * max(1, len(rows))), dpi=100)
+    left = [0.0] * len(rows)
+    for stage in stages:
+        widths = [r.stages.get(stage, 0.0) for r in rows]
+        ax.barh([r.label for r in rows], widths, left=left, label=stage)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel("seconds (median)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("time per stage")
+    fig.tight_layout()
+    return fig
+
+
+def text_diff_html(baseline: str, other: str) -> str:
+    """Words that differ from the baseline, highlighted (insertions green, deletions red)."""
+    a, b = baseline.split(" "), other.split(" ")
+    out = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            out.append(html.escape(" ".join(a[i1:i2])))
+        if op in ("delete", "replace"):
+            out.append(f"<del style='background:#fdd'>{html.escape(' '.join(a[i1:i2]))}</del>")
+        if op in ("insert", "replace"):
+            out.append(f"<ins style='background:#dfd'>{html.escape(' '.join(b[j1:j2]))}</ins>")
+    return "<pre style='white-space:pre-wrap'>" + " ".join(out) + "</pre>"

@@ -1,0 +1,66 @@
+"""The Gradio app: one module per tab; this file only assembles them."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from backends.types import StudioError
+from studio.ui.compare import build_compare_tab
+from studio.ui.generate import build_generation_tab
+from studio.ui.history import build_history_tab
+from studio.ui.presets import build_presets_tab
+from studio.ui.text import build_text_tab
+
+IMAGE_EXAMPLES = ["a red circle at top left on white", "a blue square at bottom right on black",
+                  "a yellow triangle at top right on white"]
+HEADER = """# ⚡ FastGen Studio
+Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys
+(speed) and costs (quality against the baseline with the same seed). Every run is kept in **History**."""
+
+
+def build_app(studio) -> gr.Blocks:
+    with gr.Blocks(title="FastGen Studio", analytics_enabled=False) as app:
+        gr.Markdown(HEADER)
+        tabs: dict = {}
+        with gr.Tabs() as tabs_component:
+            with gr.Tab("Image", id="image"):
+                tabs["image"] = build_generation_tab(studio, "image", IMAGE_EXAMPLES)
+            with gr.Tab("Video", id="video"):
+                gr.Markdown("Any diffusers text-to-video pipeline by hub id or local folder (Wan, CogVideoX, LTX...).")
+                tabs["video"] = build_generation_tab(studio, "video")
+            with gr.Tab("Audio", id="audio"):
+                gr.Markdown("Diffusers audio pipelines by hub id or local folder (AudioLDM 2, Stable Audio Open...).")
+                tabs["audio"] = build_generation_tab(studio, "audio")
+            with gr.Tab("Text", id="text"):
+                tabs["text"] = build_text_tab(studio)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(studio)
+            with gr.Tab("History", id="history"):
+                history = build_history_tab(studio)
+            with gr.Tab("Presets", id="presets"):
+                presets = build_presets_tab(studio, tabs, tabs_component)
+
+        def run_request(request_json: str) -> str:
+            """Run one request given as JSON ({modality, model, prompt, seed, params, methods})
+            and return the run id, output path, timings and method statistics as JSON."""
+            try:
+                data = json.loads(request_json)
+                outcome = studio.generate(data)
+            except ValueError as exc:
+                raise gr.Error(f"the request is not valid JSON: {exc}", print_exception=False) from None
+            except StudioError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            return json.dumps({"run_id": outcome.run_id, "output_path": outcome.result.output_path,
+                               "output": outcome.result.output if isinstance(outcome.result.output, str) else None,
+                               **outcome.result.summary()})
+
+        gr.api(run_request, api_name="run")
+        app.load(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],
+                 api_name=False)
+        app.load(presets["listing"], outputs=[presets["table"], presets["errors"]], api_name=False)
+        for tab in tabs.values():  # show only the methods that fit the default model
+            app.load(tab.extra["on_model_change"], inputs=[tab.model], outputs=tab.extra["model_change_outputs"],
+                     api_name=False)
+    return app

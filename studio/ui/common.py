@@ -1,0 +1,166 @@
+"""UI helpers shared by the tabs: the Acceleration panel, error handling, formatting.
+
+No model logic here: everything is a call into ``studio.*`` or ``backends.*`` APIs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gradio as gr
+
+from backends.accel.base import Method, methods_for
+from backends.catalog import bundled
+from backends.types import MethodChoice, StudioError
+
+log = logging.getLogger(__name__)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn StudioError into a UI toast with its message; never show a stack trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except StudioError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:  # a bug: log it whole, show one line
+            log.exception("handler %s failed", fn.__name__)
+            raise gr.Error(f"internal error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+def model_choices(studio, modality: str) -> list[str]:
+    names = [m.name for m in bundled(modality)]
+    names += [m for m in studio.manager.known_factories(modality) if m not in names]
+    return names
+
+
+def model_dropdown(studio, modality: str, label: str = "Model") -> gr.Dropdown:
+    choices = model_choices(studio, modality)
+    return gr.Dropdown(
+        choices=choices, value=choices[0] if choices else None, allow_custom_value=True, label=label,
+        info="bundled models first; or type a hub id (owner/name) or a local folder",
+    )
+
+
+@dataclass
+class AccelPanel:
+    """Checkbox + parameter controls per method of a modality, built from the registry."""
+
+    modality: str
+    methods: list[type[Method]]
+    enabled: list[gr.Checkbox] = field(default_factory=list)
+    params: list[list[gr.components.Component]] = field(default_factory=list)
+    groups: list[gr.Group] = field(default_factory=list)
+    hints: list[gr.Markdown] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        flat: list[gr.components.Component] = []
+        for box, controls in zip(self.enabled, self.params):
+            flat.append(box)
+            flat.extend(controls)
+        return flat
+
+    def collect(self, values: list[Any]) -> list[MethodChoice]:
+        """Values of ``inputs`` (same order) -> the chosen methods, in panel order."""
+        values = list(values)
+        chosen = []
+        for cls in self.methods:
+            on = values.pop(0)
+            params = {p.name: values.pop(0) for p in cls.spec.params}
+            if on:
+                chosen.append(MethodChoice(cls.spec.name, cls.spec.validate(params)))
+        return chosen
+
+    def values_for(self, choices: list[MethodChoice]) -> list[Any]:
+        """The inverse of ``collect``: control values that show ``choices`` (for presets)."""
+        by_name = {c.name: c for c in choices}
+        values: list[Any] = []
+        for cls in self.methods:
+            choice = by_name.get(cls.spec.name)
+            values.append(choice is not None)
+            for p in cls.spec.params:
+                values.append((choice.params if choice else {}).get(p.name, p.default))
+        return values
+
+    def visibility_for(self, family: str | None) -> list[Any]:
+        return [gr.update(visible=family is None or family in cls.spec.families) for cls in self.methods]
+
+
+def _control(param) -> gr.components.Component:
+    label = param.name
+    if param.kind == "bool":
+        return gr.Checkbox(value=param.default, label=label, info=param.help)
+    if param.kind == "choice":
+        return gr.Dropdown(choices=list(param.choices), value=param.default, label=label, info=param.help)
+    if param.min is not None and param.max is not None and (param.max - param.min) <= 1000:
+        step = param.step or (1 if param.kind == "int" else (param.max - param.min) / 100)
+        return gr.Slider(param.min, param.max, value=param.default, step=step, label=label, info=param.help)
+    return gr.Number(value=param.default, label=label, info=param.help, precision=0 if param.kind == "int" else None)
+
+
+def accel_panel(modality: str) -> AccelPanel:
+    panel = AccelPanel(modality, methods_for(modality))
+    with gr.Accordion("Acceleration", open=True):
+        gr.Markdown("Tick methods to apply them to the next run; they are removed afterwards, so no reload is needed.")
+        for cls in panel.methods:
+            spec = cls.spec
+            kind = {True: "lossless", False: "lossy", None: "lossless or lossy by setting"}[spec.lossless]
+            with gr.Group(visible=True) as group:
+                box = gr.Checkbox(value=False, label=f"{spec.title} ({kind})", info=spec.summary,
+                                  elem_id=f"{modality}-method-{spec.name}")
+                with gr.Accordion(f"{spec.title} settings", open=False):
+                    if spec.paper:
+                        gr.Markdown(f"*Paper:* {spec.paper}")
+                    controls = [_control(p) for p in spec.params]
+                hint = gr.Markdown("", visible=True)
+            panel.enabled.append(box)
+            panel.params.append(controls)
+            panel.groups.append(group)
+            panel.hints.append(hint)
+    return panel
+
+
+def format_result(result, run_id: int | None) -> str:
+    """Markdown summary of a run: stages, evaluations, memory, what each method did."""
+    lines = []
+    if run_id is not None:
+        lines.append(f"**Run #{run_id}** on `{result.device}` ({result.worker})")
+    stages = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items() if k != "total")
+    lines.append(f"**Total {result.total_seconds:.3f}s** — {stages}")
+    lines.append(f"Model evaluations: **{result.model_evals}** · peak memory {result.peak_memory_bytes / 2**20:.0f} MiB")
+    for name, stats in result.method_stats.items():
+        if stats:
+            lines.append(f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        else:
+            lines.append(f"- `{name}` applied")
+    for key, value in (result.extra or {}).items():
+        lines.append(f"- {key}: {value}")
+    for note in result.notes:
+        lines.append(f"> ⚠️ {note}")
+    return "\n\n".join(lines)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
+
+
+def progress_adapter(progress: gr.Progress | None):
+    if progress is None:
+        return None
+
+    def report(step: int, total: int, stage: str) -> None:
+        progress((step, total), desc=stage if isinstance(stage, str) and len(stage) < 40 else "generating")
+
+    return report

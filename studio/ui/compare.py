@@ -1,0 +1,165 @@
+"""Compare tab: baseline vs any number of method configurations, and parameter sweeps."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from backends.accel.base import all_methods
+from backends.types import MODALITIES, Request, ValidationError
+from studio.compare import parse_configs, parse_values, run_compare, sweep_configs
+from studio.plots import speed_quality_figure, stages_figure, text_diff_html
+from studio.ui.common import model_choices, progress_adapter, user_errors
+
+DEFAULT_PARAMS = {
+    "image": {"steps": 25, "guidance": 5.0},
+    "video": {"steps": 25, "guidance": 5.0},
+    "audio": {"steps": 25, "guidance": 3.5},
+    "text": {"max_new_tokens": 64},
+}
+EXAMPLE_CONFIGS = "deepcache(interval=3)\nsampler(scheduler=dpmpp_2m, steps=12)\ndeepcache(interval=3) + cfg_truncation(fraction=0.5)"
+
+_CANCEL: dict[str, threading.Event] = {}
+
+
+def build_compare_tab(studio) -> dict:
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                modality = gr.Dropdown(list(MODALITIES), value="image", label="Modality")
+                model = gr.Dropdown(model_choices(studio, "image"), value=(model_choices(studio, "image") or [None])[0],
+                                    allow_custom_value=True, label="Model")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="compare-prompt")
+            negative = gr.Textbox(label="Negative prompt")
+            with gr.Row():
+                seeds = gr.Textbox(value="0", label="Seeds (comma separated)")
+                params = gr.Code(value=json.dumps(DEFAULT_PARAMS["image"]), language="json", label="Parameters")
+            configs = gr.Textbox(value=EXAMPLE_CONFIGS, lines=5, elem_id="compare-configs",
+                                 label="Configurations, one per line (baseline runs first automatically)",
+                                 info="e.g. deepcache(interval=3) + sampler(scheduler=dpmpp_2m, steps=20)")
+            with gr.Row():
+                warmup = gr.Checkbox(value=False, label="Warm-up run per configuration (not timed)")
+                repeats = gr.Slider(1, 10, value=1, step=1, label="Repeats (median kept)")
+            with gr.Row():
+                run = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
+                cancel = gr.Button("Cancel", variant="stop")
+            with gr.Accordion("Parameter sweep", open=False):
+                with gr.Row():
+                    sweep_method = gr.Dropdown(sorted(all_methods()), label="Method")
+                    sweep_param = gr.Textbox(label="Parameter", placeholder="interval")
+                    sweep_values = gr.Textbox(label="Values", placeholder="2, 3, 4, 5  or  4..50:6")
+                sweep = gr.Button("Run sweep")
+        with gr.Column(scale=4):
+            summary = gr.Markdown("")
+            gallery = gr.Gallery(label="Outputs", columns=4, height=320, elem_id="compare-gallery")
+            texts = gr.HTML("")
+            table = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-table")
+            with gr.Row():
+                scatter = gr.Plot(label="Speed vs quality")
+                stages = gr.Plot(label="Time per stage")
+            with gr.Row():
+                csv_file = gr.File(label="CSV")
+                html_file = gr.File(label="HTML report")
+
+    def on_modality(m):
+        choices = model_choices(studio, m)
+        return gr.update(choices=choices, value=choices[0] if choices else None), json.dumps(DEFAULT_PARAMS[m])
+
+    modality.change(on_modality, inputs=[modality], outputs=[model, params], api_name=False)
+
+    def make_request(modality, model, prompt, negative, seeds, params):
+        try:
+            seed_list = [int(s) for s in str(seeds).replace(" ", "").split(",") if s != ""] or [0]
+        except ValueError:
+            raise ValidationError("seeds must be whole numbers separated by commas") from None
+        if len(seed_list) > 8:
+            raise ValidationError("at most 8 seeds per comparison")
+        try:
+            param_values = json.loads(params or "{}")
+        except ValueError as exc:
+            raise ValidationError(f"parameters are not valid JSON: {exc}") from None
+        return Request(modality, model or "", prompt or "", negative or "", seed_list[0], param_values), seed_list
+
+    def present(report):
+        table_rows = report.table()
+        images, html_parts = [], []
+        baseline_text = report.rows[0].outputs[0] if report.rows[0].outputs else ""
+        for row in report.rows:
+            for out in row.outputs[:1]:
+                if report.modality == "image":
+                    images.append((out, row.label))
+                elif report.modality == "video":
+                    images.append((out[0], row.label))
+                elif report.modality == "text":
+                    html_parts.append(f"<h4>{row.label}</h4>" + text_diff_html(baseline_text, out))
+        folder = Path(tempfile.mkdtemp())
+        csv_path = folder / f"compare-{report.group}.csv"
+        csv_path.write_text(report.to_csv(), encoding="utf-8")
+        embedded = {}
+        for out, label in images:
+            buffer = io.BytesIO()
+            out.save(buffer, format="PNG")
+            embedded[label] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        html_path = folder / f"compare-{report.group}.html"
+        html_path.write_text(report.to_html(embedded), encoding="utf-8")
+        failed = [r for r in report.rows if r.error]
+        text = f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}**"
+        if failed:
+            text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
+        return (text, images, "".join(html_parts), pd.DataFrame(table_rows),
+                speed_quality_figure(report), stages_figure(report), str(csv_path), str(html_path))
+
+    outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file]
+
+    def session_event(request: gr.Request | None) -> threading.Event:
+        key = getattr(request, "session_hash", None) or "api"
+        event = threading.Event()
+        _CANCEL[key] = event
+        return event
+
+    @user_errors
+    def do_compare(modality, model, prompt, negative, seeds, params, configs, warmup, repeats,
+                   request: gr.Request = None, progress=gr.Progress()):
+        base, seed_list = make_request(modality, model, prompt, negative, seeds, params)
+        report = run_compare(studio, base, parse_configs(configs or ""), repeats=int(repeats), warmup=bool(warmup),
+                             seeds=seed_list, progress=progress_adapter(progress), cancel=session_event(request))
+        return present(report)
+
+    inputs = [modality, model, prompt, negative, seeds, params]
+    run.click(do_compare, inputs=[*inputs, configs, warmup, repeats], outputs=outputs, api_name="compare",
+              concurrency_id="compare")
+
+    @user_errors
+    def do_sweep(modality, model, prompt, negative, seeds, params, configs, method, param, values, warmup, repeats,
+                 request: gr.Request = None, progress=gr.Progress()):
+        base, seed_list = make_request(modality, model, prompt, negative, seeds, params)
+        if not method or not param:
+            raise ValidationError("pick a method and one of its parameters to sweep")
+        first = parse_configs(configs or "")
+        base_methods = first[0].methods if first else []
+        try:
+            sweep_list = sweep_configs(base_methods, method, param.strip(), parse_values(values or ""))
+        except KeyError:
+            raise ValidationError(f"method '{method}' has no parameter '{param}'") from None
+        report = run_compare(studio, base, sweep_list, repeats=int(repeats), warmup=bool(warmup), seeds=seed_list,
+                             progress=progress_adapter(progress), cancel=session_event(request))
+        return present(report)
+
+    sweep.click(do_sweep, inputs=[*inputs, configs, sweep_method, sweep_param, sweep_values, warmup, repeats],
+                outputs=outputs, api_name="sweep", concurrency_id="compare")
+
+    def do_cancel(request: gr.Request = None):
+        key = getattr(request, "session_hash", None) or "api"
+        if key in _CANCEL:
+            _CANCEL[key].set()
+        return "Cancelling after the current run…"
+
+    cancel.click(do_cancel, outputs=[summary], api_name="compare_cancel", queue=False)
+    return {"model": model}

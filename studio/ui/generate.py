@@ -1,0 +1,185 @@
+"""The generation tabs for diffusion modalities (Image, Video, Audio): one builder, three
+configurations, so every tab behaves the same way: model, prompt, seed, modality knobs,
+the Acceleration panel, a progress bar, per-stage timings, method statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from backends.types import Request, StudioError
+from studio.presets import Preset
+from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropdown, progress_adapter, user_errors
+
+
+@dataclass
+class ParamControl:
+    name: str
+    label: str
+    kind: str  # "slider" | "number"
+    default: float | None
+    low: float = 0
+    high: float = 100
+    step: float = 1
+    info: str = ""
+
+
+PARAMS: dict[str, list[ParamControl]] = {
+    "image": [
+        ParamControl("width", "Width (0 = model default)", "slider", 0, 0, 1024, 8),
+        ParamControl("height", "Height (0 = model default)", "slider", 0, 0, 1024, 8),
+        ParamControl("steps", "Steps", "slider", 25, 1, 100, 1),
+        ParamControl("guidance", "Guidance scale", "slider", 5.0, 0, 20, 0.5),
+    ],
+    "video": [
+        ParamControl("width", "Width (0 = model default)", "slider", 0, 0, 1024, 8),
+        ParamControl("height", "Height (0 = model default)", "slider", 0, 0, 1024, 8),
+        ParamControl("frames", "Frames (0 = model default)", "slider", 0, 0, 129, 1),
+        ParamControl("fps", "Frames per second", "slider", 8, 1, 30, 1),
+        ParamControl("steps", "Steps", "slider", 25, 1, 100, 1),
+        ParamControl("guidance", "Guidance scale", "slider", 5.0, 0, 20, 0.5),
+    ],
+    "audio": [
+        ParamControl("seconds", "Duration (s, 0 = model default)", "slider", 0, 0, 30, 0.5),
+        ParamControl("steps", "Steps", "slider", 25, 1, 200, 1),
+        ParamControl("guidance", "Guidance scale", "slider", 3.5, 0, 20, 0.5),
+    ],
+}
+ZERO_MEANS_DEFAULT = {"width", "height", "frames", "seconds"}
+
+
+@dataclass
+class GenerationTab:
+    modality: str
+    model: gr.Dropdown
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    seed: gr.Number
+    controls: list[gr.components.Component]
+    panel: AccelPanel
+    output: gr.components.Component
+    info: gr.Markdown
+    preset_name: gr.Textbox = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def request_inputs(self) -> list[gr.components.Component]:
+        return [self.model, self.prompt, self.negative, self.seed, *self.controls, *self.panel.inputs]
+
+    def build_request(self, values: list[Any]) -> Request:
+        values = list(values)
+        model, prompt, negative, seed = values[:4]
+        values = values[4:]
+        params = {}
+        for spec in PARAMS[self.modality]:
+            value = values.pop(0)
+            if spec.name in ZERO_MEANS_DEFAULT and (value is None or value == 0):
+                continue
+            params[spec.name] = value
+        methods = self.panel.collect(values)
+        return Request(self.modality, model or "", prompt or "", negative or "", int(seed if seed is not None else -1),
+                       params, methods)
+
+    def preset_updates(self, preset: Preset) -> list[Any]:
+        """Values for [model, *controls, *panel.inputs] showing a preset."""
+        out: list[Any] = [gr.update(value=preset.model) if preset.model else gr.update()]
+        for spec in PARAMS[self.modality]:
+            out.append(preset.params.get(spec.name, spec.default if spec.name not in ZERO_MEANS_DEFAULT else 0))
+        out.extend(self.panel.values_for(preset.methods))
+        return out
+
+    @property
+    def preset_outputs(self) -> list[gr.components.Component]:
+        return [self.model, *self.controls, *self.panel.inputs]
+
+
+def output_component(modality: str) -> gr.components.Component:
+    if modality == "image":
+        return gr.Image(label="Output", type="pil", height=384, format="png")
+    if modality == "video":
+        return gr.Video(label="Output", height=384)
+    return gr.Audio(label="Output", type="filepath")
+
+
+def display_output(modality: str, outcome) -> Any:
+    if modality == "image":
+        image = outcome.result.output
+        if max(image.size) < 256:  # tiny bundled models: show pixels large, not blurred
+            factor = max(1, 256 // max(image.size))
+            image = image.resize((image.width * factor, image.height * factor), resample=0)
+        return image
+    return outcome.result.output_path
+
+
+def build_generation_tab(studio, modality: str, examples: list[str] | None = None) -> GenerationTab:
+    with gr.Row():
+        with gr.Column(scale=3):
+            model = model_dropdown(studio, modality)
+            family = gr.Markdown("")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="describe what to generate",
+                                elem_id=f"{modality}-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Row():
+                seed = gr.Number(value=0, label="Seed (-1 = random)", precision=0)
+            controls = []
+            for spec in PARAMS[modality]:
+                controls.append(gr.Slider(spec.low, spec.high, value=spec.default, step=spec.step, label=spec.label))
+            panel = accel_panel(modality)
+            button = gr.Button("Generate", variant="primary", elem_id=f"{modality}-generate")
+            if examples:
+                gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
+        with gr.Column(scale=2):
+            output = output_component(modality)
+            info = gr.Markdown("", elem_id=f"{modality}-info")
+            with gr.Accordion("Save these settings as a preset", open=False):
+                preset_name = gr.Textbox(label="Preset name")
+                preset_description = gr.Textbox(label="Description")
+                save = gr.Button("Save preset")
+                saved = gr.Markdown("")
+    tab = GenerationTab(modality, model, prompt, negative, seed, controls, panel, output, info, preset_name)
+
+    @user_errors
+    def generate(*values, progress=gr.Progress()):
+        request = tab.build_request(values)
+        try:
+            outcome = studio.generate(request, progress=progress_adapter(progress))
+        except StudioError:
+            raise
+        return display_output(modality, outcome), format_result(outcome.result, outcome.run_id)
+
+    button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=f"generate_{modality}",
+                 concurrency_id=f"generate_{modality}")
+    prompt.submit(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=False,
+                  concurrency_id=f"generate_{modality}")
+
+    def on_model_change(model_id):
+        if not model_id:
+            return ["", *panel.visibility_for(None), *[gr.update(value="") for _ in panel.hints]]
+        try:
+            described = studio.describe_model(modality, model_id)
+        except StudioError as exc:
+            return [f"⚠️ {exc}", *panel.visibility_for(None), *[gr.update(value="") for _ in panel.hints]]
+        hints = studio.method_hints(modality, model_id)
+        return [
+            f"Family: **{described.get('family')}** · device `{described.get('device')}`",
+            *panel.visibility_for(described.get("family")),
+            *[gr.update(value=hints.get(cls.spec.name, "")) for cls in panel.methods],
+        ]
+
+    model.change(on_model_change, inputs=[model], outputs=[family, *panel.groups, *panel.hints], api_name=False)
+    tab.extra["model_change_outputs"] = [family, *panel.groups, *panel.hints]
+
+    @user_errors
+    def save_preset(name, description, *values):
+        request = tab.build_request(values)
+        preset = studio.presets.save(Preset(name or "", modality, request.model, request.params,
+                                            request.methods, description or ""))
+        return f"Saved preset **{preset.name}**."
+
+    save.click(save_preset, inputs=[preset_name, preset_description, *tab.request_inputs], outputs=[saved],
+               api_name=f"save_preset_{modality}")
+    tab.extra["family"] = family
+    tab.extra["on_model_change"] = on_model_change
+    return tab

@@ -1,0 +1,36 @@
+"""Shared test setup: offline, single-threaded, tiny models built from configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on small CI machines
+
+
+@pytest.fixture
+def studio_factory(tmp_path):
+    """Build a Studio in a temp data dir with the tiny dummy image models registered."""
+    from backends.manager import BackendManager
+    from backends.tiny.dummy import register_dummy_models
+    from studio.service import Studio
+
+    made = []
+
+    def make(**kwargs):
+        manager = kwargs.pop("manager", None) or BackendManager(device="cpu")
+        register_dummy_models(manager)
+        studio = Studio(data_dir=kwargs.pop("data_dir", tmp_path / "data"), manager=manager, **kwargs)
+        made.append(studio)
+        return studio
+
+    yield make
+    for studio in made:
+        studio.close()
