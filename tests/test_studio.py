@@ -1,0 +1,131 @@
+"""The Studio service: validation, outputs + history rows, failures, repair, compare."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends.types import MethodChoice, OutOfMemoryError, Request, StudioError, ValidationError
+from studio.compare import parse_config, parse_configs, parse_values, run_compare, sweep_configs
+
+
+def image_request(**kw):
+    base = dict(modality="image", model="dummy-sd", prompt="a red circle", seed=5, params={"steps": 3})
+    base.update(kw)
+    return Request(**base)
+
+
+def test_generate_saves_file_and_row(studio_factory):
+    studio = studio_factory()
+    outcome = studio.generate(image_request(methods=[MethodChoice("deepcache", {"interval": 2})]))
+    row = studio.history.get(outcome.run_id)
+    assert Path(row.output_path).is_file() and row.output_path.endswith(".png")
+    assert row.status == "ok" and row.total_seconds > 0 and row.timings["denoise"] > 0
+    assert row.model_evals == 3 and row.method_stats["deepcache"]["shallow_steps"] == 1
+
+
+def test_invalid_request_is_refused_before_running(studio_factory):
+    studio = studio_factory()
+    for bad in (image_request(prompt="  "), image_request(params={"steps": 0}),
+                image_request(params={"width": 100000}), image_request(params={"colour": 1}),
+                image_request(methods=[MethodChoice("deepcache", {"interval": 0})])):
+        with pytest.raises(ValidationError):
+            studio.generate(bad)
+    assert studio.history.count() == 0
+
+
+def test_failed_run_is_recorded_and_history_kept(studio_factory):
+    studio = studio_factory()
+    ok = studio.generate(image_request())
+    with pytest.raises(StudioError, match="unknown model"):
+        studio.generate(image_request(model="no such model!"))
+    with pytest.raises(ValidationError, match="does not apply"):
+        studio.generate(image_request(model="dummy-flux", methods=[MethodChoice("deepcache")]))
+    failed = studio.history.query(status="failed")
+    assert len(failed) == 2 and "unknown model" in failed[-1].error
+    assert studio.history.get(ok.run_id).status == "ok"
+
+
+def test_out_of_memory_is_caught_and_next_request_works(studio_factory, monkeypatch):
+    studio = studio_factory()
+    backend = studio.manager.get("image", "dummy-sd")
+    original = backend.generate
+
+    def explode(*a, **k):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(backend, "generate", explode)
+    with pytest.raises(OutOfMemoryError, match="out of memory"):
+        studio.generate(image_request())
+    monkeypatch.setattr(backend, "generate", original)
+    assert studio.generate(image_request()).result.output is not None
+    assert [r.status for r in studio.history.query()] == ["ok", "failed"]
+
+
+def test_startup_repair_removes_orphans(studio_factory, tmp_path):
+    studio = studio_factory(data_dir=tmp_path / "d")
+    kept = studio.generate(image_request())
+    orphan = studio.outputs.new_path("image")
+    orphan.write_bytes(b"left by a crash")
+    studio.close()
+    again = studio_factory(data_dir=tmp_path / "d")
+    assert again.repaired["orphan_files_removed"] == 1 and not orphan.exists()
+    assert Path(again.history.get(kept.run_id).output_path).exists()
+
+
+def test_rerun_reproduces_the_same_output(studio_factory):
+    studio = studio_factory()
+    first = studio.generate(image_request(methods=[MethodChoice("cfg_truncation", {"fraction": 0.5})]))
+    second = studio.rerun(first.run_id)
+    assert second.run_id != first.run_id
+    assert np.array_equal(np.asarray(first.result.output), np.asarray(second.result.output))
+
+
+def test_config_syntax():
+    config = parse_config("deepcache(interval=4) + sampler(scheduler=unipc, steps=12)")
+    assert [m.name for m in config.methods] == ["deepcache", "sampler"]
+    assert config.methods[1].params == {"scheduler": "unipc", "steps": 12}
+    assert parse_config("baseline").is_baseline
+    assert len(parse_configs("deepcache\n\n# a comment\ncfg_truncation(fraction=0.3)")) == 2
+    for bad in ("deepcache(interval=)", "deepcache(interval=3", "nope", "deepcache(speed=2)"):
+        with pytest.raises(ValidationError):
+            parse_config(bad)
+    assert parse_values("4..20:5") == [4, 8, 12, 16, 20]
+    assert parse_values("0.1, 0.2") == [0.1, 0.2]
+
+
+def test_compare_runs_baseline_then_configs_in_one_group(studio_factory):
+    studio = studio_factory()
+    configs = parse_configs("deepcache(interval=2)\nsampler(steps=2)\ndeepcache(branch=3)")
+    seen = []
+    report = run_compare(studio, image_request(), configs, repeats=2,
+                         progress=lambda i, n, label: seen.append(label))
+    labels = [r.label for r in report.rows]
+    assert labels[0] == "baseline" and len(labels) == 4
+    base, cached, fewer, broken = report.rows
+    assert base.speedup == pytest.approx(1.0) and base.quality["psnr"] == 100.0
+    assert cached.speedup > 0 and cached.quality["psnr"] < 100.0 and cached.error is None
+    assert fewer.model_evals == 2
+    assert broken.error and "branch" in broken.error  # reported, and did not stop the others
+    groups = {r.compare_group for r in studio.history.query(limit=100)}
+    assert groups == {report.group}
+    assert studio.history.count(compare_group=report.group, status="ok") == 6
+    assert any("deepcache" in s for s in seen)
+    assert "speedup" in report.to_csv().splitlines()[0]
+    assert "<table>" in report.to_html()
+    assert "baseline" in report.pareto() or report.pareto()
+
+
+def test_compare_can_be_cancelled(studio_factory):
+    studio = studio_factory()
+    cancel = threading.Event()
+    cancel.set()
+    report = run_compare(studio, image_request(), parse_configs("deepcache"), cancel=cancel)
+    assert report.rows[0].error == "cancelled"
+
+
+def test_sweep_builds_one_config_per_value():
+    configs = sweep_configs([MethodChoice("sampler", {"steps": 10, "scheduler": "ddim"})], "deepcache", "interval", [2, 3])
+    assert [c.label for c in configs] == ["deepcache.interval=2", "deepcache.interval=3"]
+    assert configs[0].methods[0].name == "sampler" and configs[1].methods[1].params["interval"] == 3
