@@ -1,0 +1,1 @@
+"""``python -m benchmarks``: speed and quality ratios, measured in one process, interleaved."""

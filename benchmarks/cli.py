@@ -1,0 +1,218 @@
+"""``python -m benchmarks --modality M --model ID --methods a,b --repeats N --json FILE``
+
+Runs the baseline and each method configuration in the same process, interleaved
+(baseline, m1, m2, baseline, m1, m2, ...), so slow drift of the machine hits all of them
+alike. Every speedup is ``baseline_seconds / method_seconds`` from this one run. Timing
+claims come from these ratios, never from assertions in tests.
+
+``--methods`` takes the Compare-tab syntax, configurations separated by commas outside
+parentheses: ``deepcache(interval=3),sampler(scheduler=dpmpp_2m, steps=12)+cfg_truncation``.
+``--overhead`` instead measures the studio's own overhead (manager + method framework +
+history + file) against calling the same pipeline directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from backends.accel.base import get_method
+from backends.manager import BackendManager
+from backends.types import Request
+from benchmarks.prompts import default_prompts
+from studio import metrics
+from studio.compare import CompareConfig, _split_top_level, parse_config
+
+
+def parse_methods(text: str) -> list[CompareConfig]:
+    return [parse_config(part) for part in _split_top_level(text, ",")] if text else []
+
+
+def build_params(args) -> dict[str, Any]:
+    params = json.loads(args.params) if args.params else {}
+    if args.modality == "image":
+        params.setdefault("steps", args.steps)
+        params.setdefault("guidance", args.guidance)
+    if args.modality == "text":
+        params.setdefault("max_new_tokens", args.max_new_tokens)
+    return params
+
+
+def lossless_flag(config: CompareConfig) -> bool | None:
+    flags = [get_method(m.name).spec.lossless for m in config.methods]
+    if not flags:
+        return None
+    if all(f is True for f in flags):
+        return True
+    return False if any(f is False for f in flags) else None
+
+
+def run_benchmark(manager: BackendManager, modality: str, model: str, configs: list[CompareConfig],
+                  prompts: list[str], params: dict, repeats: int, seed: int, warmup: bool = True,
+                  log=print) -> list[dict[str, Any]]:
+    backend = manager.get(modality, model)
+    configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
+    requests = {
+        c.label: [Request(modality, model, p, seed=seed + i, params=params, methods=c.methods) for i, p in enumerate(prompts)]
+        for c in configs
+    }
+    if warmup:
+        for c in configs:
+            backend.run(requests[c.label][0])
+    seconds: dict[str, list[float]] = {c.label: [] for c in configs}
+    last: dict[str, list] = {}
+    for rep in range(repeats):
+        for c in configs:
+            results = [backend.run(r) for r in requests[c.label]]
+            seconds[c.label].append(sum(r.total_seconds for r in results))
+            last[c.label] = results
+        log(f"repeat {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
+    base_s = statistics.median(seconds["baseline"])
+    base_out = [r.output for r in last["baseline"]]
+    rows = []
+    for c in configs:
+        results = last[c.label]
+        median = statistics.median(seconds[c.label])
+        per_prompt = [metrics.quality(modality, b, r.output) for b, r in zip(base_out, results)]
+        quality = {k: round(statistics.mean(q[k] for q in per_prompt), 4) for k in per_prompt[0]}
+        task = metrics.task_score(modality, model, [r.output for r in results], prompts)
+        if task:
+            quality.update({f"task_{k}": round(v, 4) for k, v in task.items()})
+        row = {
+            "method": c.label,
+            "params": [m.to_dict() for m in c.methods],
+            "seconds_median": round(median, 4),
+            "speedup": round(base_s / median, 3),
+            "quality": quality,
+            "lossless": lossless_flag(c),
+            "model_evals": sum(r.model_evals for r in results),
+            "method_stats": results[0].method_stats,
+            "device": results[0].device,
+        }
+        if modality == "text":
+            row.update(text_figures(results, [r.output for r in last["baseline"]]))
+        rows.append(row)
+    return rows
+
+
+def text_figures(results, baseline_texts) -> dict[str, Any]:
+    tokens = sum(r.extra.get("tokens_generated", 0) for r in results)
+    forwards = sum(r.extra.get("target_forwards", 0) or 0 for r in results)
+    decode = sum(r.timings.get("decode", 0.0) for r in results)
+    return {
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / max(sum(r.total_seconds for r in results), 1e-9), 2),
+        "decode_tokens_per_s": round(tokens / max(decode, 1e-9), 2),
+        "tokens_per_target_forward": round(tokens / forwards, 3) if forwards else None,
+        "exact_match": all(r.output == b for r, b in zip(results, baseline_texts)),
+    }
+
+
+def studio_overhead(manager: BackendManager, model: str, prompts: list[str], params: dict, repeats: int,
+                    seed: int, log=print) -> dict[str, Any]:
+    """A generation through the whole studio (validation, manager, method framework with no
+    method, output file, history row) vs the same pipeline called directly, interleaved."""
+    from studio.service import Studio
+
+    backend = manager.get("image", model)
+    with tempfile.TemporaryDirectory() as tmp:
+        studio = Studio(data_dir=tmp, manager=manager)
+        direct_s, studio_s = [], []
+        for rep in range(repeats + 1):  # the first round warms up both paths
+            d = s = 0.0
+            for i, prompt in enumerate(prompts):
+                request = Request("image", model, prompt, seed=seed + i, params=params)
+                call = backend.build_call(request)
+                call.pop("_callbacks"), call.pop("_extra")
+                start = time.perf_counter()
+                backend.pipe(**call)
+                d += time.perf_counter() - start
+                start = time.perf_counter()
+                studio.generate(request)
+                s += time.perf_counter() - start
+            if rep:
+                direct_s.append(d)
+                studio_s.append(s)
+                log(f"repeat {rep}/{repeats}: direct {d:.3f}s, studio {s:.3f}s")
+        studio.close()
+    direct, through = statistics.median(direct_s), statistics.median(studio_s)
+    return {"method": "studio-overhead", "params": [], "seconds_median": round(through, 4),
+            "direct_seconds_median": round(direct, 4), "speedup": round(direct / through, 4),
+            "overhead_pct": round(100 * (through / direct - 1), 2), "quality": {}, "lossless": True}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
+    extra_keys = [k for k in ("tokens_per_target_forward", "exact_match", "overhead_pct") if any(k in r for r in rows)]
+    header = ["method", "seconds", "speedup", *quality_keys, *extra_keys]
+    lines = [header]
+    for r in rows:
+        lines.append([r["method"], f"{r['seconds_median']:.3f}", f"{r['speedup']:.2f}x",
+                      *[_fmt(r.get("quality", {}).get(k)) for k in quality_keys], *[_fmt(r.get(k)) for k in extra_keys]])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for i, line in enumerate(lines):
+        print(" | ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+        if i == 0:
+            print("-|-".join("-" * w for w in widths))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modality", required=True, choices=["image", "video", "audio", "text"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--methods", default="", help="configurations, comma separated (Compare syntax)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=4, help="number of default prompts")
+    parser.add_argument("--prompt-kind", default="mixed", choices=["code", "edit", "mixed"], help="text prompts")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--params", help="modality params as JSON (overrides --steps etc.)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--overhead", action="store_true", help="measure the studio's own overhead instead")
+    parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    manager = BackendManager(device=args.device)
+    if args.model.startswith("dummy-"):
+        from backends.tiny.dummy import register_dummy_models
+
+        register_dummy_models(manager)
+    params = build_params(args)
+    prompts = default_prompts(args.modality, args.prompts, args.prompt_kind, args.seed)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.overhead:
+        rows = [studio_overhead(manager, args.model, prompts, params, args.repeats, args.seed, log)]
+    else:
+        rows = run_benchmark(manager, args.modality, args.model, parse_methods(args.methods), prompts, params,
+                             args.repeats, args.seed, warmup=not args.no_warmup, log=log)
+    meta = {"modality": args.modality, "model": args.model, "device": str(manager.device),
+            "threads": torch.get_num_threads(), "prompts": len(prompts), "params": params, "repeats": args.repeats,
+            "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)}
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    return 0
