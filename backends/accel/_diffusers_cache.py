@@ -1,0 +1,197 @@
+"""diffusers' own DiT caches behind our Method interface: ``enable_cache`` / ``disable_cache``.
+
+Each method file only says which ``*Config`` it builds from its parameters; this module
+does the rest, identically for all of them:
+
+- ``prepare_call`` enables the cache (configs may need the step count of the call);
+  ``remove`` disables it and takes off what diffusers leaves behind (the bound class
+  ``forward`` stored back as an instance attribute, empty hook registries), so the model
+  is exactly as before;
+- stats count, with plain torch hooks, the attention modules that actually computed in
+  each denoiser call: whole-stack caches (FirstBlockCache, MagCache) show up as skipped
+  calls, per-layer caches (PAB, FasterCache, TaylorSeer) as skipped attention layers;
+- per-branch state: PAB and FasterCache keep one state per hook, which true-CFG pipelines
+  (FLUX calls the transformer once for cond, once for uncond) would share between the two
+  passes, answering one branch with the other's attention. A ``StateManager`` attached to
+  one of their hooks receives the pipeline's ``cache_context`` and swaps each hook's state
+  to the branch's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from backends.accel._block_span import invalidate_registries, restore_forward
+from backends.accel.base import Method
+from backends.types import ValidationError
+
+DIT_CACHES = ("block_cache", "teacache", "first_block_cache", "mag_cache", "taylorseer", "pab", "faster_cache")
+
+
+def require_cache_support(backend, method: str) -> torch.nn.Module:
+    denoiser = backend.denoiser
+    if denoiser is None or not hasattr(denoiser, "enable_cache"):
+        raise ValidationError(
+            f"{method} needs a diffusers transformer with enable_cache(); "
+            f"{type(denoiser).__name__} has none"
+        )
+    if denoiser.is_cache_enabled:
+        raise ValidationError(
+            f"{method}: a diffusers cache ({type(denoiser._cache_config).__name__}) is already enabled on this "
+            "model; diffusers allows one at a time"
+        )
+    return denoiser
+
+
+class AttentionCounter:
+    """Counts, per denoiser call, how many attention modules really computed (a hook on the
+    first Linear inside each one: a cached attention or a skipped block never reaches it)."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        from diffusers.hooks._common import _ATTENTION_CLASSES
+
+        self.handles = []
+        self.per_call: list[int] = []
+        self.computed = 0
+        modules = [m for m in denoiser.modules() if isinstance(m, _ATTENTION_CLASSES)]
+        for module in modules:
+            leaf = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+            if leaf is not None:
+                self.handles.append(leaf.register_forward_hook(self._count))
+        self.num_attention = len(self.handles)
+        self.handles.append(denoiser.register_forward_pre_hook(self._start))
+        self.handles.append(denoiser.register_forward_hook(self._end))
+
+    def _count(self, *_args) -> None:
+        self.computed += 1
+
+    def _start(self, *_args) -> None:
+        self._at_start = self.computed
+
+    def _end(self, *_args) -> None:
+        self.per_call.append(self.computed - self._at_start)
+
+    def reset(self) -> None:
+        self.per_call, self.computed = [], 0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def stats(self) -> dict[str, Any]:
+        calls, n = len(self.per_call), self.num_attention
+        expected = calls * n
+        return {
+            "denoiser_calls": calls,
+            "full_calls": sum(c == n for c in self.per_call),
+            "partial_calls": sum(0 < c < n for c in self.per_call),
+            "skipped_calls": sum(c == 0 for c in self.per_call),
+            "attention_evals": self.computed,
+            "attention_skipped": expected - self.computed,
+            "cache_hit_rate": round(1 - self.computed / expected, 3) if expected else 0.0,
+        }
+
+
+def _branch_swapper(hooks: list[Any]):
+    from diffusers.hooks.hooks import StateManager
+
+    class BranchSwapper(StateManager):
+        """Gives each ``cache_context`` branch its own copy of the hooks' ``state``."""
+
+        def __init__(self):
+            super().__init__(object)
+            self.hooks = hooks
+            self.branch: str | None = None
+            self.saved: dict[str, list[Any]] = {}
+            self.fresh = [type(h.state) for h in hooks]
+
+        def set_context(self, context) -> None:
+            super().set_context(context)
+            if context is None or context.name == self.branch:
+                return
+            if self.branch is not None:
+                self.saved[self.branch] = [h.state for h in self.hooks]
+            states = self.saved.get(context.name) or [cls() for cls in self.fresh]
+            for hook, state in zip(self.hooks, states):
+                hook.state = state
+            self.branch = context.name
+
+        def reset(self, *args, **kwargs) -> None:
+            self.saved, self.branch, self._context = {}, None, None
+
+    return BranchSwapper()
+
+
+class DiffusersCacheMethod(Method):
+    """Subclasses set ``spec`` and implement ``make_config(backend, call)``; set
+    ``per_branch_hooks`` to the diffusers hook names whose single ``state`` must be kept
+    per CFG branch."""
+
+    per_branch_hooks: ClassVar[tuple[str, ...]] = ()
+
+    def make_config(self, backend, call: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def apply(self, backend) -> None:
+        self.denoiser = require_cache_support(backend, self.spec.name)
+        self.enabled = False
+        self.counter = AttentionCounter(self.denoiser)
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        if self.enabled:
+            return call
+        config = self.make_config(backend, call)  # may run a calibration pass: not this run's work
+        self.counter.reset()
+        modules = list(self.denoiser.modules())
+        self._before = [(m, vars(m).get("forward"), hasattr(m, "_diffusers_hook")) for m in modules]
+        self.denoiser.enable_cache(config)
+        self.enabled = True
+        self._keep_branches_apart()
+        return call
+
+    def _keep_branches_apart(self) -> None:
+        if not self.per_branch_hooks:
+            return
+        hooks = []
+        for module in self.denoiser.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                hooks += [h for name, h in registry.hooks.items() if name in self.per_branch_hooks]
+        if hooks:
+            # _set_cache_context hands the context to every StateManager attribute of a
+            # stateful hook; riding on the first hook is enough to see every switch.
+            hooks[0]._fastgen_branches = _branch_swapper(hooks)
+
+    def remove(self, backend) -> None:
+        self.counter.remove()
+        if not self.enabled:
+            return
+        self.denoiser.disable_cache()
+        self.enabled = False
+        for module, forward, had_registry in self._before:
+            restore_forward(module, forward)
+            registry = getattr(module, "_diffusers_hook", None)
+            if not had_registry and registry is not None and not registry.hooks:
+                del module._diffusers_hook
+        invalidate_registries(self.denoiser)
+
+    def stats(self) -> dict[str, Any]:
+        counter = getattr(self, "counter", None)
+        return counter.stats() if counter is not None else {}
+
+    @staticmethod
+    def current_timestep(backend):
+        """For configs that need ``current_timestep_callback``: the pipeline's timestep now
+        (0-1000 scale), or a value outside every skip range when the pipeline has none."""
+        pipe = backend.pipe
+
+        def current() -> float:
+            t = getattr(pipe, "current_timestep", None)
+            if t is None:
+                return -1e9
+            return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+
+        return current

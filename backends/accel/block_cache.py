@@ -1,0 +1,127 @@
+"""Δ-DiT / FORA block caching: reuse the residual of a span of DiT blocks between full steps.
+
+FORA (Selvaraju et al. 2024, "Fast-Forward Caching in Diffusion Transformer
+Acceleration") recomputes the blocks' attention and MLP outputs every N steps and reuses
+them in between; Δ-DiT (Chen et al. 2024, "Δ-DiT: A Training-Free Acceleration Method
+Tailored for Diffusion Transformers") caches the *deviation* (output minus input) of a
+group of blocks, the rear blocks or the front ones. Both come to the same thing here: on a
+cached step the span of ``num_blocks`` blocks at the ``rear`` (or ``front``) answers
+``input + residual`` from the last full step, and the rest of the model runs as usual.
+Full computation every ``interval`` steps, and always during ``warmup_steps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from backends.accel._block_span import SpanCache, block_lists
+from backends.accel._diffusers_cache import DIT_CACHES
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.types import ValidationError
+
+
+@dataclass(frozen=True)
+class BlockCacheConfig:
+    """``interval``: a full step every N steps (1 = never reuse). ``num_blocks``: how many
+    blocks the span covers (0 = all of them: the whole stack is reused, fastest, roughest).
+    ``position``: the span sits at the rear (Δ-DiT's choice for early, outline-forming
+    steps; the default) or the front. ``warmup_steps``: first steps always computed."""
+
+    interval: int = 2
+    num_blocks: int = 0
+    position: str = "rear"
+    warmup_steps: int = 1
+
+
+def span_of(blocks: list, num_blocks: int, position: str) -> list:
+    n = len(blocks) if num_blocks <= 0 else min(num_blocks, len(blocks))
+    return blocks[len(blocks) - n:] if position == "rear" else blocks[:n]
+
+
+def is_full_step(step: int, config: BlockCacheConfig) -> bool:
+    return step < config.warmup_steps or (step - config.warmup_steps) % config.interval == 0
+
+
+def apply_block_cache(denoiser, config: BlockCacheConfig, on_call=None) -> SpanCache:
+    """Hook the span; returns the handle whose ``remove()`` undoes it.
+
+    >>> cache = apply_block_cache(pipe.transformer, BlockCacheConfig(interval=2, num_blocks=8))
+    >>> image = pipe("a red circle").images[0]
+    >>> cache.remove()
+    """
+    blocks = [block for _, block in block_lists(denoiser)]
+    span = span_of(blocks, config.num_blocks, config.position)
+
+    def reuse(_module, _args, _kwargs, state) -> bool:
+        return not is_full_step(state.calls, config)
+
+    return SpanCache(denoiser, span, reuse, "block_cache", on_call=on_call)
+
+
+@register
+class BlockCacheMethod(Method):
+    spec = MethodSpec(
+        name="block_cache",
+        title="Block cache (Δ-DiT / FORA)",
+        modalities=("image", "video"),
+        families=("dit", "video-dit"),
+        summary="Every N steps run all blocks; in between a span of rear (or front) blocks answers "
+                "its input plus the residual it added at the last full step.",
+        paper="Chen et al. 2024, Δ-DiT (arXiv 2406.01125); Selvaraju et al. 2024, FORA (arXiv 2407.01425)",
+        lossless=False,
+        params=(
+            Param("interval", "int", 2, min=1, max=10,
+                  help="full computation every N steps (Δ-DiT: 2; FORA: 3); 1 disables reuse"),
+            Param("num_blocks", "int", 0, min=0, max=200,
+                  help="blocks in the cached span; 0 = all blocks (FORA-style whole-stack reuse)"),
+            Param("position", "choice", "rear", choices=("rear", "front"),
+                  help="which end of the block stack is cached (Δ-DiT: rear blocks keep the outline)"),
+            Param("warmup_steps", "int", 1, min=0, max=50, help="first steps that are always computed in full"),
+        ),
+        conflicts=tuple(n for n in DIT_CACHES if n != "block_cache"),
+    )
+
+    def apply(self, backend) -> None:
+        self.config = BlockCacheConfig(**self.params)
+        denoiser = backend.denoiser
+        self.total_blocks = len(block_lists(denoiser))
+        if not self.total_blocks:
+            raise ValidationError(f"block_cache found no transformer block list in {type(denoiser).__name__}")
+        self.span_blocks = len(span_of(list(range(self.total_blocks)), self.config.num_blocks, self.config.position))
+        self.calls: dict[str, list[bool]] = {}
+        self.cache = apply_block_cache(denoiser, self.config, on_call=self._record)
+
+    def _record(self, branch: str, reused: bool) -> None:
+        self.calls.setdefault(branch, []).append(reused)
+
+    def remove(self, backend) -> None:
+        self.cache.remove()
+
+    def stats(self) -> dict[str, Any]:
+        calls = getattr(self, "calls", {})
+        first = next(iter(calls.values()), [])
+        cached_calls = sum(sum(v) for v in calls.values())
+        total_calls = sum(len(v) for v in calls.values())
+        return {
+            "full_steps": len(first) - sum(first),
+            "cached_steps": sum(first),
+            "span_blocks": getattr(self, "span_blocks", 0),
+            "blocks_skipped": cached_calls * getattr(self, "span_blocks", 0),
+            "cache_hit_rate": round(cached_calls / total_calls, 3) if total_calls else 0.0,
+        }
+
+    def warnings(self, backend, call) -> list[str]:
+        steps = call["num_inference_steps"]
+        config = BlockCacheConfig(**self.params)
+        notes = []
+        if config.interval <= 1:
+            notes.append("block_cache with interval 1 computes every step: no speed-up")
+        elif steps <= max(config.warmup_steps, 1):
+            notes.append(f"block_cache: all {steps} steps are warm-up steps, nothing is reused")
+        elif not any(not is_full_step(s, config) for s in range(steps)):
+            notes.append(f"block_cache at {steps} steps with interval {config.interval} reuses no step")
+        total = len(block_lists(backend.denoiser)) if backend.denoiser is not None else 0
+        if config.num_blocks > total > 0:
+            notes.append(f"block_cache: the model has {total} blocks, so the span is all of them")
+        return notes

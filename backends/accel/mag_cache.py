@@ -1,0 +1,135 @@
+"""MagCache (Ma et al. 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache";
+diffusers ``MagCacheConfig``).
+
+The ratio of the magnitudes of the model's residual (output minus input of the block
+stack) at consecutive steps is nearly the same for every prompt: it is a property of the
+model and the schedule. MagCache accumulates ``|1 - product of ratios|`` as an error
+estimate and skips the block stack (reusing the last residual) while the error stays under
+``threshold``, at most ``max_skip_steps`` in a row, never in the first ``retention_ratio``
+of the steps.
+
+The ratios must be calibrated per checkpoint and schedule. ``ratios="flux"`` uses the
+published FLUX.1 curve (diffusers ``FLUX_MAG_RATIOS``, interpolated to the step count);
+``ratios="calibrate"`` (default) measures them: the first run for a given model, step
+count, size and scheduler runs one extra, untimed pass without skipping to record them,
+and later runs reuse the stored curve. The implementation is diffusers' own
+(``transformer.enable_cache``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from backends.accel._block_span import block_lists, block_metadata
+from backends.accel._diffusers_cache import DIT_CACHES, DiffusersCacheMethod
+from backends.accel.base import MethodSpec, Param, register
+from backends.types import ValidationError
+
+
+def calibrate_mag_ratios(backend, call: dict[str, Any]) -> list[float]:
+    """Run the call once (decoding skipped, its own copy of the generator) and record, for the
+    first CFG branch, ``mean_tokens(|r_t| / |r_{t-1}|)`` of the block stack's residual."""
+    denoiser = backend.denoiser
+    blocks = [block for _, block in block_lists(denoiser)]
+    if not blocks:
+        raise ValidationError(f"mag_cache found no transformer block list in {type(denoiser).__name__}")
+    head_meta, tail_meta = block_metadata(blocks[0], "mag_cache"), block_metadata(blocks[-1], "mag_cache")
+    passes = backend.cfg_passes(call)
+    seen = {"calls": 0, "input": None, "previous": None}
+    ratios: list[float] = []
+
+    def count(*_args):
+        seen["calls"] += 1
+
+    def head(_module, args, kwargs):
+        seen["input"] = head_meta._get_parameter_from_args_kwargs(head_meta.hidden_states_argument_name, args, kwargs)
+
+    def tail(_module, _args, _kwargs, output):
+        if (seen["calls"] - 1) % passes:  # only the first branch (cond) of each step
+            return
+        out = output[tail_meta.return_hidden_states_index] if isinstance(output, tuple) else output
+        residual = (out[:, -seen["input"].shape[1]:] - seen["input"]).float()
+        previous = seen["previous"]
+        if previous is None:
+            ratios.append(1.0)
+        else:
+            norm, prev_norm = torch.linalg.norm(residual, dim=-1), torch.linalg.norm(previous, dim=-1)
+            ratios.append((norm / (prev_norm + 1e-8)).mean().item())
+        seen["previous"] = residual
+
+    run = {k: v for k, v in call.items() if not k.startswith("_")}
+    generator = call.get("generator")
+    if isinstance(generator, torch.Generator):
+        run["generator"] = torch.Generator(generator.device).set_state(generator.get_state())
+    if "output_type" in backend.call_params:
+        run["output_type"] = "latent"
+    handles = [denoiser.register_forward_pre_hook(count),
+               blocks[0].register_forward_pre_hook(head, with_kwargs=True),
+               blocks[-1].register_forward_hook(tail, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            backend.pipe(**run)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ratios
+
+
+@register
+class MagCacheMethod(DiffusersCacheMethod):
+    spec = MethodSpec(
+        name="mag_cache",
+        title="MagCache",
+        modalities=("image", "video"),
+        families=("dit", "video-dit"),
+        summary="Skip the block stack while the accumulated error predicted from calibrated "
+                "residual-magnitude ratios stays under a threshold.",
+        paper="Ma et al. 2025, MagCache: Fast Video Generation with Magnitude-Aware Cache "
+              "(arXiv 2506.09045); diffusers implementation",
+        lossless=False,
+        params=(
+            Param("threshold", "float", 0.06, min=0.0, max=1.0, step=0.01,
+                  help="accumulated error allowed before recomputing (diffusers default 0.06; higher = faster)"),
+            Param("max_skip_steps", "int", 3, min=1, max=10, help="at most this many steps skipped in a row (K)"),
+            Param("retention_ratio", "float", 0.2, min=0.0, max=1.0, step=0.05,
+                  help="fraction of the first steps that are never skipped"),
+            Param("ratios", "choice", "calibrate", choices=("calibrate", "flux"),
+                  help="magnitude ratios: measured for this model (first run per model/steps/size "
+                       "pays one extra untimed pass) or the published FLUX.1 curve"),
+        ),
+        conflicts=tuple(n for n in DIT_CACHES if n != "mag_cache"),
+    )
+    calibrated: ClassVar[dict[tuple, list[float]]] = {}
+
+    def make_config(self, backend, call: dict[str, Any]):
+        from diffusers.hooks import MagCacheConfig
+
+        steps = call["num_inference_steps"]
+        self.calibrated_now = False
+        if self.params["ratios"] == "flux":
+            from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+            ratios = FLUX_MAG_RATIOS
+        else:
+            key = (backend.model_id, id(backend.denoiser), steps, call.get("height"), call.get("width"),
+                   type(backend.pipe.scheduler).__name__, backend.cfg_passes(call))
+            if key not in self.calibrated:
+                self.calibrated[key] = calibrate_mag_ratios(backend, call)
+                self.calibrated_now = True
+            ratios = self.calibrated[key]
+        return MagCacheConfig(threshold=self.params["threshold"], max_skip_steps=self.params["max_skip_steps"],
+                              retention_ratio=self.params["retention_ratio"], num_inference_steps=steps,
+                              mag_ratios=list(ratios))
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "calibrated_this_run": getattr(self, "calibrated_now", False)}
+
+    def warnings(self, backend, call) -> list[str]:
+        steps = call["num_inference_steps"]
+        if self.params["threshold"] <= 0:
+            return ["mag_cache with threshold 0 never skips: no speed-up"]
+        if int(self.params["retention_ratio"] * steps + 0.5) >= steps - 1:
+            return [f"mag_cache: retention_ratio {self.params['retention_ratio']} keeps all {steps} steps"]
+        return []

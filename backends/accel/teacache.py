@@ -1,0 +1,164 @@
+"""TeaCache (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video
+Diffusion Model"): skip the whole block stack while its input has barely changed.
+
+The timestep-modulated input of the first block (FLUX: ``norm1(hidden_states, temb)`` of
+the image stream) is a cheap proxy for how much the model output will change. TeaCache
+accumulates the relative L1 change of that input from step to step, rescaled by a
+polynomial fitted per model, and while the sum stays under ``threshold`` it answers the
+step with ``input + residual`` of the last computed step; when the sum crosses the
+threshold it computes the step and resets the sum. The first and last steps are always
+computed. Each CFG branch (cond / uncond) keeps its own accumulator and residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backends.accel._block_span import SpanCache, block_lists, block_metadata
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel._diffusers_cache import DIT_CACHES
+from backends.types import ValidationError
+
+# Published rescaling polynomial for FLUX.1 (TeaCache4FLUX), highest power first.
+FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
+@dataclass(frozen=True)
+class TeaCacheConfig:
+    """``threshold``: accumulated rescaled relative L1 change allowed before a step is
+    recomputed; on FLUX.1 the paper reports 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, 0.6 ≈ 2.0x, 0.8 ≈ 2.25x,
+    with visible drift from 0.6. ``coefficients``: the rescaling polynomial (highest power
+    first; empty = no rescaling). ``num_steps``: steps of the run, so the last one is
+    always computed (0 = unknown)."""
+
+    threshold: float = 0.4
+    coefficients: tuple[float, ...] = FLUX_COEFFICIENTS
+    num_steps: int = 0
+
+
+def rescale(value: float, coefficients: tuple[float, ...]) -> float:
+    if not coefficients:
+        return value
+    out = 0.0
+    for c in coefficients:
+        out = out * value + c
+    return out
+
+
+def modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first block's timestep-modulated image input: ``norm1(hidden_states, emb=temb)``
+    for AdaLN-Zero blocks (FLUX, SD3, HunyuanVideo); the timestep embedding itself for
+    blocks without one (the signal TeaCache uses for Wan-style models)."""
+    meta = block_metadata(block, "teacache")
+    hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+    temb = kwargs.get("temb")
+    norm1 = getattr(block, "norm1", None)
+    if norm1 is not None and temb is not None:
+        out = norm1(hidden, emb=temb)
+        return out[0] if isinstance(out, tuple) else out
+    if temb is not None:
+        return temb
+    return hidden
+
+
+def apply_teacache(denoiser, config: TeaCacheConfig, on_call=None) -> SpanCache:
+    """Hook every block of ``denoiser``; returns the handle whose ``remove()`` undoes it.
+
+    >>> cache = apply_teacache(pipe.transformer, TeaCacheConfig(threshold=0.4, num_steps=28))
+    >>> image = pipe("a red circle", num_inference_steps=28).images[0]
+    >>> cache.remove()
+    """
+    blocks = [block for _, block in block_lists(denoiser)]
+
+    def reuse(module, args, kwargs, state) -> bool:
+        with torch.no_grad():
+            current = modulated_input(module, args, kwargs)
+        previous = state.extra.get("modulated")
+        state.extra["modulated"] = current
+        step = state.calls
+        last = config.num_steps > 0 and step >= config.num_steps - 1
+        if previous is None or step == 0 or last or previous.shape != current.shape:
+            state.extra["accumulated"] = 0.0
+            return False
+        change = ((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
+        accumulated = state.extra.get("accumulated", 0.0) + rescale(change, config.coefficients)
+        if accumulated < config.threshold:
+            state.extra["accumulated"] = accumulated
+            return True
+        state.extra["accumulated"] = 0.0
+        return False
+
+    return SpanCache(denoiser, blocks, reuse, "teacache", on_call=on_call)
+
+
+@register
+class TeaCacheMethod(Method):
+    spec = MethodSpec(
+        name="teacache",
+        title="TeaCache",
+        modalities=("image", "video"),
+        families=("dit", "video-dit"),
+        summary="Skip the whole block stack, reusing its last residual, while the timestep-modulated "
+                "input has changed less than a threshold since the last computed step.",
+        paper="Liu et al. 2024, Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model "
+              "(arXiv 2411.19108)",
+        lossless=False,
+        params=(
+            Param("threshold", "float", 0.4, min=0.0, max=2.0, step=0.05,
+                  help="accumulated change allowed before recomputing; FLUX.1: 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, "
+                       "0.6 ≈ 2x, 0.8 ≈ 2.25x (paper); higher = faster and rougher"),
+            Param("rescale", "choice", "auto", choices=("auto", "flux", "none"),
+                  help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), or "
+                       "auto (FLUX fit for FLUX transformers, none otherwise)"),
+        ),
+        conflicts=tuple(n for n in DIT_CACHES if n != "teacache"),
+    )
+
+    def apply(self, backend) -> None:
+        denoiser = backend.denoiser
+        if not block_lists(denoiser):
+            raise ValidationError(f"teacache found no transformer block list in {type(denoiser).__name__}")
+        choice = self.params["rescale"]
+        if choice == "auto":
+            choice = "flux" if type(denoiser).__name__.startswith("Flux") else "none"
+        self.coefficients = FLUX_COEFFICIENTS if choice == "flux" else ()
+        self.denoiser = denoiser
+        self.calls: dict[str, list[bool]] = {}
+        self.cache = None
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        # Hooked here, not in apply, because the last step (always computed) needs the step count.
+        if self.cache is None:
+            config = TeaCacheConfig(self.params["threshold"], self.coefficients, call["num_inference_steps"])
+            self.cache = apply_teacache(self.denoiser, config, on_call=self._record)
+        return call
+
+    def _record(self, branch: str, reused: bool) -> None:
+        self.calls.setdefault(branch, []).append(reused)
+
+    def remove(self, backend) -> None:
+        if self.cache is not None:
+            self.cache.remove()
+            self.cache = None
+
+    def stats(self) -> dict[str, Any]:
+        calls = getattr(self, "calls", {})
+        first = next(iter(calls.values()), [])
+        skipped = sum(sum(v) for v in calls.values())
+        total = sum(len(v) for v in calls.values())
+        return {
+            "computed_steps": len(first) - sum(first),
+            "skipped_steps": sum(first),
+            "skipped_calls": skipped,
+            "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
+        }
+
+    def warnings(self, backend, call) -> list[str]:
+        if self.params["threshold"] <= 0:
+            return ["teacache with threshold 0 recomputes every step: no speed-up"]
+        if call["num_inference_steps"] <= 2:
+            return ["teacache always computes the first and last step: with 2 steps or fewer it skips nothing"]
+        return []
