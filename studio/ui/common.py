@@ -49,7 +49,7 @@ def model_dropdown(studio, modality: str, label: str = "Model") -> gr.Dropdown:
     choices = model_choices(studio, modality)
     return gr.Dropdown(
         choices=choices, value=choices[0] if choices else None, allow_custom_value=True, label=label,
-        info="bundled models first; or type a hub id (owner/name) or a local folder",
+        info="bundled models first; or type a hub id (owner/name) or a local folder", elem_id=f"{modality}-model",
     )
 
 

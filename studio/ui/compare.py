@@ -35,7 +35,7 @@ def build_compare_tab(studio) -> dict:
             with gr.Row():
                 modality = gr.Dropdown(list(MODALITIES), value="image", label="Modality")
                 model = gr.Dropdown(model_choices(studio, "image"), value=(model_choices(studio, "image") or [None])[0],
-                                    allow_custom_value=True, label="Model")
+                                    allow_custom_value=True, label="Model", elem_id="compare-model")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="compare-prompt")
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():

@@ -134,10 +134,10 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
             output = output_component(modality)
             info = gr.Markdown("", elem_id=f"{modality}-info")
             with gr.Accordion("Save these settings as a preset", open=False):
-                preset_name = gr.Textbox(label="Preset name")
+                preset_name = gr.Textbox(label="Preset name", elem_id=f"{modality}-preset-name")
                 preset_description = gr.Textbox(label="Description")
-                save = gr.Button("Save preset")
-                saved = gr.Markdown("")
+                save = gr.Button("Save preset", elem_id=f"{modality}-preset-save")
+                saved = gr.Markdown("", elem_id=f"{modality}-preset-saved")
     tab = GenerationTab(modality, model, prompt, negative, seed, controls, panel, output, info, preset_name)
 
     @user_errors
