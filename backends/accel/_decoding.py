@@ -1,0 +1,146 @@
+"""Decoding-loop plumbing shared by the text backend and its methods.
+
+Kept apart from ``backends.text`` so method modules can import it without importing the
+backend (``backends.accel`` is imported while ``backends.base`` loads).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from backends.types import ValidationError
+
+# Methods that each decide how the next tokens are proposed or cached: one at a time.
+DECODING_METHODS = ("speculative", "prompt_lookup", "lookahead", "layer_skip", "snapkv", "sink_cache", "static_cache")
+Decoder = Callable[[Any, torch.Tensor, "DecodeState"], None]
+
+
+@dataclass
+class Sampling:
+    """The request's sampling settings, applied the way ``generate`` applies them
+    (temperature, then top-k, then top-p); greedy when ``do_sample`` is False."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token ids for ``logits`` of shape (..., vocab)."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / max(self.temperature, 1e-5)
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, dim=-1, descending=False)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = cumulative <= 1 - self.top_p
+            drop_sorted[..., -1:] = False
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1]).cpu()
+        picked = torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
+        return picked.to(logits.device)
+
+
+@dataclass
+class DecodeState:
+    """Tokens as they are accepted: budget and EOS, streaming, first-token time."""
+
+    max_new_tokens: int
+    eos_token_ids: set[int]
+    sampling: Sampling
+    on_tokens: Callable[[list[int]], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    def emit(self, new_tokens: list[int] | torch.Tensor) -> bool:
+        """Accept tokens in order; returns True once generation must stop."""
+        if isinstance(new_tokens, torch.Tensor):
+            new_tokens = new_tokens.reshape(-1).tolist()
+        taken = []
+        for token in new_tokens:
+            if self.finished:
+                break
+            taken.append(int(token))
+            if int(token) in self.eos_token_ids or len(self.tokens) + len(taken) >= self.max_new_tokens:
+                self.finished = True
+        self.record(taken)
+        return self.finished
+
+    def record(self, taken: list[int]) -> None:
+        if not taken:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens.extend(taken)
+        if self.on_tokens is not None:
+            self.on_tokens(list(self.tokens))
+
+
+def require_greedy(call: dict[str, Any], method: str) -> None:
+    if call["sampling"].do_sample:
+        raise ValidationError(
+            f"{method} is implemented for greedy decoding only (temperature 0, do_sample off); "
+            "it would not preserve the sampling distribution"
+        )
+
+
+def set_decoder(call: dict[str, Any], decoder: Decoder, method: str) -> dict[str, Any]:
+    if call.get("decoder") is not None:
+        raise ValidationError(f"{method} replaces the decoding loop, and another method already did")
+    return {**call, "decoder": decoder}
+
+
+def decoding_stats(extra: dict[str, Any]) -> dict[str, Any]:
+    """Tokens, target forwards and accepted draft tokens of the last run."""
+    tokens, forwards = extra.get("tokens_generated", 0), extra.get("target_forwards", 0)
+    return {
+        "tokens": tokens,
+        "target_forwards": forwards,
+        "tokens_per_target_forward": round(tokens / forwards, 3) if forwards else 0.0,
+        "accepted_draft_tokens": max(0, tokens - forwards),
+    }
+
+
+def cache_layers(cache: Any) -> list[Any]:
+    """The per-layer K/V holders of a transformers ``DynamicCache`` (``.keys``/``.values``)."""
+    return list(cache.layers)
+
+
+def keep_cache_positions(cache: Any, keep: torch.Tensor) -> None:
+    """Keep only the sequence positions ``keep`` (1-D, ascending) in every layer."""
+    for layer in cache_layers(cache):
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        layer.keys = layer.keys.index_select(-2, keep.to(layer.keys.device))
+        layer.values = layer.values.index_select(-2, keep.to(layer.values.device))
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Truncate every layer to ``length`` positions (layers shorter are left alone)."""
+    for layer in cache_layers(cache):
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        if layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]

@@ -1,0 +1,190 @@
+"""Self-speculative decoding by layer skipping (Zhang et al. 2024, "Draft & Verify: Lossless
+Large Language Model Acceleration via Self-Speculative Decoding"; Xia et al. 2025, SWIFT;
+Elhoushi et al. 2024, LayerSkip).
+
+The model itself is the draft: with a set of intermediate decoder layers turned into the
+identity it drafts ``draft_tokens`` tokens one by one, then the full model verifies them
+in one forward and keeps the longest prefix that plain greedy decoding would produce, plus
+its own next token. No second model, exact greedy output.
+
+Skipping is reversible: ``apply`` shadows the ``forward`` of each chosen layer with one
+that returns its input while the draft phase is on, and calls the real layer otherwise;
+``remove`` deletes the shadow. The draft reads the full model's KV cache for the prefix
+(an approximation of what the skipped model would have cached there: it only lowers
+acceptance, never exactness) and its own entries are cropped again before verification.
+The first and last layers are never skipped, so layer 0, from which transformers sizes
+the attention mask and positions, always holds the full length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backends.accel._patch import ForwardPatch
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel._decoding import DECODING_METHODS, DecodeState, decoding_stats, require_greedy, set_decoder
+from backends.types import ValidationError
+
+
+@dataclass
+class LayerSkipState:
+    drafting: bool = False
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def reset(self) -> None:
+        self.drafting, self.rounds, self.drafted, self.accepted = False, 0, 0, 0
+
+
+def choose_layers(n_layers: int, ratio: float, skip_from: int = 0, skip_to: int = 0) -> list[int]:
+    """Layers to skip: the explicit range ``skip_from..skip_to`` when ``skip_to`` is set,
+    else ``ratio`` of all layers, taken from the inner ones and spread evenly."""
+    inner = list(range(1, n_layers - 1))
+    if skip_to:
+        layers = list(range(max(1, skip_from), skip_to + 1))
+        if not layers or layers[-1] > n_layers - 2:
+            raise ValidationError(f"only inner layers 1..{n_layers - 2} can be skipped, got {skip_from}..{skip_to}")
+        return layers
+    count = min(len(inner), round(ratio * n_layers))
+    if count <= 0:
+        return []
+    step = len(inner) / count
+    return sorted({inner[int(i * step + step / 2)] for i in range(count)})
+
+
+def decoder_layers(model: Any) -> Any:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValidationError("layer skipping needs a decoder-only model with model.layers (Llama/Qwen/Mistral layout)")
+    return layers
+
+
+def _crop(cache: Any, tokens: int) -> None:
+    if tokens > 0:
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] >= tokens:
+                layer.keys = layer.keys[..., :-tokens, :]
+                layer.values = layer.values[..., :-tokens, :]
+
+
+def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip_state: LayerSkipState,
+                      draft_tokens: int, skipped: list[int]) -> None:
+    from transformers import DynamicCache
+
+    model = backend.model
+    body, head = model.model, model.get_output_embeddings()
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    current = int(out.logits[0, -1].argmax())
+    if state.emit([current]):
+        return
+    kept_layers = [i for i in range(len(body.layers)) if i not in set(skipped)]
+    while True:
+        past = cache.get_seq_length()
+        k = max(1, min(draft_tokens, state.remaining - 1))
+        # Draft: the body with skipped layers, straight to the head (not a counted target forward).
+        drafts: list[int] = []
+        token = current
+        skip_state.drafting = True
+        try:
+            for _ in range(k):
+                hidden = body(input_ids=torch.tensor([[token]], device=input_ids.device), past_key_values=cache,
+                              use_cache=True).last_hidden_state
+                token = int(head(hidden[:, -1]).argmax(-1))
+                drafts.append(token)
+                if token in state.eos_token_ids:
+                    break
+        finally:
+            skip_state.drafting = False
+        # Drop the draft's entries (only kept layers wrote any) before the full model verifies.
+        for i in kept_layers:
+            layer = cache.layers[i]
+            layer.keys, layer.values = layer.keys[..., :past, :], layer.values[..., :past, :]
+        ids = torch.tensor([[current] + drafts], device=input_ids.device)
+        greedy = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].argmax(-1).tolist()
+        accepted = [greedy[0]]
+        for j, d in enumerate(drafts):
+            if d != accepted[-1]:
+                break
+            accepted.append(greedy[j + 1])
+        skip_state.rounds += 1
+        skip_state.drafted += len(drafts)
+        skip_state.accepted += len(accepted) - 1
+        _crop(cache, len(drafts) + 1 - len(accepted))  # keep c and the accepted drafts
+        if state.emit(accepted):
+            return
+        current = accepted[-1]
+
+
+@register
+class LayerSkipMethod(Method):
+    spec = MethodSpec(
+        name="layer_skip",
+        title="Self-speculative layer skipping",
+        modalities=("text",),
+        families=("causal-lm",),
+        summary="The model with some layers skipped drafts tokens the full model verifies; exact greedy output.",
+        paper="Zhang et al. 2024, Draft & Verify (ACL); Xia et al. 2025, SWIFT (ICLR); "
+              "Elhoushi et al. 2024, LayerSkip (ACL)",
+        lossless=True,
+        params=(
+            Param("skip_ratio", "float", 0.5, min=0.0, max=0.9, step=0.05,
+                  help="fraction of all layers skipped while drafting, spread over the inner layers"),
+            Param("draft_tokens", "int", 4, min=1, max=16, help="tokens drafted per verification forward"),
+            Param("skip_from", "int", 0, min=0, max=256, help="first layer of an explicit skipped range"),
+            Param("skip_to", "int", 0, min=0, max=256,
+                  help="last layer of an explicit skipped range (0 = use skip_ratio instead)"),
+        ),
+        conflicts=tuple(m for m in DECODING_METHODS if m != "layer_skip"),
+    )
+
+    def apply(self, backend) -> None:
+        layers = decoder_layers(backend.model)
+        p = self.params
+        self.skipped = choose_layers(len(layers), p["skip_ratio"], p["skip_from"], p["skip_to"])
+        self.state = LayerSkipState()
+        self._extra: dict[str, Any] = {}
+        self._patches = []
+        state = self.state
+
+        def make_forward(original):
+            def forward(hidden_states, *args, **kwargs):
+                if state.drafting:
+                    return hidden_states
+                return original(hidden_states, *args, **kwargs)
+
+            return forward
+
+        for i in self.skipped:
+            self._patches.append(ForwardPatch(layers[i], make_forward))
+
+    def remove(self, backend) -> None:
+        for patch in reversed(self._patches):
+            patch.remove()
+        self._patches = []
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        require_greedy(call, "layer skipping")
+        self._extra = call["_extra"]
+        self.state.reset()
+
+        def decoder(backend, input_ids, state):
+            layer_skip_decode(backend, input_ids, state, self.state, self.params["draft_tokens"], self.skipped)
+
+        return set_decoder(call, decoder, "layer skipping")
+
+    def stats(self) -> dict[str, Any]:
+        stats = decoding_stats(self._extra)
+        s = self.state
+        stats.update(skipped_layers=list(self.skipped), draft_rounds=s.rounds, drafted=s.drafted,
+                     acceptance_rate=round(s.accepted / s.drafted, 3) if s.drafted else 0.0)
+        return stats
+
+    def warnings(self, backend, call) -> list[str]:
+        if not self.skipped:
+            return ["no layer is skipped: the draft is the full model, which only adds work"]
+        return []

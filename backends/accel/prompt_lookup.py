@@ -1,0 +1,55 @@
+"""Prompt lookup decoding (Saxena 2023, "Prompt Lookup Decoding"; the draft-free variant
+of speculative decoding, Leviathan et al. 2023): the draft is copied from the context.
+
+The last ``max_matching_ngram_size`` tokens are searched for earlier in the prompt and
+output; the tokens that followed the match are proposed as a draft and verified by the
+target in one forward. No draft model, exact greedy output. Pays when the output repeats
+the input (code editing, summarising, extraction); on free generation it proposes little
+and costs a slightly wider forward. transformers' own implementation
+(``prompt_lookup_num_tokens``) is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel._decoding import DECODING_METHODS, decoding_stats
+
+
+@register
+class PromptLookupMethod(Method):
+    spec = MethodSpec(
+        name="prompt_lookup",
+        title="Prompt lookup decoding",
+        modalities=("text",),
+        families=("causal-lm",),
+        summary="Drafts by copying the continuation of a matching n-gram from the context; exact output.",
+        paper="Saxena 2023, Prompt Lookup Decoding; Leviathan et al. 2023, Fast Inference from Transformers "
+              "via Speculative Decoding (ICML)",
+        lossless=True,
+        params=(
+            Param("num_tokens", "int", 10, min=1, max=64,
+                  help="tokens copied after a match and verified in one forward (transformers default 10)"),
+            Param("max_matching_ngram_size", "int", 2, min=1, max=8,
+                  help="longest n-gram searched for in the context (longer = fewer, surer matches)"),
+        ),
+        conflicts=tuple(m for m in DECODING_METHODS if m != "prompt_lookup"),
+    )
+
+    def apply(self, backend) -> None:
+        self._extra: dict[str, Any] = {}
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        self._extra = call["_extra"]
+        kwargs = dict(call["generate_kwargs"], prompt_lookup_num_tokens=self.params["num_tokens"],
+                      max_matching_ngram_size=self.params["max_matching_ngram_size"])
+        return {**call, "generate_kwargs": kwargs}
+
+    def stats(self) -> dict[str, Any]:
+        return decoding_stats(self._extra)
+
+    def warnings(self, backend, call) -> list[str]:
+        if call["sampling"].do_sample:
+            return ["prompt lookup with sampling keeps the distribution but accepts far fewer tokens than greedy"]
+        return []

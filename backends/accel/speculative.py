@@ -1,0 +1,137 @@
+"""Speculative decoding with a draft model (Leviathan et al. 2023, "Fast Inference from
+Transformers via Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model
+Decoding with Speculative Sampling").
+
+A small draft model proposes ``num_assistant_tokens`` tokens; the target scores them all
+in one forward and keeps the longest prefix it agrees with, plus one token of its own.
+Greedy output is unchanged; with sampling, the accept/resample rule keeps the target's
+distribution exactly. transformers' ``assistant_model`` implementation is used.
+
+The draft must share the target's tokenizer: ids are exchanged, not text. A draft with a
+different vocabulary is refused unless ``universal`` is on, which switches to transformers'
+universal assisted decoding (Timor et al. 2025): drafts are re-tokenized through text,
+slower, still verified by the target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.catalog import bundled
+from backends.accel._decoding import DECODING_METHODS, decoding_stats
+from backends.types import ValidationError
+
+SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
+
+
+def check_same_vocab(target_tok: Any, target_model: Any, draft_tok: Any, draft_model: Any, draft_id: str) -> None:
+    """ValidationError unless the draft's token ids mean what the target's mean."""
+    target_vocab, draft_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+    if target_vocab != draft_vocab:
+        shared = len(set(target_vocab.items()) & set(draft_vocab.items()))
+        raise ValidationError(
+            f"draft model '{draft_id}' has a different tokenizer than the target ({len(draft_vocab)} vs "
+            f"{len(target_vocab)} tokens, {shared} identical): its token ids would be garbage to the target. "
+            "Pick a draft trained with the same tokenizer, or turn on 'universal' (slower)."
+        )
+    target_size = target_model.get_output_embeddings().weight.shape[0]
+    draft_size = draft_model.get_output_embeddings().weight.shape[0]
+    if target_size != draft_size:
+        raise ValidationError(
+            f"draft model '{draft_id}' has {draft_size} output logits but the target has {target_size}: "
+            "same tokenizer, differently padded heads; speculative sampling needs them equal"
+        )
+
+
+@register
+class SpeculativeMethod(Method):
+    spec = MethodSpec(
+        name="speculative",
+        title="Speculative decoding (draft model)",
+        modalities=("text",),
+        families=("causal-lm",),
+        summary="A small draft model proposes tokens the target verifies in one forward; exact output "
+                "(greedy) or exact distribution (sampling).",
+        paper="Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding (ICML); "
+              "Chen et al. 2023, Accelerating LLM Decoding with Speculative Sampling",
+        lossless=True,
+        params=(
+            Param("draft", "choice", "auto", choices=("auto", *(m.name for m in bundled("text", available_only=False))),
+                  help="draft model; 'auto' = the model's paired draft (bundled models name theirs)"),
+            Param("num_assistant_tokens", "int", 5, min=1, max=32,
+                  help="tokens drafted per target forward (transformers default 20; 3-8 suits small drafts)"),
+            Param("schedule", "choice", "constant", choices=tuple(SCHEDULES),
+                  help="'heuristic': +2 draft tokens after a fully accepted round, -1 otherwise (reset each run)"),
+            Param("confidence_threshold", "float", 0.0, min=0.0, max=1.0, step=0.05,
+                  help="stop drafting early when the draft's top probability falls below this (0 = off)"),
+            Param("universal", "bool", False,
+                  help="allow a draft with a different tokenizer (universal assisted decoding, via text)"),
+        ),
+        conflicts=tuple(m for m in DECODING_METHODS if m not in ("speculative",)),
+    )
+
+    def apply(self, backend) -> None:
+        self._extra: dict[str, Any] = {}
+        self._handle = None
+        draft_id = backend.draft_id if self.params["draft"] == "auto" else self.params["draft"]
+        if not draft_id:
+            raise ValidationError(
+                f"model '{backend.model_id}' has no paired draft model; choose one in the method's 'draft' setting"
+            )
+        self.draft_id = draft_id
+        self.draft, self.draft_tokenizer = backend.get_draft(draft_id)
+        self.same_vocab = True
+        try:
+            check_same_vocab(backend.tokenizer, backend.model, self.draft_tokenizer, self.draft, draft_id)
+        except ValidationError:
+            if not self.params["universal"]:
+                raise
+            self.same_vocab = False
+        config = self.draft.generation_config
+        names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+        self._saved = {n: getattr(config, n, None) for n in names}
+        config.num_assistant_tokens = self.params["num_assistant_tokens"]
+        config.num_assistant_tokens_schedule = SCHEDULES[self.params["schedule"]]
+        # 0.0, not None: transformers fills None with its default (0.4), which would stop drafts early
+        config.assistant_confidence_threshold = float(self.params["confidence_threshold"])
+        self.draft_forwards = 0
+
+        def count(*_args):
+            self.draft_forwards += 1
+
+        self._handle = self.draft.register_forward_pre_hook(count)
+
+    def remove(self, backend) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        for name, value in self._saved.items():
+            setattr(self.draft.generation_config, name, value)
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        self._extra = call["_extra"]
+        self.draft_forwards = 0
+        kwargs = dict(call["generate_kwargs"], assistant_model=self.draft)
+        if not self.same_vocab:
+            kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=self.draft_tokenizer)
+        return {**call, "generate_kwargs": kwargs}
+
+    def stats(self) -> dict[str, Any]:
+        stats = decoding_stats(self._extra)
+        stats.update(draft=self.draft_id, draft_forwards=self.draft_forwards,
+                     universal=not self.same_vocab)
+        if self.draft_forwards:
+            stats["acceptance_rate"] = round(min(1.0, stats["accepted_draft_tokens"] / self.draft_forwards), 3)
+        return stats
+
+    def warnings(self, backend, call) -> list[str]:
+        notes = []
+        if not self.same_vocab:
+            notes.append(f"draft '{self.draft_id}' has a different tokenizer: universal assisted decoding "
+                         "re-tokenizes every draft through text (slower)")
+        target_layers = getattr(backend.model.config, "num_hidden_layers", 0)
+        draft_layers = getattr(self.draft.config, "num_hidden_layers", 0)
+        if target_layers and draft_layers and draft_layers * 3 > target_layers:
+            notes.append(f"the draft has {draft_layers} layers for the target's {target_layers}: on CPU a forward "
+                         "costs about the same per layer, so a draft this deep rarely pays")
+        return notes
