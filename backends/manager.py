@@ -92,6 +92,9 @@ class BackendManager:
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._factories: dict[tuple[str, str], Factory] = {}
         self._lock = threading.Lock()
+        # Loads run one at a time: library imports (diffusers' lazy modules) are not
+        # thread-safe, and two loads at once would also double the memory peak.
+        self._load_lock = threading.RLock()
         self.loads = 0  # how many real loads happened (a cache hit does not count)
 
     # -- registration ------------------------------------------------------------------
@@ -117,7 +120,8 @@ class BackendManager:
                 if backend is not None:
                     self._backends.move_to_end(key)
                     return backend
-            backend = self._load(*key)
+            with self._load_lock:
+                backend = self._load(*key)
             with self._lock:
                 self._backends[key] = backend
                 self._loading.pop(key, None)

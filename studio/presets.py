@@ -161,3 +161,34 @@ class PresetLibrary:
         presets, _ = self.all()
         chosen = [p.to_dict() for p in presets if names is None or p.name in names]
         return json.dumps(chosen, indent=2)
+
+
+def method_preset(cls) -> Preset:
+    """The shipped preset of one method: its paper-recommended settings (the spec's
+    defaults), for the method's first modality."""
+    spec = cls.spec
+    params = spec.defaults()
+    note = f"{spec.title} with the settings its paper recommends."
+    if spec.paper:
+        note += f" Paper: {spec.paper}."
+    return Preset(f"{spec.name} (paper defaults)", spec.modalities[0], None, {},
+                  [MethodChoice(spec.name, params)], note, source="shipped")
+
+
+def write_method_presets(directory: Path = SHIPPED_DIR) -> list[Path]:
+    """Regenerate presets/method-*.json from the registered specs (run after a spec change:
+    ``python -m studio.presets``); a test checks the files match the specs."""
+    from backends.accel.base import all_methods
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, cls in sorted(all_methods().items()):
+        path = directory / f"method-{name}.json"
+        path.write_text(json.dumps(method_preset(cls).to_dict(), indent=2) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for written_path in write_method_presets():
+        print(written_path)

@@ -86,3 +86,14 @@ def test_every_shipped_preset_parses():
     found, errors = presets.shipped()
     assert errors == []
     assert len(found) == len(list(SHIPPED_DIR.glob("*.json")))
+
+
+def test_every_method_ships_a_paper_default_preset_matching_its_spec():
+    from backends.accel.base import all_methods
+    from studio.presets import method_preset
+
+    for name, cls in all_methods().items():
+        path = SHIPPED_DIR / f"method-{name}.json"
+        assert path.is_file(), f"no shipped preset for {name}: run python -m studio.presets"
+        shipped = parse_preset(path.read_text())
+        assert shipped.to_dict() == method_preset(cls).to_dict(), f"{path.name} is stale"

@@ -1,0 +1,157 @@
+"""Whatever users send, the studio keeps working and keeps every result."""
+
+import json
+import random
+import socket
+import threading
+
+import psutil
+import pytest
+from gradio_client import Client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import app as app_module
+from backends.types import MethodChoice, Request, StudioError, ValidationError
+from studio.presets import parse_preset
+from studio.validation import validate_request
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+request_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "modality": st.sampled_from(["image", "text", "video", "audio", "smell"]) | json_values,
+        "model": st.text(max_size=30) | json_values,
+        "prompt": st.text(max_size=50) | json_values,
+        "negative_prompt": st.text(max_size=10) | json_values,
+        "seed": st.integers(-5, 2**40) | json_values,
+        "params": st.dictionaries(st.sampled_from(["steps", "width", "height", "guidance", "max_new_tokens",
+                                                   "temperature", "frames", "seconds", "other"]),
+                                  json_values, max_size=4) | json_values,
+        "methods": st.lists(st.sampled_from(["deepcache", "sampler", "nope"]) | json_values, max_size=3),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_like)
+def test_validator_accepts_or_explains_never_crashes(data):
+    try:
+        request = validate_request(data)
+    except ValidationError as exc:
+        assert str(exc)
+        return
+    assert request.prompt.strip() and request.model
+    assert 0 <= request.seed < 2**32
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values | st.text(max_size=200) | st.fixed_dictionaries({"name": st.text(max_size=10),
+                                                                     "modality": st.sampled_from(["image", "text"]),
+                                                                     "methods": json_values}))
+def test_preset_parser_accepts_or_explains_never_crashes(data):
+    try:
+        preset = parse_preset(data if isinstance(data, str) else json.dumps(data))
+    except ValidationError as exc:
+        assert str(exc)
+        return
+    assert preset.name.strip() and preset.modality in ("image", "text", "video", "audio")
+
+
+def test_presets_are_data_only():
+    payload = json.dumps({"name": "x", "modality": "image",
+                          "params": {"steps": "__import__('os').system('touch /tmp/pwned')"}})
+    preset = parse_preset(payload)  # a string stays a string: nothing is evaluated
+    assert preset.params["steps"].startswith("__import__")
+    with pytest.raises(ValidationError):
+        validate_request({"modality": "image", "model": "m", "prompt": "p", "params": preset.params})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_eight_clients_at_once_all_get_results_and_rows_exactly_once(tmp_path):
+    args = app_module.parse_args(["--dummy-models", "--data-dir", str(tmp_path), "--concurrency", "4"])
+    demo, studio = app_module.create_app(args)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    replies, errors = {}, []
+
+    def client_job(i):
+        try:
+            client = Client(url, verbose=False)
+            for j in range(2):
+                model = "dummy-sd" if (i + j) % 2 else "dummy-flux"
+                request = {"modality": "image", "model": model, "prompt": f"client {i} request {j}", "seed": i,
+                           "params": {"steps": 2}}
+                replies[(i, j)] = json.loads(client.predict(json.dumps(request), api_name="/run"))
+        except Exception as exc:  # collected, asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client_job, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert errors == [] and len(replies) == 16
+        rows = studio.history.query(limit=100)
+        assert len(rows) == 16 and len({r.prompt for r in rows}) == 16
+        assert {r.id for r in rows} == {reply["run_id"] for reply in replies.values()}
+    finally:
+        demo.close()
+        studio.close()
+
+
+@pytest.mark.slow
+def test_soak_mixed_requests_with_injected_failures(studio_factory, monkeypatch):
+    """A few hundred mixed requests: valid ones, invalid ones, and injected out-of-memory
+    failures. Every run that started has exactly one row; memory stays bounded."""
+    studio = studio_factory()
+    rng = random.Random(0)
+    backend = studio.manager.get("image", "dummy-sd")
+    original = backend.generate
+    injected = {"count": 0}
+
+    def sometimes_out_of_memory(*args, **kwargs):
+        if rng.random() < 0.1:
+            injected["count"] += 1
+            raise MemoryError("injected")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "generate", sometimes_out_of_memory)
+    started = ok = refused = 0
+    rss = []
+    for i in range(240):
+        kind = rng.random()
+        methods = rng.choice([[], [MethodChoice("deepcache", {"interval": 2})], [MethodChoice("cfg_truncation")]])
+        request = Request("image", rng.choice(["dummy-sd", "dummy-flux"]), f"soak {i}", seed=i,
+                          params={"steps": 2}, methods=methods if kind > 0.3 else [])
+        if kind < 0.1:
+            request = request.replace(prompt="")  # invalid: refused, not a run
+        try:
+            studio.generate(request)
+            ok += 1
+            started += 1
+        except ValidationError:
+            if request.prompt:
+                started += 1  # e.g. deepcache on the DiT: a run that failed with a reason
+            else:
+                refused += 1
+        except StudioError:
+            started += 1
+        if i % 40 == 39:
+            rss.append(psutil.Process().memory_info().rss)
+    assert injected["count"] > 5 and refused > 10 and ok > 100
+    assert studio.history.count() == started
+    assert studio.history.count(status="failed") == started - ok
+    assert max(rss[1:]) - rss[1] < 150 * 2**20, [r // 2**20 for r in rss]
