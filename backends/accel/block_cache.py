@@ -108,6 +108,7 @@ class BlockCacheMethod(Method):
             "cached_steps": sum(first),
             "span_blocks": getattr(self, "span_blocks", 0),
             "blocks_skipped": cached_calls * getattr(self, "span_blocks", 0),
+            "branches": len(calls),
             "cache_hit_rate": round(cached_calls / total_calls, 3) if total_calls else 0.0,
         }
 

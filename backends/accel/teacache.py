@@ -153,6 +153,7 @@ class TeaCacheMethod(Method):
             "computed_steps": len(first) - sum(first),
             "skipped_steps": sum(first),
             "skipped_calls": skipped,
+            "branches": len(calls),
             "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
         }
 

@@ -1,0 +1,239 @@
+"""Image acceleration methods on tiny dummy pipelines (SD UNet and FLUX DiT).
+
+For every method: (a) it changes the work done (fewer model evaluations, skipped
+steps/blocks/attention layers, fewer attention tokens) and, if lossy, the output;
+(b) apply + remove leaves the baseline bit-identical; (c) family and conflict checks
+refuse bad requests with a ValidationError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from backends.accel import all_methods  # noqa: E402
+from backends.image import ImageBackend  # noqa: E402
+from backends.tiny.dummy import dummy_flux_pipeline, dummy_sd_pipeline  # noqa: E402
+from backends.types import MethodChoice, Request, ValidationError  # noqa: E402
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return ImageBackend("dummy-sd", dummy_sd_pipeline(), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return ImageBackend("dummy-flux", dummy_flux_pipeline(), torch.device("cpu"), torch.float32)
+
+
+def make_request(backend, methods=(), steps=STEPS, guidance=4.0):
+    return Request("image", backend.model_id, "a red circle", seed=3, params={"steps": steps, "guidance": guidance},
+                   methods=[MethodChoice(name, dict(params)) for name, params in methods])
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.output)
+
+
+_BASELINES: dict[tuple, object] = {}
+
+
+def baseline(backend, **kwargs):
+    """The untouched run, computed once per pipeline and settings (before any method ran)."""
+    key = (backend.model_id, tuple(sorted(kwargs.items())))
+    if key not in _BASELINES:
+        _BASELINES[key] = backend.run(make_request(backend, **kwargs))
+    return _BASELINES[key]
+
+
+def run_with(backend, methods, **kwargs):
+    """Baseline, with the methods, baseline again: the two baselines must be bit-identical."""
+    base = baseline(backend, **kwargs)
+    result = backend.run(make_request(backend, methods, **kwargs))
+    again = backend.run(make_request(backend, **kwargs))
+    assert np.array_equal(pixels(base), pixels(again)), f"{methods}: baseline changed after apply + remove"
+    return base, result
+
+
+# name, params, (stats key that must be > 0 | "evals"), lossy
+UNET_CASES = [
+    ("sampler", {"scheduler": "dpmpp_2m", "steps": 4}, "evals", True),
+    ("cfg_truncation", {"fraction": 0.5}, "unguided_steps", True),
+    ("deepcache", {"interval": 3}, "shallow_steps", True),
+    ("tome", {"ratio": 0.5}, "tokens", True),
+]
+DIT_CASES = [
+    ("sampler", {"steps": 4}, "evals", True),
+    ("cfg_truncation", {"fraction": 0.5}, "evals", True),
+    ("block_cache", {"interval": 2}, "blocks_skipped", True),
+    ("teacache", {"threshold": 0.4}, "skipped_steps", True),
+    ("first_block_cache", {"threshold": 0.3}, "attention_skipped", True),
+    ("taylorseer", {"interval": 2, "warmup_steps": 2}, "skipped_calls", True),
+    ("mag_cache", {"threshold": 0.06}, "skipped_calls", True),
+    ("pab", {}, "attention_skipped", True),
+    ("faster_cache", {}, "attention_skipped", True),
+    ("attention_backend", {"backend": "_native_math"}, "processors", False),
+    ("compile", {"compiler": "eager"}, "compiled_modules", False),  # inductor: see the slow test below
+]
+
+
+def check_case(backend, name, params, evidence, lossy):
+    # dynamo tracing is the slow part of compile: trace a short, guidance-free run
+    kwargs = {"steps": 2, "guidance": 1.0} if name == "compile" else {}
+    base, result = run_with(backend, [(name, params)], **kwargs)
+    stats = result.method_stats[name]
+    if evidence == "evals":
+        assert result.model_evals < base.model_evals, (name, result.model_evals, base.model_evals)
+    elif evidence == "tokens":
+        assert 0 < stats["tokens_after"] < stats["tokens_before"], stats
+    else:
+        assert stats[evidence] > 0, (name, stats)
+    if lossy:
+        assert not np.array_equal(pixels(base), pixels(result)), f"{name} did not change the output"
+    else:
+        diff = np.abs(pixels(base).astype(int) - pixels(result).astype(int))
+        assert diff.max() <= 1, f"{name} is meant to be lossless, max pixel diff {diff.max()}"
+    return base, result
+
+
+@pytest.mark.parametrize("name,params,evidence,lossy", UNET_CASES, ids=[c[0] for c in UNET_CASES])
+def test_unet_method_changes_work_and_restores_baseline(sd, name, params, evidence, lossy):
+    check_case(sd, name, params, evidence, lossy)
+
+
+@pytest.mark.parametrize("name,params,evidence,lossy", DIT_CASES, ids=[c[0] for c in DIT_CASES])
+def test_dit_method_changes_work_and_restores_baseline(flux, name, params, evidence, lossy):
+    check_case(flux, name, params, evidence, lossy)
+
+
+def test_every_image_method_is_covered():
+    covered = {c[0] for c in UNET_CASES + DIT_CASES}
+    image_methods = {n for n, cls in all_methods().items() if "image" in cls.spec.modalities}
+    assert image_methods <= covered, f"untested image methods: {image_methods - covered}"
+
+
+def test_tome_is_deterministic_and_merges_only_high_resolution(sd):
+    first = sd.run(make_request(sd, [("tome", {})]))
+    second = sd.run(make_request(sd, [("tome", {})]))
+    assert np.array_equal(pixels(first), pixels(second))
+    stats = first.method_stats["tome"]
+    assert stats["token_ratio"] == 0.5
+    wider = sd.run(make_request(sd, [("tome", {"max_downsample": 2})])).method_stats["tome"]
+    assert wider["merged_blocks"] > stats["merged_blocks"]
+
+
+def test_cfg_branches_are_cached_separately(flux):
+    """True CFG runs the transformer once for cond and once for uncond per step: the
+    step-level caches must keep one state per branch and decide per step."""
+    for name in ("teacache", "block_cache"):
+        stats = flux.run(make_request(flux, [(name, {})])).method_stats[name]
+        assert stats["branches"] == 2, (name, stats)
+        single = flux.run(make_request(flux, [(name, {})], guidance=1.0)).method_stats[name]
+        assert single["branches"] == 1
+
+
+def test_block_cache_front_and_rear_spans(flux):
+    rear = flux.run(make_request(flux, [("block_cache", {"num_blocks": 2, "position": "rear"})]))
+    front = flux.run(make_request(flux, [("block_cache", {"num_blocks": 2, "position": "front"})]))
+    assert rear.method_stats["block_cache"]["span_blocks"] == 2
+    assert not np.array_equal(pixels(rear), pixels(front))
+
+
+def test_mag_cache_calibrates_once(flux):
+    params = {"threshold": 0.1}
+    first = flux.run(make_request(flux, [("mag_cache", params)], steps=6)).method_stats["mag_cache"]
+    second = flux.run(make_request(flux, [("mag_cache", params)], steps=6)).method_stats["mag_cache"]
+    assert second["calibrated_this_run"] is False
+    assert second["denoiser_calls"] == 12  # the calibration pass is not counted as this run's work
+    assert first["denoiser_calls"] == 12
+
+
+@pytest.mark.parametrize("name", ["deepcache", "tome"])
+def test_unet_methods_refuse_a_dit(flux, name):
+    with pytest.raises(ValidationError, match="does not apply"):
+        flux.run(make_request(flux, [(name, {})]))
+
+
+@pytest.mark.parametrize("name", ["block_cache", "teacache", "first_block_cache", "taylorseer", "mag_cache",
+                                  "pab", "faster_cache", "attention_backend"])
+def test_dit_methods_refuse_a_unet(sd, name):
+    with pytest.raises(ValidationError, match="does not apply"):
+        sd.run(make_request(sd, [(name, {})]))
+
+
+def test_diffusers_cache_needs_enable_cache():
+    from backends.accel._diffusers_cache import require_cache_support
+
+    with pytest.raises(ValidationError, match="enable_cache"):
+        require_cache_support(SimpleNamespace(denoiser=torch.nn.Linear(2, 2)), "pab")
+
+
+def test_gpu_attention_backend_refused_on_cpu(flux):
+    with pytest.raises(ValidationError, match="CUDA"):
+        flux.run(make_request(flux, [("attention_backend", {"backend": "flash"})]))
+    baseline = flux.run(make_request(flux))
+    assert baseline.method_stats == {}
+
+
+DIT_CACHES = ("block_cache", "teacache", "first_block_cache", "mag_cache", "taylorseer", "pab", "faster_cache")
+
+
+@pytest.mark.parametrize("a,b", list(itertools.combinations(DIT_CACHES, 2)))
+def test_dit_caches_conflict(flux, a, b):
+    """All of them decide, per step, what the block stack recomputes: two at once would
+    fight over the same blocks (and diffusers allows one enable_cache at a time)."""
+    with pytest.raises(ValidationError, match="cannot be combined"):
+        flux.run(make_request(flux, [(a, {}), (b, {})]))
+
+
+def test_faster_cache_conflicts_with_cfg_truncation(flux):
+    with pytest.raises(ValidationError, match="cannot be combined"):
+        flux.run(make_request(flux, [("cfg_truncation", {}), ("faster_cache", {})]))
+
+
+@pytest.mark.parametrize("methods,backend_name", [
+    ([("deepcache", {"interval": 2}), ("tome", {})], "sd"),
+    ([("tome", {}), ("cfg_truncation", {"fraction": 0.5})], "sd"),
+    ([("cfg_truncation", {"fraction": 0.5}), ("teacache", {})], "flux"),
+    ([("teacache", {}), ("cfg_truncation", {"fraction": 0.5})], "flux"),
+    ([("pab", {}), ("cfg_truncation", {"fraction": 0.5})], "flux"),
+    ([("block_cache", {}), ("attention_backend", {"backend": "_native_math"})], "flux"),
+], ids=["deepcache+tome", "tome+cfg_truncation", "cfg_truncation+teacache", "teacache+cfg_truncation",
+        "pab+cfg_truncation", "block_cache+attention_backend"])
+def test_methods_that_patch_the_same_model_combine(request, methods, backend_name):
+    """Methods that are allowed together stack their patches and unwind them exactly, in
+    either order, and each still does its work."""
+    backend = request.getfixturevalue(backend_name)
+    _, result = run_with(backend, methods)
+    for name, _ in methods:
+        stats = result.method_stats[name]
+        assert any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in stats.values()), \
+            (name, stats)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTGEN_RUN_COMPILE") != "1",
+                    reason="inductor compiles C++ kernels: over a minute even for the tiniest DiT on a shared "
+                           "2-core CPU; set FASTGEN_RUN_COMPILE=1 to run it")
+def test_compile_inductor_is_lossless_and_reversible():
+    backend = ImageBackend("dummy-flux-tiny", dummy_flux_pipeline(layers=1, single_layers=1), torch.device("cpu"),
+                           torch.float32)
+    try:
+        base, result = run_with(backend, [("compile", {"mode": "default"})], steps=2, guidance=1.0)
+    except Exception as exc:  # no working C++ toolchain for inductor
+        if "compil" in str(exc).lower() or "cpp" in str(exc).lower():
+            pytest.skip(f"inductor cannot compile here: {exc}")
+        raise
+    assert result.method_stats["compile"]["compiled_modules"] == 2
+    diff = np.abs(pixels(base).astype(int) - pixels(result).astype(int))
+    assert diff.max() <= 1
