@@ -146,7 +146,8 @@ def format_result(result, run_id: int | None) -> str:
         else:
             lines.append(f"- `{name}` applied")
     for key, value in (result.extra or {}).items():
-        lines.append(f"- {key}: {value}")
+        if not isinstance(value, (list, dict)):  # token id lists and the like stay in history only
+            lines.append(f"- {key.replace('_', ' ')}: {value}")
     for note in result.notes:
         lines.append(f"> ⚠️ {note}")
     return "\n\n".join(lines)
