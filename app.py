@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-budget-gb", type=float, help="unload least recently used models above this")
     parser.add_argument("--dummy-models", action="store_true",
                         help="also offer tiny random models (dummy-sd, dummy-flux) that load instantly")
+    parser.add_argument("--ray", action="store_true", help="run requests on a local Ray instance's workers")
+    parser.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join an existing Ray cluster")
+    parser.add_argument("--ray-workers", type=int, help="number of Ray workers (default: one per GPU, else 1)")
     parser.add_argument("--allow-local-models", action="store_true",
                         help="with --share: still accept any local folder as a model (off: only under DATA_DIR/models)")
     args = parser.parse_args(argv)
@@ -65,7 +68,13 @@ def create_studio(args: argparse.Namespace):
         from backends.tiny.dummy import register_dummy_models
 
         register_dummy_models(manager)
-    return Studio(data_dir=data_dir, db_url=args.db, manager=manager)
+    executor = None
+    if args.ray or args.ray_address:
+        from backends.executor import RayExecutor
+
+        executor = RayExecutor(num_workers=args.ray_workers, address=args.ray_address, device=args.device,
+                               dummy_models=args.dummy_models)
+    return Studio(data_dir=data_dir, db_url=args.db, manager=manager, executor=executor)
 
 
 def create_app(args: argparse.Namespace):

@@ -28,3 +28,106 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.manager.unload_all()
+
+
+class StudioWorker:
+    """One Ray actor: its own BackendManager, so each model is loaded once per worker.
+    Wrapped with ``ray.remote`` by RayExecutor (this module imports without Ray)."""
+
+    def __init__(self, name: str, device: str = "auto", dummy_models: bool = False):
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+        self.manager = BackendManager(device=device)
+        if dummy_models:
+            from backends.tiny.dummy import register_dummy_models
+
+            register_dummy_models(self.manager)
+        self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, request: Request) -> Result:
+        backend = self.manager.get(request.modality, request.model)
+        result = backend.run(request)
+        result.worker = self.name
+        return result
+
+    def describe(self, modality: str, model: str) -> dict:
+        return self.manager.get(modality, model).describe()
+
+    def info(self) -> dict:
+        return {"name": self.name, "device": str(self.manager.device)}
+
+
+class RayExecutor:
+    """Requests scheduled over Ray actors (one per GPU where there are GPUs).
+
+    The studio stays the one writer of history: workers only return ``Result`` objects.
+    A worker that dies mid-request is restarted by Ray; the request is retried once on
+    the least busy worker and, if that fails too, surfaces as a failed run with the reason.
+    """
+
+    def __init__(self, num_workers: int | None = None, address: str | None = None, device: str = "auto",
+                 dummy_models: bool = False, num_cpus: int | None = None, retries: int = 1):
+        import threading
+
+        import ray
+
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     ignore_reinit_error=True)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = num_workers or max(1, gpus)
+        per_worker_gpu = 1 if gpus >= count and device != "cpu" else 0
+        remote = ray.remote(num_cpus=1, num_gpus=per_worker_gpu, max_restarts=1, max_task_retries=0)(StudioWorker)
+        self.workers = [remote.remote(f"ray-worker-{i}", device, dummy_models) for i in range(count)]
+        self.in_flight = [0] * count
+        self.retries = retries
+        self._lock = threading.Lock()
+        self.name = f"ray({count} workers)"
+
+    def _pick(self, exclude: set[int]) -> int:
+        with self._lock:
+            candidates = [i for i in range(len(self.workers)) if i not in exclude] or list(range(len(self.workers)))
+            index = min(candidates, key=lambda i: self.in_flight[i])
+            self.in_flight[index] += 1
+            return index
+
+    def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
+        from backends.types import StudioError
+
+        tried: set[int] = set()
+        last_error: Exception | None = None
+        for _ in range(self.retries + 1):
+            index = self._pick(tried)
+            tried.add(index)
+            try:
+                result = self.ray.get(self.workers[index].run.remote(request))
+                if progress is not None:
+                    progress(1, 1, "done")
+                return result
+            except self.ray.exceptions.RayTaskError as exc:  # the request itself failed: no retry
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                raise cause if isinstance(cause, Exception) else StudioError(str(exc)) from None
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
+                last_error = exc
+            finally:
+                with self._lock:
+                    self.in_flight[index] -= 1
+        raise StudioError(f"the worker running this request died and the retry failed too: "
+                          f"{str(last_error).splitlines()[0] if last_error else 'unknown'}")
+
+    def describe(self, modality: str, model: str) -> dict:
+        index = self._pick(set())
+        try:
+            return self.ray.get(self.workers[index].describe.remote(modality, model))
+        finally:
+            with self._lock:
+                self.in_flight[index] -= 1
+
+    def workers_info(self) -> list[dict]:
+        return self.ray.get([w.info.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)

@@ -263,9 +263,13 @@ def run_compare(
     seeds: list[int] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
+    parallel: int = 1,
 ) -> CompareReport:
     """Baseline first, then each configuration; every run lands in history under one
-    compare group. A failing configuration becomes an error row; the others go on."""
+    compare group. A failing configuration becomes an error row; the others go on.
+    ``parallel`` > 1 fans the configurations out over that many executor workers (Ray);
+    rows say which worker and device measured them, and a speedup is only computed
+    against a baseline measured on the same device."""
     if not 1 <= repeats <= 20:
         raise ValidationError("repeats must be between 1 and 20")
     if len(configs) > 32:
@@ -273,28 +277,32 @@ def run_compare(
     seeds = seeds or [request.seed]
     group = uuid.uuid4().hex[:12]
     configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
-    rows: list[CompareRow] = []
     total = len(configs) * (repeats + int(warmup)) * len(seeds)
-    done = 0
-    baseline_outputs: dict[int, Any] = {}
-    for config in configs:
+    counter = {"done": 0}
+    counter_lock = threading.Lock()
+
+    def tick(label: str) -> None:
+        with counter_lock:
+            counter["done"] += 1
+            done = counter["done"]
+        if progress:
+            progress(done, total, label)
+
+    def measure(config: CompareConfig) -> CompareRow:
         row = CompareRow(config.label, config.methods)
-        rows.append(row)
         times: list[float] = []
         try:
             for seed in seeds:
                 req = request.replace(methods=config.methods, seed=seed, compare_group=group)
                 if warmup:
                     studio.executor.run(studio_validate(req))  # not kept: warms caches/compilation
-                    done += 1
+                    tick(f"{config.label} warm-up")
                 per_seed = []
                 for _ in range(repeats):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("comparison cancelled")
-                    if progress:
-                        progress(done, total, f"{config.label} (seed {seed})")
                     outcome = studio.generate(req)
-                    done += 1
+                    tick(f"{config.label} (seed {seed})")
                     per_seed.append(outcome)
                     row.run_ids.append(outcome.run_id)
                     times.append(outcome.result.total_seconds)
@@ -307,25 +315,36 @@ def run_compare(
                 row.device, row.worker = last.device, last.worker
                 row.peak_memory_mb = max(o.result.peak_memory_bytes for o in per_seed) / 2**20
                 row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in per_seed) for k in last.timings}
-                if config.is_baseline:
-                    baseline_outputs[seed] = last.output
+            row.seconds = statistics.median(times)
         except Cancelled:
             row.error = "cancelled"
-            break
         except StudioError as exc:
             row.error = str(exc)
+        return row
+
+    rows = [measure(configs[0])]
+    rest = configs[1:]
+    if rows[0].error == "cancelled":
+        rest = []
+    if parallel > 1 and len(rest) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            rows += list(pool.map(measure, rest))
+    else:
+        for config in rest:
+            rows.append(measure(config))
+            if rows[-1].error == "cancelled":
+                break
+    base = rows[0]
+    for row in rows:
+        if row.seconds is None:
             continue
-        row.seconds = statistics.median(times)
-        base = rows[0]
         if base.seconds and base.device == row.device:  # a speedup only within one device class
             row.speedup = base.seconds / row.seconds
-        if baseline_outputs:
-            per_seed_quality = [
-                metrics.quality(request.modality, baseline_outputs[s], out)
-                for s, out in zip(seeds, row.outputs) if s in baseline_outputs
-            ]
-            if per_seed_quality:
-                row.quality = {k: float(statistics.mean(q[k] for q in per_seed_quality)) for k in per_seed_quality[0]}
+        if base.outputs and row.outputs:
+            per_seed_quality = [metrics.quality(request.modality, b, out) for b, out in zip(base.outputs, row.outputs)]
+            row.quality = {k: float(statistics.mean(q[k] for q in per_seed_quality)) for k in per_seed_quality[0]}
         row.task = metrics.task_score(request.modality, request.model, row.outputs, [request.prompt] * len(row.outputs))
         for run_id in row.run_ids:
             studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})

@@ -118,6 +118,9 @@ def build_compare_tab(studio) -> dict:
 
     outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file]
 
+    def workers() -> int:  # fan out over Ray workers when there are several
+        return len(getattr(studio.executor, "workers", ())) or 1
+
     def session_event(request: gr.Request | None) -> threading.Event:
         key = getattr(request, "session_hash", None) or "api"
         event = threading.Event()
@@ -129,7 +132,8 @@ def build_compare_tab(studio) -> dict:
                    request: gr.Request = None, progress=gr.Progress()):
         base, seed_list = make_request(modality, model, prompt, negative, seeds, params)
         report = run_compare(studio, base, parse_configs(configs or ""), repeats=int(repeats), warmup=bool(warmup),
-                             seeds=seed_list, progress=progress_adapter(progress), cancel=session_event(request))
+                             seeds=seed_list, progress=progress_adapter(progress), cancel=session_event(request),
+                             parallel=workers())
         return present(report)
 
     inputs = [modality, model, prompt, negative, seeds, params]
@@ -149,7 +153,7 @@ def build_compare_tab(studio) -> dict:
         except KeyError:
             raise ValidationError(f"method '{method}' has no parameter '{param}'") from None
         report = run_compare(studio, base, sweep_list, repeats=int(repeats), warmup=bool(warmup), seeds=seed_list,
-                             progress=progress_adapter(progress), cancel=session_event(request))
+                             progress=progress_adapter(progress), cancel=session_event(request), parallel=workers())
         return present(report)
 
     sweep.click(do_sweep, inputs=[*inputs, configs, sweep_method, sweep_param, sweep_values, warmup, repeats],
