@@ -166,6 +166,26 @@ class HistoryStore:
             session.flush()
             return row.id
 
+    def finish_run(self, run_id: int, *, status: str, error: str | None = None, timings: dict | None = None,
+                   output_path: str | None = None, metrics: dict | None = None) -> None:
+        """Close a parent run (a story) recorded as 'running' when it started."""
+        with self.sessions.begin() as session:
+            row = session.get(Run, run_id)
+            if row is None:
+                return
+            row.status, row.error = status, error
+            if timings is not None:
+                row.timings = _json_safe(timings)
+                row.total_seconds = timings.get("total")
+            if output_path is not None:
+                row.output_path = output_path
+            if metrics is not None:
+                row.metrics = _json_safe(metrics)
+
+    def children(self, parent_id: int) -> list[Run]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Run).where(Run.parent_id == parent_id).order_by(Run.id)))
+
     def update_metrics(self, run_id: int, metrics: dict) -> None:
         with self.sessions.begin() as session:
             row = session.get(Run, run_id)

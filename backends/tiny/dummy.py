@@ -84,8 +84,50 @@ def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
 
 
 def register_dummy_models(manager) -> None:
-    """Make ``dummy-sd`` and ``dummy-flux`` loadable (tests, ``app.py --dummy-models``)."""
+    """Make ``dummy-sd``, ``dummy-flux`` (image) and ``dummy-llama`` (text) loadable (tests,
+    ``app.py --dummy-models``)."""
     from backends.image import ImageBackend
 
     manager.register_factory("image", "dummy-sd", lambda d, t: ImageBackend("dummy-sd", dummy_sd_pipeline().to(d, t), d, t))
     manager.register_factory("image", "dummy-flux", lambda d, t: ImageBackend("dummy-flux", dummy_flux_pipeline().to(d, t), d, t))
+    register_dummy_text_model(manager)
+
+
+def byte_level_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
+    """A small byte-level BPE trained offline on ``corpus`` (any text round-trips)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = corpus or ["def draw(shape, colour):\n    return shape + colour\n", "a red circle at top left on white"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def dummy_llama(layers: int = 2, seed: int = 0):
+    """A tiny random LlamaForCausalLM and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def register_dummy_text_model(manager) -> None:
+    """Make ``dummy-llama`` (text) loadable."""
+    from backends.text import TextBackend
+
+    def factory(device, dtype):
+        model, tokenizer = dummy_llama()
+        return TextBackend.from_model(model.to(device), tokenizer, model_id="dummy-llama")
+
+    manager.register_factory("text", "dummy-llama", factory)

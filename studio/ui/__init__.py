@@ -11,6 +11,7 @@ from studio.ui.compare import build_compare_tab
 from studio.ui.generate import build_generation_tab
 from studio.ui.history import build_history_tab
 from studio.ui.presets import build_presets_tab
+from studio.ui.story import build_story_tab
 from studio.ui.text import build_text_tab
 
 IMAGE_EXAMPLES = ["a red circle at top left on white", "a blue square at bottom right on black",
@@ -35,6 +36,8 @@ def build_app(studio) -> gr.Blocks:
                 tabs["audio"] = build_generation_tab(studio, "audio")
             with gr.Tab("Text", id="text"):
                 tabs["text"] = build_text_tab(studio)
+            with gr.Tab("Story", id="story"):
+                build_story_tab(studio)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(studio)
             with gr.Tab("History", id="history"):

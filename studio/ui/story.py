@@ -1,0 +1,51 @@
+"""Story tab: a request -> planned steps -> text and an image per step, interleaved."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.story import StoryRequest, run_story
+from studio.ui.common import accel_panel, model_dropdown, progress_adapter, user_errors
+
+
+def build_story_tab(studio) -> None:
+    gr.Markdown("A language model plans the steps and writes each one; the image model draws each step. "
+                "Text and image accelerations are chosen independently; the whole story is one history run "
+                "with its stages as child runs.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            request = gr.Textbox(label="Request", value="a 4-step how-to: drawing red and blue shapes",
+                                 elem_id="story-request")
+            steps = gr.Slider(1, 8, value=4, step=1, label="Steps")
+            seed = gr.Number(value=0, precision=0, label="Seed (shared by every image: consistent style)")
+            text_model = model_dropdown(studio, "text", label="Text model (planner and writer)")
+            image_model = model_dropdown(studio, "image", label="Image model")
+            with gr.Tab("Text acceleration"):
+                text_panel = accel_panel("text")
+            with gr.Tab("Image acceleration"):
+                image_panel = accel_panel("image")
+            button = gr.Button("Write and draw", variant="primary", elem_id="story-run")
+        with gr.Column(scale=3):
+            info = gr.Markdown("")
+            page = gr.HTML("")
+            with gr.Row():
+                html_file = gr.File(label="HTML")
+                md_file = gr.File(label="Markdown")
+
+    n_text = len(text_panel.inputs)
+
+    @user_errors
+    def run(request, steps, seed, text_model, image_model, *values, progress=gr.Progress()):
+        story = StoryRequest(request or "", text_model or "", image_model or "", int(steps), int(seed or 0),
+                             text_panel.collect(values[:n_text]), image_panel.collect(values[n_text:]))
+        result = run_story(studio, story, progress=progress_adapter(progress))
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+        lines = [f"**Story run #{result.story_id}** — {stages}"]
+        lines += [f"- step {s.index}: text {s.text_seconds:.2f}s (run #{s.text_run_id}), "
+                  f"image {s.image_seconds:.2f}s (run #{s.image_run_id})" for s in result.steps]
+        with open(result.html_path, encoding="utf-8") as f:
+            body = f.read()
+        return "\n".join(lines), body, result.html_path, result.markdown_path
+
+    button.click(run, inputs=[request, steps, seed, text_model, image_model, *text_panel.inputs, *image_panel.inputs],
+                 outputs=[info, page, html_file, md_file], api_name="story")

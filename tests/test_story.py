@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from backends.types import MethodChoice, ValidationError
+from studio.story import StoryRequest, parse_llm_plan, run_story, template_plan
+
+
+def test_template_plan_follows_the_request_and_shares_the_background():
+    plan = template_plan("a 3-step how-to with blue squares at night", 3, seed=1)
+    assert len(plan) == 3
+    assert all("square" in prompt and prompt.endswith("on black") for _, prompt in plan)
+    assert template_plan("x", 3, 1) == template_plan("x", 3, 1)
+
+
+def test_llm_plan_parser_is_lenient():
+    text = "Sure!\nStep 1: Mix flour | Image: a bowl of flour\n2) Bake it | image: an oven\nThanks"
+    assert parse_llm_plan(text, 2) == [("Step 1: Mix flour", "a bowl of flour"), ("Step 2: Bake it", "an oven")]
+
+
+def test_story_run_makes_n_texts_n_images_all_in_history(studio_factory):
+    studio = studio_factory()
+    story = StoryRequest("a 3-step how-to: red shapes", "dummy-llama", "dummy-sd", steps=3, seed=4,
+                         image_methods=[MethodChoice("deepcache", {"interval": 2})], image_params={"steps": 3},
+                         max_new_tokens=8)
+    result = run_story(studio, story)
+    assert len(result.steps) == 3 and all(s.text and s.image_path for s in result.steps)
+    parent = studio.history.get(result.story_id)
+    assert parent.status == "ok" and parent.modality == "story" and parent.total_seconds > 0
+    children = studio.history.children(result.story_id)
+    assert [c.modality for c in children] == ["text", "image"] * 3
+    assert all(c.status == "ok" for c in children)
+    assert all(c.methods == [{"name": "deepcache", "params": {"interval": 2, "branch": 0}}]
+               for c in children if c.modality == "image")
+    html, md = Path(result.html_path).read_text(), Path(result.markdown_path).read_text()
+    assert html.count("<img") == 3 and md.count("![") == 3 and html.count("<h2>") == 3
+    assert all((Path(result.markdown_path).parent / f"step-{i}.png").is_file() for i in (1, 2, 3))
+
+
+def test_bad_story_requests_are_refused(studio_factory):
+    studio = studio_factory()
+    with pytest.raises(ValidationError):
+        run_story(studio, StoryRequest("  ", "dummy-llama", "dummy-sd"))
+    with pytest.raises(ValidationError):
+        run_story(studio, StoryRequest("ok", "dummy-llama", "dummy-sd", steps=20))
+    assert studio.history.count() == 0
