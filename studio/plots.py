@@ -64,3 +64,33 @@ def text_diff_html(baseline: str, other: str) -> str:
         if op in ("insert", "replace"):
             out.append(f"<ins style='background:#dfd'>{html.escape(' '.join(b[j1:j2]))}</ins>")
     return "<pre style='white-space:pre-wrap'>" + " ".join(out) + "</pre>"
+
+
+def audio_figure(waveform, sample_rate: int):
+    """Waveform above a log spectrogram: how to 'listen' to a clip on a screen."""
+    import numpy as np
+
+    data = np.asarray(waveform, dtype=np.float32).reshape(-1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 3.6), dpi=100, sharex=True)
+    times = np.arange(len(data)) / sample_rate
+    top.plot(times, data, lw=0.5)
+    top.set_ylabel("amplitude")
+    top.set_title("waveform and spectrogram")
+    bottom.specgram(data + 1e-9, Fs=sample_rate, NFFT=512, noverlap=384, cmap="magma")
+    bottom.set_ylabel("Hz")
+    bottom.set_xlabel("seconds")
+    fig.tight_layout()
+    return fig
+
+
+def frame_strip(frames, max_frames: int = 8):
+    """Frames side by side (a video at a glance)."""
+    from PIL import Image
+
+    step = max(1, len(frames) // max_frames)
+    chosen = [f.convert("RGB") for f in frames[::step][:max_frames]]
+    w, h = chosen[0].size
+    strip = Image.new("RGB", (w * len(chosen), h))
+    for i, frame in enumerate(chosen):
+        strip.paste(frame, (i * w, 0))
+    return strip

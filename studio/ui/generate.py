@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from backends.types import Request, StudioError
+from studio.plots import audio_figure, frame_strip
 from studio.presets import Preset
 from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropdown, progress_adapter, user_errors
 
@@ -132,6 +133,8 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
                 gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
         with gr.Column(scale=2):
             output = output_component(modality)
+            picture = gr.Plot(label="Waveform and spectrogram") if modality == "audio" else (
+                gr.Image(label="Frame strip", type="pil") if modality == "video" else None)
             info = gr.Markdown("", elem_id=f"{modality}-info")
             with gr.Accordion("Save these settings as a preset", open=False):
                 preset_name = gr.Textbox(label="Preset name", elem_id=f"{modality}-preset-name")
@@ -143,15 +146,18 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     @user_errors
     def generate(*values, progress=gr.Progress()):
         request = tab.build_request(values)
-        try:
-            outcome = studio.generate(request, progress=progress_adapter(progress))
-        except StudioError:
-            raise
-        return display_output(modality, outcome), format_result(outcome.result, outcome.run_id)
+        outcome = studio.generate(request, progress=progress_adapter(progress))
+        shown = [display_output(modality, outcome), format_result(outcome.result, outcome.run_id)]
+        if modality == "audio":
+            shown.append(audio_figure(*outcome.result.output))
+        elif modality == "video":
+            shown.append(frame_strip(outcome.result.output))
+        return shown
 
-    button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=f"generate_{modality}",
+    outputs = [output, info] + ([picture] if picture is not None else [])
+    button.click(generate, inputs=tab.request_inputs, outputs=outputs, api_name=f"generate_{modality}",
                  concurrency_id=f"generate_{modality}")
-    prompt.submit(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=False,
+    prompt.submit(generate, inputs=tab.request_inputs, outputs=outputs, api_name=False,
                   concurrency_id=f"generate_{modality}")
 
     def on_model_change(model_id):
