@@ -237,3 +237,11 @@ def test_compile_inductor_is_lossless_and_reversible():
     assert result.method_stats["compile"]["compiled_modules"] == 2
     diff = np.abs(pixels(base).astype(int) - pixels(result).astype(int))
     assert diff.max() <= 1
+
+
+def test_step_count_changed_by_a_later_method_is_reported(flux):
+    result = flux.run(make_request(flux, [("mag_cache", {}), ("sampler", {"steps": 4})]))
+    assert any("list the sampler before mag_cache" in note for note in result.notes), result.notes
+    teacache_last = flux.run(make_request(flux, [("teacache", {"threshold": 2.0}), ("sampler", {"steps": 4})]))
+    stats = teacache_last.method_stats["teacache"]
+    assert stats["computed_steps"] == 2 and stats["skipped_steps"] == 2  # first and (real) last step computed

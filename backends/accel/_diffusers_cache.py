@@ -143,6 +143,7 @@ class DiffusersCacheMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         if self.enabled:
             return call
+        self.configured_steps = call.get("num_inference_steps")
         config = self.make_config(backend, call)  # may run a calibration pass: not this run's work
         self.counter.reset()
         modules = list(self.denoiser.modules())
@@ -177,6 +178,15 @@ class DiffusersCacheMethod(Method):
             if not had_registry and registry is not None and not registry.hooks:
                 del module._diffusers_hook
         invalidate_registries(self.denoiser)
+
+    def step_mismatch(self, call: dict[str, Any]) -> list[str]:
+        """Configs built from the step count go stale if a later method changes it."""
+        steps = call.get("num_inference_steps")
+        configured = getattr(self, "configured_steps", steps)
+        if configured != steps:
+            return [f"{self.spec.name} was configured for {configured} steps but the run has {steps}: "
+                    f"list the sampler before {self.spec.name}"]
+        return []
 
     def stats(self) -> dict[str, Any]:
         counter = getattr(self, "counter", None)

@@ -128,6 +128,8 @@ class MagCacheMethod(DiffusersCacheMethod):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
+        if self.step_mismatch(call):
+            return self.step_mismatch(call)
         if self.params["threshold"] <= 0:
             return ["mag_cache with threshold 0 never skips: no speed-up"]
         if int(self.params["retention_ratio"] * steps + 0.5) >= steps - 1:

@@ -64,8 +64,10 @@ def modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.
     return hidden
 
 
-def apply_teacache(denoiser, config: TeaCacheConfig, on_call=None) -> SpanCache:
+def apply_teacache(denoiser, config: TeaCacheConfig, on_call=None, pipe=None) -> SpanCache:
     """Hook every block of ``denoiser``; returns the handle whose ``remove()`` undoes it.
+    With ``pipe``, the step count is read from the running pipeline (``_num_timesteps``),
+    so it is right even when another method changed it after this one was configured.
 
     >>> cache = apply_teacache(pipe.transformer, TeaCacheConfig(threshold=0.4, num_steps=28))
     >>> image = pipe("a red circle", num_inference_steps=28).images[0]
@@ -79,7 +81,8 @@ def apply_teacache(denoiser, config: TeaCacheConfig, on_call=None) -> SpanCache:
         previous = state.extra.get("modulated")
         state.extra["modulated"] = current
         step = state.calls
-        last = config.num_steps > 0 and step >= config.num_steps - 1
+        steps = getattr(pipe, "_num_timesteps", None) or config.num_steps
+        last = steps > 0 and step >= steps - 1
         if previous is None or step == 0 or last or previous.shape != current.shape:
             state.extra["accumulated"] = 0.0
             return False
@@ -133,7 +136,7 @@ class TeaCacheMethod(Method):
         # Hooked here, not in apply, because the last step (always computed) needs the step count.
         if self.cache is None:
             config = TeaCacheConfig(self.params["threshold"], self.coefficients, call["num_inference_steps"])
-            self.cache = apply_teacache(self.denoiser, config, on_call=self._record)
+            self.cache = apply_teacache(self.denoiser, config, on_call=self._record, pipe=backend.pipe)
         return call
 
     def _record(self, branch: str, reused: bool) -> None:
