@@ -17,7 +17,9 @@ dict in ``prepare_call``. Two keys decide how tokens are produced:
     ``state.emit(tokens)`` and stops when ``emit`` returns True (budget or EOS reached).
     Lookahead, layer skipping, SnapKV and attention sinks replace the loop this way.
     ``state.sampling.pick(logits)`` draws the next token with the request's sampling
-    settings, so a custom loop samples exactly like ``generate`` would.
+    settings, so a custom loop samples exactly like ``generate`` would. ``DecodeState``,
+    ``Sampling`` and the cache helpers live in ``backends/accel/_decoding.py``, which
+    method modules can import without importing this backend.
 
 Both paths stream: ``progress(n_tokens, max_new_tokens, text_so_far)`` is called as
 tokens arrive (a transformers ``BaseStreamer`` for ``generate``, ``state.emit`` for

@@ -150,7 +150,7 @@ def test_apply_and_remove_leave_baseline_identical(backend, baselines):
     layers = backend.model.model.layers
     draft_config = backend.drafts["tiny-draft"][0].generation_config.to_dict()
     for name, params in LOSSLESS + [("sink_cache", {"window_length": 8}), ("snapkv", {"budget": 4, "window": 4})]:
-        run(backend, PROMPTS[1], [(name, params)])
+        run(backend, PROMPTS[1], [(name, params)], max_new_tokens=12)
         assert all("forward" not in vars(layer) for layer in layers), name
         assert not backend.model._forward_pre_hooks and not backend.model._forward_hooks, name
     assert backend.drafts["tiny-draft"][0].generation_config.to_dict() == draft_config
@@ -230,11 +230,11 @@ def test_speculative_sampling_keeps_the_target_distribution(tok, target):
     from scipy.stats import chisquare
 
     draft = copy.deepcopy(target)
-    with torch.no_grad():  # a draft that agrees only partly: both accept and resample paths run
+    with torch.no_grad():  # a draft that agrees only partly (TV ~0.6): both accept and resample paths run
         torch.manual_seed(5)
-        draft.lm_head.weight.add_(torch.randn_like(draft.lm_head.weight) * 0.25)
+        draft.lm_head.weight.add_(torch.randn_like(draft.lm_head.weight) * 0.1)
     backend = TextBackend.from_model(target, tok, drafts={"noisy": (draft, tok)})
-    prompt, temperature, draws = "x", 0.3, 300
+    prompt, temperature, draws = "x", 0.3, 200
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         p = (target(ids).logits[0, -1] / temperature).softmax(-1)
@@ -253,11 +253,11 @@ def test_speculative_sampling_keeps_the_target_distribution(tok, target):
         first = result.extra["output_token_ids"][0]
         counts[top.index(first) if first in top else len(top)] += 1
         accepted += result.method_stats["speculative"]["accepted_draft_tokens"]
-    expected = [draws * x for x in binned(p)]
-    assert chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
-    wrong = [draws * x for x in binned(q)]  # the test has power: draft-only sampling would fail it
-    assert chisquare(counts, wrong).pvalue < 1e-6, (counts, wrong)
-    assert accepted > 0  # some first tokens came from accepted drafts
+    assert chisquare(counts, [draws * x for x in binned(p)]).pvalue > 1e-3, (counts, binned(p))
+    # power: the draft's own distribution is far from what was observed
+    tv_to_draft = 0.5 * sum(abs(c / draws - x) for c, x in zip(counts, binned(q)))
+    assert tv_to_draft > 0.12, (counts, binned(q))
+    assert accepted > draws // 10  # a good share of first tokens came from accepted drafts
 
 
 def test_chat_template_is_applied_when_present(tok, target):
@@ -287,3 +287,12 @@ def test_manager_loads_a_saved_model_and_its_draft(tmp_path, tok, target):
     result = run(backend, PROMPTS[0], [("speculative", {})], max_new_tokens=8)
     assert result.extra["output_token_ids"] == greedy and str(draft_folder) in backend.drafts
     assert backend.memory_bytes() > sum(p.numel() * 4 for p in target.parameters())
+
+
+def test_universal_assisted_decoding_is_opt_in_and_exact(tok, target):
+    other_tok = make_tokenizer(["completely different text, other merges " * 3, "zzz yyy"], 280)
+    backend = TextBackend.from_model(target, tok, drafts={"alien": (make_model(other_tok, 1, 2), other_tok)})
+    greedy = run(backend, PROMPTS[0], max_new_tokens=10).extra["output_token_ids"]
+    result = run(backend, PROMPTS[0], [("speculative", {"universal": True})], max_new_tokens=10)
+    assert result.extra["output_token_ids"] == greedy
+    assert result.method_stats["speculative"]["universal"] and any("different tokenizer" in n for n in result.notes)

@@ -137,7 +137,6 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
     # Initial Jacobi guesses: prompt tokens (deterministic); bad guesses only cost hit rate.
     seeds = (prompt * ((levels * W) // len(prompt) + 1))[-levels * W:]
     window = [list(seeds[l * W:(l + 1) * W]) for l in range(levels)]
-    history = prompt + [current]
 
     while True:
         past = cache.get_seq_length()
@@ -183,7 +182,6 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
         stats.pool_hits += max(0, len(state.tokens) - before - 1)
         if done:
             return
-        history += accepted
         current = accepted[-1]
 
 
