@@ -245,3 +245,19 @@ def test_step_count_changed_by_a_later_method_is_reported(flux):
     teacache_last = flux.run(make_request(flux, [("teacache", {"threshold": 2.0}), ("sampler", {"steps": 4})]))
     stats = teacache_last.method_stats["teacache"]
     assert stats["computed_steps"] == 2 and stats["skipped_steps"] == 2  # first and (real) last step computed
+
+
+@pytest.mark.parametrize("backend_name", ["sd", "flux"])
+def test_remove_leaves_no_patch_behind(request, backend_name):
+    """After runs with methods, no module keeps an instance ``forward``, a torch hook, a
+    compiled call or a hook registry that the baseline did not have."""
+    backend = request.getfixturevalue(backend_name)
+    names = [c[0] for c in (UNET_CASES if backend_name == "sd" else DIT_CASES) if c[0] != "compile"]
+    for name in names:
+        backend.run(make_request(backend, [(name, {})], steps=3))
+    for module_name, module in backend.denoiser.named_modules():
+        assert "forward" not in vars(module), module_name
+        assert not module._forward_hooks and not module._forward_pre_hooks, module_name
+        assert module._compiled_call_impl is None, module_name
+        registry = getattr(module, "_diffusers_hook", None)
+        assert registry is None or (module_name == "" and not registry.hooks), module_name
