@@ -53,6 +53,7 @@ class CodeLMConfig:
     minutes: wall-clock training budget (evaluation and saving come on top).
     checkpoint_minutes: how often the model is saved while training.
     bf16_autocast: mixed precision for the training forward (evaluation is float32).
+    init_from_draft: start from the trained draft (``grow_from_draft``) instead of random.
     """
 
     name: str = "tiny-code-llama"
@@ -71,10 +72,11 @@ class CodeLMConfig:
     minutes: float = 40.0
     checkpoint_minutes: float = 5.0
     bf16_autocast: bool = True
+    init_from_draft: bool = False
     seed: int = 0
 
 
-TARGET = CodeLMConfig()
+TARGET = CodeLMConfig(lr=1.5e-3, warmup_steps=50, init_from_draft=True)
 DRAFT = CodeLMConfig(
     name="tiny-code-draft", n_layer=1, hidden=256, n_head=4, n_kv_head=4,
     intermediate=768, batch_size=16, lr=3e-3, warmup_steps=50, minutes=8.0,
@@ -160,6 +162,33 @@ def build_model(cfg: CodeLMConfig, tok):
     return LlamaForCausalLM(config)
 
 
+@torch.no_grad()
+def grow_from_draft(target, draft) -> None:
+    """Depth growth: start the target from the trained 1-layer draft (same width).
+
+    Embedding (tied head), final norm and layer 0 come from the draft; the draft's MLP
+    channels are cut to the target's width by keeping those with the largest
+    gate*up*down norm. The other layers start as identities (o_proj and down_proj zero),
+    so the target starts close to the draft's function and only has to improve on it.
+    Trained from scratch on this 1-core budget, the 12-layer target stayed far behind
+    the draft (held-out perplexity 222 after 20 minutes against the draft's 37).
+    """
+    t, d = target.model, draft.model
+    t.embed_tokens.weight.copy_(d.embed_tokens.weight)
+    t.norm.weight.copy_(d.norm.weight)
+    src, dst = d.layers[0], t.layers[0]
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if ".mlp." not in "." + k},
+                        strict=False)
+    keep = (src.mlp.gate_proj.weight.norm(dim=1) * src.mlp.up_proj.weight.norm(dim=1)
+            * src.mlp.down_proj.weight.norm(dim=0)).topk(dst.mlp.gate_proj.out_features).indices
+    dst.mlp.gate_proj.weight.copy_(src.mlp.gate_proj.weight[keep])
+    dst.mlp.up_proj.weight.copy_(src.mlp.up_proj.weight[keep])
+    dst.mlp.down_proj.weight.copy_(src.mlp.down_proj.weight[:, keep])
+    for layer in t.layers[1:]:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
 def lr_at(cfg: CodeLMConfig, step: int, time_frac: float) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -236,8 +265,23 @@ def greedy_samples(model, tok, prompts=SAMPLE_PROMPTS, new_tokens: int = 80) -> 
 # ----------------------------------------------------------------------------- training
 
 def train_lm(cfg: CodeLMConfig, tok, train_ids: torch.Tensor, held_ids: torch.Tensor,
-             folder: Path) -> dict:
-    model = build_model(cfg, tok)
+             folder: Path, resume: bool = False, draft_folder: Path | None = None) -> dict:
+    """Train for cfg.minutes; with `resume`, start from the weights saved in `folder` (a
+    fresh optimizer, short warm-up and a new cosine over the new budget: a warm restart)."""
+    model, previous = build_model(cfg, tok), {}
+    if resume and (folder / "model.safetensors").exists():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        previous = json.loads((folder / "training_report.json").read_text())
+        cfg = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, 20))
+        print(f"[{cfg.name}] resuming after {previous['tokens_seen']} tokens", flush=True)
+    elif cfg.init_from_draft and draft_folder is not None:
+        from transformers import AutoModelForCausalLM
+
+        grow_from_draft(model, AutoModelForCausalLM.from_pretrained(draft_folder, dtype=torch.float32))
+        print(f"[{cfg.name}] grown from {draft_folder.name}: held-out ppl (16k tokens) "
+              f"{heldout_perplexity(model, held_ids, cfg.context, max_tokens=16384):.2f}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{cfg.name}] {n_params / 1e6:.2f} M params, {len(train_ids)} train tokens, "
           f"{cfg.minutes} min", flush=True)
@@ -251,11 +295,18 @@ def train_lm(cfg: CodeLMConfig, tok, train_ids: torch.Tensor, held_ids: torch.Te
     start = last_ckpt = time.perf_counter()
     step, tokens_seen, ema_loss = 0, 0, None
 
+    earlier_phases = previous.get("phases", [
+        {k: previous[k] for k in ("train_minutes", "tokens_seen", "steps")}] if previous else [])
+
     def report(status: str, ppl: float, sec: float) -> dict:
         return {
             "status": status, "model": cfg.name, "config": dataclasses.asdict(cfg),
-            "params": n_params, "tokens_seen": tokens_seen, "steps": step,
-            "train_minutes": round(sec / 60, 2), "train_loss_ema": round(ema_loss or 0, 4),
+            "params": n_params, "tokens_seen": tokens_seen + previous.get("tokens_seen", 0),
+            "steps": step + previous.get("steps", 0),
+            "train_minutes": round(sec / 60 + previous.get("train_minutes", 0), 2),
+            "phases": earlier_phases + [
+                {"train_minutes": round(sec / 60, 2), "tokens_seen": tokens_seen, "steps": step}],
+            "train_loss_ema": round(ema_loss or 0, 4),
             "heldout_perplexity": round(ppl, 3), "heldout_tokens": len(held_ids),
             "train_corpus_tokens": len(train_ids),
             "corpus": "CPython stdlib *.py (tests excluded), every 20th file held out",
@@ -324,7 +375,7 @@ def forward_ms(model, cache_len: int = 200, new_tokens: int = 1, repeats: int = 
         model(input_ids=new, past_key_values=cache, use_cache=True, position_ids=pos,
               cache_position=pos[0])
         times.append(time.perf_counter() - t)
-        cache.crop(cache_len)
+        cache.crop(-new_tokens)  # drop the tokens just added (v5: negative = remove)
     return 1000 * statistics.median(times[5:])
 
 
@@ -400,6 +451,8 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO_ROOT / "runs" / "code-lm",
                    help="scratch folder for the shared tokenizer (git-ignored)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the model already in the output folder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
@@ -427,6 +480,8 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.which in {which, "all"}:
             if args.minutes is not None:
                 cfg = dataclasses.replace(cfg, minutes=args.minutes,
-                                          checkpoint_minutes=max(args.minutes / 2, 0.05))
-            train_lm(cfg, tok, train_ids, held_ids, folder)
+                                          checkpoint_minutes=min(cfg.checkpoint_minutes,
+                                                                 max(args.minutes / 2, 0.05)))
+            train_lm(cfg, tok, train_ids, held_ids, folder, resume=args.resume,
+                     draft_folder=draft_dir if (draft_dir / "model.safetensors").exists() else None)
     return 0
