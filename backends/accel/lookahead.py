@@ -25,6 +25,7 @@ forward (CALIBRATION.md), so small windows (W 3-5, G 3-5) are the ones that can 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,6 @@ from backends.accel._decoding import (
     DECODING_METHODS,
     DecodeState,
     decoding_stats,
-    keep_cache_positions,
     require_greedy,
     set_decoder,
 )
@@ -82,8 +82,9 @@ class LookaheadState:
             self.pool_size -= 1
 
 
-def lookahead_mask(past: int, W: int, N: int, G: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[int]]:
-    """Additive 4-D mask (1, 1, q, past + q) and the position offsets (from ``c``) of the
+@functools.lru_cache(maxsize=64)
+def _layout(W: int, N: int, G: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Which new token sees which (q x q, bool) and the position offsets (from ``c``) of the
     ``1 + (N-1)W + G(N-1)`` new tokens, laid out as: c, level 0..N-2 (W each), candidates."""
     levels = N - 1
     q = 1 + levels * W + G * levels
@@ -108,11 +109,28 @@ def lookahead_mask(past: int, W: int, N: int, G: int, dtype: torch.dtype, device
             row = base + g * levels + j
             offsets.append(1 + j)
             allowed[row, base + g * levels: row + 1] = True
-    full = torch.ones(q, past + q, dtype=torch.bool)
-    full[:, past:] = allowed
-    mask = torch.zeros(q, past + q, dtype=dtype)
-    mask.masked_fill_(~full, torch.finfo(dtype).min)
-    return mask[None, None].to(device), offsets
+    return allowed, tuple(offsets)
+
+
+def lookahead_mask(past: int, W: int, N: int, G: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[int]]:
+    """Additive 4-D mask (1, 1, q, past + q): every new token sees the whole cache, and
+    among the new tokens what ``_layout`` allows."""
+    allowed, offsets = _layout(W, N, G)
+    q = allowed.shape[0]
+    mask = torch.zeros(q, past + q, dtype=dtype, device=device)
+    mask[:, past:].masked_fill_(~allowed.to(device), torch.finfo(dtype).min)
+    return mask[None, None], list(offsets)
+
+
+def keep_accepted(cache, past: int, start: int, count: int) -> None:
+    """Keep the cache up to ``c`` (``past + 1`` entries) plus ``count`` entries from ``start``
+    (the accepted candidate's), moved in place right after ``c``; the rest is dropped."""
+    for layer in cache.layers:
+        if count:
+            layer.keys[..., past + 1: past + 1 + count, :] = layer.keys[..., start: start + count, :]
+            layer.values[..., past + 1: past + 1 + count, :] = layer.values[..., start: start + count, :]
+        layer.keys = layer.keys[..., : past + 1 + count, :]
+        layer.values = layer.values[..., : past + 1 + count, :]
 
 
 def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, config: LookaheadConfig,
@@ -171,11 +189,8 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
         window = window[1:] + [top]
 
         # Cache: keep c and the accepted candidate tokens, drop everything else.
-        keep = list(range(past + 1))
-        if best_g >= 0:
-            start = past + base + best_g * levels
-            keep += list(range(start, start + len(accepted) - 1))
-        keep_cache_positions(cache, torch.tensor(keep, device=device))
+        start = past + base + max(best_g, 0) * levels  # candidate slots lie after the window: no overlap
+        keep_accepted(cache, past, start, len(accepted) - 1 if best_g >= 0 else 0)
 
         before = len(state.tokens)
         done = state.emit(accepted)
