@@ -39,7 +39,7 @@ LOSSLESS = [
     ("lookahead", {"window": 2, "ngram": 3, "branches": 2, "prompt_ngrams": False}),
     ("lookahead", {"window": 5, "ngram": 5, "branches": 6}),
     ("layer_skip", {}),
-    ("layer_skip", {"skip_from": 1, "skip_to": 1, "draft_tokens": 6}),
+    ("layer_skip", {"skip_from": 1, "skip_to": 1, "draft_tokens": 6, "draft_confidence": 0.05}),
     ("static_cache", {}),
 ]
 NEW_TOKENS = 40
@@ -296,3 +296,16 @@ def test_universal_assisted_decoding_is_opt_in_and_exact(tok, target):
     result = run(backend, PROMPTS[0], [("speculative", {"universal": True})], max_new_tokens=10)
     assert result.extra["output_token_ids"] == greedy
     assert result.method_stats["speculative"]["universal"] and any("different tokenizer" in n for n in result.notes)
+
+
+def test_custom_loops_stream_and_sample_with_the_seed(backend):
+    seen = []
+    request = Request("text", "tiny-test", PROMPTS[1], params={"max_new_tokens": 20},
+                      methods=[MethodChoice("lookahead", {})])
+    result = backend.run(request, progress=lambda n, total, text: seen.append((n, text)))
+    counts = [n for n, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == 20 and len(seen) < 20  # several tokens per step
+    assert seen[-1][1] == result.output
+    sampled = [run(backend, PROMPTS[0], [("sink_cache", {"window_length": 8})], temperature=1.0, seed=s,
+                   max_new_tokens=8).extra["output_token_ids"] for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]

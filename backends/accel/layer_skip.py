@@ -72,7 +72,7 @@ def _crop(cache: Any, tokens: int) -> None:
 
 
 def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip_state: LayerSkipState,
-                      draft_tokens: int, skipped: list[int]) -> None:
+                      draft_tokens: int, skipped: list[int], confidence: float = 0.0) -> None:
     from transformers import DynamicCache
 
     model = backend.model
@@ -94,10 +94,13 @@ def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip
             for _ in range(k):
                 hidden = body(input_ids=torch.tensor([[token]], device=input_ids.device), past_key_values=cache,
                               use_cache=True).last_hidden_state
-                token = int(head(hidden[:, -1]).argmax(-1))
+                logits = head(hidden[:, -1])[0]
+                token = int(logits.argmax(-1))
                 drafts.append(token)
                 if token in state.eos_token_ids:
                     break
+                if confidence > 0 and float(logits.float().softmax(-1).max()) < confidence:
+                    break  # SWIFT-style early stop: an unsure draft is unlikely to be accepted
         finally:
             skip_state.drafting = False
         # Drop the draft's entries (only kept layers wrote any) before the full model verifies.
@@ -134,7 +137,9 @@ class LayerSkipMethod(Method):
         params=(
             Param("skip_ratio", "float", 0.5, min=0.0, max=0.9, step=0.05,
                   help="fraction of all layers skipped while drafting, spread over the inner layers"),
-            Param("draft_tokens", "int", 4, min=1, max=16, help="tokens drafted per verification forward"),
+            Param("draft_tokens", "int", 4, min=1, max=16, help="most tokens drafted per verification forward"),
+            Param("draft_confidence", "float", 0.0, min=0.0, max=1.0, step=0.05,
+                  help="stop a draft early when its top probability falls below this (0 = always draft_tokens)"),
             Param("skip_from", "int", 0, min=0, max=256, help="first layer of an explicit skipped range"),
             Param("skip_to", "int", 0, min=0, max=256,
                   help="last layer of an explicit skipped range (0 = use skip_ratio instead)"),
@@ -173,7 +178,8 @@ class LayerSkipMethod(Method):
         self.state.reset()
 
         def decoder(backend, input_ids, state):
-            layer_skip_decode(backend, input_ids, state, self.state, self.params["draft_tokens"], self.skipped)
+            layer_skip_decode(backend, input_ids, state, self.state, self.params["draft_tokens"], self.skipped,
+                              self.params["draft_confidence"])
 
         return set_decoder(call, decoder, "layer skipping")
 
