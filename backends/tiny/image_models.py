@@ -149,8 +149,27 @@ def render_batch(specs, rng: random.Random, size: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_pool(vae, n: int, seed: int = 0, batch: int = 128) -> tuple[torch.Tensor, list[str]]:
-    """Pre-encode ``n`` jittered renders to scaled latents (the denoisers train on this pool)."""
+def encode_pool(vae, n: int, seed: int = 0, batch: int = 128, cache: Path | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Pre-encode ``n`` jittered renders to scaled latents (the denoisers train on this pool).
+
+    With ``cache`` (a file), the pool is reused by the next recipe: encoding costs minutes on a busy CPU.
+    """
+    if cache is not None and cache.exists():
+        saved = torch.load(cache)
+        return saved["z"], saved["prompts"]
+    z, prompts = _encode_pool(vae, n, seed, batch)
+    if cache is not None:
+        torch.save({"z": z, "prompts": prompts}, cache)
+    return z, prompts
+
+
+def _pool_cache(vae_dir: Path, n: int, seed: int) -> Path:
+    weights = Path(vae_dir) / "diffusion_pytorch_model.safetensors"
+    return Path("/tmp") / f"shapes_pool_{n}_{seed}_{int(weights.stat().st_mtime)}.pt"
+
+
+@torch.no_grad()
+def _encode_pool(vae, n: int, seed: int, batch: int) -> tuple[torch.Tensor, list[str]]:
     rng = random.Random(seed)
     specs = [random_spec(rng) for _ in range(n)]
     lat = []
@@ -161,7 +180,7 @@ def encode_pool(vae, n: int, seed: int = 0, batch: int = 128) -> tuple[torch.Ten
     return z, [prompt_for(s) for s in specs]
 
 
-def lr_at(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.1) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int = 50, floor: float = 0.1) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -350,6 +369,7 @@ def train_unet_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=SD_DIR)
     p.add_argument("--vae", type=Path, default=VAE_DIR)
     p.add_argument("--grid", default="/tmp/grid_sd.png")
+    p.add_argument("--init", type=Path, default=None, help="continue from a saved tiny-sd folder")
     p.add_argument("--eval-n", type=int, default=64)
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
@@ -361,9 +381,18 @@ def train_unet_main(argv: list[str] | None = None) -> int:
     tok = build_clip_tokenizer()
     text = tiny_clip_text_model(len(tok), cfg.cross_attention_dim)
     unet = make_tiny_unet(cfg)
+    prior_steps, prior_s = 0, 0.0
+    if args.init:  # continue training (e.g. when a busy CPU cut the first run short)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init / "unet")
+        prior_steps, prior_s = _prior_training(args.init)
+        text = CLIPTextModel.from_pretrained(args.init / "text_encoder")
     sched = make_ddim_scheduler()
     t0 = time.time()
-    z, prompts = encode_pool(vae, cfg.pool_size if cfg.minutes >= 2 else 512, seed=cfg.seed)
+    n_pool = cfg.pool_size if cfg.minutes >= 2 else 512
+    z, prompts = encode_pool(vae, n_pool, seed=cfg.seed, cache=_pool_cache(args.vae, n_pool, cfg.seed))
     print(f"encoded {len(z)} latents in {time.time() - t0:.0f}s, std {z.std():.3f}", flush=True)
     acp = sched.alphas_cumprod
 
@@ -378,7 +407,7 @@ def train_unet_main(argv: list[str] | None = None) -> int:
         if step == 20:
             est_total = min(cfg.max_steps, int(budget / ((time.time() - t0) / 20)))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, est_total, g["base"])
+            g["lr"] = lr_at(step, est_total, g["base"], warmup=20 if args.init else 50)
         idx = torch.randint(0, len(z), (cfg.batch_size,))
         x0 = z[idx]
         cond = text(_clip_ids(tok, drop_prompts([prompts[i] for i in idx], rng, cfg.p_uncond)))[0]
@@ -407,9 +436,18 @@ def train_unet_main(argv: list[str] | None = None) -> int:
         scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(args.out)
-    finish_report(args, "shapes-unet", cfg, step, train_s, losses, SD_CALL,
+    finish_report(args, "shapes-unet", cfg, step + prior_steps, train_s + prior_s, losses, SD_CALL,
                   params=sum(p.numel() for p in ema_unet.parameters()))
     return 0
+
+
+def _prior_training(folder: Path) -> tuple[int, float]:
+    """Steps and seconds already in a folder we continue from (so the report counts the total)."""
+    try:
+        rep = json.loads((Path(folder) / "training_report.json").read_text())
+        return int(rep["steps"]), float(rep["minutes"]) * 60
+    except (OSError, KeyError, ValueError):
+        return 0, 0.0
 
 
 def finish_report(args, recipe: str, cfg, step: int, train_s: float, losses: list[float], call: dict, params: int) -> None:
@@ -436,7 +474,7 @@ def finish_report(args, recipe: str, cfg, step: int, train_s: float, losses: lis
 class DiTConfig:
     minutes: float = 25.0
     max_steps: int = 20000
-    batch_size: int = 32
+    batch_size: int = 24  # on a shared CPU, more updates beat bigger batches
     lr: float = 1.5e-3
     text_lr: float = 1e-3
     ema_decay: float = 0.995
@@ -478,6 +516,7 @@ def train_dit_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=FLUX_DIR)
     p.add_argument("--vae", type=Path, default=VAE_DIR)
     p.add_argument("--grid", default="/tmp/grid_flux.png")
+    p.add_argument("--init", type=Path, default=None, help="continue from a saved tiny-flux folder")
     p.add_argument("--eval-n", type=int, default=64)
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
@@ -490,8 +529,18 @@ def train_dit_main(argv: list[str] | None = None) -> int:
     clip = tiny_clip_text_model(len(tok), cfg.text_width)
     t5 = tiny_t5_encoder(len(tok2), cfg.text_width)
     dit = make_tiny_flux_transformer(cfg)
+    prior_steps, prior_s = 0, 0.0
+    if args.init:
+        from diffusers import FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        dit = FluxTransformer2DModel.from_pretrained(args.init / "transformer")
+        prior_steps, prior_s = _prior_training(args.init)
+        clip = CLIPTextModel.from_pretrained(args.init / "text_encoder")
+        t5 = T5EncoderModel.from_pretrained(args.init / "text_encoder_2")
     t0 = time.time()
-    z, prompts = encode_pool(vae, cfg.pool_size if cfg.minutes >= 2 else 512, seed=cfg.seed)
+    n_pool = cfg.pool_size if cfg.minutes >= 2 else 512
+    z, prompts = encode_pool(vae, n_pool, seed=cfg.seed, cache=_pool_cache(args.vae, n_pool, cfg.seed))
     print(f"encoded {len(z)} latents in {time.time() - t0:.0f}s", flush=True)
     _, c, h, w = z.shape
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
@@ -542,6 +591,6 @@ def train_dit_main(argv: list[str] | None = None) -> int:
     pipe = FluxPipeline(scheduler=make_flow_scheduler(), vae=vae, text_encoder=ema[1], tokenizer=tok,
                         text_encoder_2=ema[2], tokenizer_2=tok2, transformer=ema[0])
     pipe.save_pretrained(args.out)
-    finish_report(args, "shapes-dit", cfg, step, train_s, losses, FLUX_CALL,
+    finish_report(args, "shapes-dit", cfg, step + prior_steps, train_s + prior_s, losses, FLUX_CALL,
                   params=sum(p.numel() for p in ema[0].parameters()))
     return 0
