@@ -1,0 +1,209 @@
+"""Sliding Tile Attention (Zhang et al. 2025, "Fast Video Generation with Sliding Tile
+Attention"): the video DiT's self-attention looks only at a window of tiles around each
+query tile.
+
+The self-attention processors of the transformer (``WanAttnProcessor`` on the ``attn1``
+of each block) are swapped for ``STAWanAttnProcessor``, which computes Q/K/V, the norms
+and the rotary embedding exactly as Wan does, then calls
+``kernels.sta.sliding_tile_attention`` on the token grid ``(frames, height, width) /
+patch`` read from the latent entering the transformer. Cross-attention (text) is left
+alone. The first ``full_attention_steps`` denoising steps keep dense attention, as the
+paper does (FastVideo's Wan recipe keeps 12 of 50 steps dense): the early steps set the
+global layout, where long-range attention matters.
+
+Lossy: outputs change wherever a query's dense attention reached outside its window. The
+gain is the attention share of a step times ``1 - kept_fraction`` at best; on the tiny
+CPU models attention is a small part of a step, on real 720p video DiTs it dominates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from backends.accel._patch import StepCallback, add_callback
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.types import ValidationError
+
+
+@dataclass
+class STAState:
+    """What the processors share during one run."""
+
+    grid: tuple[int, int, int] | None = None  # token grid of the current transformer call
+    sta_calls: int = 0
+    full_calls: int = 0
+    pairs_computed: int = 0  # (query, key) token pairs over all self-attention calls
+    pairs_dense: int = 0
+    grids: set = field(default_factory=set)
+
+    def reset(self) -> None:
+        self.grid, self.sta_calls, self.full_calls = None, 0, 0
+        self.pairs_computed, self.pairs_dense, self.grids = 0, 0, set()
+
+
+def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # As in diffusers' WanAttnProcessor (a local function there).
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class STAWanAttnProcessor:
+    """Wan self-attention with sliding tile attention; anything else (a mask, text keys,
+    a token count that is not the grid, the dense steps) goes to the original processor."""
+
+    def __init__(self, original: Any, state: STAState, method: "STAMethod"):
+        self.original = original
+        self.state = state
+        self.method = method
+
+    def __getattr__(self, name: str) -> Any:  # _attention_backend, _parallel_config, ...
+        original = self.__dict__.get("original")
+        if original is None:
+            raise AttributeError(name)
+        return getattr(original, name)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        state, params = self.state, self.method.params
+        grid = state.grid
+        batch, tokens = hidden_states.shape[:2]
+        use_sta = (encoder_hidden_states is None and attention_mask is None and not kwargs and grid is not None
+                   and tokens == math.prod(grid) and self.method.counter.step >= params["full_attention_steps"])
+        pairs = batch * attn.heads * tokens * tokens
+        state.pairs_dense += pairs
+        if not use_sta:
+            state.full_calls += 1
+            state.pairs_computed += pairs
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+
+        from kernels.sta import kept_fraction, sliding_tile_attention
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+        tile, window = self.method.tile, self.method.window
+        out = sliding_tile_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                     grid=grid, tile=tile, window=window, backend=params["backend"])
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        state.sta_calls += 1
+        state.pairs_computed += round(pairs * kept_fraction(grid, tile, window))
+        state.grids.add(grid)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def self_attention_modules(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    return [m for m in denoiser.modules() if isinstance(m, WanAttention) and not m.is_cross_attention]
+
+
+@register
+class STAMethod(Method):
+    spec = MethodSpec(
+        name="sta",
+        title="Sliding tile attention (STA)",
+        modalities=("video",),
+        families=("video-dit",),
+        summary="Video self-attention restricted to a window of tiles around each query tile "
+                "(block-sparse, no wasted blocks); dense for the first steps.",
+        paper="Zhang et al. 2025, Fast Video Generation with Sliding Tile Attention",
+        lossless=False,
+        params=(
+            Param("tile_t", "int", 6, min=1, max=64, help="tokens per tile along time (paper: 6)"),
+            Param("tile_h", "int", 8, min=1, max=128, help="tokens per tile along height (paper: 8)"),
+            Param("tile_w", "int", 8, min=1, max=128, help="tokens per tile along width (paper: 8)"),
+            Param("window_t", "int", 3, min=1, max=64,
+                  help="key tiles per query tile along time (odd centres it; paper: 3)"),
+            Param("window_h", "int", 3, min=1, max=64, help="key tiles along height (paper: 3)"),
+            Param("window_w", "int", 3, min=1, max=64, help="key tiles along width (paper: 3)"),
+            Param("full_attention_steps", "int", 12, min=0, max=1000,
+                  help="first denoising steps that keep dense attention (FastVideo's Wan recipe: 12 of 50)"),
+            Param("backend", "choice", "auto", choices=("auto", "flex", "triton", "torch"),
+                  help="auto = triton kernel on a CUDA GPU, compiled FlexAttention on CPU; "
+                       "torch = the reference (slow, exact mask)"),
+        ),
+        conflicts=("attention_backend",),
+    )
+
+    @property
+    def tile(self) -> tuple[int, int, int]:
+        return self.params["tile_t"], self.params["tile_h"], self.params["tile_w"]
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        return self.params["window_t"], self.params["window_h"], self.params["window_w"]
+
+    def apply(self, backend) -> None:
+        denoiser = backend.denoiser
+        modules = self_attention_modules(denoiser) if denoiser is not None else []
+        if not modules:
+            raise ValidationError(f"STA supports Wan video transformers (WanAttention self-attention); "
+                                  f"{type(denoiser).__name__} has none")
+        patch = getattr(denoiser.config, "patch_size", None)
+        if patch is None or len(patch) != 3:
+            raise ValidationError("STA needs a transformer with a 3-D patch_size (t, h, w)")
+        if any(isinstance(m.processor, torch.nn.Module) for m in modules):
+            raise ValidationError("STA cannot replace an attention processor that holds weights")
+        self.state = STAState()
+        self.counter = StepCallback()
+        self._patch_size = tuple(int(p) for p in patch)
+        self._saved = [(m, m.processor) for m in modules]
+        for module, original in self._saved:
+            module.set_processor(STAWanAttnProcessor(original, self.state, self))
+        self._hook = denoiser.register_forward_pre_hook(self._record_grid, with_kwargs=True)
+
+    def _record_grid(self, _module, args, kwargs) -> None:
+        latent = kwargs.get("hidden_states", args[0] if args else None)
+        if latent is None or latent.ndim != 5:
+            self.state.grid = None
+            return
+        self.state.grid = tuple(s // p for s, p in zip(latent.shape[2:], self._patch_size))
+
+    def remove(self, backend) -> None:
+        self._hook.remove()
+        for module, original in self._saved:
+            module.set_processor(original)
+        self._saved = []
+        self.state.grid = None
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        self.state.reset()
+        self.counter.step = 0
+        return add_callback(call, self.counter)
+
+    def stats(self) -> dict[str, Any]:
+        from kernels.sta import kept_fraction
+
+        state = self.state
+        grids = sorted(state.grids)
+        return {
+            "sta_calls": state.sta_calls,
+            "full_calls": state.full_calls,
+            "grid": "x".join(map(str, grids[-1])) if grids else None,
+            "kept_fraction": round(kept_fraction(grids[-1], self.tile, self.window), 4) if grids else 1.0,
+            "attention_pairs": state.pairs_computed,
+            "dense_attention_pairs": state.pairs_dense,
+            "pairs_fraction": round(state.pairs_computed / state.pairs_dense, 4) if state.pairs_dense else 1.0,
+        }
+
+    def warnings(self, backend, call) -> list[str]:
+        steps = call.get("num_inference_steps", 0)
+        if self.params["full_attention_steps"] >= steps:
+            return [f"STA keeps dense attention for the first {self.params['full_attention_steps']} steps and "
+                    f"this run has {steps}: it never applies"]
+        return []

@@ -1,0 +1,10 @@
+"""Attention kernels, each with a pure-torch reference that is both the CPU fallback and
+the test oracle. Triton is optional: kernels that need it import it lazily and the
+public functions pick another path when it is missing.
+
+- ``kernels.sta``: sliding tile attention for video DiTs (``sliding_tile_attention``).
+"""
+
+from kernels.sta import kept_fraction, sliding_tile_attention
+
+__all__ = ["kept_fraction", "sliding_tile_attention"]
