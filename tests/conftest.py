@@ -34,3 +34,29 @@ def studio_factory(tmp_path):
     yield make
     for studio in made:
         studio.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServedApp:
+    """The real app (``app.create_app``) served on a free loopback port."""
+
+    def __init__(self, argv: list[str]):
+        import app as app_module
+
+        self.args = app_module.parse_args(argv)
+        self.demo, self.studio = app_module.create_app(self.args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True, quiet=True,
+                         auth=self.args.auth_pair)
+
+    def close(self) -> None:
+        self.demo.close()
+        self.studio.close()

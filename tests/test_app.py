@@ -1,19 +1,13 @@
 """The app as a user reaches it: CLI flags, the served page, named API endpoints."""
 
 import json
-import socket
 
 import httpx
 import pytest
 from gradio_client import Client
 
 import app as app_module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ServedApp
 
 
 def test_cli_flags():
@@ -42,14 +36,9 @@ def test_bad_database_gives_clear_startup_message(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    data = tmp_path_factory.mktemp("served")
-    args = app_module.parse_args(["--dummy-models", "--data-dir", str(data), "--device", "cpu"])
-    demo, studio = app_module.create_app(args)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", studio
-    demo.close()
-    studio.close()
+    served = ServedApp(["--dummy-models", "--data-dir", str(tmp_path_factory.mktemp("served")), "--device", "cpu"])
+    yield served.url, served.studio
+    served.close()
 
 
 def test_page_is_served_offline_with_all_tabs(served):
@@ -106,12 +95,9 @@ def test_json_run_endpoint_and_clear_errors(served):
 
 
 def test_auth_protects_pages_and_api(tmp_path):
-    args = app_module.parse_args(["--dummy-models", "--data-dir", str(tmp_path), "--auth", "ada:secret"])
-    demo, studio = app_module.create_app(args)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, auth=args.auth_pair)
+    served = ServedApp(["--dummy-models", "--data-dir", str(tmp_path), "--auth", "ada:secret"])
     try:
-        url = f"http://127.0.0.1:{port}/"
+        url = served.url
         assert httpx.get(url + "config", timeout=30).status_code in (401, 403)
         with pytest.raises(Exception):
             Client(url, verbose=False)
@@ -120,5 +106,4 @@ def test_auth_protects_pages_and_api(tmp_path):
                                                       "params": {"steps": 1}}), api_name="/run"))
         assert reply["run_id"] == 1
     finally:
-        demo.close()
-        studio.close()
+        served.close()

@@ -2,9 +2,7 @@
 generate with a method on, run a 3-way comparison, find it in history, save and
 reload a preset. Screenshots land in artifacts/browser/."""
 
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,29 +14,18 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("no system Chromium (install Debian's 'chromium' package)", allow_module_level=True)
 
-import app as app_module  # noqa: E402
+from conftest import ServedApp  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "browser"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    data = tmp_path_factory.mktemp("browser")
-    args = app_module.parse_args(["--dummy-models", "--data-dir", str(data), "--device", "cpu"])
-    demo, studio = app_module.create_app(args)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", studio
-    demo.close()
-    studio.close()
+    served = ServedApp(["--dummy-models", "--data-dir", str(tmp_path_factory.mktemp("browser")), "--device", "cpu"])
+    yield served.url, served.studio
+    served.close()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +34,7 @@ def page(served):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
-        page.set_default_timeout(60_000)
+        page.set_default_timeout(90_000)
         page.goto(served[0])
         page.wait_for_selector("#image-generate")
         yield page

@@ -2,7 +2,6 @@
 
 import json
 import random
-import socket
 import threading
 
 import psutil
@@ -11,9 +10,9 @@ from gradio_client import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import app as app_module
 from backends.types import MethodChoice, Request, StudioError, ValidationError
 from studio.presets import parse_preset
+from conftest import ServedApp
 from studio.validation import validate_request
 
 json_values = st.recursive(
@@ -71,19 +70,10 @@ def test_presets_are_data_only():
         validate_request({"modality": "image", "model": "m", "prompt": "p", "params": preset.params})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_eight_clients_at_once_all_get_results_and_rows_exactly_once(tmp_path):
-    args = app_module.parse_args(["--dummy-models", "--data-dir", str(tmp_path), "--concurrency", "4"])
-    demo, studio = app_module.create_app(args)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
+    served = ServedApp(["--dummy-models", "--data-dir", str(tmp_path), "--concurrency", "4"])
+    url, studio = served.url, served.studio
     replies, errors = {}, []
 
     def client_job(i):
@@ -108,8 +98,7 @@ def test_eight_clients_at_once_all_get_results_and_rows_exactly_once(tmp_path):
         assert len(rows) == 16 and len({r.prompt for r in rows}) == 16
         assert {r.id for r in rows} == {reply["run_id"] for reply in replies.values()}
     finally:
-        demo.close()
-        studio.close()
+        served.close()
 
 
 @pytest.mark.slow

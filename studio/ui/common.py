@@ -45,11 +45,11 @@ def model_choices(studio, modality: str) -> list[str]:
     return names
 
 
-def model_dropdown(studio, modality: str, label: str = "Model") -> gr.Dropdown:
+def model_dropdown(studio, modality: str, label: str = "Model", elem_prefix: str = "") -> gr.Dropdown:
     choices = model_choices(studio, modality)
     return gr.Dropdown(
         choices=choices, value=choices[0] if choices else None, allow_custom_value=True, label=label,
-        info="bundled models first; or type a hub id (owner/name) or a local folder", elem_id=f"{modality}-model",
+        info="bundled models first; or type a hub id (owner/name) or a local folder", elem_id=f"{elem_prefix}{modality}-model",
     )
 
 
@@ -110,7 +110,7 @@ def _control(param) -> gr.components.Component:
     return gr.Number(value=param.default, label=label, info=param.help, precision=0 if param.kind == "int" else None)
 
 
-def accel_panel(modality: str) -> AccelPanel:
+def accel_panel(modality: str, elem_prefix: str = "") -> AccelPanel:
     panel = AccelPanel(modality, methods_for(modality))
     with gr.Accordion("Acceleration", open=True):
         gr.Markdown("Tick methods to apply them to the next run; they are removed afterwards, so no reload is needed.")
@@ -119,7 +119,7 @@ def accel_panel(modality: str) -> AccelPanel:
             kind = {True: "lossless", False: "lossy", None: "lossless or lossy by setting"}[spec.lossless]
             with gr.Group(visible=True) as group:
                 box = gr.Checkbox(value=False, label=f"{spec.title} ({kind})", info=spec.summary,
-                                  elem_id=f"{modality}-method-{spec.name}")
+                                  elem_id=f"{elem_prefix}{modality}-method-{spec.name}")
                 with gr.Accordion(f"{spec.title} settings", open=False):
                     if spec.paper:
                         gr.Markdown(f"*Paper:* {spec.paper}")

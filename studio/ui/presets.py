@@ -36,6 +36,7 @@ def build_presets_tab(studio, tabs: dict, tabs_component: gr.Tabs) -> dict:
     @user_errors
     def listing():
         presets, problems = studio.presets.all()
+        presets.sort(key=lambda p: p.source != "user")  # yours first, then the shipped ones
         frame = pd.DataFrame(
             [[p.name, p.modality, p.model or "", p.source, format_config(p.methods), p.description] for p in presets],
             columns=COLUMNS,

@@ -18,12 +18,12 @@ def build_story_tab(studio) -> None:
                                  elem_id="story-request")
             steps = gr.Slider(1, 8, value=4, step=1, label="Steps")
             seed = gr.Number(value=0, precision=0, label="Seed (shared by every image: consistent style)")
-            text_model = model_dropdown(studio, "text", label="Text model (planner and writer)")
-            image_model = model_dropdown(studio, "image", label="Image model")
+            text_model = model_dropdown(studio, "text", label="Text model (planner and writer)", elem_prefix="story-")
+            image_model = model_dropdown(studio, "image", label="Image model", elem_prefix="story-")
             with gr.Tab("Text acceleration"):
-                text_panel = accel_panel("text")
+                text_panel = accel_panel("text", elem_prefix="story-")
             with gr.Tab("Image acceleration"):
-                image_panel = accel_panel("image")
+                image_panel = accel_panel("image", elem_prefix="story-")
             button = gr.Button("Write and draw", variant="primary", elem_id="story-run")
         with gr.Column(scale=3):
             info = gr.Markdown("")
