@@ -133,7 +133,8 @@ class TextBackend(Backend):
         if self.model is not None:
             config = self.model.config
             info.update(arch=type(self.model).__name__, layers=getattr(config, "num_hidden_layers", None),
-                        vocab=getattr(config, "vocab_size", None), draft=self.draft_id)
+                        vocab=getattr(config, "vocab_size", None), draft=self.draft_id,
+                        chat_template=bool(getattr(self.tokenizer, "chat_template", None)))
         return info
 
     @property
