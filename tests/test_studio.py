@@ -129,3 +129,13 @@ def test_sweep_builds_one_config_per_value():
     configs = sweep_configs([MethodChoice("sampler", {"steps": 10, "scheduler": "ddim"})], "deepcache", "interval", [2, 3])
     assert [c.label for c in configs] == ["deepcache.interval=2", "deepcache.interval=3"]
     assert configs[0].methods[0].name == "sampler" and configs[1].methods[1].params["interval"] == 3
+
+
+def test_video_request_saves_a_clip_and_bad_sizes_are_refused(studio_factory):
+    studio = studio_factory()
+    outcome = studio.generate(Request("video", "dummy-wan", "a red ball moving right", seed=1,
+                                      params={"steps": 2, "fps": 8}))
+    assert Path(outcome.result.output_path).suffix in {".mp4", ".gif"} and len(outcome.result.output) > 1
+    for params, message in (({"frames": 1000}, "frames"), ({"fps": 0}, "fps"), ({"width": 4000}, "width")):
+        with pytest.raises(ValidationError, match=message):
+            studio.generate(Request("video", "dummy-wan", "x", params=params))
