@@ -40,10 +40,14 @@ BUNDLED: tuple[BundledModel, ...] = (
                  "Stable Diffusion layout UNet trained here on rendered coloured shapes."),
     BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
                  "FLUX layout transformer trained here on rendered coloured shapes."),
+    BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
+                 "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes."),
     BundledModel("tiny-code-llama", "text", "Tiny code Llama (12 layers)",
                  "Llama layout LM trained here on Python's standard library.", draft="tiny-code-draft"),
     BundledModel("tiny-code-draft", "text", "Tiny code draft (1 layer)",
                  "1-layer draft with the same tokenizer, for speculative decoding."),
+    BundledModel("tiny-audio-synth", "audio", "Tiny audio UNet - synth sounds",
+                 "Spectrogram UNet trained here on synthesised tones, chords, arpeggios, drums and noise."),
 )
 
 
