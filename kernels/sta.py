@@ -255,6 +255,16 @@ def _flex_attention():
     return _FLEX_STATE["fn"], flex_attention
 
 
+def set_flex_compile(enabled: bool) -> None:
+    """Use the compiled (default) or the eager flex_attention from now on. Eager flex is
+    exact too but materializes all scores: for tests on small grids, where each new
+    shape would cost a compile of 20-100 s on a busy 2-core machine."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _FLEX_STATE["fn"] = torch.compile(flex_attention, dynamic=False) if enabled else flex_attention
+    _FLEX_STATE["compiled"] = enabled
+
+
 def flex_is_compiled() -> bool:
     _flex_attention()
     return bool(_FLEX_STATE["compiled"])
