@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from backends.image import DiffusionBackend
 from backends.types import Request
@@ -18,6 +21,18 @@ class AudioBackend(DiffusionBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.family = {"dit": "audio-dit", "unet": "audio-unet"}.get(self.family, self.family)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "AudioBackend":
+        """Our own ``SynthAudioPipeline`` folders (the bundled model) load with that class;
+        every other folder or hub id goes through ``DiffusionPipeline`` as before."""
+        index = Path(source) / "model_index.json"
+        if index.is_file() and json.loads(index.read_text()).get("_class_name") == "SynthAudioPipeline":
+            from backends.tiny.audio_pipeline import SynthAudioPipeline
+
+            pipe = SynthAudioPipeline.from_pretrained(source, torch_dtype=dtype)
+            return cls(model_id, pipe.to(device), device, dtype)
+        return super().from_pretrained(model_id, source, device, dtype)
 
     @property
     def sample_rate(self) -> int:

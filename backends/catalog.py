@@ -46,6 +46,8 @@ BUNDLED: tuple[BundledModel, ...] = (
                  "Llama layout LM trained here on Python's standard library.", draft="tiny-code-draft"),
     BundledModel("tiny-code-draft", "text", "Tiny code draft (1 layer)",
                  "1-layer draft with the same tokenizer, for speculative decoding."),
+    BundledModel("tiny-audio-synth", "audio", "Tiny audio UNet - synth sounds",
+                 "Spectrogram UNet trained here on synthesised tones, chords, arpeggios, drums and noise."),
 )
 
 
