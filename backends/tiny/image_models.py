@@ -19,6 +19,23 @@ Order (one process at a time; each reads the previous one's output):
   trained jointly. ``guidance_embeds=False``: guidance is true CFG with an empty negative.
 - Tokenizers are built from the closed prompt vocabulary (one token per word).
 - 10% of training prompts are dropped to "" so classifier-free guidance works.
+
+The calls that work (diffusers 0.42.1)::
+
+    pipe = DiffusionPipeline.from_pretrained("assets/tiny-sd-shapes")      # StableDiffusionPipeline
+    pipe(prompt, num_inference_steps=25, guidance_scale=4.0, generator=g)  # 64x64 by default
+
+    pipe = DiffusionPipeline.from_pretrained("assets/tiny-flux-shapes")    # FluxPipeline
+    pipe(prompt, num_inference_steps=25, true_cfg_scale=4.0, negative_prompt="",
+         height=64, width=64, max_sequence_length=16, generator=g)
+
+Flux needs three explicit arguments. ``height``/``width``: FluxPipeline hard-codes
+``default_sample_size = 128`` (so 256x256 with this 2x VAE, 4096 tokens: not the training
+size). ``max_sequence_length``: the default 512 pads the T5 prompt to 512 tokens, which the
+model never saw (16 = ``tokenizer_2.model_max_length``). ``true_cfg_scale > 1`` with a
+``negative_prompt`` (``""`` counts) turns on real CFG: with ``guidance_embeds=False`` the
+pipeline's ``guidance_scale`` is ignored. True CFG runs the transformer twice per step
+(batch 1 each, cond then uncond), not one batch of 2.
 """
 
 from __future__ import annotations
