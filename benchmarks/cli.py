@@ -112,8 +112,51 @@ def text_figures(results, baseline_texts) -> dict[str, Any]:
         "tokens_per_s": round(tokens / max(sum(r.total_seconds for r in results), 1e-9), 2),
         "decode_tokens_per_s": round(tokens / max(decode, 1e-9), 2),
         "tokens_per_target_forward": round(tokens / forwards, 3) if forwards else None,
-        "exact_match": all(r.output == b for r, b in zip(results, baseline_texts)),
+        "all_exact": all(r.output == b for r, b in zip(results, baseline_texts)),
     }
+
+
+@torch.no_grad()
+def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int = 30) -> float:
+    """Median cost of one forward of ``new_tokens`` tokens on a ``context``-token KV cache."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    prefix = torch.randint(0, vocab, (1, context), device=device)
+    times = []
+    for _ in range(repeats):
+        cache = DynamicCache()
+        model(prefix, past_key_values=cache, use_cache=True)
+        step = torch.randint(0, vocab, (1, new_tokens), device=device)
+        start = time.perf_counter()
+        model(step, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
+    """Forward costs of target (1 and k+1 tokens) and draft, and the speedup they predict
+    from each drafting method's measured acceptance: tokens per target forward T gives
+    ``T * c_target(1) / (c_target(k+1) + k * c_draft)`` for speculative decoding and
+    ``T * c_target(1) / c_target(k+1)`` for draft-free methods (prompt lookup, lookahead).
+    On hardware where the target's forward is dearer relative to the draft (a GPU and a
+    large model), the same acceptance predicts a larger speedup."""
+    target = backend.model
+    costs = {"target_1_ms": forward_cost_ms(target), f"target_{k + 1}_ms": forward_cost_ms(target, new_tokens=k + 1)}
+    draft_id = getattr(backend, "draft_id", None)
+    if draft_id:
+        draft, _ = backend.get_draft(draft_id)
+        costs["draft_1_ms"] = forward_cost_ms(draft)
+    predicted = {}
+    for row in rows:
+        t = row.get("tokens_per_target_forward")
+        if not t or row["method"] == "baseline":
+            continue
+        verify = costs[f"target_{k + 1}_ms"]
+        draft_cost = k * costs.get("draft_1_ms", 0.0) if row["method"].startswith("speculative") else 0.0
+        predicted[row["method"]] = round(t * costs["target_1_ms"] / (verify + draft_cost), 3)
+    return {k_: round(v, 3) for k_, v in costs.items()} | {"predicted_speedup": predicted}
 
 
 def studio_overhead(manager: BackendManager, model: str, prompts: list[str], params: dict, repeats: int,
@@ -151,7 +194,7 @@ def studio_overhead(manager: BackendManager, model: str, prompts: list[str], par
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
-    extra_keys = [k for k in ("tokens_per_target_forward", "exact_match", "overhead_pct") if any(k in r for r in rows)]
+    extra_keys = [k for k in ("tokens_per_target_forward", "all_exact", "overhead_pct") if any(k in r for r in rows)]
     header = ["method", "seconds", "speedup", *quality_keys, *extra_keys]
     lines = [header]
     for r in rows:
@@ -208,9 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = run_benchmark(manager, args.modality, args.model, parse_methods(args.methods), prompts, params,
                              args.repeats, args.seed, warmup=not args.no_warmup, log=log)
+    if args.modality == "text" and not args.overhead:
+        meta_costs = speculation_costs(manager.get("text", args.model), rows)
+        log(f"forward costs and predicted speedups: {meta_costs}")
+    else:
+        meta_costs = None
     meta = {"modality": args.modality, "model": args.model, "device": str(manager.device),
             "threads": torch.get_num_threads(), "prompts": len(prompts), "params": params, "repeats": args.repeats,
             "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if meta_costs:
+        meta["forward_costs"] = meta_costs
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

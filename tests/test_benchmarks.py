@@ -1,0 +1,38 @@
+"""The benchmark CLI contract (DESIGN.md): rows with speedup and quality, JSON out."""
+
+import json
+
+from benchmarks.cli import main
+from benchmarks.report import table
+
+
+def test_image_benchmark_writes_rows_with_speedup_and_quality(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--modality", "image", "--model", "dummy-sd", "--methods", "deepcache(interval=2),sampler(steps=2)",
+                 "--repeats", "1", "--prompts", "1", "--steps", "4", "--json", str(out), "--no-warmup"]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"baseline", "deepcache(interval=2)", "sampler(steps=2)"}
+    assert rows["baseline"]["speedup"] == 1.0 and rows["baseline"]["quality"]["psnr"] == 100.0
+    assert rows["sampler(steps=2)"]["model_evals"] == 2 and rows["sampler(steps=2)"]["lossless"] is False
+    assert all(r["seconds_median"] > 0 for r in rows.values())
+    assert "| `deepcache(interval=2)` |" in table(data)
+
+
+def test_text_benchmark_reports_acceptance_and_forward_costs(tmp_path):
+    out = tmp_path / "t.json"
+    assert main(["--modality", "text", "--model", "dummy-llama", "--methods", "prompt_lookup", "--repeats", "1",
+                 "--prompts", "1", "--prompt-kind", "edit", "--max-new-tokens", "12", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    lookup = data["rows"][1]
+    assert lookup["all_exact"] is True and lookup["lossless"] is True
+    assert lookup["tokens_per_target_forward"] >= 1.0
+    assert data["meta"]["forward_costs"]["target_1_ms"] > 0
+
+
+def test_studio_overhead_row(tmp_path):
+    out = tmp_path / "o.json"
+    assert main(["--modality", "image", "--model", "dummy-sd", "--overhead", "--repeats", "1", "--prompts", "1",
+                 "--steps", "2", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["method"] == "studio-overhead" and row["direct_seconds_median"] > 0
