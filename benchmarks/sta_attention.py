@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backend", default="flex", choices=("flex", "torch", "triton", "auto"))
+    parser.add_argument("--backend", default="flex", choices=("flex", "sdpa", "torch", "triton", "auto"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", default=None, help="also write the result row to this file")

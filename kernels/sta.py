@@ -28,6 +28,12 @@ permutation, block mask) is computed once per (grid, tile, window) and cached.
   path. The block mask is built from the tile-level window table with
   ``BlockMask.from_kv_blocks``, which is what ``create_block_mask`` computes, without
   evaluating the mask on all N^2 token pairs (3.8e9 at 16x48x80).
+- ``"sdpa"``: grouped dense attention. Query tiles whose windows start at the same tile
+  on every axis share the same keys (along an axis of n tiles with window w there are
+  only n - w + 1 distinct windows), so each group gathers its window's keys once and
+  makes one ``scaled_dot_product_attention`` call: PyTorch's fused CPU attention does
+  exactly the kept pairs; the overhead is one gather of keys/values per group. No
+  compilation.
 - ``"triton"``: a kernel with one program per (query tile, batch*head) that loops over
   the key tiles of its window with an online softmax, so skipped tiles cost nothing,
   not even a mask lookup. GPU path; runs on CPU under ``TRITON_INTERPRET=1`` (slow,
@@ -49,7 +55,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "flex", "triton")
+BACKENDS = ("auto", "torch", "flex", "sdpa", "triton")
 
 Triple = tuple[int, int, int]
 
@@ -284,6 +290,46 @@ def sta_flex(q, k, v, lay: TileLayout, scale: float) -> torch.Tensor:
     return lay.from_tiles(out)
 
 
+# ------------------------------------------------------------------- grouped SDPA
+
+
+@functools.lru_cache(maxsize=32)
+def _window_groups(lay: TileLayout, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Query tiles whose windows start at the same tile on every axis share their keys:
+    one (query token ids, key token ids) pair per distinct window, raster ids."""
+    per_axis = []
+    for axis in range(3):
+        starts = lay.window_starts(axis)
+        tile, window, size = lay.tile[axis], lay.window[axis], lay.grid[axis]
+        coords = torch.arange(size)
+        tile_of = coords // tile
+        groups = []
+        for start in sorted(set(starts)):
+            members = torch.tensor([i for i, s in enumerate(starts) if s == start])
+            queries = coords[torch.isin(tile_of, members)]
+            keys = coords[(tile_of >= start) & (tile_of < start + window)]
+            groups.append((queries, keys))
+        per_axis.append(groups)
+    (T, H, W) = lay.grid
+
+    def raster(t, h, w):
+        return ((t[:, None, None] * H + h[None, :, None]) * W + w[None, None, :]).reshape(-1).to(device)
+
+    return [(raster(qt, qh, qw), raster(kt, kh, kw))
+            for qt, kt in per_axis[0] for qh, kh in per_axis[1] for qw, kw in per_axis[2]]
+
+
+def sta_grouped_sdpa(q, k, v, lay: TileLayout, scale: float) -> torch.Tensor:
+    """One dense SDPA call per distinct window: all query tiles sharing a window attend
+    to its gathered keys. Same mask as STA, computed by PyTorch's fused CPU attention;
+    the price is gathering each window's keys once per group (not once per tile)."""
+    out = torch.empty_like(q)
+    for queries, keys in _window_groups(lay, str(q.device)):
+        kg, vg = k.index_select(2, keys), v.index_select(2, keys)
+        out.index_copy_(2, queries, F.scaled_dot_product_attention(q.index_select(2, queries), kg, vg, scale=scale))
+    return out
+
+
 # --------------------------------------------------------------------------- triton
 
 
@@ -426,4 +472,6 @@ def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
         return sta_torch(q, k, v, lay, scale)
     if name == "flex":
         return sta_flex(q, k, v, lay, scale)
+    if name == "sdpa":
+        return sta_grouped_sdpa(q, k, v, lay, scale)
     return sta_triton(q, k, v, lay, scale)

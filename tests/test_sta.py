@@ -96,12 +96,13 @@ def test_tile_major_round_trip():
 # ------------------------------------------------------------------ kernels vs oracle
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("grid,tile,window", CASES)
-def test_flex_matches_reference(grid, tile, window, dtype):
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+@pytest.mark.parametrize("grid,tile,window,dtype",
+                         [(*case, torch.float32) for case in CASES] + [(*CASES[i], torch.bfloat16) for i in (1, 4)])
+def test_flex_and_grouped_sdpa_match_reference(grid, tile, window, dtype, backend):
     q, k, v = _qkv(grid, dtype)
     ref = sliding_tile_attention(q, k, v, grid, tile, window, backend="torch")
-    out = sliding_tile_attention(q, k, v, grid, tile, window, backend="flex")
+    out = sliding_tile_attention(q, k, v, grid, tile, window, backend=backend)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
@@ -116,7 +117,7 @@ def test_triton_matches_reference(grid, tile, window, dtype, interpreted_triton)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("backend", ["torch", "flex", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "flex", "sdpa", "triton"])
 def test_window_covering_the_grid_is_dense_attention(backend, request):
     if backend == "triton":
         request.getfixturevalue("interpreted_triton")

@@ -133,9 +133,11 @@ class STAMethod(Method):
             Param("window_w", "int", 3, min=1, max=64, help="key tiles along width (paper: 3)"),
             Param("full_attention_steps", "int", 12, min=0, max=1000,
                   help="first denoising steps that keep dense attention (FastVideo's Wan recipe: 12 of 50)"),
-            Param("backend", "choice", "auto", choices=("auto", "flex", "triton", "torch"),
-                  help="auto = triton kernel on a CUDA GPU, compiled FlexAttention on CPU; "
-                       "torch = the reference (slow, exact mask)"),
+            Param("backend", "choice", "auto", choices=("auto", "flex", "sdpa", "triton", "torch"),
+                  help="auto = triton kernel on a CUDA GPU, else compiled FlexAttention; flex = "
+                       "block-sparse FlexAttention (first call compiles, 20 s+ on CPU); sdpa = one "
+                       "fused SDPA call per distinct window (no compile); torch = the reference "
+                       "(slow, exact mask)"),
         ),
         conflicts=("attention_backend",),
     )
