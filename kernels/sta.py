@@ -44,9 +44,9 @@ Measured (``python -m benchmarks.sta_attention``, 2 threads, float32, 2 heads x 
 2-core machine shared with trainings, so absolute seconds are inflated; ratios come
 from interleaved runs):
 
-- 16x48x80, tile 4x8x8, window 3x3x3 (11.25% kept): flex 5.49x and 5.92x over dense
-  SDPA in two runs (ideal 8.9x); grouped sdpa 3.28x.
-- 8x24x40, tile 2x4x8, window 3x3x3 (22.5% kept): flex 1.37x-2.22x over three runs
+- 16x48x80, tile 4x8x8, window 3x3x3 (11.25% kept): flex 5.49x-5.92x over dense SDPA
+  in three runs (ideal 8.9x); grouped sdpa 3.28x.
+- 8x24x40, tile 2x4x8, window 3x3x3 (22.5% kept): flex 1.37x-2.58x over four runs
   (ideal 4.4x); grouped sdpa 0.59x (its key gathers and small SDPA calls cost more than
   they save). Tiles of 2x8x8 with window 3x1x3 (15% kept): flex 2.83x. Blocks of 64
   tokens leave the CPU kernel with small GEMMs; larger tiles use it better.
