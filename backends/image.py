@@ -28,6 +28,17 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
+def _batches_cfg(pipe: Any) -> bool:
+    """Whether the pipeline runs guidance as one [uncond, cond] batch (SD, SDXL, PixArt,
+    CogVideoX) rather than as separate passes (FLUX true CFG, Wan). diffusers has no flag
+    for it, so read the pipeline's own loop: the batched ones all double the latents."""
+    try:
+        source = inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return hasattr(type(pipe), "do_classifier_free_guidance")
+    return "[latents] * 2" in source
+
+
 class DiffusionBackend(Backend):
     """Shared by image, video and audio diffusion: the pipeline call, stage timing, CFG.
 
@@ -40,6 +51,7 @@ class DiffusionBackend(Backend):
         self.pipe = pipe
         self.family = pipeline_family(pipe)
         self.call_params = set(inspect.signature(pipe.__call__).parameters)
+        self.cfg_batched = _batches_cfg(pipe)
         self.base_scheduler = pipe.scheduler
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)

@@ -261,3 +261,21 @@ def test_remove_leaves_no_patch_behind(request, backend_name):
         assert module._compiled_call_impl is None, module_name
         registry = getattr(module, "_diffusers_hook", None)
         assert registry is None or (module_name == "" and not registry.hooks), module_name
+
+
+def test_guidance_methods_on_a_pipeline_with_separate_cfg_passes():
+    """Wan runs cond and uncond as separate passes: CFG truncation must drop the uncond
+    pass without halving the batch, and FasterCache must keep its CFG-Cache off."""
+    from backends.tiny.dummy_video import dummy_wan_pipeline
+    from backends.video import VideoBackend
+
+    backend = VideoBackend("dummy-wan", dummy_wan_pipeline(), torch.device("cpu"), torch.float32)
+    assert backend.cfg_batched is False
+    request = Request("video", "dummy-wan", "a red ball", seed=0, params={"steps": 4, "guidance": 5.0})
+    base = backend.run(request)
+    truncated = backend.run(request.replace(methods=[MethodChoice("cfg_truncation", {"fraction": 0.5})]))
+    assert truncated.model_evals == base.model_evals - 2
+    cached = backend.run(request.replace(methods=[MethodChoice("faster_cache")]))
+    assert any("separate passes" in n for n in cached.notes)
+    again = backend.run(request)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base.output, again.output))

@@ -69,9 +69,11 @@ class CFGTruncationMethod(Method):
         if backend.cfg_passes(call) < 2 or self.cut >= steps:
             return call
         pipe = backend.pipe
-        if hasattr(type(pipe), "do_classifier_free_guidance"):
+        if backend.cfg_batched and hasattr(type(pipe), "do_classifier_free_guidance"):
             inputs = tuple(n for n in BATCHED_CFG_INPUTS if n in getattr(pipe, "_callback_tensor_inputs", ()))
             return add_callback(call, _TruncateBatchedCFG(self, self.cut, inputs))
+        if hasattr(type(pipe), "do_classifier_free_guidance"):  # separate passes gated per step (Wan)
+            return add_callback(call, _TruncateBatchedCFG(self, self.cut, ()))
         if "true_cfg_scale" in call:
             self._separate = True
             return add_callback(call, self._count_step)

@@ -20,7 +20,7 @@ from backends.accel.base import MethodSpec, Param, register
 
 def batches_cfg(backend, call: dict[str, Any]) -> bool:
     """True when cond and uncond go through the denoiser as one batch."""
-    return backend.cfg_passes(call) == 2 and "true_cfg_scale" not in call
+    return backend.cfg_passes(call) == 2 and backend.cfg_batched
 
 
 @register
