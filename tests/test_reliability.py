@@ -140,6 +140,8 @@ def test_soak_mixed_requests_with_injected_failures(studio_factory, monkeypatch)
             started += 1
         if i % 40 == 39:
             rss.append(psutil.Process().memory_info().rss)
+    print(f"soak: {i + 1} requests, {ok} ok, {started - ok} failed runs ({injected['count']} injected out-of-memory), "
+          f"{refused} refused by validation, rows {studio.history.count()} for {started} runs")
     assert injected["count"] > 5 and refused > 10 and ok > 100
     assert studio.history.count() == started
     assert studio.history.count(status="failed") == started - ok
