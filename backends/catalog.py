@@ -25,6 +25,7 @@ class BundledModel:
     title: str
     description: str
     draft: str | None = None  # text: the paired draft model for speculative decoding
+    default_size: tuple[int, int] | None = None  # image: (height, width) it was trained at
 
     @property
     def path(self) -> Path:
@@ -39,7 +40,7 @@ BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-sd-shapes", "image", "Tiny SD (UNet) - shapes",
                  "Stable Diffusion layout UNet trained here on rendered coloured shapes."),
     BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
-                 "FLUX layout transformer trained here on rendered coloured shapes."),
+                 "FLUX layout transformer trained here on rendered coloured shapes.", default_size=(64, 64)),
     BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
                  "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes."),
     BundledModel("tiny-code-llama", "text", "Tiny code Llama (12 layers)",

@@ -159,6 +159,11 @@ class ImageBackend(DiffusionBackend):
     modality = "image"
 
     def default_size(self) -> tuple[int, int]:
+        from backends.catalog import find_bundled
+
+        entry = find_bundled(self.model_id)
+        if entry is not None and entry.default_size:  # FluxPipeline's class default is 1024 px
+            return entry.default_size
         pipe = self.pipe
         scale = getattr(pipe, "vae_scale_factor", 8)
         unet = getattr(pipe, "unet", None)
