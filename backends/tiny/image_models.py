@@ -84,37 +84,10 @@ def _words() -> list[str]:
 
 
 def build_clip_tokenizer():
-    """A ``CLIPTokenizer`` whose BPE merges spell every prompt word as one token.
+    """A ``CLIPTokenizer`` that spells every prompt word as one token."""
+    from backends.tiny.word_tokenizer import build_word_tokenizer
 
-    Merges are chains (c+i, ci+r, ...). Where one word's merge would split another word
-    (``r i`` from "right" inside "triangle"), that word's chain is moved to the front
-    until every word is a single token.
-    """
-    from transformers import CLIPTokenizer
-
-    words = _words()
-    chars = sorted({c for w in words for c in w})
-    order = list(words)
-    for _ in range(20):
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in chars:
-            vocab.setdefault(c, len(vocab))
-            vocab.setdefault(c + "</w>", len(vocab))
-        merges: list[tuple[str, str]] = []
-        for w in order:
-            sym = list(w[:-1]) + [w[-1] + "</w>"]
-            cur = sym[0]
-            for s in sym[1:]:
-                if (cur, s) not in merges:
-                    merges.append((cur, s))
-                cur += s
-                vocab.setdefault(cur, len(vocab))
-        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-        bad = [w for w in words if len(tok.tokenize(w)) != 1]
-        if not bad:
-            return tok
-        order = bad + [w for w in order if w not in bad]
-    raise RuntimeError(f"could not make single-token merges for {bad}")
+    return build_word_tokenizer(_words(), MAX_TOKENS)
 
 
 def build_t5_tokenizer():
