@@ -38,4 +38,12 @@ def default_prompts(modality: str, n: int, kind: str = "mixed", seed: int = 0) -
     if modality == "text":
         pool = {"code": CODE_PROMPTS, "edit": EDIT_PROMPTS, "mixed": CODE_PROMPTS + EDIT_PROMPTS}[kind]
         return [pool[i % len(pool)] for i in range(n)]
+    if modality == "audio":
+        from backends.tiny.audio_data import audio_prompts
+
+        return audio_prompts(n, seed)
+    if modality == "video":
+        from backends.tiny.video_models import eval_clip_prompts
+
+        return eval_clip_prompts(n, seed)
     return ["a short clip"] * n

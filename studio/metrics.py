@@ -129,6 +129,14 @@ def quality(modality: str, reference: Any, test: Any) -> dict[str, float]:
 
 def task_score(modality: str, model: str, outputs: list, prompts: list[str]) -> dict[str, float] | None:
     """Prompt adherence for bundled models that ship a classifier; None otherwise."""
+    if modality == "audio" and model == "tiny-audio-synth":
+        from backends.tiny.audio_data import score_audio
+
+        return score_audio(outputs, 16000, prompts)
+    if modality == "video" and model == "tiny-video-shapes":
+        from backends.tiny.video_models import score_clips
+
+        return score_clips(outputs, prompts)
     if modality == "image" and model.startswith("tiny-") and model.endswith("-shapes"):
         try:
             from backends.tiny.shapes import score_images

@@ -46,35 +46,10 @@ AUDIO_CALL = dict(num_inference_steps=25, guidance_scale=3.0)
 
 
 def build_word_tokenizer(words: list[str], max_tokens: int = MAX_TOKENS):
-    """A ``CLIPTokenizer`` whose BPE merges spell each of ``words`` as one token.
+    """A ``CLIPTokenizer`` that spells each of ``words`` as one token (shared builder)."""
+    from backends.tiny.word_tokenizer import build_word_tokenizer as build
 
-    Same construction as the shapes tokenizer: merge chains per word, and a word whose
-    chain is broken by another word's merges moves to the front until all are single tokens.
-    """
-    from transformers import CLIPTokenizer
-
-    chars = sorted({c for w in words for c in w})
-    order, bad = list(words), []
-    for _ in range(20):
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in chars:
-            vocab.setdefault(c, len(vocab))
-            vocab.setdefault(c + "</w>", len(vocab))
-        merges: list[tuple[str, str]] = []
-        for w in order:
-            sym = list(w[:-1]) + [w[-1] + "</w>"]
-            cur = sym[0]
-            for s in sym[1:]:
-                if (cur, s) not in merges:
-                    merges.append((cur, s))
-                cur += s
-                vocab.setdefault(cur, len(vocab))
-        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_tokens)
-        bad = [w for w in words if len(tok.tokenize(w)) != 1]
-        if not bad:
-            return tok
-        order = bad + [w for w in order if w not in bad]
-    raise RuntimeError(f"could not make single-token merges for {bad}")
+    return build(words, max_tokens)
 
 
 def build_audio_tokenizer():
