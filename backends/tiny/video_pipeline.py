@@ -43,11 +43,14 @@ class ShapesVideoPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(self, transformer, text_encoder, tokenizer, scheduler, vae=None,
-                 default_frames: int = 8, default_size: int = 32):
+                 default_frames: int = 8, default_size: int = 32, prediction_type: str = "flow"):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
-        self.register_to_config(default_frames=default_frames, default_size=default_size)  # what it was trained on
+        # what it was trained on; prediction_type "sample": the transformer predicts the clean clip
+        # (x-prediction, as in JiT for large-patch pixel transformers), turned into a velocity here
+        self.register_to_config(default_frames=default_frames, default_size=default_size,
+                                prediction_type=prediction_type)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self._guidance_scale = 1.0
         self._current_timestep = None
@@ -145,6 +148,8 @@ class ShapesVideoPipeline(DiffusionPipeline):
                 if cfg:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + self.guidance_scale * (cond - uncond)
+                if self.config.prediction_type == "sample":  # x-prediction -> velocity (noise - x0)
+                    noise_pred = (latents - noise_pred) / self.scheduler.sigmas[i].clamp(min=1e-3)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": prompt_embeds}
