@@ -67,20 +67,29 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
     if warmup:
         for c in configs:
             backend.run(requests[c.label][0])
+    # Interleaved per prompt (baseline, m1, m2 on prompt 1, then prompt 2...): a change in
+    # machine load hits every configuration of a pair within seconds, not a whole block.
     seconds: dict[str, list[float]] = {c.label: [] for c in configs}
-    last: dict[str, list] = {}
+    per_run: dict[str, list[float]] = {c.label: [] for c in configs}
+    last: dict[str, list] = {c.label: [None] * len(prompts) for c in configs}
     for rep in range(repeats):
-        for c in configs:
-            results = [backend.run(r) for r in requests[c.label]]
-            seconds[c.label].append(sum(r.total_seconds for r in results))
-            last[c.label] = results
+        totals = {c.label: 0.0 for c in configs}
+        for i in range(len(prompts)):
+            for c in configs:
+                result = backend.run(requests[c.label][i])
+                totals[c.label] += result.total_seconds
+                per_run[c.label].append(result.total_seconds)
+                last[c.label][i] = result
+        for label, total in totals.items():
+            seconds[label].append(total)
         log(f"repeat {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
-    base_s = statistics.median(seconds["baseline"])
     base_out = [r.output for r in last["baseline"]]
     rows = []
     for c in configs:
         results = last[c.label]
         median = statistics.median(seconds[c.label])
+        # speedup: the median of paired ratios (same prompt, same repeat, seconds apart)
+        paired = [b / m for b, m in zip(per_run["baseline"], per_run[c.label]) if m > 0]
         per_prompt = [metrics.quality(modality, b, r.output) for b, r in zip(base_out, results)]
         quality = {k: round(statistics.mean(q[k] for q in per_prompt), 4) for k in per_prompt[0]}
         task = metrics.task_score(modality, model, [r.output for r in results], prompts)
@@ -90,7 +99,7 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
             "method": c.label,
             "params": [m.to_dict() for m in c.methods],
             "seconds_median": round(median, 4),
-            "speedup": round(base_s / median, 3),
+            "speedup": round(statistics.median(paired), 3),
             "quality": quality,
             "lossless": lossless_flag(c),
             "model_evals": sum(r.model_evals for r in results),
