@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, event, func, or_, select
 from sqlalchemy.exc import DatabaseError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from backends.types import Request, Result, StudioError
 

@@ -286,33 +286,10 @@ def _video_words() -> list[str]:
 
 
 def build_video_tokenizer():
-    """A ``CLIPTokenizer`` that spells every prompt word as one token (merge chains per word,
-    reordered until no word's merges split another word, as in the image recipe)."""
-    from transformers import CLIPTokenizer
+    """A ``CLIPTokenizer`` that spells every prompt word as one token (shared builder)."""
+    from backends.tiny.word_tokenizer import build_word_tokenizer
 
-    words = _video_words()
-    chars = sorted({c for w in words for c in w})
-    order, bad = list(words), []
-    for _ in range(30):
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in chars:
-            vocab.setdefault(c, len(vocab))
-            vocab.setdefault(c + "</w>", len(vocab))
-        merges: list[tuple[str, str]] = []
-        for w in order:
-            sym = list(w[:-1]) + [w[-1] + "</w>"]
-            cur = sym[0]
-            for s in sym[1:]:
-                if (cur, s) not in merges:
-                    merges.append((cur, s))
-                cur += s
-                vocab.setdefault(cur, len(vocab))
-        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-        bad = [w for w in words if len(tok.tokenize(w)) != 1]
-        if not bad:
-            return tok
-        order = bad + [w for w in order if w not in bad]
-    raise RuntimeError(f"could not make single-token merges for {bad}")
+    return build_word_tokenizer(_video_words(), MAX_TOKENS)
 
 
 def make_tiny_wan(cfg: VideoConfig):
