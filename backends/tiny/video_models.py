@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
