@@ -107,3 +107,31 @@ def test_auth_protects_pages_and_api(tmp_path):
         assert reply["run_id"] == 1
     finally:
         served.close()
+
+
+def test_compare_and_history_through_the_api(served):
+    url, studio = served
+    client = Client(url, verbose=False)
+    summary, gallery, _texts, table, _scatter, _stages, csv_path, html_path = client.predict(
+        "image", "dummy-sd", "a red circle", "", "0", '{"steps": 3, "guidance": 4}',
+        "deepcache(interval=2)\nsampler(steps=2)\ncfg_truncation(fraction=0.5)", False, 1, api_name="/compare")
+    assert "Compare group" in summary and len(gallery) == 4
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["baseline", "deepcache(interval=2)", "sampler(steps=2)", "cfg_truncation"]
+    assert open(csv_path).read().startswith("config,") and "<table>" in open(html_path).read()
+    group = summary.split("`")[1]
+    grouped = studio.history.query(compare_group=group)
+    assert len(grouped) == 4
+
+    # history: show a run's config, re-run it exactly, export, delete
+    run_id = grouped[-1].id
+    _image, _file, _text, details = client.predict(run_id, api_name="/history_show")
+    assert f'"id": {run_id}' in details and '"compare_group"' in details
+    new_id, info = client.predict(run_id, api_name="/history_rerun")
+    assert int(new_id) != run_id and "Run #" in info
+    assert studio.history.get(int(new_id)).seed == studio.history.get(run_id).seed
+    csv_file = client.predict("image", "dummy-sd", "", "", "", 1, api_name="/history_export")
+    assert str(run_id) in open(csv_file).read()
+    before = studio.history.count()
+    client.predict(int(new_id), "", "", "", "", "", 1, api_name="/history_delete")
+    assert studio.history.count() == before - 1 and studio.history.get(int(new_id)) is None
