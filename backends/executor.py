@@ -67,7 +67,8 @@ class RayExecutor:
     """
 
     def __init__(self, num_workers: int | None = None, address: str | None = None, device: str = "auto",
-                 dummy_models: bool = False, num_cpus: int | None = None, retries: int = 1):
+                 dummy_models: bool = False, num_cpus: int | None = None, retries: int = 1,
+                 cpus_per_worker: float = 1.0):
         import threading
 
         import ray
@@ -79,7 +80,8 @@ class RayExecutor:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = num_workers or max(1, gpus)
         per_worker_gpu = 1 if gpus >= count and device != "cpu" else 0
-        remote = ray.remote(num_cpus=1, num_gpus=per_worker_gpu, max_restarts=1, max_task_retries=0)(StudioWorker)
+        remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=per_worker_gpu, max_restarts=1,
+                            max_task_retries=0)(StudioWorker)
         self.workers = [remote.remote(f"ray-worker-{i}", device, dummy_models) for i in range(count)]
         self.in_flight = [0] * count
         self.retries = retries

@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     requests = [Request("image", args.model, f"request {i}", seed=i, params={"steps": args.steps})
                 for i in range(args.requests)]
     dummy = args.model.startswith("dummy-")
-    one = RayExecutor(num_workers=1, device="cpu", dummy_models=dummy)
-    two = RayExecutor(num_workers=2, device="cpu", dummy_models=dummy)
+    # three actors on a 2-CPU Ray instance: reserve half a CPU each so all can be placed
+    one = RayExecutor(num_workers=1, device="cpu", dummy_models=dummy, cpus_per_worker=0.5)
+    two = RayExecutor(num_workers=2, device="cpu", dummy_models=dummy, cpus_per_worker=0.5)
     for executor in (one, two):  # load the model on every worker first
         timed_concurrent(executor, requests[:len(executor.workers)])
     t1, t2 = [], []
