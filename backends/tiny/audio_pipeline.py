@@ -27,6 +27,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from backends.tiny import audio_data as ad
+from backends.tiny.pipeline_common import GuidanceAttributesMixin
 
 
 @dataclass
@@ -69,7 +70,7 @@ def unet_input(spec: torch.Tensor) -> torch.Tensor:
     return torch.cat([spec, frequency_channel(b, m, f, spec.dtype, spec.device)], dim=1)
 
 
-class SynthAudioPipeline(DiffusionPipeline):
+class SynthAudioPipeline(GuidanceAttributesMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -86,18 +87,6 @@ class SynthAudioPipeline(DiffusionPipeline):
     @property
     def sampling_rate(self) -> int:
         return int(self.config.sample_rate)
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
 
     def frames_for(self, audio_length_in_s: float | None) -> tuple[int, int]:
         """(spectrogram frames, output samples): frames rounded up to the UNet's multiple of 8."""

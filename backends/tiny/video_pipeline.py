@@ -26,6 +26,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from backends.tiny.pipeline_common import GuidanceAttributesMixin
 from PIL import Image
 
 
@@ -37,7 +39,7 @@ class ShapesVideoPipelineOutput(BaseOutput):
     frames: Any
 
 
-class ShapesVideoPipeline(DiffusionPipeline):
+class ShapesVideoPipeline(GuidanceAttributesMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
@@ -58,18 +60,6 @@ class ShapesVideoPipeline(DiffusionPipeline):
         self._interrupt = False
 
     # -- attributes diffusers pipelines expose (callbacks and cache hooks read them)
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
     @property
     def current_timestep(self):
         return self._current_timestep
