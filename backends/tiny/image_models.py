@@ -44,6 +44,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -257,7 +258,7 @@ def train_vae_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=VAE_DIR)
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     vae = make_tiny_vae()
@@ -363,7 +364,7 @@ def train_unet_main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, default=64)
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
@@ -510,7 +511,7 @@ def train_dit_main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, default=64)
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
