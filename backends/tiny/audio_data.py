@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from backends.tiny.shapes import AttributeCNN
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 CLASSIFIER_DIR = ASSETS / "audio-classifier"
@@ -320,23 +321,11 @@ class ClassifierConfig:
     seed: int = 0
 
 
-class AudioClassifier(nn.Module):
-    """Four conv stages on the 64x64 log-mel, a 4x4 map kept (pitch lives in *where* the
-    energy is), one linear head per attribute."""
+class AudioClassifier(AttributeCNN):
+    """One head per sound attribute on the 64x64 log-mel (pitch lives in *where* the energy is)."""
 
     def __init__(self, width: int = 32):
-        super().__init__()
-        layers, c_in = [], 1
-        for c_out in (width, width, 2 * width, 2 * width):  # 64 -> 32 -> 16 -> 8 -> 4
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, 128), nn.ReLU())
-        self.heads = nn.ModuleDict({a: nn.Linear(128, len(VOCAB[a])) for a in ATTRIBUTES})
-
-    def forward(self, spec: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.trunk(self.features(spec))
-        return {a: head(h) for a, head in self.heads.items()}
+        super().__init__(1, {a: len(VOCAB[a]) for a in ATTRIBUTES}, width)
 
 
 def _labels(spec: SoundSpec) -> list[int]:

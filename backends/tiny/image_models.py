@@ -350,22 +350,28 @@ def _clip_ids(tok, prompts: list[str]) -> torch.Tensor:
     return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet_main(argv: list[str] | None = None) -> int:
-    """Train the tiny SD: UNet + CLIP text encoder on VAE latents, then save, reload and grade."""
-    from diffusers import StableDiffusionPipeline
-
-    cfg = UNetConfig()
-    p = argparse.ArgumentParser(prog="shapes-unet")
+def _denoiser_args(prog: str, cfg, out: Path, grid: str, what: str, argv: list[str] | None):
+    """The options both denoiser recipes take; also sets threads and the seed."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--minutes", type=float, default=cfg.minutes)
-    p.add_argument("--out", type=Path, default=SD_DIR)
+    p.add_argument("--out", type=Path, default=out)
     p.add_argument("--vae", type=Path, default=VAE_DIR)
-    p.add_argument("--grid", default="/tmp/grid_sd.png")
-    p.add_argument("--init", type=Path, default=None, help="continue from a saved tiny-sd folder")
+    p.add_argument("--grid", default=grid)
+    p.add_argument("--init", type=Path, default=None, help=f"continue from a saved {what} folder")
     p.add_argument("--eval-n", type=int, default=64)
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
     torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
     torch.manual_seed(cfg.seed)
+    return args
+
+
+def train_unet_main(argv: list[str] | None = None) -> int:
+    """Train the tiny SD: UNet + CLIP text encoder on VAE latents, then save, reload and grade."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = UNetConfig()
+    args = _denoiser_args("shapes-unet", cfg, SD_DIR, "/tmp/grid_sd.png", "tiny-sd", argv)
     rng = random.Random(cfg.seed)
 
     vae = load_vae(args.vae)
@@ -502,17 +508,7 @@ def train_dit_main(argv: list[str] | None = None) -> int:
     from diffusers import FluxPipeline
 
     cfg = DiTConfig()
-    p = argparse.ArgumentParser(prog="shapes-dit")
-    p.add_argument("--minutes", type=float, default=cfg.minutes)
-    p.add_argument("--out", type=Path, default=FLUX_DIR)
-    p.add_argument("--vae", type=Path, default=VAE_DIR)
-    p.add_argument("--grid", default="/tmp/grid_flux.png")
-    p.add_argument("--init", type=Path, default=None, help="continue from a saved tiny-flux folder")
-    p.add_argument("--eval-n", type=int, default=64)
-    args = p.parse_args(argv)
-    cfg.minutes = args.minutes
-    torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
-    torch.manual_seed(cfg.seed)
+    args = _denoiser_args("shapes-dit", cfg, FLUX_DIR, "/tmp/grid_flux.png", "tiny-flux", argv)
     rng = random.Random(cfg.seed)
 
     vae = load_vae(args.vae)

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,24 +118,32 @@ class ClassifierConfig:
     seed: int = 0
 
 
-class ShapesClassifier(nn.Module):
-    """Four small conv stages then one linear head per attribute (shape/colour/position/background)."""
+class AttributeCNN(nn.Module):
+    """Four small conv stages, the 4x4 map kept (not a global pool: position - or, on a
+    spectrogram, pitch - lives in where the activations are), one linear head per
+    attribute. Shared by the shapes and audio classifiers."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, in_channels: int, head_sizes: dict[str, int], width: int = 32):
         super().__init__()
         w = width
-        layers, c_in = [], 3
+        layers, c_in = [], in_channels
         for c_out in (w, w, 2 * w, 2 * w):  # 64 -> 32 -> 16 -> 8 -> 4
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        # keep the 4x4 map (not a global pool): position lives in where the activations are
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, 128), nn.ReLU())
-        self.heads = nn.ModuleDict({a: nn.Linear(128, len(VOCAB[a])) for a in ATTRIBUTES})
+        self.heads = nn.ModuleDict({a: nn.Linear(128, n) for a, n in head_sizes.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(self.features(x))
         return {a: head(h) for a, head in self.heads.items()}
+
+
+class ShapesClassifier(AttributeCNN):
+    """Shape / colour / position / background of a 64x64 RGB render."""
+
+    def __init__(self, width: int = 32):
+        super().__init__(3, {a: len(VOCAB[a]) for a in ATTRIBUTES}, width)
 
 
 def _labels(spec: ShapeSpec) -> list[int]:
