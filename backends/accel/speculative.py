@@ -11,6 +11,11 @@ The draft must share the target's tokenizer: ids are exchanged, not text. A draf
 different vocabulary is refused unless ``universal`` is on, which switches to transformers'
 universal assisted decoding (Timor et al. 2025): drafts are re-tokenized through text,
 slower, still verified by the target.
+
+Codec language models (MusicGen) get the same idea through our own loop
+(``backends.accel._codec_decoding.speculative_loop``), since transformers' MusicGen
+``generate`` has no assisted mode: the draft is a smaller model of the same family
+(musicgen-small for musicgen-medium) proposing whole positions of K codebook tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.catalog import bundled
-from backends.accel._decoding import DECODING_METHODS, decoding_stats
+from backends.accel._codec_decoding import check_same_codec, speculative_loop
+from backends.accel._decoding import DECODING_METHODS, decoding_stats, require_greedy, set_decoder
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
@@ -49,8 +55,8 @@ class SpeculativeMethod(Method):
     spec = MethodSpec(
         name="speculative",
         title="Speculative decoding (draft model)",
-        modalities=("text",),
-        families=("causal-lm",),
+        modalities=("text", "audio"),
+        families=("causal-lm", "codec-lm"),
         summary="A small draft model proposes tokens the target verifies in one forward; exact output "
                 "(greedy) or exact distribution (sampling).",
         paper="Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding (ICML); "
@@ -81,6 +87,12 @@ class SpeculativeMethod(Method):
             )
         self.draft_id = draft_id
         self.draft, self.draft_tokenizer = backend.get_draft(draft_id)
+        self.codec = backend.family == "codec-lm"
+        self._saved = {}
+        if self.codec:
+            check_same_codec(backend.model, self.draft, draft_id)
+            self._codec_stats: dict[str, int] = {}
+            return
         self.same_vocab = True
         try:
             check_same_vocab(backend.tokenizer, backend.model, self.draft_tokenizer, self.draft, draft_id)
@@ -111,12 +123,34 @@ class SpeculativeMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         self._extra = call["_extra"]
         self.draft_forwards = 0
+        if self.codec:
+            return self._codec_call(backend, call)
         kwargs = dict(call["generate_kwargs"], assistant_model=self.draft)
         if not self.same_vocab:
             kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=self.draft_tokenizer)
         return {**call, "generate_kwargs": kwargs}
 
+    def _codec_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        require_greedy(call, "speculative decoding of audio codes")
+        gamma = int(self.params["num_assistant_tokens"])
+
+        def decode(backend, call, on_progress):
+            target, draft = backend.session(backend.model, call), backend.session(self.draft, call)
+            columns, self._codec_stats = speculative_loop(target, draft, gamma, on_progress)
+            self._codec_stats["target_forwards"] = target.forwards
+            self._codec_stats["positions"] = len(columns) - 1
+            return target.codes(columns)
+
+        return set_decoder(call, decode, "speculative")
+
     def stats(self) -> dict[str, Any]:
+        if self.codec:
+            stats = dict(self._codec_stats, draft=self.draft_id)
+            if stats.get("target_forwards"):
+                stats["positions_per_target_forward"] = round(stats["positions"] / stats["target_forwards"], 3)
+            if stats.get("proposed_positions"):
+                stats["acceptance_rate"] = round(stats["accepted_positions"] / stats["proposed_positions"], 3)
+            return stats
         stats = decoding_stats(self._extra)
         stats.update(draft=self.draft_id, draft_forwards=self.draft_forwards,
                      universal=not self.same_vocab)
@@ -126,6 +160,8 @@ class SpeculativeMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         notes = []
+        if self.codec:
+            return notes
         if not self.same_vocab:
             notes.append(f"draft '{self.draft_id}' has a different tokenizer: universal assisted decoding "
                          "re-tokenizes every draft through text (slower)")

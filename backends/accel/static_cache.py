@@ -7,7 +7,7 @@ the same shapes, which is what lets ``torch.compile`` capture the step as one gr
 
 Lossless: same math, same greedy tokens. On CPU the gain without compilation is small or
 negative (measured 0.94x on the tiny code LM: the cache is tiny, the copy is cheap);
-compilation runs the inductor C++ backend, whose first call compiles for tens of seconds
+codec LMs (MusicGen) take the same two ``generate`` settings. Compilation runs the inductor C++ backend, whose first call compiles for tens of seconds
 and needs a working C++ compiler. On CUDA, compile + static cache is the classic 2-4x.
 """
 
@@ -24,8 +24,8 @@ class StaticCacheMethod(Method):
     spec = MethodSpec(
         name="static_cache",
         title="Static KV cache (+ torch.compile)",
-        modalities=("text",),
-        families=("causal-lm",),
+        modalities=("text", "audio"),
+        families=("causal-lm", "codec-lm"),
         summary="Preallocated fixed-shape KV cache; optionally compiles the decoding step.",
         paper="PyTorch team 2023, Accelerating Generative AI with PyTorch II: GPT, Fast",
         lossless=True,

@@ -34,6 +34,7 @@ from backends.tiny.image_models import (
     drop_prompts,
     ema_update,
     folder_mb,
+    load_unet_into,
     lr_at,
     make_ddim_scheduler,
     tiny_clip_text_model,
@@ -68,6 +69,7 @@ class AudioUNetConfig:
     pool_size: int = 4096
     block_out_channels: tuple = (16, 32, 64, 128)
     cross_attention_dim: int = 64
+    text_film: bool = True  # prompt added to the time embedding (see image_models.make_tiny_unet)
     seed: int = 0
 
 
@@ -82,6 +84,7 @@ def make_audio_unet(cfg: AudioUNetConfig):
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=32, norm_num_groups=8,
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=2) if cfg.text_film else {}),
     )
 
 
@@ -178,10 +181,9 @@ def train_audio_main(argv: list[str] | None = None) -> int:
     text = tiny_clip_text_model(len(tok), cfg.cross_attention_dim)
     unet = make_audio_unet(cfg)
     if args.init:
-        from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        unet = UNet2DConditionModel.from_pretrained(args.init / "unet")
+        unet = load_unet_into(cfg, args.init / "unet", make_audio_unet)
         text = CLIPTextModel.from_pretrained(args.init / "text_encoder")
     sched = make_ddim_scheduler()
     t0 = time.time()

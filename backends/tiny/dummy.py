@@ -84,8 +84,8 @@ def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
 
 
 def register_dummy_models(manager) -> None:
-    """Make ``dummy-sd``, ``dummy-flux`` (image), ``dummy-llama`` (text) and ``dummy-wan``
-    (video) loadable (tests, ``app.py --dummy-models``)."""
+    """Make ``dummy-sd``, ``dummy-flux`` (image), ``dummy-llama`` (text), ``dummy-wan``
+    (video) and ``dummy-musicgen`` (audio, codec LM) loadable (tests, ``app.py --dummy-models``)."""
     from backends.image import ImageBackend
 
     manager.register_factory("image", "dummy-sd", lambda d, t: ImageBackend("dummy-sd", dummy_sd_pipeline().to(d, t), d, t))
@@ -94,6 +94,9 @@ def register_dummy_models(manager) -> None:
     from backends.tiny.dummy_video import register_dummy_video_models
 
     register_dummy_video_models(manager)
+    from backends.tiny.dummy_codec import register_dummy_codec_model
+
+    register_dummy_codec_model(manager)
 
 
 def byte_level_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
