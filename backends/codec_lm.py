@@ -161,7 +161,7 @@ class CodecLMBackend(Backend):
                 audio = self.decode_codes(codes)
         wave = audio[0].float().cpu().numpy()
         wave = wave[0] if wave.shape[0] == 1 else wave.T  # mono -> (n,), stereo -> (n, 2)
-        call["_extra"].update(frames=int(codes.shape[-1]), audio_seconds=round(wave.shape[0] / self.sample_rate, 3),
+        call["_extra"].update(frames=int(codes.shape[-1]), positions=call["max_new_tokens"], audio_seconds=round(wave.shape[0] / self.sample_rate, 3),
                               output_codes=codes[0, 0].tolist())
         return np.ascontiguousarray(wave, dtype=np.float32), self.sample_rate
 

@@ -108,6 +108,8 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
         }
         if modality == "text":
             row.update(text_figures(results, [r.output for r in last["baseline"]]))
+        if getattr(backend, "family", "") == "codec-lm":
+            row.update(codec_figures(results, last["baseline"]))
         rows.append(row)
     return rows
 
@@ -123,6 +125,52 @@ def text_figures(results, baseline_texts) -> dict[str, Any]:
         "tokens_per_target_forward": round(tokens / forwards, 3) if forwards else None,
         "all_exact": all(r.output == b for r, b in zip(results, baseline_texts)),
     }
+
+
+def codec_figures(results, baseline) -> dict[str, Any]:
+    """Codec LMs: positions (K codes each) per target forward, and whether every code matched."""
+    positions = forwards = 0
+    for r in results:
+        stats = r.method_stats.get("speculative") or {}
+        positions += r.extra.get("positions", 0)
+        forwards += stats.get("target_forwards", 0) or r.model_evals
+    return {
+        "positions_per_target_forward": round(positions / forwards, 3) if forwards else None,
+        "all_exact": all(r.extra.get("output_codes") == b.extra.get("output_codes") for r, b in zip(results, baseline)),
+    }
+
+
+@torch.no_grad()
+def codec_forward_ms(backend, model, context: int = 100, new_positions: int = 1, repeats: int = 20) -> float:
+    """Median cost of one codec-LM forward of ``new_positions`` positions (with CFG, as decoding runs it)."""
+    call = backend.build_call(Request("audio", backend.model_id, "a calm piano melody", seed=0, params={"seconds": 1.0}))
+    call["max_new_tokens"] = context + new_positions + 8
+    vocab, k = model.decoder.config.vocab_size, model.decoder.num_codebooks
+    times = []
+    for _ in range(repeats):
+        session = backend.session(model, call)
+        session.forward(torch.randint(0, vocab, (k, context), device=backend.device))
+        step = torch.randint(0, vocab, (k, new_positions), device=backend.device)
+        start = time.perf_counter()
+        session.forward(step)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def codec_speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
+    """The codec-LM version of ``speculation_costs``: per-position forward costs of target
+    and draft and the speedup each row's positions-per-forward predicts."""
+    costs = {"target_1_ms": codec_forward_ms(backend, backend.model),
+             f"target_{k + 1}_ms": codec_forward_ms(backend, backend.model, new_positions=k + 1)}
+    if backend.draft_id:
+        costs["draft_1_ms"] = codec_forward_ms(backend, backend.get_draft(backend.draft_id)[0])
+    predicted = {}
+    for row in rows:
+        t = row.get("positions_per_target_forward")
+        if t and row["method"].startswith("speculative"):
+            predicted[row["method"]] = round(
+                t * costs["target_1_ms"] / (costs[f"target_{k + 1}_ms"] + k * costs.get("draft_1_ms", 0.0)), 3)
+    return {k_: round(v, 3) for k_, v in costs.items()} | {"predicted_speedup": predicted}
 
 
 @torch.no_grad()
@@ -203,7 +251,8 @@ def studio_overhead(manager: BackendManager, model: str, prompts: list[str], par
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
-    extra_keys = [k for k in ("tokens_per_target_forward", "all_exact", "overhead_pct") if any(k in r for r in rows)]
+    extra_keys = [k for k in ("tokens_per_target_forward", "positions_per_target_forward", "all_exact", "overhead_pct")
+                  if any(k in r for r in rows)]
     header = ["method", "seconds", "speedup", *quality_keys, *extra_keys]
     lines = [header]
     for r in rows:
@@ -260,11 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = run_benchmark(manager, args.modality, args.model, parse_methods(args.methods), prompts, params,
                              args.repeats, args.seed, warmup=not args.no_warmup, log=log)
+    meta_costs = None
     if args.modality == "text" and not args.overhead:
         meta_costs = speculation_costs(manager.get("text", args.model), rows)
+    elif args.modality == "audio" and manager.get("audio", args.model).family == "codec-lm":
+        meta_costs = codec_speculation_costs(manager.get("audio", args.model), rows)
+    if meta_costs:
         log(f"forward costs and predicted speedups: {meta_costs}")
-    else:
-        meta_costs = None
     meta = {"modality": args.modality, "model": args.model, "device": str(manager.device),
             "threads": torch.get_num_threads(), "prompts": len(prompts), "params": params, "repeats": args.repeats,
             "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)}
