@@ -77,6 +77,7 @@ DIT_CASES = [
     ("cfg_truncation", {"fraction": 0.5}, "evals", True),
     ("block_cache", {"interval": 2}, "blocks_skipped", True),
     ("teacache", {"threshold": 0.4}, "skipped_steps", True),
+    ("adacache", {"scale": 3.0}, "skipped_steps", True),
     ("first_block_cache", {"threshold": 0.3}, "attention_skipped", True),
     ("taylorseer", {"interval": 2, "warmup_steps": 2}, "skipped_calls", True),
     ("mag_cache", {"threshold": 0.06}, "skipped_calls", True),
@@ -164,7 +165,7 @@ def test_unet_methods_refuse_a_dit(flux, name):
         flux.run(make_request(flux, [(name, {})]))
 
 
-@pytest.mark.parametrize("name", ["block_cache", "teacache", "first_block_cache", "taylorseer", "mag_cache",
+@pytest.mark.parametrize("name", ["block_cache", "teacache", "adacache", "first_block_cache", "taylorseer", "mag_cache",
                                   "pab", "faster_cache", "attention_backend"])
 def test_dit_methods_refuse_a_unet(sd, name):
     with pytest.raises(ValidationError, match="does not apply"):
@@ -185,7 +186,7 @@ def test_gpu_attention_backend_refused_on_cpu(flux):
     assert baseline.method_stats == {}
 
 
-DIT_CACHES = ("block_cache", "teacache", "first_block_cache", "mag_cache", "taylorseer", "pab", "faster_cache")
+DIT_CACHES = ("block_cache", "teacache", "adacache", "first_block_cache", "mag_cache", "taylorseer", "pab", "faster_cache")
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(DIT_CACHES, 2)))

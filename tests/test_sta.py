@@ -216,3 +216,17 @@ def sta_method_modules(backend):
     from backends.accel.sta import self_attention_modules
 
     return self_attention_modules(backend.denoiser)
+
+
+def test_adacache_on_video_measures_motion_and_motion_shortens_reuse(wan):
+    baseline = _frames(wan.run(_request(steps=10)))
+    loose = dict(scale=1.0, max_reuse=4, warmup_steps=2)
+    plain = wan.run(_request([("adacache", dict(loose, moreg=False))], steps=10)).method_stats["adacache"]
+    moreg = wan.run(_request([("adacache", dict(loose, moreg=True, moreg_strength=10.0))], steps=10))
+    stats = moreg.method_stats["adacache"]
+    assert stats["frames"] == 3 and stats["mean_motion"] > 0  # 9 frames -> 3 latent frames after patching
+    assert plain["mean_motion"] is None and plain["skipped_steps"] > 0
+    assert stats["skipped_steps"] < plain["skipped_steps"]  # the same clip, motion counted: less reuse
+    assert max(stats["reuse_plan"]) < max(plain["reuse_plan"])
+    assert stats["computed_steps"] + stats["skipped_steps"] == 10 and stats["branches"] == 2
+    assert np.array_equal(_frames(wan.run(_request(steps=10))), baseline)

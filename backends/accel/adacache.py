@@ -1,0 +1,211 @@
+"""AdaCache (Kahatapitiya et al. 2024, "Adaptive Caching for Faster Video Generation with
+Diffusion Transformers"): a caching schedule chosen per video, as it is generated.
+
+Not every video needs the same number of denoising computations: a still scene changes
+little from step to step, a busy one a lot. After each computed step, AdaCache measures
+how much the block stack's residual (``output - input``) changed since the previous
+computed step, per step elapsed, and looks the rate up in a *codebook* of thresholds:
+the smaller the change, the more following steps reuse the residual instead of running
+the blocks. *Motion regularisation* (MoReg) scales that rate by the video's motion, here
+the frame-to-frame change of the residual, so that a clip with more motion is recomputed
+more often. On image DiTs (one frame) it is the same adaptive schedule without MoReg.
+
+The residual reuse itself is the span cache shared with TeaCache and Δ-DiT
+(``_block_span``); this module only decides when to recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backends.accel._block_span import SpanCache, block_lists
+from backends.accel._diffusers_cache import DIT_CACHES
+from backends.accel.base import Method, MethodSpec, Param, register
+from backends.types import ValidationError
+
+# (relative change per step, steps to reuse the cache after a computed step), ascending:
+# the first threshold the measured rate stays under gives the reuse count. The paper's
+# Open-Sora codebook spans 0.03-0.11 over 100 steps; at 25-50 steps the per-step change
+# is larger, hence the wider default, which ``scale`` stretches or shrinks.
+DEFAULT_CODEBOOK = ((0.08, 5), (0.12, 4), (0.18, 3), (0.26, 2), (0.40, 1))
+
+
+@dataclass(frozen=True)
+class AdaCacheConfig:
+    """``scale`` multiplies the codebook thresholds (higher = more reuse, faster, rougher).
+    ``max_reuse`` caps consecutive reused steps. ``moreg``: motion regularisation on/off;
+    ``moreg_strength`` how strongly motion shortens the reuse. ``warmup_steps`` first
+    steps always computed; the last step is always computed too."""
+
+    scale: float = 1.0
+    max_reuse: int = 4
+    moreg: bool = True
+    moreg_strength: float = 1.0
+    warmup_steps: int = 2
+    num_steps: int = 0
+    codebook: tuple[tuple[float, int], ...] = DEFAULT_CODEBOOK
+
+
+def reuse_steps(rate: float, config: AdaCacheConfig) -> int:
+    """How many steps to reuse after a computed step whose residual changed at ``rate``."""
+    for threshold, steps in config.codebook:
+        if rate <= threshold * config.scale:
+            return min(steps, config.max_reuse)
+    return 0
+
+
+def residual_change(current: torch.Tensor, previous: torch.Tensor) -> float:
+    return ((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
+
+
+def motion_score(residual: torch.Tensor, frames: int) -> float | None:
+    """Mean frame-to-frame change of the residual relative to its size; None for one frame."""
+    if frames <= 1 or residual.dim() != 3 or residual.shape[1] % frames:
+        return None
+    per_frame = residual.reshape(residual.shape[0], frames, -1, residual.shape[-1])
+    change = (per_frame[:, 1:] - per_frame[:, :-1]).abs().mean()
+    return (change / per_frame.abs().mean().clamp_min(1e-12)).item()
+
+
+def token_frames(denoiser: torch.nn.Module, hidden_states: torch.Tensor) -> int:
+    """Latent frames after temporal patching, for video DiTs taking (B, C, T, H, W) latents
+    (Wan, HunyuanVideo, LTX after unpacking...); 1 for image DiTs or unknown layouts."""
+    if hidden_states.dim() != 5:
+        return 1
+    patch = getattr(denoiser.config, "patch_size", None)
+    temporal = patch[0] if isinstance(patch, (tuple, list)) and len(patch) == 3 else \
+        getattr(denoiser.config, "patch_size_t", None) or 1
+    return max(1, hidden_states.shape[2] // int(temporal))
+
+
+class AdaptiveSchedule:
+    """The deciding function for ``SpanCache``: one per run, state kept per CFG branch."""
+
+    def __init__(self, config: AdaCacheConfig, pipe: Any = None):
+        self.config, self.pipe = config, pipe
+        self.frames = 1
+        self.rates: list[float] = []
+        self.motions: list[float] = []
+        self.reuse_plan: list[int] = []
+
+    def __call__(self, _module, _args, _kwargs, state) -> bool:
+        step = state.calls
+        extra = state.extra
+        if not state.reuse and state.residuals is not None and extra.get("seen") is not state.residuals[0]:
+            self._after_computed_step(step - 1, state.residuals[0], extra)
+        steps = getattr(self.pipe, "_num_timesteps", None) or self.config.num_steps
+        if step < self.config.warmup_steps or (steps > 0 and step >= steps - 1):
+            return False
+        return step < extra.get("reuse_until", 0)
+
+    def _after_computed_step(self, step: int, residual: torch.Tensor, extra: dict) -> None:
+        extra["seen"] = residual
+        previous = extra.get("residual")
+        extra["residual"] = (residual, step)
+        if previous is None:
+            return
+        prev_residual, prev_step = previous
+        with torch.no_grad():
+            rate = residual_change(residual, prev_residual) / max(1, step - prev_step)
+            motion = motion_score(residual, self.frames) if self.config.moreg else None
+        self.rates.append(rate)
+        if motion is not None:
+            self.motions.append(motion)
+            rate *= 1.0 + self.config.moreg_strength * motion
+        reuse = reuse_steps(rate, self.config)
+        self.reuse_plan.append(reuse)
+        extra["reuse_until"] = step + 1 + reuse
+
+
+def apply_adacache(denoiser, config: AdaCacheConfig, on_call=None, pipe=None) -> tuple[SpanCache, AdaptiveSchedule, Any]:
+    """Hook the whole block stack; returns (cache, schedule, grid hook). ``remove()`` both handles."""
+    blocks = [block for _, block in block_lists(denoiser)]
+    schedule = AdaptiveSchedule(config, pipe)
+
+    def read_grid(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hidden, torch.Tensor):
+            schedule.frames = token_frames(module, hidden)
+
+    grid_hook = denoiser.register_forward_pre_hook(read_grid, with_kwargs=True)
+    cache = SpanCache(denoiser, blocks, schedule, "adacache", on_call=on_call)
+    return cache, schedule, grid_hook
+
+
+@register
+class AdaCacheMethod(Method):
+    spec = MethodSpec(
+        name="adacache",
+        title="AdaCache (adaptive, motion-regularised)",
+        modalities=("image", "video"),
+        families=("dit", "video-dit"),
+        summary="After each computed step, the change of the blocks' residual (scaled up by the clip's "
+                "motion) picks from a codebook how many following steps reuse it: still scenes skip more.",
+        paper="Kahatapitiya et al. 2024, Adaptive Caching for Faster Video Generation with Diffusion "
+              "Transformers (arXiv 2411.02397)",
+        lossless=False,
+        params=(
+            Param("scale", "float", 1.0, min=0.1, max=5.0, step=0.1,
+                  help="multiplies the codebook thresholds: higher reuses more (faster, rougher)"),
+            Param("max_reuse", "int", 4, min=1, max=10, help="most consecutive steps answered from the cache"),
+            Param("moreg", "bool", True, help="motion regularisation: more motion, fewer reused steps"),
+            Param("moreg_strength", "float", 1.0, min=0.0, max=10.0, step=0.5,
+                  help="how much the motion score shortens reuse (rate x (1 + strength x motion))"),
+            Param("warmup_steps", "int", 2, min=0, max=50, help="first steps always computed"),
+        ),
+        conflicts=tuple(n for n in DIT_CACHES if n != "adacache"),
+    )
+
+    def apply(self, backend) -> None:
+        denoiser = backend.denoiser
+        if not block_lists(denoiser):
+            raise ValidationError(f"adacache found no transformer block list in {type(denoiser).__name__}")
+        self.denoiser = denoiser
+        self.calls: dict[str, list[bool]] = {}
+        self.cache = self.grid_hook = self.schedule = None
+
+    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
+        if self.cache is None:  # hooked here: the always-computed last step needs the step count
+            config = AdaCacheConfig(num_steps=call["num_inference_steps"], **self.params)
+            self.cache, self.schedule, self.grid_hook = apply_adacache(
+                self.denoiser, config, on_call=self._record, pipe=getattr(backend, "pipe", None))
+        return call
+
+    def _record(self, branch: str, reused: bool) -> None:
+        self.calls.setdefault(branch, []).append(reused)
+
+    def remove(self, backend) -> None:
+        if self.cache is not None:
+            self.cache.remove()
+            self.grid_hook.remove()
+            self.cache = self.grid_hook = None
+
+    def stats(self) -> dict[str, Any]:
+        calls = getattr(self, "calls", {})
+        first = next(iter(calls.values()), [])
+        skipped = sum(sum(v) for v in calls.values())
+        total = sum(len(v) for v in calls.values())
+        schedule = getattr(self, "schedule", None)
+        stats = {
+            "computed_steps": len(first) - sum(first),
+            "skipped_steps": sum(first),
+            "skipped_calls": skipped,
+            "branches": len(calls),
+            "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
+        }
+        if schedule is not None:
+            stats["reuse_plan"] = schedule.reuse_plan
+            stats["mean_change_rate"] = round(sum(schedule.rates) / len(schedule.rates), 4) if schedule.rates else None
+            stats["mean_motion"] = round(sum(schedule.motions) / len(schedule.motions), 4) if schedule.motions else None
+            stats["frames"] = schedule.frames
+        return stats
+
+    def warnings(self, backend, call) -> list[str]:
+        steps = call["num_inference_steps"]
+        if steps <= self.params["warmup_steps"] + 2:
+            return [f"adacache at {steps} steps: the warm-up, the first measurement and the last step are "
+                    "always computed, so little or nothing can be reused"]
+        return []
