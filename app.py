@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="runs at once per generate endpoint (a model is still used by one run at a time)")
     parser.add_argument("--memory-budget-gb", type=float, help="unload least recently used models above this")
     parser.add_argument("--dummy-models", action="store_true",
-                        help="also offer tiny random models (dummy-sd, dummy-flux, dummy-llama, dummy-wan, dummy-musicgen) that load instantly")
+                        help="also offer tiny random models (dummy-sd, dummy-flux, dummy-llama, dummy-wan, dummy-musicgen, dummy-vits) that load instantly")
     parser.add_argument("--ray", action="store_true", help="run requests on a local Ray instance's workers")
     parser.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join an existing Ray cluster")
     parser.add_argument("--ray-workers", type=int, help="number of Ray workers (default: one per GPU, else 1)")

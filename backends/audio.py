@@ -25,12 +25,15 @@ class AudioBackend(DiffusionBackend):
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "AudioBackend":
         """Our own ``SynthAudioPipeline`` folders (the bundled model) load with that class,
-        codec LMs (MusicGen) as a ``CodecLMBackend``; every other folder or hub id goes
-        through ``DiffusionPipeline``."""
+        codec LMs (MusicGen) as a ``CodecLMBackend``, speech models as a ``TTSBackend``;
+        every other folder or hub id goes through ``DiffusionPipeline``."""
         from backends.codec_lm import CodecLMBackend, is_codec_lm_source
+        from backends.tts import TTSBackend, is_tts_source
 
         if is_codec_lm_source(source):  # MusicGen & co: a transformers model, not a pipeline
             return CodecLMBackend.from_pretrained(model_id, source, device, dtype)
+        if is_tts_source(source):  # VITS / MMS-TTS, Bark, SpeechT5: transformers' text-to-speech pipeline
+            return TTSBackend.from_pretrained(model_id, source, device, dtype)
         index = Path(source) / "model_index.json"
         if index.is_file() and json.loads(index.read_text()).get("_class_name") == "SynthAudioPipeline":
             from backends.tiny.audio_pipeline import SynthAudioPipeline

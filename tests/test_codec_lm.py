@@ -110,3 +110,21 @@ def test_studio_generates_codec_audio_into_history(studio_factory):
 
     names = {m.spec.name for m in methods_for("audio", "codec-lm")}
     assert {"speculative", "static_cache"} <= names and not names & {"deepcache", "sway_sampling", "teacache"}
+
+
+def test_text_to_speech_model_through_the_studio(studio_factory, tmp_path):
+    import soundfile as sf
+
+    studio = studio_factory()
+    req = Request(modality="audio", model="dummy-vits", prompt="hello from the studio", seed=3, params={"seconds": 1.0})
+    first = studio.generate(req)
+    again = studio.generate(req)
+    audio, rate = first.result.output
+    assert rate == 8000 and audio.ndim == 1 and audio.size > 0
+    assert np.array_equal(audio, again.result.output[0])  # same seed, same waveform
+    on_disk, disk_rate = sf.read(first.result.output_path, dtype="float32")
+    assert disk_rate == 8000 and on_disk.shape == audio.shape
+    assert studio.manager.get("audio", "dummy-vits").family == "tts"
+    from backends.tts import is_tts_source
+
+    assert is_tts_source("facebook/mms-tts-eng") and not is_tts_source("cvssp/audioldm2")

@@ -1,6 +1,7 @@
-"""A tiny random MusicGen (T5 text encoder + codec LM decoder + EnCodec) built from configs,
-the way transformers' own MusicGen tests build theirs: offline and instant. Its audio is
-noise; it exercises the codec-LM plumbing (delay pattern, CFG, speculative decoding)."""
+"""A tiny random MusicGen (T5 text encoder + codec LM decoder + EnCodec) and a tiny random
+VITS, built from configs the way transformers' own tests build theirs: offline and
+instant. Their audio is noise; they exercise the codec-LM plumbing (delay pattern, CFG,
+speculative decoding) and the text-to-speech path."""
 
 from __future__ import annotations
 
@@ -54,5 +55,32 @@ def dummy_codec_backend(model_id: str = "dummy-musicgen", device=None, dtype=Non
                                      drafts={"dummy-musicgen-draft": (draft, tokenizer)})
 
 
+def dummy_vits(vocab_size: int, seed: int = 0):
+    """A random ``VitsModel`` (MMS-TTS layout) at 8 kHz: text in, a short noisy waveform out."""
+    from transformers import VitsConfig, VitsModel
+
+    torch.manual_seed(seed)
+    config = VitsConfig(
+        vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, flow_size=8,
+        spectrogram_bins=17, upsample_initial_channel=16, upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=2,
+        prior_encoder_num_wavenet_layers=1, posterior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1,
+        duration_predictor_filter_channels=16, depth_separable_num_layers=1, sampling_rate=8000,
+    )
+    return VitsModel(config).eval()
+
+
+def dummy_tts_backend(model_id: str = "dummy-vits", device=None, dtype=None):
+    from backends.tts import TTSBackend
+
+    tokenizer = byte_level_tokenizer()  # VITS' own tokenizer needs phonemizer + espeak
+    model = dummy_vits(len(tokenizer))
+    if device is not None:
+        model = model.to(device, dtype)
+    return TTSBackend.from_model(model, tokenizer, model_id=model_id)
+
+
 def register_dummy_codec_model(manager) -> None:
+    """``dummy-musicgen`` (codec LM) and ``dummy-vits`` (text-to-speech), both audio."""
     manager.register_factory("audio", "dummy-musicgen", lambda d, t: dummy_codec_backend("dummy-musicgen", d, t))
+    manager.register_factory("audio", "dummy-vits", lambda d, t: dummy_tts_backend("dummy-vits", d, t))
