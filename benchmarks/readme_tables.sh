@@ -20,12 +20,29 @@ image() {
     --methods "deepcache(interval=3),deepcache(interval=5),tome,sampler(scheduler=dpmpp_2m, steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation" \
     --json "$OUT/image-tiny-sd-shapes.json"
   $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 3 --prompts 6 --steps 25 --guidance 5 \
-    --methods "teacache(threshold=0.4),block_cache,first_block_cache(threshold=0.3),taylorseer,mag_cache,pab,faster_cache,sampler(steps=12),cfg_truncation" \
+    --methods "teacache(threshold=0.4),adacache,block_cache,first_block_cache(threshold=0.3),taylorseer,mag_cache,pab,faster_cache,sampler(steps=12),cfg_truncation" \
     --json "$OUT/image-tiny-flux-shapes.json"
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --overhead --repeats 5 --prompts 4 --steps 25 \
     --json "$OUT/overhead-tiny-sd-shapes.json"
 }
-text > "$OUT/text.log" 2>&1 &
-image > "$OUT/image.log" 2>&1 &
-wait
+video() {
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 3 --prompts 4 \
+    --params '{"steps": 25, "guidance": 5.0}' \
+    --methods "teacache,adacache,adacache(moreg=false),first_block_cache,mag_cache,pab,block_cache,sampler(steps=12),cfg_truncation" \
+    --json "$OUT/video-tiny-video-shapes.json"
+}
+audio() {
+  $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 3 --prompts 4 \
+    --params '{"steps": 25, "guidance": 3.0}' \
+    --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation,sway_sampling" \
+    --json "$OUT/audio-tiny-audio-synth.json"
+}
+# ./readme_tables.sh [text|image|video|audio ...]: the named series only (default: all,
+# two at a time, one thread each), then the tables from every JSON present.
+series=("$@")
+[ ${#series[@]} -eq 0 ] && series=(text image video audio)
+for ((i = 0; i < ${#series[@]}; i += 2)); do
+  for name in "${series[@]:i:2}"; do "$name" > "$OUT/$name.log" 2>&1 & done
+  wait
+done
 $PY -m benchmarks.report "$OUT"/*.json
