@@ -108,6 +108,9 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
         }
         if modality == "text":
             row.update(text_figures(results, [r.output for r in last["baseline"]]))
+        if modality == "audio":  # seconds of audio made per second of compute (> 1: faster than real time)
+            made = sum(len(r.output[0]) / r.output[1] for r in results)
+            row["real_time_factor"] = round(made / max(sum(r.total_seconds for r in results), 1e-9), 3)
         if getattr(backend, "family", "") == "codec-lm":
             row.update(codec_figures(results, last["baseline"]))
         rows.append(row)

@@ -11,7 +11,8 @@ from pathlib import Path
 def table(data: dict) -> str:
     rows, meta = data["rows"], data["meta"]
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
-    extra = [k for k in ("tokens_per_target_forward", "decode_tokens_per_s", "all_exact", "overhead_pct")
+    extra = [k for k in ("tokens_per_target_forward", "positions_per_target_forward", "decode_tokens_per_s",
+                         "real_time_factor", "all_exact", "overhead_pct")
              if any(k in r for r in rows)]
     header = ["configuration", "lossless", "seconds", "speedup", *quality_keys, *extra]
     lines = [f"`{meta['command']}` ({meta['device']}, {meta['threads']} threads, {meta['prompts']} prompts, "
