@@ -128,3 +128,20 @@ def test_text_to_speech_model_through_the_studio(studio_factory, tmp_path):
     from backends.tts import is_tts_source
 
     assert is_tts_source("facebook/mms-tts-eng") and not is_tts_source("cvssp/audioldm2")
+
+
+def test_prompt_lookup_over_codes_is_exact_and_accepts_on_repetitive_audio(codec):
+    from backends.accel._codec_decoding import ngram_proposer, verify_loop
+
+    call = codec.build_call(request(PROMPTS[1], seconds=0.2))  # 100 frames
+    with torch.inference_mode():
+        expected = codec.plain_codes(call)
+        for n in (1, 3):
+            target = codec.session(codec.model, call)
+            columns, stats = verify_loop(target, ngram_proposer(target, n), 6)
+            assert torch.equal(target.codes(columns), expected)
+    # even a random tiny codec LM repeats a few columns: the lookup must find and accept some
+    assert stats["accepted_positions"] > 0 and target.forwards < call["max_new_tokens"]
+    result = codec.run(request(PROMPTS[1], seconds=0.2, methods=[("prompt_lookup", {"num_tokens": 6})]))
+    assert result.extra["output_codes"] == expected[0, 0].tolist()
+    assert result.method_stats["prompt_lookup"]["positions_per_target_forward"] > 1.0

@@ -129,26 +129,23 @@ def greedy_loop(session: CodecSession, on_progress: OnFrames | None = None) -> l
     return columns
 
 
-def speculative_loop(target: CodecSession, draft: CodecSession, gamma: int,
-                     on_progress: OnFrames | None = None) -> tuple[list[torch.Tensor], dict[str, int]]:
-    """Greedy speculative decoding over positions (all K codebooks of a position at once).
+Proposer = Callable[[list[torch.Tensor], int], list[torch.Tensor]]  # (columns so far, count) -> proposals
 
-    A position is accepted when the target's guided argmax equals the draft's proposal on
-    every codebook the pattern leaves free; forced positions always agree.
+
+def verify_loop(target: CodecSession, propose: Proposer, gamma: int,
+                on_progress: OnFrames | None = None) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Greedy draft-and-verify over positions (all K codebooks of a position at once).
+
+    ``propose`` guesses up to ``gamma`` next positions; the target scores them in one
+    forward and keeps the longest prefix whose guided argmax equals the guess on every
+    codebook, plus one position of its own, so the output is the target's greedy output.
     """
     columns = [target.first_column()]
     proposed = accepted = 0
     while len(columns) < target.max_length:
         size = len(columns)
         steps = min(gamma, target.max_length - size - 1)
-        proposals: list[torch.Tensor] = []
-        if steps > 0:
-            draft.rewind(size - 1)
-            pending = torch.stack(columns[draft.cached:], dim=1)
-            for i in range(steps):
-                logits = draft.forward(pending)[:, -1]
-                proposals.append(target.fix(logits.argmax(-1), size + i))
-                pending = proposals[-1][:, None]
+        proposals = propose(columns, steps) if steps > 0 else []
         feed = torch.stack([columns[-1], *proposals], dim=1)
         target.rewind(size - 1)
         verdict = target.forward(feed)
@@ -163,4 +160,56 @@ def speculative_loop(target: CodecSession, draft: CodecSession, gamma: int,
         target.rewind(size + n)
         if on_progress is not None and on_progress(len(columns)):
             break
-    return columns, {"proposed_positions": proposed, "accepted_positions": accepted, "draft_forwards": draft.forwards}
+    return columns, {"proposed_positions": proposed, "accepted_positions": accepted}
+
+
+def draft_proposer(target: CodecSession, draft: CodecSession) -> Proposer:
+    """A smaller model of the same family guesses, one forward per guessed position."""
+
+    def propose(columns: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        size = len(columns)
+        draft.rewind(size - 1)  # drop what the draft cached of rejected guesses
+        pending, proposals = torch.stack(columns[draft.cached:], dim=1), []
+        for i in range(steps):
+            logits = draft.forward(pending)[:, -1]
+            proposals.append(target.fix(logits.argmax(-1), size + i))
+            pending = proposals[-1][:, None]
+        return proposals
+
+    return propose
+
+
+def ngram_proposer(target: CodecSession, max_ngram: int) -> Proposer:
+    """Guess that the last positions continue as they did where they last occurred (the
+    longest match of up to ``max_ngram`` positions wins, as in transformers' prompt lookup).
+
+    Free (no model call); pays on repetitive audio (sustained notes, loops, silence), where
+    the codec writes the same columns again.
+    """
+    index: dict[tuple[int, bytes], int] = {}  # (n, the n positions ending at i) -> latest such i
+    indexed = [0]  # positions whose n-grams are in the index
+
+    def key(columns: list[torch.Tensor], end: int, n: int) -> tuple[int, bytes]:
+        return n, torch.stack(columns[end - n + 1 : end + 1]).cpu().numpy().tobytes()
+
+    def propose(columns: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        size = len(columns)
+        for end in range(indexed[0], size - 1):  # every n-gram but those ending at the newest position
+            for n in range(1, min(max_ngram, end + 1) + 1):
+                index[key(columns, end, n)] = end
+        indexed[0] = max(indexed[0], size - 1)
+        for n in range(min(max_ngram, size), 0, -1):
+            hit = index.get(key(columns, size - 1, n))
+            if hit is not None:
+                follow = columns[hit + 1 : hit + 1 + steps]
+                return [target.fix(col, size + i) for i, col in enumerate(follow)]
+        return []
+
+    return propose
+
+
+def speculative_loop(target: CodecSession, draft: CodecSession, gamma: int,
+                     on_progress: OnFrames | None = None) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Speculative decoding with a draft codec LM (see ``verify_loop``)."""
+    columns, stats = verify_loop(target, draft_proposer(target, draft), gamma, on_progress)
+    return columns, dict(stats, draft_forwards=draft.forwards)

@@ -7,6 +7,10 @@ target in one forward. No draft model, exact greedy output. Pays when the output
 the input (code editing, summarising, extraction); on free generation it proposes little
 and costs a slightly wider forward. transformers' own implementation
 (``prompt_lookup_num_tokens``) is used.
+
+Codec LMs (MusicGen): the same lookup over the generated positions (K codes each), in our
+own loop (``_codec_decoding.ngram_proposer``), since MusicGen's ``generate`` has no
+candidate mode. It pays on repetitive audio, where the codec writes the same columns again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import DECODING_METHODS, decoding_stats
+from backends.accel._codec_decoding import ngram_proposer, verify_loop
+from backends.accel._decoding import DECODING_METHODS, decoding_stats, require_greedy, set_decoder
 
 
 @register
@@ -22,8 +27,8 @@ class PromptLookupMethod(Method):
     spec = MethodSpec(
         name="prompt_lookup",
         title="Prompt lookup decoding",
-        modalities=("text",),
-        families=("causal-lm",),
+        modalities=("text", "audio"),
+        families=("causal-lm", "codec-lm"),
         summary="Drafts by copying the continuation of a matching n-gram from the context; exact output.",
         paper="Saxena 2023, Prompt Lookup Decoding; Leviathan et al. 2023, Fast Inference from Transformers "
               "via Speculative Decoding (ICML)",
@@ -39,17 +44,40 @@ class PromptLookupMethod(Method):
 
     def apply(self, backend) -> None:
         self._extra: dict[str, Any] = {}
+        self.codec = backend.family == "codec-lm"
+        self._codec_stats: dict[str, int] = {}
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         self._extra = call["_extra"]
+        if self.codec:
+            return self._codec_call(call)
         kwargs = dict(call["generate_kwargs"], prompt_lookup_num_tokens=self.params["num_tokens"],
                       max_matching_ngram_size=self.params["max_matching_ngram_size"])
         return {**call, "generate_kwargs": kwargs}
 
+    def _codec_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        require_greedy(call, "prompt lookup over audio codes")
+
+        def decode(backend, call, on_progress):
+            target = backend.session(backend.model, call)
+            propose = ngram_proposer(target, self.params["max_matching_ngram_size"])
+            columns, self._codec_stats = verify_loop(target, propose, self.params["num_tokens"], on_progress)
+            self._codec_stats.update(target_forwards=target.forwards, positions=len(columns) - 1)
+            return target.codes(columns)
+
+        return set_decoder(call, decode, "prompt_lookup")
+
     def stats(self) -> dict[str, Any]:
+        if self.codec:
+            stats = dict(self._codec_stats)
+            if stats.get("target_forwards"):
+                stats["positions_per_target_forward"] = round(stats["positions"] / stats["target_forwards"], 3)
+            return stats
         return decoding_stats(self._extra)
 
     def warnings(self, backend, call) -> list[str]:
+        if self.codec:
+            return []
         if call["sampling"].do_sample:
             return ["prompt lookup with sampling keeps the distribution but accepts far fewer tokens than greedy"]
         return []
