@@ -13,11 +13,12 @@ from pathlib import Path
 
 from studio.presets import SHIPPED_DIR, parse_preset
 
-# (min PSNR dB for images / video, min token agreement for text, max adherence drop in points)
+# (min PSNR dB for images / video, min token agreement for text, max log-spectral
+# distance dB for audio, max adherence drop in points)
 TIERS = {
-    "quality": {"psnr": 30.0, "token_agreement": 1.0, "task_drop": 2.0},
-    "balanced": {"psnr": 22.0, "token_agreement": 1.0, "task_drop": 5.0},
-    "fast": {"psnr": 16.0, "token_agreement": 0.9, "task_drop": 10.0},
+    "quality": {"psnr": 30.0, "token_agreement": 1.0, "lsd": 4.0, "task_drop": 2.0},
+    "balanced": {"psnr": 22.0, "token_agreement": 1.0, "lsd": 9.0, "task_drop": 5.0},
+    "fast": {"psnr": 16.0, "token_agreement": 0.9, "lsd": 16.0, "task_drop": 10.0},
 }
 
 
@@ -26,6 +27,8 @@ def passes(row: dict, base: dict, tier: dict) -> bool:
     if "psnr" in quality and quality["psnr"] < tier["psnr"]:
         return False
     if "token_agreement" in quality and quality["token_agreement"] < tier["token_agreement"]:
+        return False
+    if "lsd" in quality and quality["lsd"] > tier["lsd"]:
         return False
     base_task, task = base.get("quality", {}).get("task_all"), quality.get("task_all")
     if base_task is not None and task is not None and 100 * (base_task - task) > tier["task_drop"]:
@@ -40,6 +43,8 @@ def describe(row: dict, base: dict, tier_name: str, meta: dict) -> str:
         parts.append(f"PSNR {q['psnr']:.1f} dB, SSIM {q.get('ssim', 0):.3f}")
     if "token_agreement" in q:
         parts.append(f"token agreement {q['token_agreement']:.2f}")
+    if "lsd" in q:
+        parts.append(f"log-spectral distance {q['lsd']:.1f} dB")
     if "task_all" in q:
         parts.append(f"prompt adherence {100 * q['task_all']:.0f}% (baseline {100 * base['quality']['task_all']:.0f}%)")
     return (f"'{tier_name}' for {meta['model']}, chosen from measured results: " + ", ".join(parts)
