@@ -153,7 +153,7 @@ class CodecLMBackend(Backend):
         start = time.perf_counter()
         with torch.inference_mode():
             if call["decoder"] is None:
-                codes = self._hf_generate(call)
+                codes = self._hf_generate(call, on_progress)
             else:
                 codes = call["decoder"](self, call, on_progress)
             timer.seconds["generate"] += time.perf_counter() - start
@@ -161,7 +161,8 @@ class CodecLMBackend(Backend):
                 audio = self.decode_codes(codes)
         wave = audio[0].float().cpu().numpy()
         wave = wave[0] if wave.shape[0] == 1 else wave.T  # mono -> (n,), stereo -> (n, 2)
-        call["_extra"].update(frames=int(codes.shape[-1]), positions=call["max_new_tokens"], audio_seconds=round(wave.shape[0] / self.sample_rate, 3),
+        call["_extra"].update(frames=int(codes.shape[-1]), positions=call["max_new_tokens"],
+                              audio_seconds=round(wave.shape[0] / self.sample_rate, 3),
                               output_codes=codes[0, 0].tolist())
         return np.ascontiguousarray(wave, dtype=np.float32), self.sample_rate
 
@@ -201,7 +202,7 @@ class CodecLMBackend(Backend):
         finally:
             del codec.decode
 
-    def _hf_generate(self, call: dict[str, Any]) -> torch.Tensor:
+    def _hf_generate(self, call: dict[str, Any], on_progress=None) -> torch.Tensor:
         from transformers import GenerationConfig
 
         sampling: Sampling = call["sampling"]
@@ -217,9 +218,21 @@ class CodecLMBackend(Backend):
         if sampling.do_sample:
             config.temperature, config.top_k = sampling.temperature, sampling.top_k or None
             torch.manual_seed(sampling.seed)
-        with self._codes_from_generate() as captured:
-            self.model.generate(input_ids=call["input_ids"], attention_mask=call["attention_mask"],
-                                generation_config=config, **kwargs)
+        # MusicGen's generate streams only the start column: count decoder forwards instead
+        length, total = [1], call["max_new_tokens"] + 1
+
+        def step(*_args) -> None:
+            length[0] += 1
+            if on_progress is not None:
+                on_progress(min(length[0], total))
+
+        handle = self.model.decoder.register_forward_pre_hook(step)
+        try:
+            with self._codes_from_generate() as captured:
+                self.model.generate(input_ids=call["input_ids"], attention_mask=call["attention_mask"],
+                                    generation_config=config, **kwargs)
+        finally:
+            handle.remove()
         if self.model.decoder.config.audio_channels == 1:
             return captured[0]
         left, right = captured  # generate decodes stereo as two mono halves; interleave them back

@@ -145,3 +145,10 @@ def test_prompt_lookup_over_codes_is_exact_and_accepts_on_repetitive_audio(codec
     result = codec.run(request(PROMPTS[1], seconds=0.2, methods=[("prompt_lookup", {"num_tokens": 6})]))
     assert result.extra["output_codes"] == expected[0, 0].tolist()
     assert result.method_stats["prompt_lookup"]["positions_per_target_forward"] > 1.0
+
+
+def test_progress_is_reported_per_position(codec):
+    seen = []
+    codec.run(request(PROMPTS[0]), progress=lambda done, total, stage: seen.append((done, total, stage)))
+    call = codec.build_call(request(PROMPTS[0]))
+    assert seen and seen[-1][0] == seen[-1][1] == call["max_new_tokens"] + 1 and seen[-1][2] == "decode"
