@@ -16,23 +16,23 @@ text() {
     --max-new-tokens 96 --methods "speculative,prompt_lookup,lookahead" --json "$OUT/text-edit-tiny-code-llama.json"
 }
 image() {
-  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 3 --prompts 6 --steps 25 --guidance 5 \
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 16 --steps 25 --guidance 5 \
     --methods "deepcache(interval=3),deepcache(interval=5),tome,sampler(scheduler=dpmpp_2m, steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation" \
     --json "$OUT/image-tiny-sd-shapes.json"
-  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 3 --prompts 6 --steps 25 --guidance 5 \
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 16 --steps 25 --guidance 5 \
     --methods "teacache(threshold=0.4),adacache,block_cache,first_block_cache(threshold=0.3),taylorseer,mag_cache,pab,faster_cache,sampler(steps=12),cfg_truncation" \
     --json "$OUT/image-tiny-flux-shapes.json"
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --overhead --repeats 5 --prompts 4 --steps 25 \
     --json "$OUT/overhead-tiny-sd-shapes.json"
 }
 video() {
-  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 3 --prompts 4 \
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 12 \
     --params '{"steps": 25, "guidance": 5.0}' \
     --methods "teacache,adacache,adacache(moreg=false),first_block_cache,mag_cache,pab,block_cache,sampler(steps=12),cfg_truncation" \
     --json "$OUT/video-tiny-video-shapes.json"
 }
 audio() {
-  $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 3 --prompts 4 \
+  $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 12 \
     --params '{"steps": 25, "guidance": 3.0}' \
     --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation,sway_sampling" \
     --json "$OUT/audio-tiny-audio-synth.json"
