@@ -13,11 +13,14 @@ Order (one process at a time; each reads the previous one's output):
     python -m backends.tiny.train shapes-dit   --minutes 25   # assets/tiny-flux-shapes
 
 - VAE: ``AutoencoderKL`` with 2x downsampling, 64x64x3 -> 32x32x4; shared by both.
-- SD: UNet (32, 64, 128) with cross-attention at 8x8 and the mid block, v-prediction on a
-  cosine schedule, DDIM; a tiny ``CLIPTextModel`` trained jointly with it.
+- SD: UNet (32, 64, 128) with cross-attention at 8x8 and the mid block plus the prompt,
+  attention-pooled, added to the time embedding (``addition_embed_type="text"``), so
+  every ResNet block sees it; v-prediction on a cosine schedule, DDIM; a tiny
+  ``CLIPTextModel`` trained jointly with it.
 - Flux: 2 double + 4 single blocks, width 64 (256 image tokens), rectified flow; tiny CLIP (pooled) + tiny T5
   trained jointly. ``guidance_embeds=False``: guidance is true CFG with an empty negative.
-- Tokenizers are built from the closed prompt vocabulary (one token per word).
+- Tokenizers are built from the closed prompt vocabulary (one token per word); the text
+  encoders' word embeddings start at N(0, 1) (see ``tiny_clip_text_model``).
 - 10% of training prompts are dropped to "" so classifier-free guidance works.
 
 The calls that work (diffusers 0.42.1)::
