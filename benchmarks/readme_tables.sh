@@ -10,7 +10,8 @@ mkdir -p "$OUT"
 
 text() {
   $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 3 --prompt-kind code \
-    --max-new-tokens 96 --methods "speculative,prompt_lookup,lookahead,layer_skip,static_cache,snapkv,sink_cache" \
+    --max-new-tokens 96 \
+    --methods "speculative,speculative(num_assistant_tokens=3),prompt_lookup,lookahead,lookahead(window=3, branches=3),layer_skip,static_cache,snapkv,sink_cache" \
     --json "$OUT/text-code-tiny-code-llama.json"
   $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 3 --prompt-kind edit \
     --max-new-tokens 96 --methods "speculative,prompt_lookup,lookahead" --json "$OUT/text-edit-tiny-code-llama.json"
