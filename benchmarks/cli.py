@@ -178,21 +178,25 @@ def codec_speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> 
 
 @torch.no_grad()
 def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int = 30) -> float:
-    """Median cost of one forward of ``new_tokens`` tokens on a ``context``-token KV cache."""
+    """Median cost of one forward of ``new_tokens`` tokens on a ``context``-token KV cache
+    (one cache, cropped back after every timed forward; five warm-up forwards)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    prefix = torch.randint(0, vocab, (1, context), device=device)
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
+    step = torch.randint(0, vocab, (1, new_tokens), generator=gen).to(device)
+    positions = torch.arange(context, context + new_tokens, device=device).unsqueeze(0)
+    cache = DynamicCache(config=model.config)
+    model(prefix, past_key_values=cache, use_cache=True)
     times = []
-    for _ in range(repeats):
-        cache = DynamicCache()
-        model(prefix, past_key_values=cache, use_cache=True)
-        step = torch.randint(0, vocab, (1, new_tokens), device=device)
+    for _ in range(repeats + 5):
         start = time.perf_counter()
-        model(step, past_key_values=cache, use_cache=True)
+        model(step, past_key_values=cache, use_cache=True, position_ids=positions, cache_position=positions[0])
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        cache.crop(-new_tokens)  # transformers 5: a negative count removes that many positions
+    return 1000 * statistics.median(times[5:])
 
 
 def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
