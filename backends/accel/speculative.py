@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.catalog import bundled
 from backends.accel._codec_decoding import check_same_codec, speculative_loop
-from backends.accel._decoding import DECODING_METHODS, decoding_stats, require_greedy, set_decoder
+from backends.accel._decoding import DECODING_METHODS, DecodeState, crop_cache, decoding_stats, require_greedy, set_decoder
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
@@ -48,6 +50,50 @@ def check_same_vocab(target_tok: Any, target_model: Any, draft_tok: Any, draft_m
             f"draft model '{draft_id}' has {draft_size} output logits but the target has {target_size}: "
             "same tokenizer, differently padded heads; speculative sampling needs them equal"
         )
+
+
+@torch.no_grad()
+def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeState, draft: Any, gamma: int) -> None:
+    """Greedy speculative decoding in a lean loop of our own (exact greedy output).
+
+    transformers' assisted generation does the same arithmetic, but its per-token
+    bookkeeping costs more than a tiny draft's forward on CPU (measured ~1.0x where the
+    forward costs predict 1.4x); this loop only runs the two models and crops caches.
+    """
+    from transformers import DynamicCache
+
+    target = backend.model
+    t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+    out = target(input_ids=input_ids, past_key_values=t_cache, use_cache=True)
+    current = int(out.logits[0, -1].argmax())
+    if state.emit([current]):
+        return
+    seq = input_ids[0].tolist() + [current]  # t_cache holds all of seq but its last token
+    while True:
+        k = max(1, min(gamma, state.remaining - 1))
+        pending = seq[d_cache.get_seq_length():]  # what the draft has not seen (at least `current`)
+        drafts: list[int] = []
+        for _ in range(k):
+            logits = draft(input_ids=torch.tensor([pending], device=input_ids.device), past_key_values=d_cache,
+                           use_cache=True).logits
+            token = int(logits[0, -1].argmax())
+            drafts.append(token)
+            pending = [token]
+            if token in state.eos_token_ids:
+                break
+        ids = torch.tensor([[current] + drafts], device=input_ids.device)
+        greedy = target(input_ids=ids, past_key_values=t_cache, use_cache=True).logits[0].argmax(-1).tolist()
+        accepted = [greedy[0]]
+        for j, token in enumerate(drafts):
+            if token != accepted[-1]:
+                break
+            accepted.append(greedy[j + 1])
+        seq += accepted
+        crop_cache(t_cache, len(seq) - 1)
+        crop_cache(d_cache, min(d_cache.get_seq_length(), len(seq) - 1))
+        if state.emit(accepted):
+            return
+        current = accepted[-1]
 
 
 @register
@@ -125,6 +171,12 @@ class SpeculativeMethod(Method):
         self.draft_forwards = 0
         if self.codec:
             return self._codec_call(backend, call)
+        plain = (self.same_vocab and not call["sampling"].do_sample and self.params["schedule"] == "constant"
+                 and not self.params["confidence_threshold"])
+        if plain:  # greedy with fixed draft length: our lean loop
+            draft, gamma = self.draft, int(self.params["num_assistant_tokens"])
+            return set_decoder(call, lambda b, ids, st: greedy_speculative_decode(b, ids, st, draft, gamma),
+                               "speculative")
         kwargs = dict(call["generate_kwargs"], assistant_model=self.draft)
         if not self.same_vocab:
             kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=self.draft_tokenizer)
