@@ -35,7 +35,7 @@ video() {
 audio() {
   $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 12 \
     --params '{"steps": 25, "guidance": 3.0}' \
-    --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation,sway_sampling" \
+    --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation" \
     --json "$OUT/audio-tiny-audio-synth.json"
 }
 # ./readme_tables.sh [text|image|video|audio ...]: the named series only (default: all,
