@@ -167,3 +167,17 @@ def test_sway_sampling_on_flow_model_and_restores_scheduler():
 
     with pytest.raises(ValidationError, match="flow-matching"):
         ddim.run(Request("audio", "tiny-ddim-audio", base.prompt, params=params, methods=[MethodChoice("sway_sampling")]))
+
+
+def test_bundled_audio_model_follows_kind_pitch_and_tempo():
+    """8 fixed prompts at the shipped settings, graded by the audio classifier."""
+    from backends.tiny.audio_data import audio_prompts, score_audio
+
+    pipe = _audio_backend().pipe
+    prompts = audio_prompts(8, seed=3)
+    out = pipe(prompts, num_inference_steps=25, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    scores = score_audio([(a, 16000) for a in out.audios], 16000, prompts)
+    assert scores["kind"] >= 0.75, scores
+    for attribute in ("pitch", "tempo"):
+        if attribute in scores:
+            assert scores[attribute] >= 0.6, scores

@@ -81,3 +81,29 @@ def test_tiny_flux_pipeline_generates():
                negative_prompt="", height=64, width=64, max_sequence_length=16,
                generator=torch.Generator().manual_seed(0))
     assert out.images[0].size == (64, 64)
+
+
+ADHERENCE_PROMPTS = [prompt_for(ShapeSpec(s, c, p, b)) for s, c, p, b in [
+    ("circle", "red", "top left", "white"), ("square", "blue", "bottom right", "black"),
+    ("triangle", "green", "top right", "white"), ("circle", "yellow", "bottom left", "black"),
+    ("square", "red", "bottom left", "white"), ("triangle", "blue", "top left", "black"),
+    ("circle", "green", "bottom right", "black"), ("square", "yellow", "top right", "white"),
+]]
+
+
+@pytest.mark.parametrize("folder", [SD_DIR, FLUX_DIR], ids=["tiny-sd-shapes", "tiny-flux-shapes"])
+def test_bundled_image_models_follow_colour_position_and_background(folder):
+    """The bundled models must visibly follow their prompts: the shapes classifier grades
+    8 fixed prompts at the shipped settings (shape is the hard attribute, right about half
+    the time)."""
+    pipe = _load(folder)
+    if not CLASSIFIER_DIR.exists():
+        pytest.skip("assets/shapes-classifier not built")
+    kwargs = dict(num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+    if folder == FLUX_DIR:
+        kwargs.update(true_cfg_scale=4.0, negative_prompt=[""] * 8, height=64, width=64, max_sequence_length=16)
+    else:
+        kwargs.update(guidance_scale=4.0)
+    scores = score_images(pipe(ADHERENCE_PROMPTS, **kwargs).images, ADHERENCE_PROMPTS)
+    assert scores["color"] >= 0.75 and scores["position"] >= 0.75 and scores["background"] >= 0.875, scores
+    assert scores["all"] >= 0.25, scores  # all four right by chance: 1/96
