@@ -10,7 +10,8 @@ import torch
 
 from backends.accel.base import applied, instantiate
 from backends.timing import EvalCounter, PeakMemory, StageTimer
-from backends.types import Request, Result, ValidationError
+from backends.catalog import resolve_source
+from backends.types import ModelLoadError, Request, Result, StudioError, ValidationError
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -96,3 +97,48 @@ class Backend:
             device=str(self.device),
             extra=call.get("_extra", {}),
         )
+
+
+class DraftingBackend(Backend):
+    """A language model (text or audio codes) with the smaller models that draft for it.
+
+    Subclasses set ``load_model(source, device, dtype) -> (model, tokenizer_or_processor)``;
+    drafts (bundled name, folder or hub id) load through it once and stay cached here.
+    """
+
+    load_model: ClassVar[Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]]
+
+    def __init__(self, model_id: str, model: Any, device: torch.device | str | None, dtype: torch.dtype | None,
+                 draft_id: str | None):
+        device = torch.device(device) if device is not None else model.device
+        super().__init__(model_id, device, dtype or model.dtype)
+        self.model = model.eval()
+        self.draft_id = draft_id  # the paired draft ('auto' in the speculative method)
+        self.drafts: dict[str, tuple[Any, Any]] = {}
+
+    @classmethod
+    def from_model(cls, model: Any, helper: Any, model_id: str = "in-memory",
+                   drafts: dict[str, tuple[Any, Any]] | None = None, draft_id: str | None = None):
+        """An in-memory model (tests, notebooks) with its tokenizer or processor;
+        ``drafts`` pre-seeds the draft cache."""
+        backend = cls(model_id, model, helper, draft_id=draft_id or next(iter(drafts or {}), None))
+        backend.drafts.update(drafts or {})
+        return backend
+
+    def get_draft(self, draft_id: str) -> tuple[Any, Any]:
+        """Load a draft once, by the manager's path."""
+        if draft_id not in self.drafts:
+            try:
+                self.drafts[draft_id] = type(self).load_model(resolve_source(draft_id), self.device, self.dtype)
+            except StudioError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"could not load draft model '{draft_id}': {str(exc)[:300]}") from exc
+        return self.drafts[draft_id]
+
+    def memory_bytes(self) -> int:
+        return module_bytes(self.model, *(m for m, _ in self.drafts.values()))
+
+    def unload(self) -> None:
+        self.model = None
+        self.drafts.clear()

@@ -7,6 +7,7 @@ local folder, or a hub id (``stabilityai/sd-turbo``). All three go through the s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -94,6 +95,18 @@ def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> st
             f"unknown model '{model_id}': not a bundled model, an existing folder, or a hub id like 'owner/name'"
         )
     return model_id
+
+
+def local_model_type(source: str) -> str | None:
+    """``model_type`` from a local transformers folder's config.json: None when there is
+    no such file, "" when it cannot be read."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return str(json.loads(config.read_text()).get("model_type") or "")
+    except (OSError, ValueError):
+        return ""
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -11,7 +11,6 @@ smaller model of the same family.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,10 +21,10 @@ import torch
 
 from backends.accel._codec_decoding import CodecSession, greedy_loop
 from backends.accel._decoding import Sampling
-from backends.base import Backend, ProgressFn, module_bytes
-from backends.catalog import resolve_source
+from backends.base import DraftingBackend, ProgressFn
+from backends.catalog import local_model_type
 from backends.timing import StageTimer
-from backends.types import ModelLoadError, Request, StudioError
+from backends.types import Request
 
 CODEC_LM_TYPES = ("musicgen", "musicgen_melody")
 DEFAULT_SECONDS = 4.0
@@ -40,12 +39,9 @@ PAIRED_DRAFTS = {
 
 def is_codec_lm_source(source: str) -> bool:
     """True for a local folder holding a MusicGen-type transformers model (hub ids: by name)."""
-    config = Path(source) / "config.json"
-    if config.is_file():
-        try:
-            return json.loads(config.read_text()).get("model_type") in CODEC_LM_TYPES
-        except (OSError, ValueError):
-            return False
+    model_type = local_model_type(source)
+    if model_type is not None:
+        return model_type in CODEC_LM_TYPES
     return "musicgen" in source.lower() and not (Path(source) / "model_index.json").exists()
 
 
@@ -57,51 +53,25 @@ def load_codec_lm(source: str, device: torch.device, dtype: torch.dtype) -> tupl
     return model, processor
 
 
-class CodecLMBackend(Backend):
+class CodecLMBackend(DraftingBackend):
     modality = "audio"
+    load_model = staticmethod(load_codec_lm)
 
     def __init__(self, model_id: str, model: Any, processor: Any, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, draft_id: str | None = None):
-        device = torch.device(device) if device is not None else model.device
-        super().__init__(model_id, device, dtype or model.dtype)
-        self.model, self.processor = model.eval(), processor
+        super().__init__(model_id, model, device, dtype, draft_id)
+        self.processor = processor
         self.family = "codec-lm"
-        self.draft_id = draft_id
-        self.drafts: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "CodecLMBackend":
         model, processor = load_codec_lm(source, device, dtype)
         return cls(model_id, model, processor, device, dtype, draft_id=PAIRED_DRAFTS.get(model_id))
 
-    @classmethod
-    def from_model(cls, model: Any, processor: Any, model_id: str = "in-memory",
-                   drafts: dict[str, tuple[Any, Any]] | None = None) -> "CodecLMBackend":
-        backend = cls(model_id, model, processor, draft_id=next(iter(drafts or {}), None))
-        backend.drafts.update(drafts or {})
-        return backend
-
-    def get_draft(self, draft_id: str) -> tuple[Any, Any]:
-        if draft_id not in self.drafts:
-            try:
-                self.drafts[draft_id] = load_codec_lm(resolve_source(draft_id), self.device, self.dtype)
-            except StudioError:
-                raise
-            except Exception as exc:
-                raise ModelLoadError(f"could not load draft model '{draft_id}': {str(exc)[:300]}") from exc
-        return self.drafts[draft_id]
-
     # -- Backend -------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module | None:
         return self.model.decoder  # its forwards are the model evaluations
-
-    def memory_bytes(self) -> int:
-        return module_bytes(self.model, *(m for m, _ in self.drafts.values()))
-
-    def unload(self) -> None:
-        self.model = None
-        self.drafts.clear()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

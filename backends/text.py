@@ -37,10 +37,10 @@ from typing import Any
 import torch
 
 from backends.accel._decoding import DecodeState, Sampling
-from backends.base import Backend, ProgressFn, module_bytes
-from backends.catalog import find_bundled, resolve_source
+from backends.base import DraftingBackend, ProgressFn
+from backends.catalog import find_bundled
 from backends.timing import StageTimer
-from backends.types import ModelLoadError, Request, StudioError, ValidationError
+from backends.types import Request, ValidationError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -74,20 +74,17 @@ def _make_streamer(state: DecodeState):
     return _Streamer()
 
 
-class TextBackend(Backend):
+class TextBackend(DraftingBackend):
     """A causal LM and its tokenizer; drafts for speculative decoding are cached here."""
 
     modality = "text"
+    load_model = staticmethod(load_causal_lm)
 
     def __init__(self, model_id: str, model: Any, tokenizer: Any, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, draft_id: str | None = None):
-        device = torch.device(device) if device is not None else model.device
-        super().__init__(model_id, device, dtype or model.dtype)
-        self.model = model.eval()
+        super().__init__(model_id, model, device, dtype, draft_id)
         self.tokenizer = tokenizer
         self.family = "causal-lm"
-        self.draft_id = draft_id  # the paired draft ('auto' in the speculative method)
-        self.drafts: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "TextBackend":
@@ -95,38 +92,10 @@ class TextBackend(Backend):
         entry = find_bundled(model_id)
         return cls(model_id, model, tokenizer, device, dtype, draft_id=entry.draft if entry else None)
 
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, model_id: str = "in-memory",
-                   drafts: dict[str, tuple[Any, Any]] | None = None, draft_id: str | None = None) -> "TextBackend":
-        """An in-memory model (tests, notebooks); ``drafts`` pre-seeds the draft cache."""
-        backend = cls(model_id, model, tokenizer, draft_id=draft_id or next(iter(drafts or {}), None))
-        backend.drafts.update(drafts or {})
-        return backend
-
-    # -- drafts --------------------------------------------------------------------------
-    def get_draft(self, draft_id: str) -> tuple[Any, Any]:
-        """Load a draft (bundled name, folder or hub id) once, by the manager's path."""
-        if draft_id not in self.drafts:
-            source = resolve_source(draft_id)
-            try:
-                self.drafts[draft_id] = load_causal_lm(source, self.device, self.dtype)
-            except StudioError:
-                raise
-            except Exception as exc:
-                raise ModelLoadError(f"could not load draft model '{draft_id}': {str(exc)[:300]}") from exc
-        return self.drafts[draft_id]
-
     # -- Backend -------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module | None:
         return self.model
-
-    def memory_bytes(self) -> int:
-        return module_bytes(self.model, *(m for m, _ in self.drafts.values()))
-
-    def unload(self) -> None:
-        self.model = None
-        self.drafts.clear()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -8,7 +8,6 @@ the Audio tab, Compare and History work for speech as for music and sound.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from backends.base import Backend, ProgressFn, module_bytes
+from backends.catalog import local_model_type
 from backends.timing import StageTimer
 from backends.types import Request
 
@@ -24,12 +24,9 @@ TTS_NAME_HINTS = ("mms-tts", "bark", "speecht5_tts", "vits", "fastspeech2")
 
 
 def is_tts_source(source: str) -> bool:
-    config = Path(source) / "config.json"
-    if config.is_file():
-        try:
-            return json.loads(config.read_text()).get("model_type") in TTS_TYPES
-        except (OSError, ValueError):
-            return False
+    model_type = local_model_type(source)
+    if model_type is not None:
+        return model_type in TTS_TYPES
     return any(hint in source.lower() for hint in TTS_NAME_HINTS) and not (Path(source) / "model_index.json").exists()
 
 

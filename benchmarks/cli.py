@@ -131,12 +131,10 @@ def text_figures(results, baseline_texts) -> dict[str, Any]:
 
 
 def codec_figures(results, baseline) -> dict[str, Any]:
-    """Codec LMs: positions (K codes each) per target forward, and whether every code matched."""
-    positions = forwards = 0
-    for r in results:
-        stats = r.method_stats.get("speculative") or {}
-        positions += r.extra.get("positions", 0)
-        forwards += stats.get("target_forwards", 0) or r.model_evals
+    """Codec LMs: positions (K codes each) per target forward (the decoder's counted
+    evaluations), and whether every code matched."""
+    positions = sum(r.extra.get("positions", 0) for r in results)
+    forwards = sum(r.model_evals for r in results)
     return {
         "positions_per_target_forward": round(positions / forwards, 3) if forwards else None,
         "all_exact": all(r.extra.get("output_codes") == b.extra.get("output_codes") for r, b in zip(results, baseline)),
@@ -145,19 +143,22 @@ def codec_figures(results, baseline) -> dict[str, Any]:
 
 @torch.no_grad()
 def codec_forward_ms(backend, model, context: int = 100, new_positions: int = 1, repeats: int = 20) -> float:
-    """Median cost of one codec-LM forward of ``new_positions`` positions (with CFG, as decoding runs it)."""
+    """Median cost of one codec-LM forward of ``new_positions`` positions (with CFG, as
+    decoding runs it) on a ``context``-position cache, rewound after every timed forward."""
     call = backend.build_call(Request("audio", backend.model_id, "a calm piano melody", seed=0, params={"seconds": 1.0}))
     call["max_new_tokens"] = context + new_positions + 8
     vocab, k = model.decoder.config.vocab_size, model.decoder.num_codebooks
+    gen = torch.Generator().manual_seed(0)
+    session = backend.session(model, call)
+    session.forward(torch.randint(0, vocab, (k, context), generator=gen).to(backend.device))
+    step = torch.randint(0, vocab, (k, new_positions), generator=gen).to(backend.device)
     times = []
-    for _ in range(repeats):
-        session = backend.session(model, call)
-        session.forward(torch.randint(0, vocab, (k, context), device=backend.device))
-        step = torch.randint(0, vocab, (k, new_positions), device=backend.device)
+    for _ in range(repeats + 5):
         start = time.perf_counter()
         session.forward(step)
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        session.rewind(context)
+    return 1000 * statistics.median(times[5:])
 
 
 def codec_speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:

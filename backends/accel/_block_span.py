@@ -168,13 +168,15 @@ class SpanCache:
     """Hooks a contiguous span of blocks; ``remove()`` takes every hook out again and puts
     each block's ``forward`` back exactly as it was."""
 
-    def __init__(self, denoiser: torch.nn.Module, blocks: list[torch.nn.Module], decide, method: str,
-                 on_call: Callable[[str, bool], None] | None = None):
+    def __init__(self, denoiser: torch.nn.Module, blocks: list[torch.nn.Module], decide, method: str):
         from diffusers.hooks.hooks import HookRegistry
 
         if not blocks:
             raise ValidationError(f"{method} found no transformer blocks to cache in this model")
         self.denoiser, self.blocks = denoiser, blocks
+        # per CFG branch, one entry per denoiser call: True when the span was reused.
+        # Kept after remove(), so a method can report the run it just finished.
+        self.calls: dict[str, list[bool]] = {}
         self.manager = _branch_state_manager(_base_state())
         hook_cls = _make_hooks()
         self._previous = [vars(block).get("forward") for block in blocks]
@@ -182,12 +184,15 @@ class SpanCache:
         metas = [block_metadata(block, method) for block in blocks]
         for i, (block, meta) in enumerate(zip(blocks, metas)):
             hook = hook_cls(self.manager, meta, is_head=i == 0, is_tail=i == len(blocks) - 1,
-                            decide=decide if i == 0 else None, on_call=on_call if i == 0 else None)
+                            decide=decide if i == 0 else None, on_call=self._record if i == 0 else None)
             name = SPAN_HEAD_HOOK if i == 0 else SPAN_BLOCK_HOOK
             HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, name)
         # cache_context walks a cached list of the registries under the denoiser: it must
         # see the new ones, or the cond/uncond context would never reach these hooks.
         invalidate_registries(denoiser)
+
+    def _record(self, branch: str, reused: bool) -> None:
+        self.calls.setdefault(branch, []).append(reused)
 
     def branches(self) -> dict[str, Any]:
         return self.manager.branches()
@@ -201,6 +206,20 @@ class SpanCache:
                 del block._diffusers_hook
         invalidate_registries(self.denoiser)
         self.manager.reset()
+
+
+def step_stats(calls: dict[str, list[bool]]) -> dict[str, Any]:
+    """Steps computed / reused (first branch), reused calls over all branches, hit rate."""
+    first = next(iter(calls.values()), [])
+    skipped = sum(sum(v) for v in calls.values())
+    total = sum(len(v) for v in calls.values())
+    return {
+        "computed_steps": len(first) - sum(first),
+        "skipped_steps": sum(first),
+        "skipped_calls": skipped,
+        "branches": len(calls),
+        "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
+    }
 
 
 def invalidate_registries(module: torch.nn.Module) -> None:

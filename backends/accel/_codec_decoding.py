@@ -160,7 +160,13 @@ def verify_loop(target: CodecSession, propose: Proposer, gamma: int,
         target.rewind(size + n)
         if on_progress is not None and on_progress(len(columns)):
             break
-    return columns, {"proposed_positions": proposed, "accepted_positions": accepted}
+    positions = len(columns) - 1
+    stats = {"proposed_positions": proposed, "accepted_positions": accepted, "target_forwards": target.forwards,
+             "positions": positions,
+             "positions_per_target_forward": round(positions / target.forwards, 3) if target.forwards else 0.0}
+    if proposed:
+        stats["acceptance_rate"] = round(accepted / proposed, 3)
+    return columns, stats
 
 
 def draft_proposer(target: CodecSession, draft: CodecSession) -> Proposer:
@@ -209,7 +215,7 @@ def ngram_proposer(target: CodecSession, max_ngram: int) -> Proposer:
 
 
 def speculative_loop(target: CodecSession, draft: CodecSession, gamma: int,
-                     on_progress: OnFrames | None = None) -> tuple[list[torch.Tensor], dict[str, int]]:
+                     on_progress: OnFrames | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Speculative decoding with a draft codec LM (see ``verify_loop``)."""
     columns, stats = verify_loop(target, draft_proposer(target, draft), gamma, on_progress)
     return columns, dict(stats, draft_forwards=draft.forwards)

@@ -97,6 +97,18 @@ class DecodeState:
             self.on_tokens(list(self.tokens))
 
 
+def accept_greedy(drafts: list[int], greedy: list[int]) -> list[int]:
+    """Tokens kept from one verification forward over ``[current, *drafts]`` whose argmax
+    at each position is ``greedy``: drafts while they equal the model's own choice, then
+    the model's token at the first disagreement (or after the last draft)."""
+    accepted = [greedy[0]]
+    for j, token in enumerate(drafts):
+        if token != accepted[-1]:
+            break
+        accepted.append(greedy[j + 1])
+    return accepted
+
+
 def require_greedy(call: dict[str, Any], method: str) -> None:
     if call["sampling"].do_sample:
         raise ValidationError(

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from backends.accel._block_span import SpanCache, block_lists
+from backends.accel._block_span import SpanCache, block_lists, step_stats
 from backends.accel._diffusers_cache import DIT_CACHES
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.types import ValidationError
@@ -94,7 +94,7 @@ class AdaptiveSchedule:
     def __call__(self, _module, _args, _kwargs, state) -> bool:
         step = state.calls
         extra = state.extra
-        if not state.reuse and state.residuals is not None and extra.get("seen") is not state.residuals[0]:
+        if not state.reuse and state.residuals is not None:  # the previous call computed: a new residual
             self._after_computed_step(step - 1, state.residuals[0], extra)
         steps = getattr(self.pipe, "_num_timesteps", None) or self.config.num_steps
         if step < self.config.warmup_steps or (steps > 0 and step >= steps - 1):
@@ -102,7 +102,6 @@ class AdaptiveSchedule:
         return step < extra.get("reuse_until", 0)
 
     def _after_computed_step(self, step: int, residual: torch.Tensor, extra: dict) -> None:
-        extra["seen"] = residual
         previous = extra.get("residual")
         extra["residual"] = (residual, step)
         if previous is None:
@@ -120,7 +119,7 @@ class AdaptiveSchedule:
         extra["reuse_until"] = step + 1 + reuse
 
 
-def apply_adacache(denoiser, config: AdaCacheConfig, on_call=None, pipe=None) -> tuple[SpanCache, AdaptiveSchedule, Any]:
+def apply_adacache(denoiser, config: AdaCacheConfig, pipe=None) -> tuple[SpanCache, AdaptiveSchedule, Any]:
     """Hook the whole block stack; returns (cache, schedule, grid hook). ``remove()`` both handles."""
     blocks = [block for _, block in block_lists(denoiser)]
     schedule = AdaptiveSchedule(config, pipe)
@@ -131,7 +130,7 @@ def apply_adacache(denoiser, config: AdaCacheConfig, on_call=None, pipe=None) ->
             schedule.frames = token_frames(module, hidden)
 
     grid_hook = denoiser.register_forward_pre_hook(read_grid, with_kwargs=True)
-    cache = SpanCache(denoiser, blocks, schedule, "adacache", on_call=on_call)
+    cache = SpanCache(denoiser, blocks, schedule, "adacache")
     return cache, schedule, grid_hook
 
 
@@ -171,11 +170,9 @@ class AdaCacheMethod(Method):
         if self.cache is None:  # hooked here: the always-computed last step needs the step count
             config = AdaCacheConfig(num_steps=call["num_inference_steps"], **self.params)
             self.cache, self.schedule, self.grid_hook = apply_adacache(
-                self.denoiser, config, on_call=self._record, pipe=getattr(backend, "pipe", None))
+                self.denoiser, config, pipe=getattr(backend, "pipe", None))
+            self.calls = self.cache.calls
         return call
-
-    def _record(self, branch: str, reused: bool) -> None:
-        self.calls.setdefault(branch, []).append(reused)
 
     def remove(self, backend) -> None:
         if self.cache is not None:
@@ -184,18 +181,8 @@ class AdaCacheMethod(Method):
             self.cache = self.grid_hook = None
 
     def stats(self) -> dict[str, Any]:
-        calls = getattr(self, "calls", {})
-        first = next(iter(calls.values()), [])
-        skipped = sum(sum(v) for v in calls.values())
-        total = sum(len(v) for v in calls.values())
+        stats = step_stats(getattr(self, "calls", {}))
         schedule = getattr(self, "schedule", None)
-        stats = {
-            "computed_steps": len(first) - sum(first),
-            "skipped_steps": sum(first),
-            "skipped_calls": skipped,
-            "branches": len(calls),
-            "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
-        }
         if schedule is not None:
             stats["reuse_plan"] = schedule.reuse_plan
             stats["mean_change_rate"] = round(sum(schedule.rates) / len(schedule.rates), 4) if schedule.rates else None

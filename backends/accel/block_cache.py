@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from backends.accel._block_span import SpanCache, block_lists
+from backends.accel._block_span import SpanCache, block_lists, step_stats
 from backends.accel._diffusers_cache import DIT_CACHES
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.types import ValidationError
@@ -43,7 +43,7 @@ def is_full_step(step: int, config: BlockCacheConfig) -> bool:
     return step < config.warmup_steps or (step - config.warmup_steps) % config.interval == 0
 
 
-def apply_block_cache(denoiser, config: BlockCacheConfig, on_call=None) -> SpanCache:
+def apply_block_cache(denoiser, config: BlockCacheConfig) -> SpanCache:
     """Hook the span; returns the handle whose ``remove()`` undoes it.
 
     >>> cache = apply_block_cache(pipe.transformer, BlockCacheConfig(interval=2, num_blocks=8))
@@ -56,7 +56,7 @@ def apply_block_cache(denoiser, config: BlockCacheConfig, on_call=None) -> SpanC
     def reuse(_module, _args, _kwargs, state) -> bool:
         return not is_full_step(state.calls, config)
 
-    return SpanCache(denoiser, span, reuse, "block_cache", on_call=on_call)
+    return SpanCache(denoiser, span, reuse, "block_cache")
 
 
 @register
@@ -89,27 +89,22 @@ class BlockCacheMethod(Method):
         if not self.total_blocks:
             raise ValidationError(f"block_cache found no transformer block list in {type(denoiser).__name__}")
         self.span_blocks = len(span_of(list(range(self.total_blocks)), self.config.num_blocks, self.config.position))
-        self.calls: dict[str, list[bool]] = {}
-        self.cache = apply_block_cache(denoiser, self.config, on_call=self._record)
-
-    def _record(self, branch: str, reused: bool) -> None:
-        self.calls.setdefault(branch, []).append(reused)
+        self.cache = apply_block_cache(denoiser, self.config)
+        self.calls = self.cache.calls
 
     def remove(self, backend) -> None:
         self.cache.remove()
 
     def stats(self) -> dict[str, Any]:
-        calls = getattr(self, "calls", {})
-        first = next(iter(calls.values()), [])
-        cached_calls = sum(sum(v) for v in calls.values())
-        total_calls = sum(len(v) for v in calls.values())
+        steps = step_stats(getattr(self, "calls", {}))
+        span = getattr(self, "span_blocks", 0)
         return {
-            "full_steps": len(first) - sum(first),
-            "cached_steps": sum(first),
-            "span_blocks": getattr(self, "span_blocks", 0),
-            "blocks_skipped": cached_calls * getattr(self, "span_blocks", 0),
-            "branches": len(calls),
-            "cache_hit_rate": round(cached_calls / total_calls, 3) if total_calls else 0.0,
+            "full_steps": steps["computed_steps"],
+            "cached_steps": steps["skipped_steps"],
+            "span_blocks": span,
+            "blocks_skipped": steps["skipped_calls"] * span,
+            "branches": steps["branches"],
+            "cache_hit_rate": steps["cache_hit_rate"],
         }
 
     def warnings(self, backend, call) -> list[str]:

@@ -25,7 +25,14 @@ import torch
 
 from backends.accel._patch import ForwardPatch
 from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import DECODING_METHODS, DecodeState, decoding_stats, require_greedy, set_decoder
+from backends.accel._decoding import (
+    DECODING_METHODS,
+    DecodeState,
+    accept_greedy,
+    decoding_stats,
+    require_greedy,
+    set_decoder,
+)
 from backends.types import ValidationError
 
 
@@ -109,11 +116,7 @@ def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip
             layer.keys, layer.values = layer.keys[..., :past, :], layer.values[..., :past, :]
         ids = torch.tensor([[current] + drafts], device=input_ids.device)
         greedy = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].argmax(-1).tolist()
-        accepted = [greedy[0]]
-        for j, d in enumerate(drafts):
-            if d != accepted[-1]:
-                break
-            accepted.append(greedy[j + 1])
+        accepted = accept_greedy(drafts, greedy)
         skip_state.rounds += 1
         skip_state.drafted += len(drafts)
         skip_state.accepted += len(accepted) - 1

@@ -62,17 +62,13 @@ class PromptLookupMethod(Method):
             target = backend.session(backend.model, call)
             propose = ngram_proposer(target, self.params["max_matching_ngram_size"])
             columns, self._codec_stats = verify_loop(target, propose, self.params["num_tokens"], on_progress)
-            self._codec_stats.update(target_forwards=target.forwards, positions=len(columns) - 1)
             return target.codes(columns)
 
         return set_decoder(call, decode, "prompt_lookup")
 
     def stats(self) -> dict[str, Any]:
         if self.codec:
-            stats = dict(self._codec_stats)
-            if stats.get("target_forwards"):
-                stats["positions_per_target_forward"] = round(stats["positions"] / stats["target_forwards"], 3)
-            return stats
+            return dict(self._codec_stats)
         return decoding_stats(self._extra)
 
     def warnings(self, backend, call) -> list[str]:

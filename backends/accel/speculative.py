@@ -27,7 +27,15 @@ import torch
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.catalog import bundled
 from backends.accel._codec_decoding import check_same_codec, speculative_loop
-from backends.accel._decoding import DECODING_METHODS, DecodeState, crop_cache, decoding_stats, require_greedy, set_decoder
+from backends.accel._decoding import (
+    DECODING_METHODS,
+    DecodeState,
+    accept_greedy,
+    crop_cache,
+    decoding_stats,
+    require_greedy,
+    set_decoder,
+)
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
@@ -83,11 +91,7 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
                 break
         ids = torch.tensor([[current] + drafts], device=input_ids.device)
         greedy = target(input_ids=ids, past_key_values=t_cache, use_cache=True).logits[0].argmax(-1).tolist()
-        accepted = [greedy[0]]
-        for j, token in enumerate(drafts):
-            if token != accepted[-1]:
-                break
-            accepted.append(greedy[j + 1])
+        accepted = accept_greedy(drafts, greedy)
         seq += accepted
         crop_cache(t_cache, len(seq) - 1)
         crop_cache(d_cache, min(d_cache.get_seq_length(), len(seq) - 1))
@@ -189,20 +193,13 @@ class SpeculativeMethod(Method):
         def decode(backend, call, on_progress):
             target, draft = backend.session(backend.model, call), backend.session(self.draft, call)
             columns, self._codec_stats = speculative_loop(target, draft, gamma, on_progress)
-            self._codec_stats["target_forwards"] = target.forwards
-            self._codec_stats["positions"] = len(columns) - 1
             return target.codes(columns)
 
         return set_decoder(call, decode, "speculative")
 
     def stats(self) -> dict[str, Any]:
         if self.codec:
-            stats = dict(self._codec_stats, draft=self.draft_id)
-            if stats.get("target_forwards"):
-                stats["positions_per_target_forward"] = round(stats["positions"] / stats["target_forwards"], 3)
-            if stats.get("proposed_positions"):
-                stats["acceptance_rate"] = round(stats["accepted_positions"] / stats["proposed_positions"], 3)
-            return stats
+            return dict(self._codec_stats, draft=self.draft_id)
         stats = decoding_stats(self._extra)
         stats.update(draft=self.draft_id, draft_forwards=self.draft_forwards,
                      universal=not self.same_vocab)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from backends.accel._block_span import SpanCache, block_lists, block_metadata
+from backends.accel._block_span import SpanCache, block_lists, block_metadata, step_stats
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.accel._diffusers_cache import DIT_CACHES
 from backends.types import ValidationError
@@ -64,7 +64,7 @@ def modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.
     return hidden
 
 
-def apply_teacache(denoiser, config: TeaCacheConfig, on_call=None, pipe=None) -> SpanCache:
+def apply_teacache(denoiser, config: TeaCacheConfig, pipe=None) -> SpanCache:
     """Hook every block of ``denoiser``; returns the handle whose ``remove()`` undoes it.
     With ``pipe``, the step count is read from the running pipeline (``_num_timesteps``),
     so it is right even when another method changed it after this one was configured.
@@ -94,7 +94,7 @@ def apply_teacache(denoiser, config: TeaCacheConfig, on_call=None, pipe=None) ->
         state.extra["accumulated"] = 0.0
         return False
 
-    return SpanCache(denoiser, blocks, reuse, "teacache", on_call=on_call)
+    return SpanCache(denoiser, blocks, reuse, "teacache")
 
 
 @register
@@ -136,11 +136,9 @@ class TeaCacheMethod(Method):
         # Hooked here, not in apply, because the last step (always computed) needs the step count.
         if self.cache is None:
             config = TeaCacheConfig(self.params["threshold"], self.coefficients, call["num_inference_steps"])
-            self.cache = apply_teacache(self.denoiser, config, on_call=self._record, pipe=backend.pipe)
+            self.cache = apply_teacache(self.denoiser, config, pipe=backend.pipe)
+            self.calls = self.cache.calls
         return call
-
-    def _record(self, branch: str, reused: bool) -> None:
-        self.calls.setdefault(branch, []).append(reused)
 
     def remove(self, backend) -> None:
         if self.cache is not None:
@@ -148,17 +146,7 @@ class TeaCacheMethod(Method):
             self.cache = None
 
     def stats(self) -> dict[str, Any]:
-        calls = getattr(self, "calls", {})
-        first = next(iter(calls.values()), [])
-        skipped = sum(sum(v) for v in calls.values())
-        total = sum(len(v) for v in calls.values())
-        return {
-            "computed_steps": len(first) - sum(first),
-            "skipped_steps": sum(first),
-            "skipped_calls": skipped,
-            "branches": len(calls),
-            "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
-        }
+        return step_stats(getattr(self, "calls", {}))
 
     def warnings(self, backend, call) -> list[str]:
         if self.params["threshold"] <= 0:
