@@ -178,9 +178,12 @@ def codec_speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> 
 
 
 @torch.no_grad()
-def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int = 30) -> float:
+def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int = 30,
+                    explicit_mask: bool = False) -> float:
     """Median cost of one forward of ``new_tokens`` tokens on a ``context``-token KV cache
-    (one cache, cropped back after every timed forward; five warm-up forwards)."""
+    (one cache, cropped back after every timed forward; five warm-up forwards).
+    ``explicit_mask``: pass a 4-D additive mask, as lookahead's tree-shaped forwards do
+    (attention then cannot use its causal fast path)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -189,26 +192,54 @@ def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int
     prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
     step = torch.randint(0, vocab, (1, new_tokens), generator=gen).to(device)
     positions = torch.arange(context, context + new_tokens, device=device).unsqueeze(0)
+    kwargs = {}
+    if explicit_mask:
+        mask = torch.zeros(1, 1, new_tokens, context + new_tokens, dtype=model.dtype, device=device)
+        causal = torch.ones(new_tokens, new_tokens, dtype=torch.bool, device=device).triu(1)
+        mask[0, 0, :, context:].masked_fill_(causal, torch.finfo(model.dtype).min)
+        kwargs["attention_mask"] = mask
     cache = DynamicCache(config=model.config)
     model(prefix, past_key_values=cache, use_cache=True)
     times = []
     for _ in range(repeats + 5):
         start = time.perf_counter()
-        model(step, past_key_values=cache, use_cache=True, position_ids=positions, cache_position=positions[0])
+        model(step, past_key_values=cache, use_cache=True, position_ids=positions, cache_position=positions[0],
+              **kwargs)
         times.append(time.perf_counter() - start)
         cache.crop(-new_tokens)  # transformers 5: a negative count removes that many positions
     return 1000 * statistics.median(times[5:])
 
 
+def verification_shape(row: dict[str, Any], k: int = 5) -> tuple[int, int, bool]:
+    """(tokens in one target forward, draft forwards per round, explicit mask) for a row:
+    the method's own draft length where it has one, lookahead's measured mean width."""
+    params = {m["name"]: m["params"] for m in row.get("params", [])}
+    if "lookahead" in params:
+        width = row.get("method_stats", {}).get("lookahead", {}).get("mean_forward_width")
+        return (round(width) if width else k + 1), 0, True
+    if "speculative" in params:
+        drafts = int(params["speculative"].get("num_assistant_tokens", 5))
+        return drafts + 1, drafts, False
+    if "prompt_lookup" in params:
+        return int(params["prompt_lookup"].get("num_tokens", 10)) + 1, 0, False
+    if "layer_skip" in params:
+        return int(params["layer_skip"].get("draft_tokens", 4)) + 1, 0, False
+    return k + 1, 0, False
+
+
 def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
-    """Forward costs of target (1 and k+1 tokens) and draft, and the speedup they predict
-    from each drafting method's measured acceptance: tokens per target forward T gives
-    ``T * c_target(1) / (c_target(k+1) + k * c_draft)`` for speculative decoding and
-    ``T * c_target(1) / c_target(k+1)`` for draft-free methods (prompt lookup, lookahead).
-    On hardware where the target's forward is dearer relative to the draft (a GPU and a
-    large model), the same acceptance predicts a larger speedup."""
+    """Forward costs of target (1 token and each method's verification width) and draft,
+    and the speedup they predict from each drafting method's measured acceptance: tokens
+    per target forward T gives ``T * c_target(1) / (c_target(w) + d * c_draft)``, with w
+    the tokens one verification forward carries (the draft length + 1 for speculative
+    decoding and prompt lookup, the measured mean for lookahead's window + branches) and
+    d the draft forwards per round (0 for draft-free methods). On hardware where the
+    target's forward is dearer relative to the draft (a GPU and a large model), the same
+    acceptance predicts a larger speedup. (Prompt lookup and layer skip are costed at
+    their full draft length, an upper bound: rounds without a match or with a doubtful
+    draft are narrower.)"""
     target = backend.model
-    costs = {"target_1_ms": forward_cost_ms(target), f"target_{k + 1}_ms": forward_cost_ms(target, new_tokens=k + 1)}
+    costs = {"target_1_ms": forward_cost_ms(target)}
     draft_id = getattr(backend, "draft_id", None)
     if draft_id:
         draft, _ = backend.get_draft(draft_id)
@@ -218,9 +249,12 @@ def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[s
         t = row.get("tokens_per_target_forward")
         if not t or row["method"] == "baseline":
             continue
-        verify = costs[f"target_{k + 1}_ms"]
-        draft_cost = k * costs.get("draft_1_ms", 0.0) if row["method"].startswith("speculative") else 0.0
-        predicted[row["method"]] = round(t * costs["target_1_ms"] / (verify + draft_cost), 3)
+        width, drafts, masked = verification_shape(row, k)
+        key = f"target_{width}{'_masked' if masked else ''}_ms"
+        if key not in costs:
+            costs[key] = forward_cost_ms(target, new_tokens=width, explicit_mask=masked)
+        verify = costs[key] + drafts * costs.get("draft_1_ms", 0.0)
+        predicted[row["method"]] = round(t * costs["target_1_ms"] / verify, 3)
     return {k_: round(v, 3) for k_, v in costs.items()} | {"predicted_speedup": predicted}
 
 

@@ -33,10 +33,12 @@ REPETITIVE = PROMPTS[1]  # the random model copies this one: 4.4 (lookup) and 2.
 LOSSLESS = [
     ("speculative", {}),
     ("speculative", {"num_assistant_tokens": 3, "schedule": "heuristic"}),
+    ("speculative", {"num_assistant_tokens": 6, "confidence_threshold": 0.3}),
     ("prompt_lookup", {}),
     ("prompt_lookup", {"num_tokens": 4, "max_matching_ngram_size": 3}),
     ("lookahead", {}),
     ("lookahead", {"window": 2, "ngram": 3, "branches": 2, "prompt_ngrams": False}),
+    ("lookahead", {"window": 1, "ngram": 4, "branches": 3, "output_ngrams": False}),
     ("lookahead", {"window": 5, "ngram": 5, "branches": 6}),
     ("layer_skip", {}),
     ("layer_skip", {"skip_from": 1, "skip_to": 1, "draft_tokens": 6, "draft_confidence": 0.05}),
@@ -123,6 +125,23 @@ def test_copying_methods_accept_tokens_on_repetitive_prompt(backend, name):
     stats = run(backend, REPETITIVE, [(name, {})]).method_stats[name]
     assert stats["tokens_per_target_forward"] > 1.5, stats
     assert stats["accepted_draft_tokens"] > 0
+
+
+def test_lookahead_candidate_tree_shares_prefixes_and_masks_ancestors_only():
+    from backends.accel.lookahead import candidate_tree, lookahead_mask
+
+    nodes, children = candidate_tree([(5, 6, 7), (5, 6, 8), (9, 6, 7)])
+    assert [t for t, _, _ in nodes] == [5, 6, 7, 8, 9, 6, 7]  # "5 6" verified once: 7 nodes, not 9
+    assert children[(-1, 5)] == 0 and children[(1, 8)] == 3 and children[(4, 6)] == 5
+    mask, offsets = lookahead_mask(past=3, W=2, N=4, nodes=nodes, dtype=torch.float32, device="cpu")
+    seen = mask[0, 0] == 0
+    base = 1 + 3 * 2
+    assert mask.shape == (1, 1, base + 7, 3 + base + 7) and seen[:, :3].all()  # the cache: seen by all
+    assert offsets[base:] == [1, 2, 3, 3, 1, 2, 3]
+    new = seen[:, 3:]
+    # node 3 ("8" after "5 6"): c, its ancestors 0 and 1, itself; not its sibling 2 nor the window
+    assert new[base + 3].nonzero().flatten().tolist() == [0, base, base + 1, base + 3]
+    assert new[base + 6].nonzero().flatten().tolist() == [0, base + 4, base + 5, base + 6]
 
 
 def test_speculative_with_agreeing_draft_accepts_most_tokens(tok, target):

@@ -10,17 +10,22 @@ Every step is one forward of the target over three parts, with a custom 4-D atte
   output at the top level of column ``i`` is the next Jacobi guess for that column, and
   ``(a0[i], a1[i], ..., a{N-2}[i], output)`` is an n-gram the model produced: it goes into
   the n-gram pool, keyed by its first token. The levels then shift down by one.
-- the *verification branch*: up to ``G`` pool n-grams that start with ``c``'s successor
-  guess, each attending only to the prefix, ``c`` and its own earlier tokens.
+- the *verification branch*: up to ``G`` pool n-grams keyed by ``c``, merged into a token
+  tree (shared prefixes once), each node attending to the prefix, ``c`` and its ancestors.
 
-The output at ``c`` is the next token (always correct); a candidate's tokens are accepted
-while each equals the model's own greedy choice at the token before it, so the output is
-token-for-token plain greedy decoding, up to ``N`` tokens per forward. The K/V of the
-accepted candidate tokens are kept (gathered from the scattered positions), the rest of
-the forward's entries are dropped from the cache.
+The pool is fed by the Jacobi window, and (both on by default) by the prompt's n-grams and
+the output's own as it grows: code repeats its identifiers and idioms, and those n-grams
+cost no forward width. The output at ``c`` is the next token (always correct); the tree
+is followed while each node equals the model's own greedy choice at its parent, so the
+output is token-for-token plain greedy decoding, up to ``N`` tokens per forward. The K/V
+of the accepted path are kept (gathered from their scattered positions), the rest of the
+forward's entries are dropped from the cache. Logits are computed only where they are
+read (``c``, the window's top level, the tree).
 
-Greedy only. On CPU a verification forward of 20-40 tokens costs 2-2.6x a one-token
-forward (CALIBRATION.md), so small windows (W 3-5, G 3-5) are the ones that can pay.
+Greedy only. On one CPU thread a forward's cost grows with its width (a 10-token forward
+of the bundled 12-layer model costs ~1.4x a one-token one, 25 tokens ~1.9x), so small
+windows (W 1-3, N 4, G 2-4) are the ones that pay there; on a GPU, where width is nearly
+free up to tens of tokens, the paper's larger settings (W 15, N 5, G 15) are the ones to try.
 """
 
 from __future__ import annotations
@@ -48,12 +53,15 @@ class LookaheadConfig:
     branches (G): pool candidates verified per step.
     prompt_ngrams: also seed the pool with the prompt's own n-grams (cheap; pays on code
         editing and repetitive text, where the output copies the prompt).
+    output_ngrams: also add the n-grams of the accepted output as it grows (free code
+        repeats its own identifiers and idioms; costs no forward width).
     """
 
     window: int = 4
     ngram: int = 4
     branches: int = 4
     prompt_ngrams: bool = True
+    output_ngrams: bool = True
 
 
 @dataclass
@@ -62,10 +70,11 @@ class LookaheadState:
     tokens: int = 0
     pool_hits: int = 0  # tokens accepted from verified n-grams (beyond the one per step)
     pool_size: int = 0
+    forward_tokens: int = 0  # tokens fed to the target, all forwards after the prompt's
     pool: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.steps = self.tokens = self.pool_hits = self.pool_size = 0
+        self.steps = self.tokens = self.pool_hits = self.pool_size = self.forward_tokens = 0
         self.pool = {}
 
     def add(self, ngram: tuple[int, ...], cap: int) -> None:
@@ -83,52 +92,70 @@ class LookaheadState:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(W: int, N: int, G: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Which new token sees which (q x q, bool) and the position offsets (from ``c``) of the
-    ``1 + (N-1)W + G(N-1)`` new tokens, laid out as: c, level 0..N-2 (W each), candidates."""
+def _window_layout(W: int, N: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Which of ``c`` and the window's ``(N-1) x W`` tokens sees which (bool), and their
+    position offsets from ``c``: column ``i`` reads ``c, a0[0..i], a1[i], ..., a{N-2}[i]``."""
     levels = N - 1
-    q = 1 + levels * W + G * levels
+    q = 1 + levels * W
     allowed = torch.zeros(q, q, dtype=torch.bool)
-    offsets = [0]
     allowed[:, 0] = True
-
-    def la(level: int, col: int) -> int:
-        return 1 + level * W + col
-
+    offsets = [0]
     for level in range(levels):
         for col in range(W):
-            row = la(level, col)
+            row = 1 + level * W + col
             offsets.append(1 + col + level)
-            for j in range(col + 1):
-                allowed[row, la(0, j)] = True
+            allowed[row, 1: 2 + col] = True  # level 0, columns 0..col
             for lv in range(1, level + 1):
-                allowed[row, la(lv, col)] = True
-    base = 1 + levels * W
-    for g in range(G):
-        for j in range(levels):
-            row = base + g * levels + j
-            offsets.append(1 + j)
-            allowed[row, base + g * levels: row + 1] = True
+                allowed[row, 1 + lv * W + col] = True
     return allowed, tuple(offsets)
 
 
-def lookahead_mask(past: int, W: int, N: int, G: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[int]]:
-    """Additive 4-D mask (1, 1, q, past + q): every new token sees the whole cache, and
-    among the new tokens what ``_layout`` allows."""
-    allowed, offsets = _layout(W, N, G)
-    q = allowed.shape[0]
-    mask = torch.zeros(q, past + q, dtype=dtype, device=device)
-    mask[:, past:].masked_fill_(~allowed.to(device), torch.finfo(dtype).min)
-    return mask[None, None], list(offsets)
+def candidate_tree(candidates: list[tuple[int, ...]]) -> tuple[list[tuple[int, int, int]], dict]:
+    """Merge candidates into a token tree: nodes ``(token, parent, depth)`` (parent -1 =
+    the current token), parents before children, and ``(parent, token) -> node``. Shared
+    prefixes are verified once, so more candidates fit in the same forward width."""
+    nodes: list[tuple[int, int, int]] = []
+    index: dict[tuple[int, int], int] = {}
+    for cand in candidates:
+        parent = -1
+        for depth, token in enumerate(cand):
+            key = (parent, token)
+            if key not in index:
+                index[key] = len(nodes)
+                nodes.append((token, parent, depth))
+            parent = index[key]
+    return nodes, index
 
 
-def keep_accepted(cache, past: int, start: int, count: int) -> None:
-    """Keep the cache up to ``c`` (``past + 1`` entries) plus ``count`` entries from ``start``
-    (the accepted candidate's), moved in place right after ``c``; the rest is dropped."""
+def lookahead_mask(past: int, W: int, N: int, nodes: list[tuple[int, int, int]], dtype: torch.dtype,
+                   device) -> tuple[torch.Tensor, list[int]]:
+    """Additive 4-D mask (1, 1, q, past + q) and position offsets for ``c``, the window and
+    the candidate tree: every new token sees the whole cache, a window token what
+    ``_window_layout`` allows, a tree node ``c`` and its own ancestors."""
+    window, offsets = _window_layout(W, N)
+    base, q = window.shape[0], window.shape[0] + len(nodes)
+    allowed = torch.zeros(q, q, dtype=torch.bool)
+    allowed[:base, :base] = window
+    allowed[base:, 0] = True
+    for i, (_, parent, _) in enumerate(nodes):
+        allowed[base + i, base + i] = True
+        if parent >= 0:
+            allowed[base + i, base: base + parent + 1] = allowed[base + parent, base: base + parent + 1]
+    mask = torch.zeros(q, past + q, dtype=dtype)
+    mask[:, past:].masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device), list(offsets) + [1 + depth for _, _, depth in nodes]
+
+
+def keep_accepted(cache, past: int, kept: list[int]) -> None:
+    """Keep the cache up to ``c`` (``past + 1`` entries) plus the entries at ``kept`` (the
+    accepted tree path's, ascending), moved right after ``c``; the rest is dropped."""
+    count = len(kept)
+    index = torch.tensor(kept, dtype=torch.long) if count else None
     for layer in cache.layers:
         if count:
-            layer.keys[..., past + 1: past + 1 + count, :] = layer.keys[..., start: start + count, :]
-            layer.values[..., past + 1: past + 1 + count, :] = layer.values[..., start: start + count, :]
+            index = index.to(layer.keys.device)
+            layer.keys[..., past + 1: past + 1 + count, :] = layer.keys.index_select(-2, index)
+            layer.values[..., past + 1: past + 1 + count, :] = layer.values.index_select(-2, index)
         layer.keys = layer.keys[..., : past + 1 + count, :]
         layer.values = layer.values[..., : past + 1 + count, :]
 
@@ -140,6 +167,8 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
     model = backend.model
     W, N, G = config.window, config.ngram, config.branches
     levels = N - 1
+    base = 1 + levels * W  # the tree's first slot in every forward
+    top = list(range(1 + (levels - 1) * W, base))  # the window's top level: next Jacobi guesses
     device = input_ids.device
     prompt = input_ids[0].tolist()
     if config.prompt_ngrams:
@@ -158,45 +187,44 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
 
     while True:
         past = cache.get_seq_length()
-        candidates = stats.pool.get(current, [])[-G:]
-        candidates = [c for c in candidates if len(c) == levels]
-        G_now = len(candidates)
-        mask, offsets = lookahead_mask(past, W, N, G_now, model.dtype, device)
-        tokens = [current] + [t for level in window for t in level] + [t for c in candidates for t in c]
-        ids = torch.tensor([tokens], device=device)
-        position_ids = torch.tensor([offsets], device=device) + past
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                    use_cache=True)
+        candidates = [c for c in stats.pool.get(current, [])[-G:] if len(c) == levels]
+        nodes, children = candidate_tree(candidates)
+        mask, offsets = lookahead_mask(past, W, N, nodes, model.dtype, device)
+        tokens = [current] + [t for level in window for t in level] + [t for t, _, _ in nodes]
+        # logits only where they are read: c, the top level, the tree (the lower levels' are not)
+        keep = [0] + top + list(range(base, base + len(nodes)))
+        out = model(input_ids=torch.tensor([tokens], device=device), attention_mask=mask,
+                    position_ids=torch.tensor([offsets], device=device) + past, past_key_values=cache,
+                    use_cache=True, logits_to_keep=torch.tensor(keep, device=device))
         stats.steps += 1
-        greedy = out.logits[0].argmax(dim=-1).tolist()
+        stats.forward_tokens += len(tokens)
+        picked = out.logits[0].argmax(dim=-1).tolist()
+        greedy = dict(zip(keep, picked))
 
-        # Verification: the longest candidate prefix that greedy decoding would produce.
-        accepted, best_g = [greedy[0]], -1
-        base = 1 + levels * W
-        for g, cand in enumerate(candidates):
-            run = [greedy[0]]
-            for j in range(levels):
-                if cand[j] != run[-1]:
-                    break
-                run.append(greedy[base + g * levels + j])
-            if len(run) > len(accepted):
-                accepted, best_g = run, g
+        # Verification: follow the tree while each node is the model's greedy choice at its parent.
+        accepted, path, node = [greedy[0]], [], -1
+        while (node := children.get((node, accepted[-1]), -1)) >= 0:
+            path.append(node)
+            accepted.append(greedy[base + node])
 
         # Lookahead branch: harvest n-grams, shift the levels, top level <- new guesses.
-        top = [greedy[1 + (levels - 1) * W + col] for col in range(W)]
+        guesses = [greedy[i] for i in top]
         for col in range(W):
-            stats.add(tuple(window[l][col] for l in range(levels)) + (top[col],), G)
-        window = window[1:] + [top]
+            stats.add(tuple(window[l][col] for l in range(levels)) + (guesses[col],), G)
+        window = window[1:] + [guesses]
 
-        # Cache: keep c and the accepted candidate tokens, drop everything else.
-        start = past + base + max(best_g, 0) * levels  # candidate slots lie after the window: no overlap
-        keep_accepted(cache, past, start, len(accepted) - 1 if best_g >= 0 else 0)
+        # Cache: keep c and the accepted path's tokens, drop everything else.
+        keep_accepted(cache, past, [past + base + i for i in path])
 
         before = len(state.tokens)
         done = state.emit(accepted)
         stats.pool_hits += max(0, len(state.tokens) - before - 1)
         if done:
             return
+        if config.output_ngrams:
+            text = prompt[-N:] + state.tokens if len(state.tokens) < N else state.tokens
+            for end in range(max(N, len(text) - len(accepted) + 1), len(text) + 1):
+                stats.add(tuple(text[end - N:end]), G)
         current = accepted[-1]
 
 
@@ -216,6 +244,7 @@ class LookaheadMethod(Method):
             Param("ngram", "int", 4, min=2, max=8, help="N: n-gram size, at most N tokens accepted per forward"),
             Param("branches", "int", 4, min=0, max=16, help="G: pool n-grams verified per forward"),
             Param("prompt_ngrams", "bool", True, help="seed the n-gram pool with the prompt (pays on copy-heavy text)"),
+            Param("output_ngrams", "bool", True, help="add the output's own n-grams to the pool as it grows"),
         ),
         conflicts=tuple(m for m in DECODING_METHODS if m != "lookahead"),
     )
@@ -239,6 +268,8 @@ class LookaheadMethod(Method):
         stats = decoding_stats(self._extra)
         stats.update(pool_ngrams=self.state.pool_size, accepted_from_pool=self.state.pool_hits,
                      lookahead_steps=self.state.steps)
+        if self.state.steps > 1:  # what one forward costs depends on its width: benchmarks time this one
+            stats["mean_forward_width"] = round(self.state.forward_tokens / (self.state.steps - 1), 2)
         return stats
 
     def warnings(self, backend, call) -> list[str]:

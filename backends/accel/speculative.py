@@ -61,12 +61,17 @@ def check_same_vocab(target_tok: Any, target_model: Any, draft_tok: Any, draft_m
 
 
 @torch.no_grad()
-def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeState, draft: Any, gamma: int) -> None:
+def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeState, draft: Any, gamma: int,
+                              confidence: float = 0.0, schedule: str = "constant") -> None:
     """Greedy speculative decoding in a lean loop of our own (exact greedy output).
 
     transformers' assisted generation does the same arithmetic, but its per-token
     bookkeeping costs more than a tiny draft's forward on CPU (measured ~1.0x where the
     forward costs predict 1.4x); this loop only runs the two models and crops caches.
+    ``confidence``: stop drafting once the draft's top probability falls below it (a token
+    the draft doubts is likely rejected, and each one widens the verification forward).
+    ``schedule="heuristic"``: transformers' rule, +2 drafts after a fully accepted round,
+    -1 otherwise.
     """
     from transformers import DynamicCache
 
@@ -83,8 +88,10 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
         drafts: list[int] = []
         for _ in range(k):
             logits = draft(input_ids=torch.tensor([pending], device=input_ids.device), past_key_values=d_cache,
-                           use_cache=True).logits
-            token = int(logits[0, -1].argmax())
+                           use_cache=True).logits[0, -1]
+            token = int(logits.argmax())
+            if confidence and drafts and float(logits.softmax(-1)[token]) < confidence:
+                break  # the first draft is always kept: a round drafts at least one token
             drafts.append(token)
             pending = [token]
             if token in state.eos_token_ids:
@@ -92,6 +99,8 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
         ids = torch.tensor([[current] + drafts], device=input_ids.device)
         greedy = target(input_ids=ids, past_key_values=t_cache, use_cache=True).logits[0].argmax(-1).tolist()
         accepted = accept_greedy(drafts, greedy)
+        if schedule == "heuristic":
+            gamma = gamma + 2 if len(accepted) == len(drafts) + 1 else max(1, gamma - 1)
         seq += accepted
         crop_cache(t_cache, len(seq) - 1)
         crop_cache(d_cache, min(d_cache.get_seq_length(), len(seq) - 1))
@@ -175,12 +184,12 @@ class SpeculativeMethod(Method):
         self.draft_forwards = 0
         if self.codec:
             return self._codec_call(backend, call)
-        plain = (self.same_vocab and not call["sampling"].do_sample and self.params["schedule"] == "constant"
-                 and not self.params["confidence_threshold"])
-        if plain:  # greedy with fixed draft length: our lean loop
+        if self.same_vocab and not call["sampling"].do_sample:  # greedy: our lean loop
             draft, gamma = self.draft, int(self.params["num_assistant_tokens"])
-            return set_decoder(call, lambda b, ids, st: greedy_speculative_decode(b, ids, st, draft, gamma),
-                               "speculative")
+            confidence, schedule = float(self.params["confidence_threshold"]), self.params["schedule"]
+            return set_decoder(
+                call, lambda b, ids, st: greedy_speculative_decode(b, ids, st, draft, gamma, confidence, schedule),
+                "speculative")
         kwargs = dict(call["generate_kwargs"], assistant_model=self.draft)
         if not self.same_vocab:
             kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=self.draft_tokenizer)

@@ -276,6 +276,9 @@ class VideoConfig:
     # The first run predicted velocity: loss stuck at 0.46 and samples kept per-pixel noise.
     prediction: str = "sample"
     sigma_shift: float = 0.5  # training noise levels lean to high noise, where the prompt decides the clip
+    # the pooled prompt also modulates every block (FiLMWanTransformer3DModel): cross-attention alone
+    # gave colour 52% and motion 17% after 32 minutes
+    text_film: bool = True
     seed: int = 0
 
 
@@ -294,7 +297,10 @@ def build_video_tokenizer():
 def make_tiny_wan(cfg: VideoConfig):
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
+    from backends.tiny.film_wan import FiLMWanTransformer3DModel
+
+    cls = FiLMWanTransformer3DModel if cfg.text_film else WanTransformer3DModel
+    return cls(
         patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
         in_channels=3, out_channels=3, text_dim=cfg.text_width, freq_dim=128, ffn_dim=cfg.ffn_dim,
         num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
@@ -361,6 +367,22 @@ def evaluate_video_pipeline(pipe, call: dict, n: int = 48, batch: int = 8, seed:
     return score_clips(clips, prompts)
 
 
+def override_config(cfg: VideoConfig, pairs: list[str]) -> None:
+    """Apply ``FIELD=VALUE`` overrides, parsed by the field's current type (tuples comma-separated)."""
+    for pair in pairs:
+        name, _, raw = pair.partition("=")
+        if not hasattr(cfg, name):
+            raise SystemExit(f"unknown VideoConfig field {name!r}")
+        cur = getattr(cfg, name)
+        if isinstance(cur, bool):
+            val = raw.lower() in ("1", "true", "yes")
+        elif isinstance(cur, tuple):
+            val = tuple(int(v) for v in raw.split(","))
+        else:
+            val = type(cur)(raw)
+        setattr(cfg, name, val)
+
+
 def train_video_main(argv: list[str] | None = None) -> int:
     """Train the tiny video DiT + CLIP text encoder with rectified flow; save, reload, grade."""
     from backends.tiny.image_models import drop_prompts, ema_update, folder_mb, lr_at, tiny_clip_text_model, write_report
@@ -374,8 +396,11 @@ def train_video_main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, default=48)
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints saved to --out")
     p.add_argument("--init", type=Path, default=None, help="continue from a saved tiny-video folder")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override VideoConfig fields, e.g. --set heads=3 ffn_dim=384 patch_size=1,4,4")
     args = p.parse_args(argv)
     cfg.minutes = args.minutes
+    override_config(cfg, args.set)
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)

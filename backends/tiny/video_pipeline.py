@@ -27,6 +27,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+import backends.tiny.film_wan  # noqa: F401  diffusers loads a component class only from an imported module
 from backends.tiny.pipeline_common import GuidanceAttributesMixin
 from PIL import Image
 
