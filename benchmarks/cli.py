@@ -210,21 +210,25 @@ def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int
     return 1000 * statistics.median(times[5:])
 
 
-def verification_shape(row: dict[str, Any], k: int = 5) -> tuple[int, int, bool]:
+def verification_shape(row: dict[str, Any], k: int = 5) -> tuple[int, float, bool] | None:
     """(tokens in one target forward, draft forwards per round, explicit mask) for a row:
-    the method's own draft length where it has one, lookahead's measured mean width."""
+    the method's own draft length where it has one, lookahead's measured mean width; None
+    for methods this cost model does not describe (layer skip drafts with part of the
+    target itself; cache methods accept one token per forward)."""
     params = {m["name"]: m["params"] for m in row.get("params", [])}
     if "lookahead" in params:
         width = row.get("method_stats", {}).get("lookahead", {}).get("mean_forward_width")
         return (round(width) if width else k + 1), 0, True
     if "speculative" in params:
-        drafts = int(params["speculative"].get("num_assistant_tokens", 5))
-        return drafts + 1, drafts, False
+        stats = row.get("method_stats", {}).get("speculative", {})
+        if stats.get("draft_forwards") and stats.get("target_forwards", 0) > 1:  # measured (confidence stops)
+            drafts = stats["draft_forwards"] / (stats["target_forwards"] - 1)  # the prompt's forward drafts nothing
+        else:
+            drafts = int(params["speculative"].get("num_assistant_tokens", 5))
+        return round(drafts) + 1, drafts, False
     if "prompt_lookup" in params:
         return int(params["prompt_lookup"].get("num_tokens", 10)) + 1, 0, False
-    if "layer_skip" in params:
-        return int(params["layer_skip"].get("draft_tokens", 4)) + 1, 0, False
-    return k + 1, 0, False
+    return None
 
 
 def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
@@ -235,9 +239,8 @@ def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[s
     decoding and prompt lookup, the measured mean for lookahead's window + branches) and
     d the draft forwards per round (0 for draft-free methods). On hardware where the
     target's forward is dearer relative to the draft (a GPU and a large model), the same
-    acceptance predicts a larger speedup. (Prompt lookup and layer skip are costed at
-    their full draft length, an upper bound: rounds without a match or with a doubtful
-    draft are narrower.)"""
+    acceptance predicts a larger speedup. (Prompt lookup is costed at its full draft
+    length, an upper bound: rounds without a match are narrower.)"""
     target = backend.model
     costs = {"target_1_ms": forward_cost_ms(target)}
     draft_id = getattr(backend, "draft_id", None)
@@ -249,7 +252,10 @@ def speculation_costs(backend, rows: list[dict[str, Any]], k: int = 5) -> dict[s
         t = row.get("tokens_per_target_forward")
         if not t or row["method"] == "baseline":
             continue
-        width, drafts, masked = verification_shape(row, k)
+        shape = verification_shape(row, k)
+        if shape is None:
+            continue
+        width, drafts, masked = shape
         key = f"target_{width}{'_masked' if masked else ''}_ms"
         if key not in costs:
             costs[key] = forward_cost_ms(target, new_tokens=width, explicit_mask=masked)

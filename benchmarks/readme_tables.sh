@@ -11,10 +11,10 @@ mkdir -p "$OUT"
 text() {
   $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 3 --prompt-kind code \
     --max-new-tokens 96 \
-    --methods "speculative,speculative(num_assistant_tokens=3),prompt_lookup,lookahead,lookahead(window=3, branches=3),layer_skip,static_cache,snapkv,sink_cache" \
+    --methods "speculative,speculative(num_assistant_tokens=3),prompt_lookup,lookahead,lookahead(window=1),lookahead(window=4),layer_skip,static_cache,snapkv,sink_cache" \
     --json "$OUT/text-code-tiny-code-llama.json"
   $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 3 --prompt-kind edit \
-    --max-new-tokens 96 --methods "speculative,prompt_lookup,lookahead" --json "$OUT/text-edit-tiny-code-llama.json"
+    --max-new-tokens 96 --methods "speculative,speculative(num_assistant_tokens=3),prompt_lookup,lookahead" --json "$OUT/text-edit-tiny-code-llama.json"
 }
 image() {
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 16 --steps 25 --guidance 5 \
@@ -28,7 +28,7 @@ image() {
 }
 video() {
   $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 12 \
-    --params '{"steps": 25, "guidance": 5.0}' \
+    --params '{"steps": 25, "guidance": 3.0}' \
     --methods "teacache,adacache,adacache(moreg=false),first_block_cache,mag_cache,pab,block_cache,sampler(steps=12),cfg_truncation" \
     --json "$OUT/video-tiny-video-shapes.json"
 }

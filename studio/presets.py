@@ -168,7 +168,7 @@ def method_preset(cls) -> Preset:
     defaults), for the method's first modality."""
     spec = cls.spec
     params = spec.defaults()
-    note = f"{spec.title} with the settings its paper recommends."
+    note = f"{spec.title} with {spec.defaults_note or 'the settings its paper recommends'}."
     if spec.paper:
         note += f" Paper: {spec.paper}."
     return Preset(f"{spec.name} (paper defaults)", spec.modalities[0], None, {},

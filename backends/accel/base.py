@@ -85,6 +85,8 @@ class MethodSpec:
     lossless: bool | None = None  # None: depends on parameters
     params: tuple[Param, ...] = ()
     conflicts: tuple[str, ...] = ()
+    # where the defaults are not the paper's own settings, what they are instead (shown in the preset)
+    defaults_note: str = ""
 
     def param(self, name: str) -> Param:
         for p in self.params:
