@@ -194,10 +194,10 @@ def forward_cost_ms(model, context: int = 200, new_tokens: int = 1, repeats: int
     positions = torch.arange(context, context + new_tokens, device=device).unsqueeze(0)
     kwargs = {}
     if explicit_mask:
-        mask = torch.zeros(1, 1, new_tokens, context + new_tokens, dtype=model.dtype, device=device)
-        causal = torch.ones(new_tokens, new_tokens, dtype=torch.bool, device=device).triu(1)
-        mask[0, 0, :, context:].masked_fill_(causal, torch.finfo(model.dtype).min)
-        kwargs["attention_mask"] = mask
+        from backends.accel.lookahead import additive_mask
+
+        causal = torch.ones(new_tokens, new_tokens, dtype=torch.bool).tril()
+        kwargs["attention_mask"] = additive_mask(causal, context, model.dtype, device)
     cache = DynamicCache(config=model.config)
     model(prefix, past_key_values=cache, use_cache=True)
     times = []

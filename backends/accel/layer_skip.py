@@ -29,6 +29,7 @@ from backends.accel._decoding import (
     DECODING_METHODS,
     DecodeState,
     accept_greedy,
+    crop_cache,
     decoding_stats,
     require_greedy,
     set_decoder,
@@ -70,14 +71,6 @@ def decoder_layers(model: Any) -> Any:
     return layers
 
 
-def _crop(cache: Any, tokens: int) -> None:
-    if tokens > 0:
-        for layer in cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] >= tokens:
-                layer.keys = layer.keys[..., :-tokens, :]
-                layer.values = layer.values[..., :-tokens, :]
-
-
 def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip_state: LayerSkipState,
                       draft_tokens: int, skipped: list[int], confidence: float = 0.0) -> None:
     from transformers import DynamicCache
@@ -89,7 +82,6 @@ def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip
     current = int(out.logits[0, -1].argmax())
     if state.emit([current]):
         return
-    kept_layers = [i for i in range(len(body.layers)) if i not in set(skipped)]
     while True:
         past = cache.get_seq_length()
         k = max(1, min(draft_tokens, state.remaining - 1))
@@ -110,17 +102,14 @@ def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip
                     break  # SWIFT-style early stop: an unsure draft is unlikely to be accepted
         finally:
             skip_state.drafting = False
-        # Drop the draft's entries (only kept layers wrote any) before the full model verifies.
-        for i in kept_layers:
-            layer = cache.layers[i]
-            layer.keys, layer.values = layer.keys[..., :past, :], layer.values[..., :past, :]
+        crop_cache(cache, past)  # drop the draft's entries (only kept layers wrote any) before verifying
         ids = torch.tensor([[current] + drafts], device=input_ids.device)
         greedy = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].argmax(-1).tolist()
         accepted = accept_greedy(drafts, greedy)
         skip_state.rounds += 1
         skip_state.drafted += len(drafts)
         skip_state.accepted += len(accepted) - 1
-        _crop(cache, len(drafts) + 1 - len(accepted))  # keep c and the accepted drafts
+        crop_cache(cache, past + len(accepted))  # keep c and the accepted drafts
         if state.emit(accepted):
             return
         current = accepted[-1]

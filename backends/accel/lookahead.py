@@ -67,14 +67,13 @@ class LookaheadConfig:
 @dataclass
 class LookaheadState:
     steps: int = 0
-    tokens: int = 0
     pool_hits: int = 0  # tokens accepted from verified n-grams (beyond the one per step)
     pool_size: int = 0
     forward_tokens: int = 0  # tokens fed to the target, all forwards after the prompt's
     pool: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.steps = self.tokens = self.pool_hits = self.pool_size = self.forward_tokens = 0
+        self.steps = self.pool_hits = self.pool_size = self.forward_tokens = 0
         self.pool = {}
 
     def add(self, ngram: tuple[int, ...], cap: int) -> None:
@@ -89,6 +88,11 @@ class LookaheadState:
         if len(entries) > cap:
             entries.pop(0)
             self.pool_size -= 1
+
+    def add_ngrams(self, seq: list[int], n: int, cap: int, first_end: int = 0) -> None:
+        """Add the ``n``-grams of ``seq`` that end at position ``first_end`` or later."""
+        for end in range(max(n, first_end), len(seq) + 1):
+            self.add(tuple(seq[end - n:end]), cap)
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,6 +131,15 @@ def candidate_tree(candidates: list[tuple[int, ...]]) -> tuple[list[tuple[int, i
     return nodes, index
 
 
+def additive_mask(allowed: torch.Tensor, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(1, 1, q, past + q) additive attention mask: every new token sees the whole cache,
+    and new token i sees new token j where ``allowed[i, j]``."""
+    q = allowed.shape[0]
+    mask = torch.zeros(q, past + q, dtype=dtype)
+    mask[:, past:].masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
+
+
 def lookahead_mask(past: int, W: int, N: int, nodes: list[tuple[int, int, int]], dtype: torch.dtype,
                    device) -> tuple[torch.Tensor, list[int]]:
     """Additive 4-D mask (1, 1, q, past + q) and position offsets for ``c``, the window and
@@ -141,9 +154,7 @@ def lookahead_mask(past: int, W: int, N: int, nodes: list[tuple[int, int, int]],
         allowed[base + i, base + i] = True
         if parent >= 0:
             allowed[base + i, base: base + parent + 1] = allowed[base + parent, base: base + parent + 1]
-    mask = torch.zeros(q, past + q, dtype=dtype)
-    mask[:, past:].masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None].to(device), list(offsets) + [1 + depth for _, _, depth in nodes]
+    return additive_mask(allowed, past, dtype, device), list(offsets) + [1 + depth for _, _, depth in nodes]
 
 
 def keep_accepted(cache, past: int, kept: list[int]) -> None:
@@ -172,8 +183,7 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
     device = input_ids.device
     prompt = input_ids[0].tolist()
     if config.prompt_ngrams:
-        for i in range(len(prompt) - N + 1):
-            stats.add(tuple(prompt[i:i + N]), G)
+        stats.add_ngrams(prompt, N, G)
 
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
@@ -187,8 +197,7 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
 
     while True:
         past = cache.get_seq_length()
-        candidates = [c for c in stats.pool.get(current, [])[-G:] if len(c) == levels]
-        nodes, children = candidate_tree(candidates)
+        nodes, children = candidate_tree(stats.pool.get(current, [])[-G:])  # every entry is N - 1 long
         mask, offsets = lookahead_mask(past, W, N, nodes, model.dtype, device)
         tokens = [current] + [t for level in window for t in level] + [t for t, _, _ in nodes]
         # logits only where they are read: c, the top level, the tree (the lower levels' are not)
@@ -223,8 +232,7 @@ def lookahead_decode(backend, input_ids: torch.Tensor, state: DecodeState, confi
             return
         if config.output_ngrams:
             text = prompt[-N:] + state.tokens if len(state.tokens) < N else state.tokens
-            for end in range(max(N, len(text) - len(accepted) + 1), len(text) + 1):
-                stats.add(tuple(text[end - N:end]), G)
+            stats.add_ngrams(text, N, G, first_end=len(text) - len(accepted) + 1)
         current = accepted[-1]
 
 

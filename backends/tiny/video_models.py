@@ -453,8 +453,9 @@ def train_video_main(argv: list[str] | None = None) -> int:
                   max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
         cond = text(ids)[0]
         sigma = torch.sigmoid(torch.randn(cfg.batch_size) + cfg.sigma_shift)  # logit-normal around mid-high noise
-        high = torch.rand(cfg.batch_size) < cfg.sigma_high_frac
-        sigma = torch.where(high, 0.9 + 0.1 * torch.rand(cfg.batch_size), sigma)
+        if cfg.sigma_high_frac:  # drawn only when on: the default run's random stream stays the shipped model's
+            high = torch.rand(cfg.batch_size) < cfg.sigma_high_frac
+            sigma = torch.where(high, 0.9 + 0.1 * torch.rand(cfg.batch_size), sigma)
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
