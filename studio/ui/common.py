@@ -6,6 +6,7 @@ No model logic here: everything is a call into ``studio.*`` or ``backends.*`` AP
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -20,8 +21,32 @@ from backends.types import MethodChoice, StudioError
 log = logging.getLogger(__name__)
 
 
+def _as_user_error(fn: Callable, exc: Exception) -> gr.Error:
+    """The one-line toast for an exception raised by a handler."""
+    if isinstance(exc, StudioError):
+        return gr.Error(str(exc), print_exception=False)
+    log.error("handler %s failed", fn.__name__, exc_info=exc)  # a bug: log it whole, show one line
+    return gr.Error("internal error: the server log has the details", print_exception=False)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn StudioError into a UI toast with its message; never show a stack trace."""
+    """Turn StudioError into a UI toast with its message; never show a stack trace.
+
+    Generator handlers (streaming) stay generators: Gradio decides how to drive a handler
+    by inspecting it, so a plain wrapper around a generator would make every streaming
+    endpoint fail with "didn't return enough output values"."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise _as_user_error(fn, exc) from None
+
+        return stream
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,12 +54,8 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except StudioError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        except Exception as exc:  # a bug: log it whole, show one line
-            log.exception("handler %s failed", fn.__name__)
-            raise gr.Error(f"internal error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}",
-                           print_exception=False) from None
+        except Exception as exc:
+            raise _as_user_error(fn, exc) from None
 
     return wrapper
 
