@@ -7,18 +7,24 @@ SQLAlchemy URL works through ``--db``. Outputs live in files; rows hold their pa
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, event, func, or_, select
+from sqlalchemy import (JSON, BigInteger, DateTime, cast, Float, ForeignKey, Index, Integer, String, Text, create_engine, delete,
+                        event,
+                        exists, func, inspect, or_, select, text, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from backends.types import Request, Result, StudioError
+
+log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -38,15 +44,21 @@ class Run(Base):
     model: Mapped[str] = mapped_column(String(512), index=True)
     prompt: Mapped[str] = mapped_column(Text, default="")
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
-    seed: Mapped[int] = mapped_column(Integer, default=0)
+    seed: Mapped[int] = mapped_column(BigInteger, default=0)  # seeds reach 2**32 - 1: beyond a 32-bit INTEGER
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     methods: Mapped[list] = mapped_column(JSON, default=list)
-    method_names: Mapped[str] = mapped_column(String(512), default="", index=True)  # ",a,b," for filtering
+    method_names: Mapped[str] = mapped_column(String(512), default="")  # ",a,b,": display only
+    # What makes two runs comparable (same model, prompt, negative prompt, seed, params and
+    # device), hashed so one indexed equality finds a run's baseline; and the methods with
+    # their settings, hashed the same way ("" for the baseline). Speed hints pair runs on these.
+    config_key: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    methods_key: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    single_method: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the method, when alone
     status: Mapped[str] = mapped_column(String(16), index=True)  # ok | failed
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     total_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    peak_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     model_evals: Mapped[int | None] = mapped_column(Integer, nullable=True)
     method_stats: Mapped[dict] = mapped_column(JSON, default=dict)
     output_path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
@@ -57,8 +69,13 @@ class Run(Base):
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     notes: Mapped[list] = mapped_column(JSON, default=list)
 
+    __table_args__ = (
+        Index("ix_runs_hint", "model", "device", "status", "single_method"),
+        Index("ix_runs_pair", "config_key", "methods_key", "status"),
+    )
+
     def to_dict(self) -> dict[str, Any]:
-        data = {c.name: getattr(self, c.name) for c in self.__table__.columns}
+        data = {c.name: getattr(self, c.name) for c in self.__table__.columns if c.name not in INTERNAL_COLUMNS}
         data["created_at"] = self.created_at.isoformat(timespec="seconds") if self.created_at else None
         return data
 
@@ -75,6 +92,37 @@ class Run(Base):
                 "methods": self.methods or [],
             }
         )
+
+
+class RunMethod(Base):
+    """One method of one run, in the order applied: filters by method are an indexed
+    lookup here instead of a LIKE scan over every run."""
+
+    __tablename__ = "run_methods"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_run_methods_name", "name", "run_id"),)
+
+
+INTERNAL_COLUMNS = {"config_key", "methods_key", "single_method"}
+
+
+def config_key(model: str, prompt: str, negative_prompt: str, seed: int, params: dict, device: str | None) -> str:
+    """The identity of a run's workload: two runs with the same key did the same work
+    unless their methods differ, so their times can be divided."""
+    return _digest([model, prompt, negative_prompt or "", int(seed), params or {}, device or ""])
+
+
+def methods_key(methods: list[dict]) -> str:
+    """The methods and their settings, in order; "" for the baseline."""
+    return _digest(methods) if methods else ""
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 class PresetRow(Base):
@@ -95,7 +143,7 @@ def sqlite_url(path: str | os.PathLike) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-RUN_COLUMNS = [c.name for c in Run.__table__.columns]
+RUN_COLUMNS = [c.name for c in Run.__table__.columns if c.name not in INTERNAL_COLUMNS]
 
 
 class HistoryStore:
@@ -112,6 +160,7 @@ class HistoryStore:
             Base.metadata.create_all(self.engine)
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT count(*) FROM runs")
+            upgrade_schema(self.engine)
         except (DatabaseError, OperationalError) as exc:
             self.engine.dispose()
             raise StudioError(
@@ -135,15 +184,20 @@ class HistoryStore:
         metrics: dict | None = None,
         parent_id: int | None = None,
     ) -> int:
-        methods = [m.to_dict() for m in request.methods]
+        methods = _json_safe([m.to_dict() for m in request.methods])
+        params = _json_safe(request.params)
+        device = result.device if result is not None else None
         row = Run(
             modality=request.modality,
             model=request.model,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or "",
             seed=int(request.seed),
-            params=_json_safe(request.params),
+            params=params,
             methods=methods,
+            config_key=config_key(request.model, request.prompt, request.negative_prompt, request.seed, params, device),
+            methods_key=methods_key(methods),
+            single_method=methods[0]["name"] if len(methods) == 1 else None,
             method_names="," + ",".join(m["name"] for m in methods) + ("," if methods else ""),
             status=status,
             error=error,
@@ -164,6 +218,7 @@ class HistoryStore:
         with self.sessions.begin() as session:
             session.add(row)
             session.flush()
+            session.add_all(RunMethod(run_id=row.id, position=i, name=m["name"]) for i, m in enumerate(methods))
             return row.id
 
     def finish_run(self, run_id: int, *, status: str, error: str | None = None, timings: dict | None = None,
@@ -202,7 +257,7 @@ class HistoryStore:
         if model:
             stmt = stmt.where(Run.model == model)
         if method:
-            stmt = stmt.where(Run.method_names.contains(f",{method},"))
+            stmt = stmt.where(exists().where(RunMethod.run_id == Run.id, RunMethod.name == method))
         if status:
             stmt = stmt.where(Run.status == status)
         if compare_group:
@@ -227,6 +282,7 @@ class HistoryStore:
         paths = []
         with self.sessions.begin() as session:
             rows = list(session.scalars(select(Run).where(Run.id.in_(list(run_ids)))))
+            session.execute(delete(RunMethod).where(RunMethod.run_id.in_([row.id for row in rows])))
             for row in rows:
                 if row.output_path:
                     paths.append(row.output_path)
@@ -240,36 +296,112 @@ class HistoryStore:
         with self.sessions() as session:
             return {p for p in session.scalars(select(Run.output_path).where(Run.output_path.is_not(None)))}
 
+    def write_csv(self, out, progress=None, batch: int = 2000, **filters: Any) -> int:
+        """Stream the filtered runs, newest first, as CSV into the text file ``out``.
+
+        Rows are read through a server-side cursor in batches of ``batch`` and written as
+        they come, so memory stays flat whatever the history's size; ``progress(done,
+        total)`` is called after each batch. Returns the number of rows written."""
+        total = self.count(**filters) if progress else 0
+        writer = csv.writer(out)
+        writer.writerow(RUN_COLUMNS)
+        # JSON columns travel as their stored text: no parse and re-serialise per cell.
+        columns = [cast(getattr(Run, name), Text).label(name) if isinstance(getattr(Run, name).type, JSON)
+                   else getattr(Run, name) for name in RUN_COLUMNS]
+        stmt = self._filtered(select(*columns), **filters).order_by(Run.id.desc())
+        converters = _csv_converters(Run.__table__.columns[name] for name in RUN_COLUMNS)
+        written = 0
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+            for chunk in result.partitions(batch):
+                writer.writerows(_csv_rows(chunk, converters))
+                written += len(chunk)
+                if progress:
+                    progress(written, total)
+        return written
+
     def export_csv(self, **filters: Any) -> str:
+        """The whole filtered history as one CSV string (small histories, tests); the UI
+        streams to a file with ``write_csv``."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS)
-        writer.writeheader()
-        for row in self.query(limit=1_000_000, **filters):
-            data = row.to_dict()
-            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in data.items()})
+        self.write_csv(buffer, **filters)
         return buffer.getvalue()
 
-    def trend(self, model: str, method: str) -> list[dict[str, Any]]:
-        """Speedup of ``method`` over the baseline runs of the same model, prompt-agnostic:
-        each method run is compared with the median of the ok baseline runs of the same
-        model, device and params it ran with before it."""
+    def _pair_ratios(self, model: str, device: str | None = None, method: str | None = None):
+        """Per comparable workload (same config_key) and method setting: the baseline's mean
+        time over the method's mean time. Only runs with one method are paired, so a
+        combination's time is never credited to each of its parts. Computed in SQL over
+        the ``ix_runs_pair`` index: cost grows with the distinct workloads, not the rows."""
+        base = (
+            select(Run.config_key, func.avg(Run.total_seconds).label("seconds"))
+            .where(Run.model == model, Run.status == "ok", Run.methods_key == "", Run.total_seconds > 0)
+            .group_by(Run.config_key)
+        )
+        tried = select(Run.config_key, Run.methods_key, Run.single_method,
+                       func.avg(Run.total_seconds).label("seconds"), func.max(Run.id).label("last_id"),
+                       func.count(Run.id).label("runs")).where(
+            Run.model == model, Run.status == "ok", Run.single_method.is_not(None), Run.total_seconds > 0)
+        if device is not None:
+            base = base.where(Run.device == device)
+            tried = tried.where(Run.device == device)
+        if method is not None:
+            tried = tried.where(Run.single_method == method)
+        base = base.subquery()
+        tried = tried.group_by(Run.config_key, Run.methods_key, Run.single_method).subquery()
+        stmt = select(tried.c.single_method, tried.c.methods_key, tried.c.last_id, tried.c.runs,
+                      (base.c.seconds / tried.c.seconds).label("ratio")).join(
+            base, base.c.config_key == tried.c.config_key)
         with self.sessions() as session:
-            rows = list(
-                session.scalars(
-                    select(Run).where(Run.model == model, Run.status == "ok").order_by(Run.id.asc())
-                )
-            )
-        baseline: dict[tuple, list[float]] = {}
-        points = []
-        for row in rows:
-            key = (row.device, json.dumps(row.params, sort_keys=True))
-            if not row.methods:
-                baseline.setdefault(key, []).append(row.total_seconds or 0.0)
-            elif f",{method}," in (row.method_names or "") and baseline.get(key) and row.total_seconds:
-                base = sorted(baseline[key])[len(baseline[key]) // 2]
-                points.append({"run_id": row.id, "time": row.created_at, "device": row.device,
-                               "speedup": base / row.total_seconds})
-        return points
+            return session.execute(stmt).all()
+
+    def method_speedups(self, model: str, device: str, method: str | None = None) -> dict[str, dict[str, Any]]:
+        """What history says of each method on this model and device: for the setting
+        measured on the most workloads, the median of baseline/method time ratios over
+        workloads run both ways. A method run with no comparable baseline is reported with
+        ``pairs == 0`` so the UI can say "not enough data" rather than guess."""
+        by_setting: dict[tuple[str, str], list] = {}
+        for name, setting, last_id, _runs, ratio in self._pair_ratios(model, device, method):
+            by_setting.setdefault((name, setting), []).append((ratio, last_id))
+        out: dict[str, dict[str, Any]] = {}
+        for (name, setting), pairs in by_setting.items():
+            if name in out and out[name]["pairs"] >= len(pairs):
+                continue
+            ratios = sorted(r for r, _ in pairs)
+            out[name] = {"speedup": _median(ratios), "min": ratios[0], "max": ratios[-1], "pairs": len(pairs),
+                         "example_run": max(i for _, i in pairs)}
+        with self.sessions() as session:
+            stmt = select(Run.single_method).distinct().where(
+                Run.model == model, Run.device == device, Run.status == "ok", Run.single_method.is_not(None))
+            tried = session.scalars(stmt.where(Run.single_method == method) if method else stmt)
+            for name in tried:
+                out.setdefault(name, {"speedup": None, "pairs": 0})
+        for info in out.values():
+            if info.get("example_run"):
+                row = self.get(info["example_run"])
+                info["params"] = row.methods[0].get("params", {}) if row and row.methods else {}
+        return out
+
+    def trend(self, model: str, method: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Speedup of ``method`` run alone over the baseline of the same workload (model,
+        prompt, seed, params, device), one point per method run, oldest first; the last
+        ``limit`` runs."""
+        base = (
+            select(Run.config_key, func.avg(Run.total_seconds).label("seconds"))
+            .where(Run.model == model, Run.status == "ok", Run.methods_key == "", Run.total_seconds > 0)
+            .group_by(Run.config_key)
+            .subquery()
+        )
+        stmt = (
+            select(Run.id, Run.created_at, Run.device, (base.c.seconds / Run.total_seconds).label("speedup"))
+            .join(base, base.c.config_key == Run.config_key)
+            .where(Run.model == model, Run.status == "ok", Run.single_method == method, Run.total_seconds > 0)
+            .order_by(Run.id.desc())
+            .limit(limit)
+        )
+        with self.sessions() as session:
+            rows = session.execute(stmt).all()
+        return [{"run_id": r.id, "time": r.created_at, "device": r.device, "speedup": float(r.speedup)}
+                for r in reversed(rows)]
 
     # -- presets -----------------------------------------------------------------------
     def save_preset(self, name: str, modality: str, model: str | None, params: dict, methods: list, description: str) -> None:
@@ -310,6 +442,87 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: str) -> str:
+    """A text cell that a spreadsheet will not run as a formula (CSV injection): cells
+    starting with = + - @ tab or CR get a leading apostrophe, which spreadsheets hide."""
+    return "'" + value if value.startswith(FORMULA_LEADS) else value
+
+
+def _csv_converters(columns) -> list:
+    """Per column, how its value becomes a cell (None: as is), decided once per export
+    rather than per cell: the export's speed is this loop's speed."""
+    out = []
+    for column in columns:
+        if isinstance(column.type, DateTime):
+            out.append(lambda v: v.isoformat(timespec="seconds") if v is not None else None)
+        elif isinstance(column.type, (String, Text, JSON)):
+            out.append(lambda v: csv_safe(v) if v else v)
+        else:
+            out.append(None)
+    return out
+
+
+def _csv_rows(chunk, converters):
+    pairs = list(enumerate(converters))
+    for row in chunk:
+        cells = list(row)
+        for i, convert in pairs:
+            if convert is not None:
+                cells[i] = convert(cells[i])
+        yield cells
+
+
+def _median(values: list[float]) -> float:
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def upgrade_schema(engine) -> None:
+    """Bring a history database written by an older version up to this schema, in place:
+    add the comparison columns, fill them (and the run_methods table) for old rows in
+    batches, and create missing indexes. Idempotent; a no-op on a current database."""
+    present = {c["name"]: c["type"] for c in inspect(engine).get_columns("runs")}
+    with engine.begin() as conn:
+        for column in Run.__table__.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE runs ADD COLUMN {column.name} {kind}"))
+        if engine.dialect.name == "postgresql":  # older tables made these 32-bit
+            for name in ("seed", "peak_memory_bytes"):
+                if name in present and not isinstance(present[name], BigInteger):
+                    conn.execute(text(f"ALTER TABLE runs ALTER COLUMN {name} TYPE BIGINT"))
+    for index in Run.__table__.indexes:
+        index.create(engine, checkfirst=True)
+    _backfill_keys(engine)
+
+
+def _backfill_keys(engine, batch: int = 5000) -> None:
+    columns = (Run.id, Run.model, Run.prompt, Run.negative_prompt, Run.seed, Run.params, Run.methods, Run.device)
+    filled = 0
+    while True:
+        with engine.begin() as conn:
+            rows = conn.execute(select(*columns).where(Run.config_key.is_(None)).limit(batch)).all()
+            if not rows:
+                break
+            for row in rows:
+                methods = row.methods or []
+                conn.execute(update(Run).where(Run.id == row.id).values(
+                    config_key=config_key(row.model, row.prompt or "", row.negative_prompt or "", row.seed or 0,
+                                          row.params or {}, row.device),
+                    methods_key=methods_key(methods),
+                    single_method=methods[0].get("name") if len(methods) == 1 else None))
+                if methods:
+                    conn.execute(delete(RunMethod).where(RunMethod.run_id == row.id))
+                    conn.execute(RunMethod.__table__.insert(), [
+                        {"run_id": row.id, "position": i, "name": m.get("name", "")} for i, m in enumerate(methods)])
+            filled += len(rows)
+    if filled:
+        log.info("history: added comparison keys to %d older run(s)", filled)
 
 
 def _json_safe(value: Any) -> Any:

@@ -33,6 +33,18 @@ class RunOutcome:
     result: Result
 
 
+def format_hint(info: dict, device: str) -> str:
+    """One line of Markdown for a method toggle from ``HistoryStore.method_speedups``."""
+    if not info.get("pairs"):
+        return (f"Not enough data on `{device}`: no baseline run with the same prompt, seed and settings "
+                "to compare with.")
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(info.get("params", {}).items())) or "defaults"
+    verdict = "⚠️ slower than baseline here" if info["speedup"] < 1.0 else "faster than baseline here"
+    spread = f" (range {info['min']:.2f}–{info['max']:.2f}x)" if info["pairs"] > 1 else ""
+    return (f"Measured on `{device}`: median **{info['speedup']:.2f}x**{spread} over {info['pairs']} "
+            f"prompt(s) run both ways, with {settings}; {verdict}.")
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("FASTGEN_DATA_DIR", Path.cwd() / "data"))
 
@@ -112,20 +124,19 @@ class Studio:
         return self.executor.describe(modality, model)
 
     def method_hints(self, modality: str, model: str) -> dict[str, str]:
-        """What history says about each method on this model and this device: the studio
-        learns from its runs, and warns next to a toggle that measured slower than baseline."""
+        """What history says about each method on this model and this device. Only
+        comparable runs count: the method alone against a baseline of the same prompt,
+        seed, params and device, one setting at a time; otherwise "not enough data"."""
         from backends.accel.base import methods_for
 
         device = str(self.manager.device)
+        measured = self.history.method_speedups(model, device)
         hints = {}
         for cls in methods_for(modality):
-            points = [p for p in self.history.trend(model, cls.spec.name) if p["device"] == device]
-            if not points:
+            info = measured.get(cls.spec.name)
+            if info is None:
                 continue
-            speedups = sorted(p["speedup"] for p in points)
-            median = speedups[len(speedups) // 2]
-            verdict = "⚠️ slower than baseline here" if median < 1.0 else "faster than baseline here"
-            hints[cls.spec.name] = f"Measured on `{device}`: median **{median:.2f}x** over {len(points)} run(s), {verdict}."
+            hints[cls.spec.name] = format_hint(info, device)
         return hints
 
     # -- upkeep ------------------------------------------------------------------------

@@ -1,15 +1,23 @@
+import csv
+import io
 import json
 import sqlite3
 
 import pytest
 
 from backends.types import MethodChoice, Request, Result, StudioError
+from conftest import DB_KINDS
 from studio.history import HistoryStore, sqlite_url
 
 
+@pytest.fixture(params=DB_KINDS)
+def db_kind(request):
+    return request.param
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = HistoryStore(sqlite_url(tmp_path / "h.db"))
+def store(tmp_path, db_url):
+    s = HistoryStore(db_url or sqlite_url(tmp_path / "h.db"))
     yield s
     s.close()
 
@@ -36,7 +44,9 @@ def test_round_trip_keeps_every_field(store, tmp_path):
     assert row.to_request().methods[0].params == {"interval": 3}
 
 
-def test_sqlite_uses_wal(store, tmp_path):
+def test_sqlite_uses_wal(store, tmp_path, db_kind):
+    if db_kind != "sqlite":
+        pytest.skip("SQLite only")
     store.record_run(request(), result())
     mode = sqlite3.connect(tmp_path / "h.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
@@ -98,3 +108,103 @@ def test_corrupt_database_gives_clear_error(tmp_path):
 def test_json_fields_are_plain_json(store):
     run_id = store.record_run(request(), result())
     json.dumps(store.get(run_id).to_dict())
+
+
+def timed_result(seconds, device="cpu"):
+    return Result(output=None, timings={"total": seconds}, total_seconds=seconds, device=device)
+
+
+def test_speedups_pair_only_comparable_runs(store):
+    """Item 14 of the trust issue: a method is measured against the baseline of the same
+    prompt, seed, params and device, alone, one setting at a time."""
+    store.record_run(request("slow prompt"), timed_result(2.0))
+    store.record_run(request("fast prompt"), timed_result(0.5))
+    store.record_run(request("fast prompt", methods=[("deepcache", {"interval": 3})]), timed_result(0.25))
+    store.record_run(request("slow prompt", methods=[("deepcache", {"interval": 3}), ("tome", {})]),
+                     timed_result(0.1))  # a combination: credits neither method
+    store.record_run(request("no baseline", methods=[("tome", {"ratio": 0.5})]), timed_result(0.1))
+    store.record_run(request("fast prompt", methods=[("deepcache", {"interval": 3})]), timed_result(0.05, "cuda"))
+    store.record_run(request("fast prompt", methods=[("deepcache", {"interval": 3})]), None, status="failed")
+    speedups = store.method_speedups("m1", "cpu")
+    assert speedups["deepcache"]["speedup"] == pytest.approx(2.0) and speedups["deepcache"]["pairs"] == 1
+    assert speedups["deepcache"]["params"] == {"interval": 3}
+    assert speedups["tome"] == {"speedup": None, "pairs": 0}  # ran, but never comparably
+    assert store.method_speedups("m1", "cpu", method="tome") == {"tome": {"speedup": None, "pairs": 0}}
+    assert set(store.method_speedups("m1", "cpu", method="deepcache")) == {"deepcache"}
+
+
+def test_speedups_keep_settings_apart(store):
+    for prompt in ("a", "b", "c"):
+        store.record_run(request(prompt), timed_result(1.0))
+    for prompt in ("a", "b"):  # interval 2: twice as fast, measured on two prompts
+        store.record_run(request(prompt, methods=[("deepcache", {"interval": 2})]), timed_result(0.5))
+    store.record_run(request("c", methods=[("deepcache", {"interval": 5})]), timed_result(0.2))
+    info = store.method_speedups("m1", "cpu")["deepcache"]
+    assert info["pairs"] == 2 and info["speedup"] == pytest.approx(2.0) and info["params"] == {"interval": 2}
+
+
+def test_method_filter_uses_run_methods_and_delete_clears_them(store):
+    keep = store.record_run(request("x", methods=[("tome", {}), ("deepcache", {})]), result())
+    store.record_run(request("y", methods=[("deepcachex", {})]), result())
+    assert [r.id for r in store.query(method="deepcache")] == [keep]
+    store.delete([keep], delete_files=False)
+    assert store.query(method="deepcache") == [] and store.count(method="tome") == 0
+
+
+def test_export_streams_with_progress_and_neutralises_formulas(store):
+    for i in range(5):
+        store.record_run(request(f"=HYPERLINK(\"x\",{i})" if i == 2 else f"prompt {i}"), result())
+    store.record_run(Request("text", "@model", "\tprompt", "", 1, {}, []), None, status="failed", error="-1+2")
+    seen = []
+    out = io.StringIO()
+    assert store.write_csv(out, progress=lambda done, total: seen.append((done, total)), batch=2) == 6
+    assert seen[-1] == (6, 6) and len(seen) == 3
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert rows[0]["model"] == "'@model" and rows[0]["prompt"] == "'\tprompt" and rows[0]["error"] == "'-1+2"
+    assert rows[3]["prompt"].startswith("'=HYPERLINK") and rows[5]["prompt"] == "prompt 0"
+    assert json.loads(rows[5]["params"]) == {"steps": 4} and "config_key" not in rows[0]
+
+
+def test_old_database_is_upgraded_in_place(tmp_path):
+    """A history written before the comparison keys: columns added, old rows keyed, the
+    method filter and hints work on them."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE runs (id INTEGER PRIMARY KEY, created_at DATETIME, modality VARCHAR(16), model VARCHAR(512),
+          prompt TEXT, negative_prompt TEXT, seed INTEGER, params JSON, methods JSON, method_names VARCHAR(512),
+          status VARCHAR(16), error TEXT, timings JSON, total_seconds FLOAT, peak_memory_bytes INTEGER,
+          model_evals INTEGER, method_stats JSON, output_path VARCHAR(1024), metrics JSON,
+          compare_group VARCHAR(64), parent_id INTEGER, device VARCHAR(64), worker VARCHAR(128), notes JSON);
+        INSERT INTO runs (id, created_at, modality, model, prompt, negative_prompt, seed, params, methods,
+          method_names, status, total_seconds, device) VALUES
+          (1, '2026-01-01 00:00:00', 'image', 'm1', 'p', '', 3, '{"steps": 4}', '[]', '', 'ok', 2.0, 'cpu'),
+          (2, '2026-01-01 00:01:00', 'image', 'm1', 'p', '', 3, '{"steps": 4}',
+           '[{"name": "deepcache", "params": {"interval": 3}}]', ',deepcache,', 'ok', 1.0, 'cpu');
+    """)
+    conn.commit()
+    conn.close()
+    store = HistoryStore(sqlite_url(path))
+    try:
+        assert [r.id for r in store.query(method="deepcache")] == [2]
+        assert store.method_speedups("m1", "cpu")["deepcache"]["speedup"] == pytest.approx(2.0)
+        new = store.record_run(request("p", methods=[("deepcache", {"interval": 3})]), timed_result(0.5))
+        assert store.get(new).id == 3
+    finally:
+        store.close()
+    HistoryStore(sqlite_url(path)).close()  # a second start is a no-op
+
+
+def test_trend_ignores_other_prompts_and_combinations(store):
+    store.record_run(request("a"), timed_result(4.0))
+    store.record_run(request("b"), timed_result(1.0))
+    store.record_run(request("b", methods=[("deepcache", {})]), timed_result(0.5))
+    store.record_run(request("a", methods=[("deepcache", {}), ("tome", {})]), timed_result(0.5))
+    assert [round(p["speedup"], 2) for p in store.trend("m1", "deepcache")] == [2.0]
+
+
+def test_large_seeds_and_memory_fit(store):
+    run_id = store.record_run(Request("image", "m1", "p", "", 2**32 - 1, {}, []),
+                              Result(output=None, total_seconds=1.0, peak_memory_bytes=40 * 2**30))
+    row = store.get(run_id)
+    assert row.seed == 2**32 - 1 and row.peak_memory_bytes == 40 * 2**30

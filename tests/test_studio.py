@@ -6,8 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.types import MethodChoice, OutOfMemoryError, Request, StudioError, ValidationError
+from backends.types import MethodChoice, OutOfMemoryError, Request, Result, StudioError, ValidationError
+from conftest import DB_KINDS
 from studio.compare import parse_config, parse_configs, parse_values, run_compare, sweep_configs
+
+
+@pytest.fixture(params=DB_KINDS)
+def db_kind(request):
+    """Every studio test runs on SQLite and on a real PostgreSQL server."""
+    return request.param
 
 
 def image_request(**kw):
@@ -139,3 +146,24 @@ def test_video_request_saves_a_clip_and_bad_sizes_are_refused(studio_factory):
     for params, message in (({"frames": 1000}, "frames"), ({"fps": 0}, "fps"), ({"width": 4000}, "width")):
         with pytest.raises(ValidationError, match=message):
             studio.generate(Request("video", "dummy-wan", "x", params=params))
+
+
+def test_method_hints_come_from_comparable_runs_only(studio_factory):
+    """Trust issue, item 14: a hint divides the times of runs that did the same work
+    (same prompt, seed, params, device), the method alone at one setting; anything else
+    says "not enough data" instead of a misleading figure."""
+    studio = studio_factory()
+
+    def record(prompt, seconds, methods=()):
+        request = image_request(prompt=prompt, methods=[MethodChoice(*m) for m in methods])
+        studio.history.record_run(request, Result(output=None, total_seconds=seconds, device="cpu"))
+
+    record("a long prompt", 4.0)
+    record("a short prompt", 1.0)
+    record("a short prompt", 0.5, [("deepcache", {"interval": 3})])  # 2x on the same work
+    record("a long prompt", 0.2, [("deepcache", {"interval": 3}), ("tome", {})])  # a combination
+    record("never run plainly", 0.1, [("tome", {})])
+    hints = studio.method_hints("image", "dummy-sd")
+    assert "**2.00x**" in hints["deepcache"] and "interval=3" in hints["deepcache"]
+    assert hints["tome"].startswith("Not enough data")
+    assert "cfg_truncation" not in hints  # never run: no hint at all
