@@ -14,6 +14,9 @@ from studio.ui.common import accel_panel, format_result, model_dropdown, user_er
 from studio.ui.generate import GenerationTab
 
 TEXT_PARAMS = ("max_new_tokens", "temperature")
+# Ends inside the function body, not after a newline: after "def f(n):\n" the bundled code
+# model reads a finished signature and starts a new ``def``; here it goes on with the body.
+DEFAULT_PROMPT = "def fibonacci(n):\n    if n < 2:"
 
 
 class TextTab(GenerationTab):
@@ -43,7 +46,7 @@ def build_text_tab(studio) -> TextTab:
             model = model_dropdown(studio, "text")
             family = gr.Markdown("")
             prompt = gr.Textbox(label="Prompt", lines=8, elem_id="text-prompt",
-                                value="def fibonacci(n):\n")
+                                value=DEFAULT_PROMPT)
             seed = gr.Number(value=0, label="Seed (used when sampling)", precision=0)
             max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
