@@ -98,11 +98,12 @@ class GenerationTab:
 
 
 def output_component(modality: str) -> gr.components.Component:
+    elem_id = f"{modality}-output"
     if modality == "image":
-        return gr.Image(label="Output", type="pil", height=384, format="png")
+        return gr.Image(label="Output", type="pil", height=384, format="png", elem_id=elem_id)
     if modality == "video":
-        return gr.Video(label="Output", height=384)
-    return gr.Audio(label="Output", type="filepath")
+        return gr.Video(label="Output", height=384, elem_id=elem_id)
+    return gr.Audio(label="Output", type="filepath", elem_id=elem_id)
 
 
 def display_output(modality: str, outcome) -> Any:
@@ -119,7 +120,7 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     with gr.Row():
         with gr.Column(scale=3):
             model = model_dropdown(studio, modality)
-            family = gr.Markdown("")
+            family = gr.Markdown("", elem_id=f"{modality}-family")
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="describe what to generate",
                                 elem_id=f"{modality}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1)

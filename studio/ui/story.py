@@ -16,7 +16,7 @@ def build_story_tab(studio) -> None:
         with gr.Column(scale=2):
             request = gr.Textbox(label="Request", value="a 4-step how-to: drawing red and blue shapes",
                                  elem_id="story-request")
-            steps = gr.Slider(1, 8, value=4, step=1, label="Steps")
+            steps = gr.Slider(1, 8, value=4, step=1, label="Steps", elem_id="story-steps")
             seed = gr.Number(value=0, precision=0, label="Seed (shared by every image: consistent style)")
             text_model = model_dropdown(studio, "text", label="Text model (planner and writer)", elem_prefix="story-")
             image_model = model_dropdown(studio, "image", label="Image model", elem_prefix="story-")
