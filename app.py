@@ -1,4 +1,4 @@
-"""FastGen Studio: ``python app.py [--host] [--port] [--share] [--auth U:P] [--data-dir] [--db URL] [--device]``."""
+"""FastGen Studio: ``python app.py [--host] [--port] [--share] [--auth U:P] [--data-dir] [--db URL] [--device] [--threads N]``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ SHARE_WITHOUT_AUTH_WARNING = """
 """
 
 
+def default_threads() -> int:
+    """One thread per core but one, kept for the web server and the browser's requests."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def apply_threads(threads: int) -> None:
+    """Set torch's intra-op thread count for this process (its default is every core)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastgen-studio", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN)")
@@ -31,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps or cpu")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="runs at once per generate endpoint (a model is still used by one run at a time)")
+    parser.add_argument("--threads", type=int, default=default_threads(), metavar="N",
+                        help="torch CPU threads for generation (default: one less than the CPU count, at least 1, "
+                        f"here {default_threads()}: leaves the web server a core; on a busy small machine more "
+                        "threads than free cores make generation several times slower)")
     parser.add_argument("--memory-budget-gb", type=float, help="unload least recently used models above this")
     parser.add_argument("--dummy-models", action="store_true",
                         help="also offer tiny random models (dummy-sd, dummy-flux, dummy-llama, dummy-wan, dummy-musicgen, dummy-vits) that load instantly")
@@ -51,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.auth_pair = None
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
     return args
 
 
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv)
+    apply_threads(args.threads)
+    log.info("torch uses %d CPU thread(s) (--threads)", args.threads)
     if args.share and not args.auth_pair:
         print(SHARE_WITHOUT_AUTH_WARNING, file=sys.stderr)
         log.warning("--share without --auth: the studio is open to anyone with the link")

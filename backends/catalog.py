@@ -27,6 +27,9 @@ class BundledModel:
     description: str
     draft: str | None = None  # text: the paired draft model for speculative decoding
     default_size: tuple[int, int] | None = None  # image: (height, width) it was trained at
+    # the sampling settings the model was trained and evaluated with (its training_report.json's
+    # eval call): the UI starts from these so a first run looks like the reported quality
+    recommended: tuple[tuple[str, float], ...] = ()
 
     @property
     def path(self) -> Path:
@@ -39,17 +42,21 @@ class BundledModel:
 
 BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-sd-shapes", "image", "Tiny SD (UNet) - shapes",
-                 "Stable Diffusion layout UNet trained here on rendered coloured shapes."),
+                 "Stable Diffusion layout UNet trained here on rendered coloured shapes.",
+                 recommended=(("steps", 25), ("guidance", 4.0))),
     BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
-                 "FLUX layout transformer trained here on rendered coloured shapes.", default_size=(64, 64)),
+                 "FLUX layout transformer trained here on rendered coloured shapes.", default_size=(64, 64),
+                 recommended=(("steps", 25), ("guidance", 4.0))),
     BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
-                 "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes."),
+                 "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes.",
+                 recommended=(("steps", 25), ("guidance", 3.0))),
     BundledModel("tiny-code-llama", "text", "Tiny code Llama (12 layers)",
                  "Llama layout LM trained here on Python's standard library.", draft="tiny-code-draft"),
     BundledModel("tiny-code-draft", "text", "Tiny code draft (1 layer)",
                  "1-layer draft with the same tokenizer, for speculative decoding."),
     BundledModel("tiny-audio-synth", "audio", "Tiny audio UNet - synth sounds",
-                 "Spectrogram UNet trained here on synthesised tones, chords, arpeggios, drums and noise."),
+                 "Spectrogram UNet trained here on synthesised tones, chords, arpeggios, drums and noise.",
+                 recommended=(("steps", 25), ("guidance", 3.0))),
 )
 
 
@@ -62,6 +69,12 @@ def bundled(modality: str | None = None, available_only: bool = True) -> list[Bu
 
 def find_bundled(name: str) -> BundledModel | None:
     return next((m for m in BUNDLED if m.name == name), None)
+
+
+def recommended_params(model_id: str) -> dict[str, float]:
+    """The sampling settings a bundled model is meant to run with ({} for any other model)."""
+    entry = find_bundled((model_id or "").strip())
+    return dict(entry.recommended) if entry is not None else {}
 
 
 def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> str:

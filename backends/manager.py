@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from backends.base import Backend
-from backends.catalog import resolve_source
+from backends.catalog import find_bundled, resolve_source
 from backends.types import MODALITIES, ModelLoadError, StudioError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,25 @@ class BackendManager:
     def known_factories(self, modality: str) -> list[str]:
         return [mid for (mod, mid) in self._factories if mod == modality]
 
+    def known_modalities(self, model_id: str) -> set[str]:
+        """The modalities a bundled or registered model id is known to belong to (empty for
+        hub ids and folders, which are only known once loaded)."""
+        model_id = (model_id or "").strip()
+        found = {mod for (mod, mid) in self._factories if mid == model_id}
+        entry = find_bundled(model_id)
+        if entry is not None:
+            found.add(entry.modality)
+        return found
+
+    def check_modality(self, modality: str, model_id: str) -> None:
+        """Refuse a known model of another modality before loading it: the loader would
+        fail on a missing file with a server path instead of saying what went wrong."""
+        known = self.known_modalities(model_id)
+        if known and modality not in known:
+            other = sorted(known)[0]
+            raise ModelLoadError(f"'{model_id.strip()}' is {_article(other)} {other} model: "
+                                 f"choose it in the {other.capitalize()} tab")
+
     # -- loading -----------------------------------------------------------------------
     def get(self, modality: str, model_id: str) -> Backend:
         key = (modality, (model_id or "").strip())
@@ -133,6 +152,7 @@ class BackendManager:
         factory = self._factories.get((modality, model_id))
         if factory is not None:
             return factory(self.device, self.dtype)
+        self.check_modality(modality, model_id)
         cls = backend_class(modality)
         source = resolve_source(model_id, self.allowed_roots)
         try:
@@ -201,8 +221,14 @@ class BackendManager:
             torch.cuda.empty_cache()
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _load_failure_message(model_id: str, source: str, exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if source != model_id:  # a folder: name it as the user typed it, never by its server path
+        text = text.replace(source, model_id)
     if source == model_id and "/" in model_id:
         return (
             f"could not load '{model_id}' from the model hub (offline, or no such repository): {text[:300]}. "

@@ -168,27 +168,42 @@ def step_prompt(step_text: str) -> str:
     return f"# {step_text}\ndef {name}():\n"
 
 
+STORY_CLASS = "fastgen-story"
+# Every rule is scoped to the story's own container: the same markup is shown inside the
+# studio page (gr.HTML), where a bare ``body{...}`` rule would restyle every tab.
+STORY_CSS = (f".{STORY_CLASS}{{font-family:sans-serif;max-width:720px;margin:auto}}"
+             f".{STORY_CLASS} img{{image-rendering:pixelated;width:256px}}"
+             f".{STORY_CLASS} pre{{background:#f6f6f6;color:#222;padding:8px;white-space:pre-wrap}}")
+# Only the downloadable file, a page of its own, may style its body.
+DOCUMENT_CSS = "body{margin:0;padding:16px}"
+
+
+def story_fragment(title: str, steps: list[StoryStep]) -> str:
+    """The story as one self-contained ``<div>`` (images embedded, CSS scoped to the div):
+    shown in the studio page as is, and the body of the downloadable story.html."""
+    parts = [f"<div class='{STORY_CLASS}'><style>{STORY_CSS}</style>", f"<h1>{html.escape(title)}</h1>"]
+    for step in steps:
+        heading, _, body = step.text.partition("\n\n")
+        encoded = base64.b64encode(Path(step.image_path).read_bytes()).decode() if step.image_path else ""
+        parts += [f"<h2>{html.escape(heading)}</h2>", f"<pre>{html.escape(body)}</pre>",
+                  f"<img alt='{html.escape(step.image_prompt)}' src='data:image/png;base64,{encoded}'>"]
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
 def export_story(folder: Path, title: str, steps: list[StoryStep]) -> tuple[Path, Path]:
     """Write story.html (images embedded) and story.md (images copied beside it)."""
     folder.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             "<style>body{font-family:sans-serif;max-width:720px;margin:auto}img{image-rendering:pixelated;"
-             "width:256px}pre{background:#f6f6f6;padding:8px}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
     for step in steps:
         heading, _, body = step.text.partition("\n\n")
         image_name = f"step-{step.index}.png"
         if step.image_path:
             shutil.copyfile(step.image_path, folder / image_name)
-            encoded = base64.b64encode(Path(step.image_path).read_bytes()).decode()
-        else:
-            encoded = ""
         md += [f"## {heading}", "", "```python", body, "```", "", f"![{step.image_prompt}]({image_name})", ""]
-        parts += [f"<h2>{html.escape(heading)}</h2>", f"<pre>{html.escape(body)}</pre>",
-                  f"<img alt='{html.escape(step.image_prompt)}' src='data:image/png;base64,{encoded}'>"]
-    parts.append("</body></html>")
+    document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{DOCUMENT_CSS}</style></head><body>\n{story_fragment(title, steps)}\n</body></html>")
     html_path, md_path = folder / "story.html", folder / "story.md"
-    html_path.write_text("\n".join(parts), encoding="utf-8")
+    html_path.write_text(document, encoding="utf-8")
     md_path.write_text("\n".join(md), encoding="utf-8")
     return html_path, md_path

@@ -14,8 +14,16 @@ from studio.ui.presets import build_presets_tab
 from studio.ui.story import build_story_tab
 from studio.ui.text import build_text_tab
 
-IMAGE_EXAMPLES = ["a red circle at top left on white", "a blue square at bottom right on black",
-                  "a yellow triangle at top right on white"]
+# Example prompts in each bundled model's closed vocabulary (backends/tiny/*_data.py and
+# *_models.py): a first click gives a result that matches its prompt.
+EXAMPLES: dict[str, list[str]] = {
+    "image": ["a red circle at top left on white", "a blue square at bottom right on black",
+              "a yellow triangle at top right on white"],
+    "video": ["a red circle moving right on white", "a blue square growing on black",
+              "a green triangle turning yellow on white"],
+    "audio": ["a high sine tone", "a low minor chord on a saw wave",
+              "a mid major arpeggio going up on a square wave", "a fast drum pattern", "a pink noise texture"],
+}
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys
 (speed) and costs (quality against the baseline with the same seed). Every run is kept in **History**."""
@@ -27,20 +35,20 @@ def build_app(studio) -> gr.Blocks:
         tabs: dict = {}
         with gr.Tabs() as tabs_component:
             with gr.Tab("Image", id="image"):
-                tabs["image"] = build_generation_tab(studio, "image", IMAGE_EXAMPLES)
+                tabs["image"] = build_generation_tab(studio, "image", EXAMPLES["image"])
             with gr.Tab("Video", id="video"):
                 gr.Markdown("Any diffusers text-to-video pipeline by hub id or local folder (Wan, CogVideoX, LTX...).")
-                tabs["video"] = build_generation_tab(studio, "video")
+                tabs["video"] = build_generation_tab(studio, "video", EXAMPLES["video"])
             with gr.Tab("Audio", id="audio"):
                 gr.Markdown("Diffusers audio pipelines by hub id or local folder (AudioLDM 2, Stable Audio Open...).")
-                tabs["audio"] = build_generation_tab(studio, "audio")
+                tabs["audio"] = build_generation_tab(studio, "audio", EXAMPLES["audio"])
             with gr.Tab("Text", id="text"):
                 tabs["text"] = build_text_tab(studio)
             with gr.Tab("Story", id="story"):
                 build_story_tab(studio)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(studio)
-            with gr.Tab("History", id="history"):
+            with gr.Tab("History", id="history") as history_tab:
                 history = build_history_tab(studio)
             with gr.Tab("Presets", id="presets"):
                 presets = build_presets_tab(studio, tabs, tabs_component)
@@ -62,6 +70,9 @@ def build_app(studio) -> gr.Blocks:
         gr.api(run_request, api_name="run")
         app.load(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],
                  api_name=False)
+        # runs made in the other tabs since the page loaded: show them when History is opened
+        history_tab.select(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],
+                           api_name=False)
         app.load(presets["listing"], outputs=[presets["table"], presets["errors"]], api_name=False)
         for tab in tabs.values():  # show only the methods that fit the default model
             app.load(tab.extra["on_model_change"], inputs=[tab.model], outputs=tab.extra["model_change_outputs"],

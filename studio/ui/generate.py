@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from backends.catalog import recommended_params
 from backends.types import Request, StudioError
 from studio.plots import audio_figure, frame_strip
 from studio.presets import Preset
@@ -97,11 +98,12 @@ class GenerationTab:
 
 
 def output_component(modality: str) -> gr.components.Component:
+    elem_id = f"{modality}-output"
     if modality == "image":
-        return gr.Image(label="Output", type="pil", height=384, format="png")
+        return gr.Image(label="Output", type="pil", height=384, format="png", elem_id=elem_id)
     if modality == "video":
-        return gr.Video(label="Output", height=384)
-    return gr.Audio(label="Output", type="filepath")
+        return gr.Video(label="Output", height=384, elem_id=elem_id)
+    return gr.Audio(label="Output", type="filepath", elem_id=elem_id)
 
 
 def display_output(modality: str, outcome) -> Any:
@@ -118,15 +120,17 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     with gr.Row():
         with gr.Column(scale=3):
             model = model_dropdown(studio, modality)
-            family = gr.Markdown("")
+            family = gr.Markdown("", elem_id=f"{modality}-family")
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="describe what to generate",
                                 elem_id=f"{modality}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
                 seed = gr.Number(value=0, label="Seed (-1 = random)", precision=0)
             controls = []
+            recommended = recommended_params(model.value)  # the default model's own settings
             for spec in PARAMS[modality]:
-                controls.append(gr.Slider(spec.low, spec.high, value=spec.default, step=spec.step, label=spec.label))
+                controls.append(gr.Slider(spec.low, spec.high, value=recommended.get(spec.name, spec.default),
+                                          step=spec.step, label=spec.label, elem_id=f"{modality}-{spec.name}"))
             panel = accel_panel(modality)
             button = gr.Button("Generate", variant="primary", elem_id=f"{modality}-generate")
             if examples:
@@ -176,6 +180,16 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
 
     model.change(on_model_change, inputs=[model], outputs=[family, *panel.groups, *panel.hints], api_name=False)
     tab.extra["model_change_outputs"] = [family, *panel.groups, *panel.hints]
+
+    def on_model_input(model_id):
+        """A model the user picked: set the controls to its recommended settings, where the
+        catalog has them. Only on user input, so loading a preset keeps the preset's values."""
+        recommended = recommended_params(model_id)
+        return [gr.update(value=recommended[spec.name]) if spec.name in recommended else gr.update()
+                for spec in PARAMS[modality]]
+
+    model.input(on_model_input, inputs=[model], outputs=controls, api_name=False)
+    tab.extra["on_model_input"] = on_model_input
 
     @user_errors
     def save_preset(name, description, *values):

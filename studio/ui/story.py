@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.story import StoryRequest, run_story
+from studio.story import StoryRequest, run_story, story_fragment
 from studio.ui.common import accel_panel, model_dropdown, progress_adapter, user_errors
 
 
@@ -16,7 +16,7 @@ def build_story_tab(studio) -> None:
         with gr.Column(scale=2):
             request = gr.Textbox(label="Request", value="a 4-step how-to: drawing red and blue shapes",
                                  elem_id="story-request")
-            steps = gr.Slider(1, 8, value=4, step=1, label="Steps")
+            steps = gr.Slider(1, 8, value=4, step=1, label="Steps", elem_id="story-steps")
             seed = gr.Number(value=0, precision=0, label="Seed (shared by every image: consistent style)")
             text_model = model_dropdown(studio, "text", label="Text model (planner and writer)", elem_prefix="story-")
             image_model = model_dropdown(studio, "image", label="Image model", elem_prefix="story-")
@@ -26,8 +26,8 @@ def build_story_tab(studio) -> None:
                 image_panel = accel_panel("image", elem_prefix="story-")
             button = gr.Button("Write and draw", variant="primary", elem_id="story-run")
         with gr.Column(scale=3):
-            info = gr.Markdown("")
-            page = gr.HTML("")
+            info = gr.Markdown("", elem_id="story-info")
+            page = gr.HTML("", elem_id="story-page")
             with gr.Row():
                 html_file = gr.File(label="HTML")
                 md_file = gr.File(label="Markdown")
@@ -43,9 +43,9 @@ def build_story_tab(studio) -> None:
         lines = [f"**Story run #{result.story_id}** — {stages}"]
         lines += [f"- step {s.index}: text {s.text_seconds:.2f}s (run #{s.text_run_id}), "
                   f"image {s.image_seconds:.2f}s (run #{s.image_run_id})" for s in result.steps]
-        with open(result.html_path, encoding="utf-8") as f:
-            body = f.read()
-        return "\n".join(lines), body, result.html_path, result.markdown_path
+        # the fragment, not the downloadable document: its CSS is scoped to the story's own
+        # container, so showing it here leaves the other tabs' layout alone
+        return "\n".join(lines), story_fragment(result.title, result.steps), result.html_path, result.markdown_path
 
     button.click(run, inputs=[request, steps, seed, text_model, image_model, *text_panel.inputs, *image_panel.inputs],
                  outputs=[info, page, html_file, md_file], api_name="story")

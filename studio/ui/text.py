@@ -14,6 +14,9 @@ from studio.ui.common import accel_panel, format_result, model_dropdown, user_er
 from studio.ui.generate import GenerationTab
 
 TEXT_PARAMS = ("max_new_tokens", "temperature")
+# Ends inside the function body, not after a newline: after "def f(n):\n" the bundled code
+# model reads a finished signature and starts a new ``def``; here it goes on with the body.
+DEFAULT_PROMPT = "def fibonacci(n):\n    if n < 2:"
 
 
 class TextTab(GenerationTab):
@@ -41,18 +44,18 @@ def build_text_tab(studio) -> TextTab:
     with gr.Row():
         with gr.Column(scale=3):
             model = model_dropdown(studio, "text")
-            family = gr.Markdown("")
+            family = gr.Markdown("", elem_id="text-family")
             prompt = gr.Textbox(label="Prompt", lines=8, elem_id="text-prompt",
-                                value="def fibonacci(n):\n")
+                                value=DEFAULT_PROMPT)
             seed = gr.Number(value=0, label="Seed (used when sampling)", precision=0)
-            max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+            max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="text-max-new-tokens")
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             chat = gr.Checkbox(value=True, label="Apply the chat template when the tokenizer has one")
             panel = accel_panel("text")
             button = gr.Button("Generate", variant="primary", elem_id="text-generate")
         with gr.Column(scale=3):
             output = gr.Textbox(label="Output (streams)", lines=18, elem_id="text-output")
-            info = gr.Markdown("")
+            info = gr.Markdown("", elem_id="text-info")
             with gr.Accordion("Save these settings as a preset", open=False):
                 preset_name = gr.Textbox(label="Preset name")
                 preset_description = gr.Textbox(label="Description")
