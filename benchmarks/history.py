@@ -76,7 +76,7 @@ def synthetic_rows(n: int, seed: int = 0):
 
 
 def fill(store, n: int, batch: int = 5000) -> None:
-    from studio.history import Run, RunMethod
+    from studio.history import Run, RunMethod, upgrade_schema
 
     runs, methods = [], []
     with store.engine.begin() as conn:
@@ -91,6 +91,7 @@ def fill(store, n: int, batch: int = 5000) -> None:
             conn.execute(insert(Run), runs)
             if methods:
                 conn.execute(insert(RunMethod), methods)
+    upgrade_schema(store.engine)  # the summaries that recording runs one by one would have kept
     if store.engine.dialect.name == "postgresql":  # explicit ids: move the sequence past them
         with store.engine.begin() as conn:
             conn.exec_driver_sql("SELECT setval('runs_id_seq', (SELECT max(id) FROM runs))")

@@ -16,9 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import (JSON, BigInteger, DateTime, cast, Float, ForeignKey, Index, Integer, String, Text, create_engine, delete,
-                        event,
-                        exists, func, inspect, or_, select, text, update)
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, and_, cast,
+                        create_engine, delete, event, func, inspect, or_, select, text, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -107,6 +106,25 @@ class RunMethod(Base):
     __table_args__ = (Index("ix_run_methods_name", "name", "run_id"),)
 
 
+class RunSummary(Base):
+    """Per workload and method setting: how many ok runs and their total time. Kept up to
+    date as runs are recorded and deleted, so speed hints read a few thousand summary rows
+    instead of every run: their cost stays flat as history grows."""
+
+    __tablename__ = "run_summaries"
+
+    config_key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    methods_key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(512))
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    single_method: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)  # the sum over those runs
+    last_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    __table_args__ = (Index("ix_run_summaries_model", "model", "device", "single_method"),)
+
+
 INTERNAL_COLUMNS = {"config_key", "methods_key", "single_method"}
 
 
@@ -139,6 +157,15 @@ class PresetRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
 
 
+def _display_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: the message says so without echoing it
+        return "(unreadable database URL)"
+
+
 def sqlite_url(path: str | os.PathLike) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
@@ -148,12 +175,12 @@ RUN_COLUMNS = [c.name for c in Run.__table__.columns if c.name not in INTERNAL_C
 
 class HistoryStore:
     def __init__(self, url: str):
-        self.url = url
+        self.url = _display_url(url)  # what logs and messages may show: never the password
         connect_args = {"timeout": 30, "check_same_thread": False} if url.startswith("sqlite") else {}
         try:
             self.engine = create_engine(url, connect_args=connect_args)
         except Exception as exc:  # bad URL, missing driver
-            raise StudioError(f"cannot open the history database {url!r}: {exc}") from exc
+            raise StudioError(f"cannot open the history database {self.url!r}: {str(exc).splitlines()[0]}") from exc
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
@@ -164,7 +191,7 @@ class HistoryStore:
         except (DatabaseError, OperationalError) as exc:
             self.engine.dispose()
             raise StudioError(
-                f"the history database {url!r} cannot be used ({str(exc.orig or exc).splitlines()[0]}); "
+                f"the history database {self.url!r} cannot be used ({str(exc.orig or exc).splitlines()[0]}); "
                 "it may be corrupt or locked by another program. Start with --db to pick another file."
             ) from exc
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -219,6 +246,8 @@ class HistoryStore:
             session.add(row)
             session.flush()
             session.add_all(RunMethod(run_id=row.id, position=i, name=m["name"]) for i, m in enumerate(methods))
+            if _summarised(row):
+                _add_to_summary(session, row, +1)
             return row.id
 
     def finish_run(self, run_id: int, *, status: str, error: str | None = None, timings: dict | None = None,
@@ -257,14 +286,19 @@ class HistoryStore:
         if model:
             stmt = stmt.where(Run.model == model)
         if method:
-            stmt = stmt.where(exists().where(RunMethod.run_id == Run.id, RunMethod.name == method))
+            # through the (name, run_id) index: the method's runs, not a scan of every run
+            stmt = stmt.where(Run.id.in_(select(RunMethod.run_id).where(RunMethod.name == method)))
         if status:
             stmt = stmt.where(Run.status == status)
         if compare_group:
             stmt = stmt.where(Run.compare_group == compare_group)
         if text:
-            like = f"%{text}%"
-            stmt = stmt.where(or_(Run.prompt.ilike(like), Run.model.ilike(like), Run.error.ilike(like)))
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            # SQLite's LIKE already ignores ASCII case; its ILIKE wraps both sides in lower()
+            # per row, which doubles a scan's cost. PostgreSQL needs ILIKE.
+            match = (lambda c: c.like(like, escape="\\")) if self.engine.dialect.name == "sqlite" else (
+                lambda c: c.ilike(like, escape="\\"))
+            stmt = stmt.where(or_(match(Run.prompt), match(Run.model), match(Run.error)))
         return stmt
 
     def query(self, *, limit: int = 50, offset: int = 0, **filters: Any) -> list[Run]:
@@ -284,6 +318,8 @@ class HistoryStore:
             rows = list(session.scalars(select(Run).where(Run.id.in_(list(run_ids)))))
             session.execute(delete(RunMethod).where(RunMethod.run_id.in_([row.id for row in rows])))
             for row in rows:
+                if _summarised(row):
+                    _add_to_summary(session, row, -1)
                 if row.output_path:
                     paths.append(row.output_path)
                 session.delete(row)
@@ -330,27 +366,21 @@ class HistoryStore:
     def _pair_ratios(self, model: str, device: str | None = None, method: str | None = None):
         """Per comparable workload (same config_key) and method setting: the baseline's mean
         time over the method's mean time. Only runs with one method are paired, so a
-        combination's time is never credited to each of its parts. Computed in SQL over
-        the ``ix_runs_pair`` index: cost grows with the distinct workloads, not the rows."""
-        base = (
-            select(Run.config_key, func.avg(Run.total_seconds).label("seconds"))
-            .where(Run.model == model, Run.status == "ok", Run.methods_key == "", Run.total_seconds > 0)
-            .group_by(Run.config_key)
+        combination's time is never credited to each of its parts. Read from the summary
+        table: the cost grows with distinct workloads and settings, not with runs."""
+        tried = RunSummary.__table__.alias("tried")
+        base = RunSummary.__table__.alias("base")
+        stmt = (
+            select(tried.c.single_method, tried.c.methods_key, tried.c.last_run_id, tried.c.runs,
+                   ((base.c.seconds / base.c.runs) / (tried.c.seconds / tried.c.runs)).label("ratio"))
+            .join(base, and_(base.c.config_key == tried.c.config_key, base.c.methods_key == ""))
+            .where(tried.c.model == model, tried.c.single_method.is_not(None), tried.c.runs > 0, base.c.runs > 0,
+                   tried.c.seconds > 0)
         )
-        tried = select(Run.config_key, Run.methods_key, Run.single_method,
-                       func.avg(Run.total_seconds).label("seconds"), func.max(Run.id).label("last_id"),
-                       func.count(Run.id).label("runs")).where(
-            Run.model == model, Run.status == "ok", Run.single_method.is_not(None), Run.total_seconds > 0)
         if device is not None:
-            base = base.where(Run.device == device)
-            tried = tried.where(Run.device == device)
+            stmt = stmt.where(tried.c.device == device)
         if method is not None:
-            tried = tried.where(Run.single_method == method)
-        base = base.subquery()
-        tried = tried.group_by(Run.config_key, Run.methods_key, Run.single_method).subquery()
-        stmt = select(tried.c.single_method, tried.c.methods_key, tried.c.last_id, tried.c.runs,
-                      (base.c.seconds / tried.c.seconds).label("ratio")).join(
-            base, base.c.config_key == tried.c.config_key)
+            stmt = stmt.where(tried.c.single_method == method)
         with self.sessions() as session:
             return session.execute(stmt).all()
 
@@ -370,9 +400,10 @@ class HistoryStore:
             out[name] = {"speedup": _median(ratios), "min": ratios[0], "max": ratios[-1], "pairs": len(pairs),
                          "example_run": max(i for _, i in pairs)}
         with self.sessions() as session:
-            stmt = select(Run.single_method).distinct().where(
-                Run.model == model, Run.device == device, Run.status == "ok", Run.single_method.is_not(None))
-            tried = session.scalars(stmt.where(Run.single_method == method) if method else stmt)
+            stmt = select(RunSummary.single_method).distinct().where(
+                RunSummary.model == model, RunSummary.device == device, RunSummary.runs > 0,
+                RunSummary.single_method.is_not(None))
+            tried = session.scalars(stmt.where(RunSummary.single_method == method) if method else stmt)
             for name in tried:
                 out.setdefault(name, {"speedup": None, "pairs": 0})
         for info in out.values():
@@ -385,15 +416,11 @@ class HistoryStore:
         """Speedup of ``method`` run alone over the baseline of the same workload (model,
         prompt, seed, params, device), one point per method run, oldest first; the last
         ``limit`` runs."""
-        base = (
-            select(Run.config_key, func.avg(Run.total_seconds).label("seconds"))
-            .where(Run.model == model, Run.status == "ok", Run.methods_key == "", Run.total_seconds > 0)
-            .group_by(Run.config_key)
-            .subquery()
-        )
+        base = RunSummary.__table__.alias("base")
         stmt = (
-            select(Run.id, Run.created_at, Run.device, (base.c.seconds / Run.total_seconds).label("speedup"))
-            .join(base, base.c.config_key == Run.config_key)
+            select(Run.id, Run.created_at, Run.device,
+                   ((base.c.seconds / base.c.runs) / Run.total_seconds).label("speedup"))
+            .join(base, and_(base.c.config_key == Run.config_key, base.c.methods_key == "", base.c.runs > 0))
             .where(Run.model == model, Run.status == "ok", Run.single_method == method, Run.total_seconds > 0)
             .order_by(Run.id.desc())
             .limit(limit)
@@ -477,6 +504,43 @@ def _csv_rows(chunk, converters):
         yield cells
 
 
+def _summarised(row: Run) -> bool:
+    """Runs that count in speed summaries: finished, timed, with their workload key."""
+    return row.status == "ok" and bool(row.total_seconds) and row.config_key is not None and row.device is not None
+
+
+def _add_to_summary(session, row: Run, sign: int) -> None:
+    """Add (sign +1) or remove (-1) one run's time in its summary row, inside the
+    caller's transaction, so the summary and the runs never disagree. One atomic upsert:
+    concurrent writers of the same workload add up instead of colliding."""
+    seconds = sign * float(row.total_seconds)
+    table = RunSummary.__table__
+    if sign < 0:
+        session.execute(update(table).where(
+            table.c.config_key == row.config_key, table.c.methods_key == (row.methods_key or "")).values(
+            runs=table.c.runs - 1, seconds=table.c.seconds + seconds))
+        return
+    values = {"config_key": row.config_key, "methods_key": row.methods_key or "", "model": row.model,
+              "device": row.device, "single_method": row.single_method, "runs": 1, "seconds": seconds,
+              "last_run_id": row.id}
+    dialect = session.bind.dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        stmt = upsert(table).values(**values)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=[table.c.config_key, table.c.methods_key],
+            set_={"runs": table.c.runs + 1, "seconds": table.c.seconds + seconds, "last_run_id": row.id}))
+        return
+    changed = session.execute(update(table).where(
+        table.c.config_key == row.config_key, table.c.methods_key == (row.methods_key or "")).values(
+        runs=table.c.runs + 1, seconds=table.c.seconds + seconds, last_run_id=row.id)).rowcount
+    if not changed:
+        session.execute(table.insert().values(**values))
+
+
 def _median(values: list[float]) -> float:
     middle = len(values) // 2
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
@@ -499,6 +563,25 @@ def upgrade_schema(engine) -> None:
     for index in Run.__table__.indexes:
         index.create(engine, checkfirst=True)
     _backfill_keys(engine)
+    _build_summaries(engine)
+
+
+def _build_summaries(engine) -> None:
+    """Fill the summary table from the runs when it is empty but runs exist (a database
+    from before the table): one GROUP BY in SQL."""
+    with engine.begin() as conn:
+        if conn.execute(select(RunSummary.config_key).limit(1)).first() is not None:
+            return
+        ok = and_(Run.status == "ok", Run.total_seconds > 0, Run.config_key.is_not(None), Run.device.is_not(None))
+        grouped = (
+            select(Run.config_key, Run.methods_key, func.max(Run.model), func.max(Run.device),
+                   func.max(Run.single_method), func.count(Run.id), func.sum(Run.total_seconds), func.max(Run.id))
+            .where(ok, Run.methods_key.is_not(None))  # every row has one once _backfill_keys ran
+            .group_by(Run.config_key, Run.methods_key)
+        )
+        conn.execute(RunSummary.__table__.insert().from_select(
+            ["config_key", "methods_key", "model", "device", "single_method", "runs", "seconds", "last_run_id"],
+            grouped))
 
 
 def _backfill_keys(engine, batch: int = 5000) -> None:

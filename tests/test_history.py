@@ -208,3 +208,39 @@ def test_large_seeds_and_memory_fit(store):
                               Result(output=None, total_seconds=1.0, peak_memory_bytes=40 * 2**30))
     row = store.get(run_id)
     assert row.seed == 2**32 - 1 and row.peak_memory_bytes == 40 * 2**30
+
+
+def test_summary_follows_deletes_and_concurrent_writers(store):
+    base = store.record_run(request("p"), timed_result(1.0))
+    store.record_run(request("p", methods=[("deepcache", {})]), timed_result(0.5))
+    assert store.method_speedups("m1", "cpu")["deepcache"]["pairs"] == 1
+    store.delete([base], delete_files=False)
+    assert store.method_speedups("m1", "cpu")["deepcache"]["pairs"] == 0
+    errors = []
+
+    def write():
+        try:
+            for _ in range(5):
+                store.record_run(request("q"), timed_result(2.0))
+        except Exception as exc:  # pragma: no cover - the assertion below reports it
+            errors.append(exc)
+
+    import threading
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.record_run(request("q", methods=[("deepcache", {})]), timed_result(1.0))
+    assert not errors and store.count(text="q") == 21
+    assert store.method_speedups("m1", "cpu")["deepcache"]["speedup"] == pytest.approx(2.0)
+
+
+def test_text_search_treats_wildcards_literally(store):
+    store.record_run(request("100% red"), result())
+    store.record_run(request("1000 red"), result())
+    store.record_run(request("a_b"), result())
+    store.record_run(request("axb"), result())
+    assert [r.prompt for r in store.query(text="0% R")] == ["100% red"]
+    assert [r.prompt for r in store.query(text="a_b")] == ["a_b"]
