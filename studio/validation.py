@@ -300,6 +300,7 @@ def check_method_params(spec, params: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ValidationError(f"the params of method '{spec.name}' must be an object")
     kinds = {p.name: p.kind for p in spec.params}
+    choices = {p.name: p.choices for p in spec.params}
     for key, value in params.items():
         label = f"method '{spec.name}' parameter {shown(key)}"
         if not isinstance(value, SCALARS):
@@ -311,6 +312,8 @@ def check_method_params(spec, params: Any) -> dict[str, Any]:
             raise ValidationError(f"{label} must be true or false, got {shown(value)}")
         if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValidationError(f"{label} must be a number, got {shown(value)}")
+        if kind == "choice" and isinstance(value, bool) and not any(isinstance(c, bool) for c in choices[key]):
+            raise ValidationError(f"{label} must be one of {list(choices[key])}, got {shown(value)}")  # True == 1
         if kind in ("int", "float") and not abs(value) < MAX_ABS_NUMBER:
             raise ValidationError(f"{label} is out of range")
     return params

@@ -79,6 +79,7 @@ REFUSED = [
     (json.dumps(image(methods=[{"name": "tome", "oops": 1}])), "'oops'"),
     (json.dumps(image(methods=[{"name": "tome", "params": {"use_rand": "no"}}])), "use_rand"),
     (json.dumps(image(methods=[{"name": "tome", "params": {"ratio": [0.5]}}])), "plain value"),
+    (json.dumps(image(methods=[{"name": "tome", "params": {"max_downsample": True}}])), "must be one of"),
     (json.dumps(image(methods=[["tome", {}]])), "name or an object"),
     (json.dumps(image(methods=["tome", "tome"])), "listed twice"),
     (json.dumps(image(model="dummy-flux", methods=["teacache", "first_block_cache"])), "cannot be combined"),
