@@ -66,7 +66,7 @@ def auth_launch_options(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastgen-studio", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN; then add --auth)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="create a public Gradio link")
     parser.add_argument("--auth", metavar="USER:PASS", help="require this login for every page and API call")
@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv)
-    for warning in exposure_warnings(args):
+    warnings = exposure_warnings(args)
+    for warning in warnings:
         print(warning, file=sys.stderr)
-    if exposure_warnings(args):
+    if warnings:
         log.warning("listening beyond this machine without --auth: the studio is open to anyone who reaches it")
     from backends.types import StudioError
 
