@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import json
 import logging
 import re
 import threading
@@ -110,6 +111,8 @@ class LoginThrottle:
                 self._records.pop(key, None)
 
 
+# FastAPI's schema of Gradio's own routes: not this app's endpoints, but nothing a visitor needs
+HIDDEN_BEFORE_LOGIN = {"/openapi.json"}
 _API_INFO = re.compile(rb"window\.gradio_api_info\s*=\s*.*?;\s*</script>", re.DOTALL)
 _BLANK_API_INFO = b'window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>'
 
@@ -119,7 +122,8 @@ class LoginGuardMiddleware:
 
     - Tells the throttle who is logging in (the client's address).
     - For a visitor who has not logged in, removes the API description Gradio embeds in
-      every HTML page, so the login page reveals no endpoint names or parameters.
+      every HTML page, so the login page reveals no endpoint names or parameters, and
+      refuses ``/openapi.json`` (everything else of the API already needs a login).
     """
 
     def __init__(self, app, throttle: LoginThrottle):
@@ -134,6 +138,9 @@ class LoginGuardMiddleware:
         token = _client.set(client[0] if client else "unknown")
         try:
             if scope.get("method") in ("GET", "HEAD") and not self._logged_in(scope):
+                if scope.get("path", "").rstrip("/") in HIDDEN_BEFORE_LOGIN:
+                    await _send_json(send, 401, {"detail": "Not authenticated"})
+                    return
                 await self.app(scope, receive, _without_api_info(send))
             else:
                 await self.app(scope, receive, send)
@@ -180,6 +187,13 @@ def _without_api_info(send):
         await send({"type": "http.response.body", "body": body})
 
     return wrapped
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def launch_auth_options(auth_pair: tuple[str, str] | None, throttle: LoginThrottle | None = None) -> dict[str, Any]:

@@ -172,12 +172,14 @@ def test_visitors_who_have_not_logged_in_get_nothing_of_the_api(tmp_path):
                      "/gradio_api/app_id", "/manifest.json"):
             reply = httpx.get(url + path, timeout=30)
             assert leaked(reply.text) == [], (path, reply.status_code, leaked(reply.text))
+        assert httpx.get(url + "/openapi.json", timeout=30).status_code == 401
         page = httpx.get(url + "/", timeout=30)
         assert page.status_code == 200 and '"auth_required": true' in page.text.replace('":true', '": true')
         with httpx.Client(base_url=url, timeout=30) as client:  # once logged in, everything is there
             assert client.post("/login", data={"username": "ada", "password": "secret"}).status_code == 200
             assert "generate_image" in client.get("/").text
             assert "generate_image" in client.get("/gradio_api/info").text
+            assert client.get("/openapi.json").status_code == 200
     finally:
         demo.close()
         studio.close()
