@@ -66,7 +66,8 @@ def auth_launch_options(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastgen-studio", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN; then add --auth)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (0.0.0.0 for the LAN; then add --auth)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="create a public Gradio link")
     parser.add_argument("--auth", metavar="USER:PASS", help="require this login for every page and API call")

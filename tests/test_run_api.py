@@ -158,7 +158,8 @@ valid_image = st.fixed_dictionaries(
      "params": st.fixed_dictionaries({"width": st.just(16), "height": st.just(16), "steps": st.sampled_from([1, 2])},
                                      optional={"guidance": st.sampled_from([0, 3.5])})},
     optional={"seed": st.sampled_from([0, 7, -1, None]), "negative_prompt": st.sampled_from(["", "blurry"]),
-              "methods": st.sampled_from([[], ["cfg_truncation"], [{"name": "cfg_truncation", "params": {"fraction": 0.5}}],
+              "methods": st.sampled_from([[], ["cfg_truncation"],
+                                          [{"name": "cfg_truncation", "params": {"fraction": 0.5}}],
                                           [{"name": "tome", "params": {"use_rand": False}}], ["teacache"],
                                           ["deepcache"], [{"name": "sampler", "params": {"steps": 2}}]]),
               "compare_group": st.sampled_from([None, "g1", "grp.2-x_y"])})
@@ -231,18 +232,25 @@ def test_fuzzed_run_bodies_get_a_result_or_one_clean_line_and_exact_rows(built, 
 
 
 def test_fuzz_strategy_makes_a_fair_share_of_accepted_runs(built):
-    """The fuzz above is only worth something if many bodies are valid runs."""
+    """The fuzz above is only worth something if many bodies are valid runs; over a whole
+    batch, history grows by exactly the number of runs that were accepted."""
     run, studio = built
     outcomes = []
+    start = studio.history.count()
 
     @settings(max_examples=80, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(body=bodies)
     def sample(body):
-        outcomes.append(call(run, body)[0] is not None)
+        failed_before = studio.history.count(status="failed")
+        result, _error = call(run, body)
+        outcomes.append("ran" if result is not None else
+                        "failed run" if studio.history.count(status="failed") > failed_before else "refused")
 
     sample()
-    assert sum(outcomes) >= 5, f"only {sum(outcomes)} of {len(outcomes)} fuzzed bodies were valid runs"
+    accepted = outcomes.count("ran") + outcomes.count("failed run")
+    assert studio.history.count() - start == accepted
+    assert outcomes.count("ran") >= 5, f"only {outcomes.count('ran')} of {len(outcomes)} fuzzed bodies were valid runs"
 
 
 # -- the served endpoint behaves the same ---------------------------------------------
