@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -16,6 +17,51 @@ SHARE_WITHOUT_AUTH_WARNING = """
 !! run models on this machine and read its history. Add --auth USER:PASS.     !!
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 """
+HOST_WITHOUT_AUTH_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! WARNING: --host {host} without --auth: anyone who can reach this machine
+!! can use this studio, run models on it and read its history. Add --auth USER:PASS
+!! or listen on 127.0.0.1 only.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether listening on ``host`` keeps the studio on this machine. Unknown names count
+    as reachable from outside: the safe answer when unsure."""
+    if not host:
+        return False  # Gradio then falls back to GRADIO_SERVER_NAME, which may be anything
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def reachable_from_other_machines(args: argparse.Namespace) -> bool:
+    """A share link or a non-loopback interface: other machines can reach the studio."""
+    return bool(args.share) or not is_loopback(args.host)
+
+
+def exposure_warnings(args: argparse.Namespace) -> list[str]:
+    """The banners printed at startup when the studio is reachable without a login."""
+    if args.auth_pair:
+        return []
+    warnings = []
+    if args.share:
+        warnings.append(SHARE_WITHOUT_AUTH_WARNING)
+    if not is_loopback(args.host):
+        warnings.append(HOST_WITHOUT_AUTH_WARNING.format(host=args.host))
+    return warnings
+
+
+def auth_launch_options(args: argparse.Namespace) -> dict:
+    """``launch`` keyword arguments for --auth: a throttled login and no API description
+    for visitors who have not logged in (see studio.auth); empty without --auth."""
+    from studio.auth import launch_auth_options
+
+    return launch_auth_options(args.auth_pair)
 
 
 def default_threads() -> int:
@@ -32,7 +78,8 @@ def apply_threads(threads: int) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastgen-studio", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the LAN)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (0.0.0.0 for the LAN; then add --auth)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="create a public Gradio link")
     parser.add_argument("--auth", metavar="USER:PASS", help="require this login for every page and API call")
@@ -54,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ray-address", metavar="auto|HOST:PORT", help="join an existing Ray cluster")
     parser.add_argument("--ray-workers", type=int, help="number of Ray workers (default: one per GPU, else 1)")
     parser.add_argument("--allow-local-models", action="store_true",
-                        help="with --share: still accept any local folder as a model (off: only under DATA_DIR/models)")
+                        help="with --share or a non-loopback --host: still accept any local folder as a model "
+                             "(off: only folders under DATA_DIR/models)")
     args = parser.parse_args(argv)
     if args.port <= 0 or args.port > 65535:
         parser.error("--port must be between 1 and 65535")
@@ -78,8 +126,8 @@ def create_studio(args: argparse.Namespace):
 
     data_dir = Path(args.data_dir)
     allowed_roots = None
-    if args.share and not args.allow_local_models:
-        allowed_roots = [data_dir / "models"]
+    if reachable_from_other_machines(args) and not args.allow_local_models:
+        allowed_roots = [data_dir / "models"]  # a visitor must not load any folder of this machine
     budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
     manager = BackendManager(device=args.device, memory_budget_bytes=budget, allowed_roots=allowed_roots)
     if args.dummy_models:
@@ -110,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
     log.info("torch uses %d CPU thread(s) (--threads)", args.threads)
-    if args.share and not args.auth_pair:
-        print(SHARE_WITHOUT_AUTH_WARNING, file=sys.stderr)
-        log.warning("--share without --auth: the studio is open to anyone with the link")
+    warnings = exposure_warnings(args)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    if warnings:
+        log.warning("listening beyond this machine without --auth: the studio is open to anyone who reaches it")
     from backends.types import StudioError
 
     try:
@@ -121,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastgen-studio: {exc}", file=sys.stderr)
         return 2
     log.info("device %s, data dir %s, history %s", studio.manager.device, studio.data_dir, studio.history.url)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=args.auth_pair,
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, **auth_launch_options(args),
                show_error=True, allowed_paths=[str(studio.data_dir.resolve())], footer_links=["api", "settings"])
     return 0
 

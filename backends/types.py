@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODALITIES = ("image", "video", "audio", "text")
+METHOD_KEYS = ("name", "params")
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A user's value quoted for an error message: one line, and short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class StudioError(Exception):
@@ -42,15 +49,25 @@ class MethodChoice:
 
     @classmethod
     def from_obj(cls, obj: Any) -> "MethodChoice":
+        """A method given as a name, or as ``{"name": ..., "params": {...}}`` with no other keys.
+
+        Strict on purpose: a loose reader turned ``"methods": "tome"`` into the methods 't', 'o',
+        'm', 'e' and silently dropped misspelt keys."""
         if isinstance(obj, MethodChoice):
             return obj
         if isinstance(obj, str):
             return cls(obj, {})
-        if isinstance(obj, (list, tuple)) and len(obj) == 2:
-            return cls(str(obj[0]), dict(obj[1] or {}))
-        if isinstance(obj, dict) and "name" in obj:
-            return cls(str(obj["name"]), dict(obj.get("params") or {}))
-        raise ValidationError(f"cannot read a method from {obj!r}: expected a name or {{name, params}}")
+        if isinstance(obj, dict):
+            unknown = sorted(str(k) for k in obj if k not in METHOD_KEYS)
+            if unknown:
+                raise ValidationError(f"a method entry has unknown key {shown(unknown[0])}; it takes name and params")
+            name, params = obj.get("name"), obj.get("params")
+            if not isinstance(name, str):
+                raise ValidationError("a method entry needs a 'name' that is a string")
+            if params is not None and not isinstance(params, dict):
+                raise ValidationError(f"the params of method {shown(name)} must be an object")
+            return cls(name, dict(params or {}))
+        raise ValidationError("each method must be a name or an object {name, params}")
 
 
 @dataclass
@@ -72,11 +89,30 @@ class Request:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Request":
+    def from_dict(cls, data: Any) -> "Request":
+        """Build a Request from decoded JSON: an object with known keys only.
+
+        An unknown key is refused by name rather than ignored, so ``"steps": 999`` beside
+        ``params`` is an error the user sees, not a setting silently dropped."""
+        if not isinstance(data, dict):
+            raise ValidationError("the request must be a JSON object {modality, model, prompt, ...}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ValidationError(f"unknown request key {shown(unknown[0])}; known: {', '.join(known)}")
+        for required in ("modality", "model", "prompt"):
+            if required not in data:
+                raise ValidationError(f"the request has no '{required}'")
         data = dict(data)
-        data["methods"] = [MethodChoice.from_obj(m) for m in data.get("methods") or []]
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        methods = data.get("methods")
+        if methods is None:
+            methods = []
+        if not isinstance(methods, list):
+            raise ValidationError("methods must be a list of method names or {name, params} objects")
+        data["methods"] = [MethodChoice.from_obj(m) for m in methods]
+        if data.get("params") is None:
+            data["params"] = {}
+        return cls(**data)
 
     def replace(self, **changes: Any) -> "Request":
         return dataclasses.replace(self, **changes)

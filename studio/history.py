@@ -445,6 +445,10 @@ class HistoryStore:
             return list(session.scalars(select(PresetRow).order_by(PresetRow.name)))
 
     def rename_preset(self, old: str, new: str) -> bool:
+        """Rename a user preset; the new name must fit the column (the caller checks the
+        full naming rule, see ``studio.presets.validate_preset_name``)."""
+        if not new or len(new) > PresetRow.name.type.length:
+            raise StudioError(f"a preset name must be 1 to {PresetRow.name.type.length} characters")
         with self.sessions.begin() as session:
             if session.scalar(select(PresetRow).where(PresetRow.name == new)) is not None:
                 raise StudioError(f"a preset named '{new}' already exists")

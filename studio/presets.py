@@ -8,16 +8,19 @@ method specs): a broken file is reported and skipped, it never stops the app.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backends.accel.base import get_method
-from backends.types import MODALITIES, MethodChoice, ValidationError
+from backends.types import MODALITIES, MethodChoice, ValidationError, shown
 from studio.history import HistoryStore
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "presets"
 MAX_PRESET_BYTES = 64 * 1024
+MAX_IMPORT_BYTES = 1024 * 1024  # a file of many presets; each one still within MAX_PRESET_BYTES
+MAX_NAME_CHARS = 200
 ALLOWED_KEYS = {"name", "modality", "model", "params", "methods", "description"}
 
 
@@ -42,6 +45,16 @@ class Preset:
         }
 
 
+def validate_preset_name(name: Any) -> str:
+    """One rule for a preset's name wherever it is set (save, import, rename): a name the
+    list can show and the database column can hold, so a preset never silently vanishes."""
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > MAX_NAME_CHARS:
+        raise ValidationError(f"a preset name must be non-empty text of at most {MAX_NAME_CHARS} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        raise ValidationError("a preset name cannot contain control characters")
+    return name.strip()
+
+
 def parse_preset(data: Any, source: str = "user") -> Preset:
     """Check a decoded JSON object and build a Preset, or raise ValidationError."""
     if isinstance(data, (str, bytes)):
@@ -56,9 +69,7 @@ def parse_preset(data: Any, source: str = "user") -> Preset:
     unknown = sorted(set(data) - ALLOWED_KEYS)
     if unknown:
         raise ValidationError(f"preset has unknown fields {unknown}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise ValidationError("preset 'name' must be a non-empty string of at most 200 characters")
+    name = validate_preset_name(data.get("name"))
     modality = data.get("modality")
     if modality not in MODALITIES:
         raise ValidationError(f"preset '{name}': 'modality' must be one of {list(MODALITIES)}")
@@ -87,7 +98,7 @@ def parse_preset(data: Any, source: str = "user") -> Preset:
         except (TypeError, ValueError, AttributeError):
             raise ValidationError(f"preset '{name}': cannot read method {raw!r}") from None
         methods.append(choice)
-    return Preset(name.strip(), modality, model, dict(params), methods, description, source)
+    return Preset(name, modality, model, dict(params), methods, description, source)
 
 
 class PresetLibrary:
@@ -138,22 +149,42 @@ class PresetLibrary:
         return preset
 
     def rename(self, old: str, new: str) -> None:
-        if not new.strip():
-            raise ValidationError("the new name is empty")
-        if not self.history.rename_preset(old, new.strip()):
-            raise ValidationError(f"no user preset named '{old}' (shipped presets cannot be renamed)")
+        new = validate_preset_name(new)
+        if not self.history.rename_preset(old, new):
+            raise ValidationError(f"no user preset named {shown(old)} (shipped presets cannot be renamed)")
 
     def delete(self, name: str) -> None:
         if not self.history.delete_preset(name):
             raise ValidationError(f"no user preset named '{name}' (shipped presets cannot be deleted)")
 
+    def import_file(self, path: str | Path) -> list[Preset]:
+        """Import a preset file, refusing an oversized one from its size alone, before a
+        byte of it is read into memory."""
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise ValidationError("the uploaded preset file could not be read") from None
+        if size > MAX_IMPORT_BYTES:
+            raise ValidationError(f"the preset file is {size / 2**20:.1f} MiB; the limit is "
+                                  f"{MAX_IMPORT_BYTES // 2**20} MiB")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_IMPORT_BYTES + 1)  # the file may grow between stat and read
+        return self.import_json(data)
+
     def import_json(self, text: str | bytes) -> list[Preset]:
         """Import one preset object or a list of them; all are checked before any is saved."""
+        if len(text) > MAX_IMPORT_BYTES:
+            raise ValidationError(f"the presets are larger than {MAX_IMPORT_BYTES // 2**20} MiB")
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            raise ValidationError(f"not valid JSON: {exc}") from None
+            message = exc.msg if isinstance(exc, json.JSONDecodeError) else "cannot be decoded"
+            raise ValidationError(f"not valid JSON: {message}") from None
         items = data if isinstance(data, list) else [data]
+        for number, item in enumerate(items, 1):
+            if len(json.dumps(item)) > MAX_PRESET_BYTES:
+                raise ValidationError(f"preset #{number} is larger than {MAX_PRESET_BYTES // 1024} KiB")
         presets = [parse_preset(item) for item in items]
         return [self.save(p) for p in presets]
 

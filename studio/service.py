@@ -77,8 +77,8 @@ class Studio:
         metrics_fn=None,
     ) -> RunOutcome:
         """Run one request and keep it. Raises StudioError (with a user-facing message)
-        after recording the failed run; a request that fails validation is not a run and
-        is not recorded."""
+        after recording the failed run; a request that fails validation, before the run or
+        once the model is loaded (ValidationError), is not a run and is not recorded."""
         request = validate_request(request)
         try:
             result = self.executor.run(request, progress)
@@ -87,6 +87,8 @@ class Studio:
             message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'the run needed more memory than is available'}; caches were freed, try a smaller size or fewer steps"
             self._record_failure(request, message, parent_id)
             raise OutOfMemoryError(message) from exc
+        except ValidationError:
+            raise  # refused once the model was known (a method that does not fit it): a refusal, not a run
         except StudioError as exc:
             self._record_failure(request, str(exc), parent_id)
             raise

@@ -97,3 +97,79 @@ def test_every_method_ships_a_paper_default_preset_matching_its_spec():
         assert path.is_file(), f"no shipped preset for {name}: run python -m studio.presets"
         shipped = parse_preset(path.read_text())
         assert shipped.to_dict() == method_preset(cls).to_dict(), f"{path.name} is stale"
+
+
+# -- size limits on import, one naming rule (issue 15, item 9) -----------------------------
+def small_preset(i: int) -> dict:
+    return {"name": f"p{i}", "modality": "image", "params": {"steps": 4}, "methods": [], "description": "d" * 100}
+
+
+def test_import_refuses_an_oversized_file_from_its_size_before_reading_it(library, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    big = tmp_path / "big.json"
+    with big.open("wb") as handle:  # 18 MB, as in the report; sparse, so the test writes nothing
+        handle.truncate(18 * 2**20)
+    reads = []
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: reads.append(self) or (_ for _ in ()).throw(OSError()))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or b"")
+    with pytest.raises(ValidationError, match=r"18\.0 MiB; the limit is 1 MiB"):
+        library.import_file(big)
+    assert reads == [] and library.user() == []
+
+
+def test_import_accepts_a_file_of_many_small_presets_and_refuses_one_oversized_preset(library, tmp_path):
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([small_preset(i) for i in range(300)]))
+    assert 30_000 < many.stat().st_size < 2**20
+    assert len(library.import_file(many)) == 300
+    one_big = [small_preset(1000), {**small_preset(1001), "description": "x" * 70_000}]
+    with pytest.raises(ValidationError, match="preset #2 is larger than 64 KiB"):
+        library.import_json(json.dumps(one_big))
+    with pytest.raises(ValidationError, match="larger than 1 MiB"):
+        library.import_json(json.dumps([small_preset(i) for i in range(2000, 9000)]))
+    assert len(library.user()) == 300
+
+
+def test_presets_tab_import_refuses_an_oversized_upload(tmp_path):
+    import gradio as gr
+
+    import app as app_module
+
+    args = app_module.parse_args(["--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+    demo, studio = app_module.create_app(args)
+    try:
+        do_import = next(fn.fn for fn in demo.fns.values() if fn.api_name == "presets_import")
+        upload = tmp_path / "upload.json"
+        upload.write_text(json.dumps({**small_preset(1), "description": "x" * (3 * 2**20)}))
+        with pytest.raises(gr.Error, match="limit is 1 MiB"):
+            do_import(str(upload))
+        assert studio.presets.user() == []
+    finally:
+        studio.close()
+
+
+@pytest.mark.parametrize("new_name, message", [
+    ("x" * 1_000_000, "at most 200 characters"),
+    ("x" * 201, "at most 200 characters"),
+    ("   ", "non-empty"),
+    ("two\nlines", "control characters"),
+    ("nul\x00", "control characters"),
+    ("bell\x07", "control characters"),
+])
+def test_rename_checks_the_new_name_like_a_saved_preset(library, new_name, message):
+    library.save(Preset("mine", "image", None, {"steps": 12}, []))
+    with pytest.raises(ValidationError, match=message):
+        library.rename("mine", new_name)
+    assert [p.name for p in library.user()] == ["mine"]  # still listed, under its old name
+    with pytest.raises(ValidationError, match=message):
+        parse_preset({"name": new_name, "modality": "image"})
+
+
+def test_history_store_refuses_a_name_its_column_cannot_hold(library):
+    from backends.types import StudioError
+
+    library.save(Preset("mine", "image", None, {}, []))
+    with pytest.raises(StudioError, match="1 to 200 characters"):
+        library.history.rename_preset("mine", "y" * 201)
+    assert [row.name for row in library.history.presets()] == ["mine"]

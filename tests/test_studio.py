@@ -47,11 +47,11 @@ def test_failed_run_is_recorded_and_history_kept(studio_factory):
     ok = studio.generate(image_request())
     with pytest.raises(StudioError, match="unknown model"):
         studio.generate(image_request(model="no such model!"))
-    with pytest.raises(ValidationError, match="does not apply"):
+    with pytest.raises(ValidationError, match="does not apply"):  # a refusal once the model is known: no row
         studio.generate(image_request(model="dummy-flux", methods=[MethodChoice("deepcache")]))
     failed = studio.history.query(status="failed")
-    assert len(failed) == 2 and "unknown model" in failed[-1].error
-    assert studio.history.get(ok.run_id).status == "ok"
+    assert len(failed) == 1 and "unknown model" in failed[-1].error
+    assert studio.history.get(ok.run_id).status == "ok" and studio.history.count() == 2
 
 
 def test_out_of_memory_is_caught_and_next_request_works(studio_factory, monkeypatch):

@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import gradio as gr
 
 from backends.types import StudioError
+from studio.validation import parse_request_json
 from studio.ui.compare import build_compare_tab
 from studio.ui.generate import build_generation_tab
 from studio.ui.history import build_history_tab
 from studio.ui.presets import build_presets_tab
 from studio.ui.story import build_story_tab
 from studio.ui.text import build_text_tab
+
+log = logging.getLogger(__name__)
+INTERNAL_ERROR = "internal error: the request could not be run; the server log has the details"
+MAX_ERROR_CHARS = 300
+
+
+def api_run(studio, request_json) -> dict:
+    """``/run``'s work: strict JSON in, a result dict out, or a gr.Error of one line.
+
+    Nothing else escapes: a StudioError's own message is meant for users; any other
+    exception may carry SQL, paths or a host name, so the client gets a fixed line and the
+    details go to the server log."""
+    try:
+        outcome = studio.generate(parse_request_json(request_json))
+        result = outcome.result
+        return {"run_id": outcome.run_id, "output_path": result.output_path,
+                "output": result.output if isinstance(result.output, str) else None, **result.summary()}
+    except StudioError as exc:
+        raise gr.Error(one_line(str(exc)), print_exception=False) from None
+    except Exception:
+        log.exception("/run failed")
+        raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
+
+
+def one_line(message: str) -> str:
+    """An error as the client sees it: a single line of bounded length."""
+    text = " ".join(message.split()) or "the request was refused"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
 
 # Example prompts in each bundled model's closed vocabulary (backends/tiny/*_data.py and
 # *_models.py): a first click gives a result that matches its prompt.
@@ -54,18 +85,10 @@ def build_app(studio) -> gr.Blocks:
                 presets = build_presets_tab(studio, tabs, tabs_component)
 
         def run_request(request_json: str) -> str:
-            """Run one request given as JSON ({modality, model, prompt, seed, params, methods})
-            and return the run id, output path, timings and method statistics as JSON."""
-            try:
-                data = json.loads(request_json)
-                outcome = studio.generate(data)
-            except ValueError as exc:
-                raise gr.Error(f"the request is not valid JSON: {exc}", print_exception=False) from None
-            except StudioError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            return json.dumps({"run_id": outcome.run_id, "output_path": outcome.result.output_path,
-                               "output": outcome.result.output if isinstance(outcome.result.output, str) else None,
-                               **outcome.result.summary()})
+            """Run one request given as JSON ({modality, model, prompt, negative_prompt, seed, params,
+            methods, compare_group}) and return the run id, output path, timings and method statistics
+            as JSON."""
+            return json.dumps(api_run(studio, request_json))
 
         gr.api(run_request, api_name="run")
         app.load(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],

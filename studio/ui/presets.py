@@ -98,8 +98,7 @@ def build_presets_tab(studio, tabs: dict, tabs_component: gr.Tabs) -> dict:
     def do_import(path):
         if not path:
             return gr.update(), gr.update(), ""
-        data = Path(path).read_bytes()
-        imported = studio.presets.import_json(data)
+        imported = studio.presets.import_file(path)
         return (*listing(), f"Imported {', '.join(p.name for p in imported)}.")
 
     upload.upload(do_import, inputs=[upload], outputs=[table, errors, status], api_name="presets_import")
