@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backends.accel.base import get_method
+from backends.control import RunCancelled, RunTimedOut
 from backends.types import MethodChoice, Request, StudioError, ValidationError
 from studio import metrics
 
@@ -301,7 +302,7 @@ def run_compare(
                 for _ in range(repeats):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("comparison cancelled")
-                    outcome = studio.generate(req)
+                    outcome = studio.generate(req, cancel=cancel)  # stops mid-run too
                     tick(f"{config.label} (seed {seed})")
                     per_seed.append(outcome)
                     row.run_ids.append(outcome.run_id)
@@ -316,7 +317,9 @@ def run_compare(
                 row.peak_memory_mb = max(o.result.peak_memory_bytes for o in per_seed) / 2**20
                 row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in per_seed) for k in last.timings}
             row.seconds = statistics.median(times)
-        except Cancelled:
+        except RunTimedOut as exc:  # this configuration ran too long; the others still run
+            row.error = str(exc)
+        except (Cancelled, RunCancelled):
             row.error = "cancelled"
         except StudioError as exc:
             row.error = str(exc)

@@ -1,0 +1,195 @@
+"""Cost limit, cancel, time limit and out-of-memory (issue 15, item 4): a request over the
+cost limit is refused before anything runs; a run can be stopped from another thread, by
+its time limit, or by its client going away, and is recorded as such; an allocation
+failure is recorded as ``oom`` with one line and memory handed back."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from backends.types import OutOfMemoryError, Request, Result, StudioError, ValidationError
+
+
+def image_request(steps=3, **params):
+    return Request("image", "dummy-sd", "a red circle", seed=5, params={"steps": steps, **params})
+
+
+class RecordingExecutor:
+    """Stands in for the executor: records whether a request reached it."""
+
+    def __init__(self):
+        self.ran = []
+
+    def run(self, request, progress=None, cancel=None):
+        self.ran.append(request)
+        raise StudioError("the recording executor runs nothing")
+
+
+# -- cost limit ------------------------------------------------------------------------
+@pytest.mark.parametrize("modality,params", [
+    ("image", {"width": 2048, "height": 2048, "steps": 150}),
+    ("video", {"width": 1280, "height": 1280, "frames": 257, "steps": 150}),
+])
+def test_request_over_the_cost_limit_is_refused_before_running_and_not_recorded(studio_factory, modality, params):
+    executor = RecordingExecutor()
+    studio = studio_factory(executor=executor)
+    request = Request(modality, "dummy-sd" if modality == "image" else "dummy-wan", "a red circle", params=params)
+    with pytest.raises(ValidationError) as refused:
+        studio.generate(request)
+    message = str(refused.value)
+    assert "--max-cost" in message and "500" in message and "\n" not in message
+    assert executor.ran == [] and studio.history.count() == 0
+
+
+def test_default_requests_and_bundled_sizes_are_within_the_default_limit():
+    from backends.catalog import BUNDLED
+    from studio.limits import DEFAULT_MAX_COST, estimate_cost
+
+    defaults = {"image": {"steps": 25}, "video": {"steps": 25}, "audio": {"steps": 25}, "text": {}}
+    for model in BUNDLED:
+        assert estimate_cost(Request(model.modality, model.name, "x" * 4000, params=defaults[model.modality])) \
+            < DEFAULT_MAX_COST
+    for params in ({"width": 1024, "height": 1024, "steps": 100}, {}):  # the UI's largest image; a hub default
+        assert estimate_cost(Request("image", "owner/model", "x", params=params)) < DEFAULT_MAX_COST
+    assert estimate_cost(Request("text", "owner/model", "x" * 4000, params={"max_new_tokens": 2048})) < DEFAULT_MAX_COST
+
+
+def test_cost_limit_is_a_flag(studio_factory):
+    import app as app_module
+
+    args = app_module.parse_args(["--max-cost", "0.001", "--time-limit", "30"])
+    assert (args.max_cost, args.time_limit) == (0.001, 30)
+    studio = studio_factory(max_cost=args.max_cost)
+    with pytest.raises(ValidationError, match="--max-cost"):
+        studio.generate(image_request())
+    assert studio.history.count() == 0
+
+
+# -- cancel ------------------------------------------------------------------------------
+def test_cancel_from_another_thread_stops_the_run_and_the_next_run_is_normal(studio_factory):
+    from backends.control import CancelToken, RunCancelled
+
+    studio = studio_factory()
+    first = studio.generate(image_request(steps=4)).result
+    token = CancelToken()
+    first_step = threading.Event()
+    steps_seen = []
+
+    def progress(done, total, stage):
+        steps_seen.append(done)
+        first_step.set()
+
+    canceller = threading.Thread(target=lambda: first_step.wait(30) and token.cancel("test"))
+    canceller.start()
+    with pytest.raises(RunCancelled) as stopped:
+        studio.generate(image_request(steps=40), progress=progress, cancel=token)
+    canceller.join()
+    assert "\n" not in str(stopped.value) and 1 <= len(steps_seen) < 40
+    row = studio.history.query(limit=1)[0]
+    assert row.status == "cancelled" and row.output_path is None
+    after = studio.generate(image_request(steps=4))
+    assert after.result.model_evals == first.model_evals == 4  # batched CFG: one call a step
+    assert np.array_equal(np.asarray(first.output), np.asarray(after.result.output))
+
+
+@pytest.mark.parametrize("modality,model,params", [
+    ("text", "dummy-llama", {"max_new_tokens": 40}),
+    ("audio", "dummy-musicgen", {"seconds": 1.0}),
+])
+def test_cancel_reaches_every_decoding_loop(studio_factory, modality, model, params):
+    """Text streaming and the codec LM check the token on each token: a cancel after the
+    first token stops the run there."""
+    from backends.control import CancelToken, RunCancelled
+
+    studio = studio_factory()
+    token = CancelToken()
+    seen = []
+
+    def progress(done, total, stage):
+        seen.append(done)
+        token.cancel("test")
+
+    with pytest.raises(RunCancelled):
+        studio.generate(Request(modality, model, "def add(a, b):", params=params), progress=progress, cancel=token)
+    assert len(seen) == 1 and studio.history.query(limit=1)[0].status == "cancelled"
+
+
+def test_closing_the_handler_stream_cancels_the_run(studio_factory):
+    """What Gradio does when a client cancels its job or disconnects: it closes the
+    handler's generator. The run stops and is recorded as cancelled."""
+    from studio.ui.runs import Progress, SessionRuns, run_with_token
+
+    studio = studio_factory()
+    runs = SessionRuns()
+    stream = run_with_token(runs, None, lambda token, progress: studio.generate(
+        image_request(steps=60), progress=progress, cancel=token))
+    for item in stream:
+        if isinstance(item, Progress):
+            break
+    stream.close()  # GeneratorExit, as on a cancel or a lost connection
+    for _ in range(600):  # the worker thread records the row when it reaches its next step
+        rows = studio.history.query(limit=1)
+        if rows:
+            break
+        threading.Event().wait(0.05)
+    assert rows and rows[0].status == "cancelled"
+
+
+def test_a_session_cancels_only_its_own_runs():
+    from studio.ui.runs import SessionRuns
+
+    runs = SessionRuns()
+    mine, theirs = runs.start("me"), runs.start("you")
+    assert runs.cancel("me") == 1
+    assert mine.is_set() and not theirs.is_set()
+
+
+# -- time limit --------------------------------------------------------------------------
+def test_run_over_the_time_limit_is_stopped_and_recorded_as_timeout(studio_factory):
+    from backends.control import RunTimedOut
+
+    studio = studio_factory(time_limit_s=0.001)
+    gate = threading.Event()
+    with pytest.raises(RunTimedOut) as stopped:
+        studio.generate(image_request(steps=30), progress=lambda *a: gate.wait(0.01))
+    assert "--time-limit" in str(stopped.value) and "\n" not in str(stopped.value)
+    row = studio.history.query(limit=1)[0]
+    assert row.status == "timeout" and "time limit" in row.error
+
+
+# -- out of memory -------------------------------------------------------------------------
+def test_allocation_failure_is_recorded_as_oom_and_memory_is_freed(studio_factory, monkeypatch):
+    studio = studio_factory()
+    backend = studio.manager.get("image", "dummy-sd")
+    original = backend.generate
+
+    def allocate_too_much(*args, **kwargs):
+        torch.empty(2**45, dtype=torch.float32)  # 128 TiB: the CPU allocator refuses
+        return original(*args, **kwargs)
+
+    freed = []
+    real_free = studio.manager.free_caches
+    monkeypatch.setattr(studio.manager, "free_caches", lambda: (freed.append(True), real_free()))
+    monkeypatch.setattr(backend, "generate", allocate_too_much)
+    with pytest.raises(OutOfMemoryError) as failed:
+        studio.generate(image_request())
+    message = str(failed.value)
+    assert message.startswith("out of memory") and "\n" not in message and "alloc_cpu" not in message
+    row = studio.history.query(limit=1)[0]
+    assert row.status == "oom" and row.error == message
+    assert freed
+    monkeypatch.setattr(backend, "generate", original)
+    assert studio.generate(image_request()).result.output is not None
+
+
+def test_other_runtime_errors_are_not_called_oom(studio_factory, monkeypatch):
+    studio = studio_factory()
+    backend = studio.manager.get("image", "dummy-sd")
+    monkeypatch.setattr(backend, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(StudioError, match="the run failed"):
+        studio.generate(image_request())
+    assert studio.history.query(limit=1)[0].status == "failed"
