@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from backends.types import OutOfMemoryError, Request, Result, StudioError, ValidationError
+from backends.types import MethodChoice, OutOfMemoryError, Request, StudioError, ValidationError
 
 
 def image_request(steps=3, **params):
@@ -118,6 +118,59 @@ def test_cancel_reaches_every_decoding_loop(studio_factory, modality, model, par
     assert len(seen) == 1 and studio.history.query(limit=1)[0].status == "cancelled"
 
 
+@pytest.mark.parametrize("method", [
+    ("speculative", {"num_assistant_tokens": 3}),
+    ("prompt_lookup", {}),
+    ("lookahead", {}),
+    ("static_cache", {}),
+])
+def test_cancel_stops_every_text_decoding_path(method):
+    """The speculative, prompt-lookup and lookahead loops and the static cache stop at the first
+    token after a cancel; the model's next plain run is the same as before."""
+    from backends.control import CancelToken, RunCancelled
+    from backends.text import TextBackend
+    from backends.tiny.dummy import dummy_llama
+
+    model, tokenizer = dummy_llama()
+    backend = TextBackend.from_model(model, tokenizer, model_id="dummy-llama",
+                                     drafts={"tiny-code-draft": (model, tokenizer)})
+    plain = Request("text", "dummy-llama", "def add(a, b):\n    return a + b\n\ndef add(", params={"max_new_tokens": 24})
+    before = backend.run(plain).output
+    token, seen = CancelToken(), []
+
+    def progress(done, total, text):
+        seen.append(done)
+        token.cancel("test")
+
+    request = plain.replace(methods=[MethodChoice(method[0], dict(method[1]))])
+    with pytest.raises(RunCancelled):
+        backend.run(request, progress, cancel=token)
+    assert len(seen) == 1
+    assert backend.run(plain).output == before
+
+
+def test_time_limit_applies_without_a_progress_callback(studio_factory):
+    """The API's /run passes no progress callback: the check before every model
+    evaluation still stops the run."""
+    from backends.control import RunTimedOut
+
+    studio = studio_factory(time_limit_s=0.001)
+    unet = studio.manager.get("image", "dummy-sd").pipe.unet
+    pause, calls = threading.Event(), []
+
+    def slow_down(*_args) -> None:
+        calls.append(1)
+        pause.wait(0.01)
+
+    handle = unet.register_forward_pre_hook(slow_down)
+    try:
+        with pytest.raises(RunTimedOut):
+            studio.generate(image_request(steps=30))
+    finally:
+        handle.remove()
+    assert len(calls) < 30 and studio.history.query(limit=1)[0].status == "timeout"
+
+
 def test_closing_the_handler_stream_cancels_the_run(studio_factory):
     """What Gradio does when a client cancels its job or disconnects: it closes the
     handler's generator. The run stops and is recorded as cancelled."""
@@ -193,3 +246,70 @@ def test_other_runtime_errors_are_not_called_oom(studio_factory, monkeypatch):
     with pytest.raises(StudioError, match="the run failed"):
         studio.generate(image_request())
     assert studio.history.query(limit=1)[0].status == "failed"
+
+
+# -- through the served app ------------------------------------------------------------------
+def _generate_image_args(client, steps):
+    names = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_image"]["parameters"]
+    args = []
+    for p in names:
+        if p["label"] == "Model":
+            args.append("dummy-sd")
+        elif p["label"] == "Prompt":
+            args.append("a red circle at top left on white")
+        elif p["label"] == "Steps":
+            args.append(steps)
+        else:
+            args.append(p.get("parameter_default") if p.get("parameter_has_default") else None)
+    return args
+
+
+@pytest.fixture
+def slow_served(tmp_path):
+    """The served app with dummy-sd slowed to ~20 steps a second, so a run is still going
+    when the client cancels it."""
+    from conftest import ServedApp
+
+    served = ServedApp(["--dummy-models", "--data-dir", str(tmp_path), "--device", "cpu"])
+    unet = served.studio.manager.get("image", "dummy-sd").pipe.unet
+    calls = []
+    pause = threading.Event()
+
+    def slow_down(*_args) -> None:
+        calls.append(1)
+        pause.wait(0.05)
+
+    handle = unet.register_forward_pre_hook(slow_down)
+    yield served, calls
+    handle.remove()
+    served.close()
+
+
+def _wait_for_row(studio, status, attempts=600):
+    for _ in range(attempts):
+        rows = studio.history.query(limit=1)
+        if rows and rows[0].status == status:
+            return rows[0]
+        threading.Event().wait(0.05)
+    return studio.history.query(limit=1)[0] if studio.history.count() else None
+
+
+@pytest.mark.parametrize("how", ["job.cancel", "cancel endpoint"])
+def test_a_cancelled_api_job_stops_its_run(slow_served, how):
+    from gradio_client import Client
+
+    served, calls = slow_served
+    client = Client(served.url, verbose=False)
+    job = client.submit(*_generate_image_args(client, 90), api_name="/generate_image")
+    for _ in range(600):  # until the run is inside the denoising loop
+        if calls:
+            break
+        threading.Event().wait(0.05)
+    assert calls, "the run never started"
+    if how == "job.cancel":
+        job.cancel()
+    else:
+        client.predict(api_name="/cancel_image")  # the tab's Cancel button, same session
+    row = _wait_for_row(served.studio, "cancelled")
+    assert row is not None and row.status == "cancelled", row and (row.status, row.error)
+    assert len(calls) < 90

@@ -83,6 +83,10 @@ def stream_run(work: Callable[[Callable[[int, int, Any], None]], Any], token: Ca
             updates.put(done)
 
     finished = False
+    # Yield once before the run starts: Gradio keeps a generator where a cancel can close
+    # it only after its first output, so a cancel during a first step that never yields
+    # would be lost.
+    yield None
     threading.Thread(target=run, daemon=True, name="studio-run").start()
     try:
         while True:
