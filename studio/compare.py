@@ -296,7 +296,7 @@ def run_compare(
             for seed in seeds:
                 req = request.replace(methods=config.methods, seed=seed, compare_group=group)
                 if warmup:
-                    studio.executor.run(studio_validate(req))  # not kept: warms caches/compilation
+                    studio.warm_up(req, cancel=cancel)  # not kept: warms caches/compilation
                     tick(f"{config.label} warm-up")
                 per_seed = []
                 for _ in range(repeats):
@@ -355,8 +355,3 @@ def run_compare(
         progress(total, total, "done")
     return CompareReport(group, request.modality, request.model, rows)
 
-
-def studio_validate(request: Request) -> Request:
-    from studio.validation import validate_request
-
-    return validate_request(request)

@@ -112,6 +112,13 @@ class Studio:
         self._record_failure(request, message, parent_id, status="oom")
         raise OutOfMemoryError(message)
 
+    def warm_up(self, request: Request | dict, cancel: Any = None) -> Result:
+        """Run without keeping anything (a comparison's untimed warm-up): the same validation,
+        cost limit, time limit and cancel as ``generate``, but no file and no history row."""
+        request = validate_request(request)
+        check_cost(request, self.max_cost)
+        return self.executor.run(request, None, cancel=CancelToken(self.time_limit_s, parent=cancel))
+
     def _keep(self, request: Request, result: Result, parent_id: int | None, metrics_fn) -> RunOutcome:
         """Save the output file and write the run's row (no row, no file)."""
         fps = int(request.params.get("fps", 8))

@@ -171,6 +171,32 @@ def test_time_limit_applies_without_a_progress_callback(studio_factory):
     assert len(calls) < 30 and studio.history.query(limit=1)[0].status == "timeout"
 
 
+def test_compare_cancel_stops_the_run_in_progress(studio_factory):
+    """One token for a whole comparison: set during the baseline, it stops that run at its
+    next step (recorded cancelled) and no configuration after it runs."""
+    from backends.control import CancelToken
+    from studio.compare import parse_configs, run_compare
+
+    studio = studio_factory()
+    unet = studio.manager.get("image", "dummy-sd").pipe.unet
+    token, calls = CancelToken(), []
+
+    def cancel_in_the_kept_run(*_args) -> None:
+        calls.append(1)
+        if len(calls) == 12 + 2:  # the warm-up's 12 calls, then 2 of the kept baseline run
+            token.cancel("test")
+
+    handle = unet.register_forward_pre_hook(cancel_in_the_kept_run)
+    try:
+        report = run_compare(studio, image_request(steps=12), parse_configs("deepcache(interval=2)"),
+                             warmup=True, cancel=token)
+    finally:
+        handle.remove()
+    assert [row.error for row in report.rows] == ["cancelled"]
+    assert len(calls) < 12 + 12  # the kept baseline run stopped at its next step
+    assert [row.status for row in studio.history.query()] == ["cancelled"]
+
+
 def test_closing_the_handler_stream_cancels_the_run(studio_factory):
     """What Gradio does when a client cancels its job or disconnects: it closes the
     handler's generator. The run stops and is recorded as cancelled."""

@@ -167,8 +167,8 @@ def build_compare_tab(studio) -> dict:
                                                 repeats], outputs=outputs, api_name="sweep", concurrency_id="compare")
 
     def do_cancel(request: gr.Request):
-        stopped = runs.cancel(session_key(request))
-        return "Cancelling…" if stopped else "Nothing to cancel."
+        runs.cancel(session_key(request))
+        return "Cancelled. The runs already made are in History under their compare group."
 
     cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event], api_name="compare_cancel",
                  queue=False)
