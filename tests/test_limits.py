@@ -339,3 +339,28 @@ def test_a_cancelled_api_job_stops_its_run(slow_served, how):
     row = _wait_for_row(served.studio, "cancelled")
     assert row is not None and row.status == "cancelled", row and (row.status, row.error)
     assert len(calls) < 90
+
+
+def test_a_client_that_disconnects_stops_its_run(slow_served):
+    """A browser tab closed mid-run: the event stream drops, Gradio closes the handler, the
+    run stops at its next step and is recorded as cancelled."""
+    import httpx
+    from gradio_client import Client
+
+    served, calls = slow_served
+    client = Client(served.url, verbose=False)
+    args = _generate_image_args(client, 90)
+    config = httpx.get(served.url + "config").json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate_image")
+    session = "disconnecting-client"
+    joined = httpx.post(served.url + "gradio_api/queue/join", json={
+        "data": args, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", served.url + "gradio_api/queue/data", params={"session_hash": session},
+                      timeout=30) as stream:
+        for line in stream.iter_lines():
+            if calls:
+                break  # the run is inside the denoising loop: drop the connection
+    row = _wait_for_row(served.studio, "cancelled")
+    assert row is not None and row.status == "cancelled", row and (row.status, row.error)
+    assert len(calls) < 90
