@@ -101,6 +101,7 @@ class Studio:
                 message = f"the run failed: {type(exc).__name__}: {first_line(exc)}"
                 self._record_failure(request, message, parent_id)
                 raise StudioError(message) from exc
+            log.warning("run out of memory: %s", first_line(exc))  # the details stay in the server log
             traceback.clear_frames(exc.__traceback__)  # the frames hold the run's tensors
             message = ("out of memory: the run needed more memory than is available; caches were freed, "
                        "try a smaller size, fewer frames or fewer steps")
