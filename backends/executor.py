@@ -46,9 +46,11 @@ class StudioWorker:
             register_dummy_models(self.manager)
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, request: Request) -> Result:
+    def run(self, request: Request, time_limit_s: float | None = None) -> Result:
+        """Run on this worker; the time limit is enforced here, at every step, because a
+        running task of a synchronous actor cannot be cancelled from the driver."""
         backend = self.manager.get(request.modality, request.model)
-        result = backend.run(request)
+        result = backend.run(request, cancel=CancelToken(time_limit_s))
         result.worker = self.name
         return result
 
@@ -105,7 +107,8 @@ class RayExecutor:
             index = self._pick(tried)
             tried.add(index)
             try:
-                result = self._wait(self.workers[index].run.remote(request), cancel)
+                limit = cancel.time_limit_s if cancel is not None else None
+                result = self._wait(self.workers[index].run.remote(request, limit), cancel)
                 if progress is not None:
                     progress(1, 1, "done")
                 return result
@@ -121,10 +124,10 @@ class RayExecutor:
                           f"{str(last_error).splitlines()[0] if last_error else 'unknown'}")
 
     def _wait(self, ref, cancel: CancelToken | None) -> Result:
-        """The task's result; a cancelled or timed-out token cancels the Ray task."""
+        """The task's result; a cancelled token cancels the Ray task. The time limit is the
+        worker's to enforce (it starts when the worker holds the model)."""
         if cancel is None:
             return self.ray.get(ref)
-        cancel.start()
         while True:
             ready, _ = self.ray.wait([ref], timeout=0.2)
             if ready:

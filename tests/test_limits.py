@@ -364,3 +364,23 @@ def test_a_client_that_disconnects_stops_its_run(slow_served):
     row = _wait_for_row(served.studio, "cancelled")
     assert row is not None and row.status == "cancelled", row and (row.status, row.error)
     assert len(calls) < 90
+
+
+def test_a_ray_worker_enforces_the_time_limit_itself():
+    """A running task of a synchronous Ray actor cannot be cancelled from the driver, so the
+    worker gets the limit and stops its own run (checked here without starting Ray)."""
+    from backends.control import RunTimedOut
+    from backends.executor import StudioWorker
+
+    worker = StudioWorker("w", device="cpu", dummy_models=True)
+    unet = worker.manager.get("image", "dummy-sd").pipe.unet
+    pause, calls = threading.Event(), []
+
+    def slow_down(*_args) -> None:
+        calls.append(1)
+        pause.wait(0.01)
+
+    unet.register_forward_pre_hook(slow_down)
+    with pytest.raises(RunTimedOut):
+        worker.run(image_request(steps=30), 0.001)
+    assert len(calls) < 30
