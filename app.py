@@ -103,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-local-models", action="store_true",
                         help="with --share or a non-loopback --host: still accept any local folder as a model "
                              "(off: only folders under DATA_DIR/models)")
+    parser.add_argument("--max-cost", type=float, default=500.0, help="refuse requests estimated above this many "
+                        "cost units (megapixel-steps for image/video; 0 = no limit; see studio/limits.py)")
+    parser.add_argument("--time-limit", type=float, default=600.0, metavar="SECONDS",
+                        help="stop a run at its next step after this many seconds, recorded as timeout (0 = none)")
     args = parser.parse_args(argv)
     if args.port <= 0 or args.port > 65535:
         parser.error("--port must be between 1 and 65535")
@@ -140,7 +144,8 @@ def create_studio(args: argparse.Namespace):
 
         executor = RayExecutor(num_workers=args.ray_workers, address=args.ray_address, device=args.device,
                                dummy_models=args.dummy_models)
-    return Studio(data_dir=data_dir, db_url=args.db, manager=manager, executor=executor)
+    return Studio(data_dir=data_dir, db_url=args.db, manager=manager, executor=executor,
+                  max_cost=args.max_cost or None, time_limit_s=args.time_limit or None)
 
 
 def create_app(args: argparse.Namespace):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
 from backends.accel.base import applied, instantiate
+from backends.control import CancelToken
 from backends.timing import EvalCounter, PeakMemory, StageTimer
 from backends.catalog import resolve_source
 from backends.types import ModelLoadError, Request, Result, StudioError, ValidationError
@@ -67,36 +69,70 @@ class Backend:
         """Drop references to the weights so memory can be reclaimed."""
 
     # -- shared ------------------------------------------------------------------------
-    def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
+    def run(self, request: Request, progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> Result:
+        """Run ``request``. With ``cancel``, the run stops (``RunCancelled``) at the first
+        model evaluation or progress report after the token is set or its time limit
+        passes; the methods are removed as on any other exit, so the next run is normal."""
         if request.modality != self.modality:
             raise ValidationError(f"a {request.modality} request was sent to a {self.modality} model")
         methods = instantiate(request.methods, self.modality, self.family)
         with self.lock:
             self.last_used = time.monotonic()
+            if cancel is not None:
+                cancel.start()  # the time limit counts from here, not from the queue
+                cancel.check()
+                if progress is not None:
+                    progress = cancel.guard(progress)
             timer = StageTimer(self.device)
-            with applied(self, methods):
-                call = self.build_call(request)
-                for method in methods:
-                    call = method.prepare_call(self, call)
-                notes = [note for method in methods for note in method.warnings(self, call)]
-                with PeakMemory(self.device) as memory, EvalCounter(self.denoiser) as evals:
-                    with timer.stage("total"):
-                        output = self.generate(call, timer, progress)
-            self.last_used = time.monotonic()
+            try:
+                with applied(self, methods), _stop_hook(self.denoiser, cancel):
+                    call = self.build_call(request)
+                    for method in methods:
+                        call = method.prepare_call(self, call)
+                    notes = [note for method in methods for note in method.warnings(self, call)]
+                    with PeakMemory(self.device) as memory, EvalCounter(self.denoiser) as evals:
+                        with timer.stage("total"):
+                            output = self.generate(call, timer, progress)
+            finally:
+                self.last_used = time.monotonic()
         timings = timer.as_dict()
         method_stats = {m.spec.name: m.stats() for m in methods}
-        skipped = sum(int(stats.get("skipped_evals", 0)) for stats in method_stats.values())
         return Result(
             output=output,
             timings=timings,
             total_seconds=timings.get("total", 0.0),
             peak_memory_bytes=memory.peak_bytes,
-            model_evals=evals.count - skipped,  # calls a method answered without computing
+            model_evals=evaluations_run(evals.count, method_stats),
             method_stats=method_stats,
             notes=notes,
             device=str(self.device),
             extra=call.get("_extra", {}),
         )
+
+
+def evaluations_run(calls: int, method_stats: dict[str, dict[str, Any]]) -> int:
+    """Denoiser calls minus those a method answered without running the network.
+
+    Every method that can answer a whole call from a cache (TeaCache, AdaCache, MagCache,
+    a block cache spanning every block, CFG truncation's dropped unconditional pass)
+    reports those calls as ``skipped_evals`` in its stats; partial calls (DeepCache's
+    shallow branch, a block span, cached attention layers) ran the network and count."""
+    skipped = sum(int(stats.get("skipped_evals", 0) or 0) for stats in method_stats.values())
+    return max(0, calls - skipped)
+
+
+@contextlib.contextmanager
+def _stop_hook(module: torch.nn.Module | None, cancel: CancelToken | None) -> Iterator[None]:
+    """Check ``cancel`` before every forward of ``module`` (every denoising pass, every
+    decoding step, whatever loop a method runs), so no path can outrun a cancel."""
+    handle = None
+    if cancel is not None and isinstance(module, torch.nn.Module):
+        handle = module.register_forward_pre_hook(cancel.check_hook)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class DraftingBackend(Backend):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 from backends.base import ProgressFn
+from backends.control import CancelToken
 from backends.manager import BackendManager
 from backends.types import Request, Result
 
@@ -17,9 +18,9 @@ class LocalExecutor:
         self.manager = manager
         self.name = f"local@{socket.gethostname()}"
 
-    def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
+    def run(self, request: Request, progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> Result:
         backend = self.manager.get(request.modality, request.model)
-        result = backend.run(request, progress)
+        result = backend.run(request, progress, cancel=cancel)
         result.worker = self.name
         return result
 
@@ -45,9 +46,11 @@ class StudioWorker:
             register_dummy_models(self.manager)
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, request: Request) -> Result:
+    def run(self, request: Request, time_limit_s: float | None = None) -> Result:
+        """Run on this worker; the time limit is enforced here, at every step, because a
+        running task of a synchronous actor cannot be cancelled from the driver."""
         backend = self.manager.get(request.modality, request.model)
-        result = backend.run(request)
+        result = backend.run(request, cancel=CancelToken(time_limit_s))
         result.worker = self.name
         return result
 
@@ -95,7 +98,7 @@ class RayExecutor:
             self.in_flight[index] += 1
             return index
 
-    def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
+    def run(self, request: Request, progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> Result:
         from backends.types import StudioError
 
         tried: set[int] = set()
@@ -104,7 +107,8 @@ class RayExecutor:
             index = self._pick(tried)
             tried.add(index)
             try:
-                result = self.ray.get(self.workers[index].run.remote(request))
+                limit = cancel.time_limit_s if cancel is not None else None
+                result = self._wait(self.workers[index].run.remote(request, limit), cancel)
                 if progress is not None:
                     progress(1, 1, "done")
                 return result
@@ -118,6 +122,24 @@ class RayExecutor:
                     self.in_flight[index] -= 1
         raise StudioError(f"the worker running this request died and the retry failed too: "
                           f"{str(last_error).splitlines()[0] if last_error else 'unknown'}")
+
+    def _wait(self, ref, cancel: CancelToken | None) -> Result:
+        """The task's result; a cancelled token cancels the Ray task. The time limit is the
+        worker's to enforce (it starts when the worker holds the model)."""
+        if cancel is None:
+            return self.ray.get(ref)
+        while True:
+            ready, _ = self.ray.wait([ref], timeout=0.2)
+            if ready:
+                return self.ray.get(ref)
+            try:
+                cancel.check()
+            except Exception:
+                try:  # a queued task is dropped; a running one on a sync actor finishes unseen
+                    self.ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - cancelling is best effort, the run is stopped here
+                    pass
+                raise
 
     def describe(self, modality: str, model: str) -> dict:
         index = self._pick(set())

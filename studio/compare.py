@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backends.accel.base import get_method
+from backends.control import RunCancelled, RunTimedOut
 from backends.types import MethodChoice, Request, StudioError, ValidationError
 from studio import metrics
 
@@ -295,13 +296,13 @@ def run_compare(
             for seed in seeds:
                 req = request.replace(methods=config.methods, seed=seed, compare_group=group)
                 if warmup:
-                    studio.executor.run(studio_validate(req))  # not kept: warms caches/compilation
+                    studio.warm_up(req, cancel=cancel)  # not kept: warms caches/compilation
                     tick(f"{config.label} warm-up")
                 per_seed = []
                 for _ in range(repeats):
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("comparison cancelled")
-                    outcome = studio.generate(req)
+                    outcome = studio.generate(req, cancel=cancel)  # stops mid-run too
                     tick(f"{config.label} (seed {seed})")
                     per_seed.append(outcome)
                     row.run_ids.append(outcome.run_id)
@@ -316,7 +317,9 @@ def run_compare(
                 row.peak_memory_mb = max(o.result.peak_memory_bytes for o in per_seed) / 2**20
                 row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in per_seed) for k in last.timings}
             row.seconds = statistics.median(times)
-        except Cancelled:
+        except RunTimedOut as exc:  # this configuration ran too long; the others still run
+            row.error = str(exc)
+        except (Cancelled, RunCancelled):
             row.error = "cancelled"
         except StudioError as exc:
             row.error = str(exc)
@@ -352,8 +355,3 @@ def run_compare(
         progress(total, total, "done")
     return CompareReport(group, request.modality, request.model, rows)
 
-
-def studio_validate(request: Request) -> Request:
-    from studio.validation import validate_request
-
-    return validate_request(request)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from backends.base import ProgressFn
+from backends.control import CancelToken, RunCancelled, is_allocation_failure
 from backends.executor import LocalExecutor
 from backends.manager import BackendManager
 from backends.types import OutOfMemoryError, Request, Result, StudioError, ValidationError
 from studio.history import HistoryStore, sqlite_url
+from studio.limits import DEFAULT_MAX_COST, DEFAULT_TIME_LIMIT_S, check_cost, release_memory
 from studio.outputs import OutputStore
 from studio.presets import PresetLibrary
 from studio.validation import validate_request
@@ -45,6 +46,11 @@ def format_hint(info: dict, device: str) -> str:
             f"prompt(s) run both ways, with {settings}; {verdict}.")
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no details"
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("FASTGEN_DATA_DIR", Path.cwd() / "data"))
 
@@ -58,7 +64,11 @@ class Studio:
         manager: BackendManager | None = None,
         executor: Any = None,
         allowed_roots: list[Path] | None = None,
+        max_cost: float | None = DEFAULT_MAX_COST,
+        time_limit_s: float | None = DEFAULT_TIME_LIMIT_S,
     ):
+        """``max_cost``: the most a request may cost (``studio.limits``), None = no limit;
+        ``time_limit_s``: a run still going after this many seconds stops at its next step."""
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.history = HistoryStore(db_url or sqlite_url(self.data_dir / "history.db"))
@@ -66,6 +76,8 @@ class Studio:
         self.manager = manager or BackendManager(device=device, allowed_roots=allowed_roots)
         self.executor = executor or LocalExecutor(self.manager)
         self.presets = PresetLibrary(self.history)
+        self.max_cost = max_cost
+        self.time_limit_s = time_limit_s
         self.repaired = self.repair()
 
     # -- generation --------------------------------------------------------------------
@@ -75,28 +87,57 @@ class Studio:
         progress: ProgressFn | None = None,
         parent_id: int | None = None,
         metrics_fn=None,
+        cancel: Any = None,
     ) -> RunOutcome:
         """Run one request and keep it. Raises StudioError (with a user-facing message)
-        after recording the failed run; a request that fails validation, before the run or
-        once the model is loaded (ValidationError), is not a run and is not recorded."""
+        after recording the failed run; a request that fails validation (before the run, or
+        once the model is loaded: a method that does not fit it) or is over the cost limit
+        is not a run and is not recorded.
+
+        ``cancel``: a ``CancelToken`` (or ``threading.Event``) the caller may set from another
+        thread to stop the run at its next step (recorded as ``cancelled``). Each run gets
+        its own token under it, carrying the studio's time limit (recorded as ``timeout``)."""
         request = validate_request(request)
+        check_cost(request, self.max_cost)
+        token = CancelToken(self.time_limit_s, parent=cancel)
         try:
-            result = self.executor.run(request, progress)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            self.manager.free_caches()
-            message = f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'the run needed more memory than is available'}; caches were freed, try a smaller size or fewer steps"
-            self._record_failure(request, message, parent_id)
-            raise OutOfMemoryError(message) from exc
+            result = self.executor.run(request, progress, cancel=token)
+        except RunCancelled as exc:
+            self._record_failure(request, str(exc), parent_id, status=exc.status)
+            raise
         except ValidationError:
             raise  # refused once the model was known (a method that does not fit it): a refusal, not a run
         except StudioError as exc:
             self._record_failure(request, str(exc), parent_id)
             raise
         except Exception as exc:
-            log.exception("run failed")
-            message = f"the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self._record_failure(request, message, parent_id)
-            raise StudioError(message) from exc
+            if not is_allocation_failure(exc):
+                log.exception("run failed")
+                # the exception's own text may carry paths or library internals: the log has it
+                message = "the run failed unexpectedly; the server log has the details"
+                self._record_failure(request, message, parent_id)
+                raise StudioError(message) from exc
+            log.warning("run out of memory: %s", first_line(exc))  # the details stay in the server log
+            traceback.clear_frames(exc.__traceback__)  # the frames hold the run's tensors
+            message = ("out of memory: the run needed more memory than is available; caches were freed, "
+                       "try a smaller size, fewer frames or fewer steps")
+        else:
+            return self._keep(request, result, parent_id, metrics_fn)
+        # only an allocation failure gets here, outside the except block so that the
+        # exception and its frames are gone before memory is collected
+        release_memory(self.manager)
+        self._record_failure(request, message, parent_id, status="oom")
+        raise OutOfMemoryError(message)
+
+    def warm_up(self, request: Request | dict, cancel: Any = None) -> Result:
+        """Run without keeping anything (a comparison's untimed warm-up): the same validation,
+        cost limit, time limit and cancel as ``generate``, but no file and no history row."""
+        request = validate_request(request)
+        check_cost(request, self.max_cost)
+        return self.executor.run(request, None, cancel=CancelToken(self.time_limit_s, parent=cancel))
+
+    def _keep(self, request: Request, result: Result, parent_id: int | None, metrics_fn) -> RunOutcome:
+        """Save the output file and write the run's row (no row, no file)."""
         fps = int(request.params.get("fps", 8))
         path = self.outputs.save(request.modality, result.output, fps=fps)
         result.output_path = str(path)
@@ -110,9 +151,9 @@ class Studio:
             raise
         return RunOutcome(run_id, request, result)
 
-    def _record_failure(self, request: Request, message: str, parent_id: int | None) -> None:
+    def _record_failure(self, request: Request, message: str, parent_id: int | None, status: str = "failed") -> None:
         try:
-            self.history.record_run(request, None, status="failed", error=message, parent_id=parent_id)
+            self.history.record_run(request, None, status=status, error=message, parent_id=parent_id)
         except Exception:  # the DB itself failing must not hide the run's own error
             log.exception("could not record the failed run")
 

@@ -67,7 +67,7 @@ def test_out_of_memory_is_caught_and_next_request_works(studio_factory, monkeypa
         studio.generate(image_request())
     monkeypatch.setattr(backend, "generate", original)
     assert studio.generate(image_request()).result.output is not None
-    assert [r.status for r in studio.history.query()] == ["ok", "failed"]
+    assert [r.status for r in studio.history.query()] == ["ok", "oom"]
 
 
 def test_startup_repair_removes_orphans(studio_factory, tmp_path):

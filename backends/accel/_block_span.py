@@ -208,8 +208,12 @@ class SpanCache:
         self.manager.reset()
 
 
-def step_stats(calls: dict[str, list[bool]]) -> dict[str, Any]:
-    """Steps computed / reused (first branch), reused calls over all branches, hit rate."""
+def step_stats(calls: dict[str, list[bool]], whole_stack: bool = True) -> dict[str, Any]:
+    """Steps computed / reused (first branch), reused calls over all branches, hit rate.
+
+    ``whole_stack``: the span is every block, so a reused call ran none of the network and
+    is reported as ``skipped_evals`` (what ``Result.model_evals`` subtracts); a partial
+    span's reused calls still ran the other blocks and remain evaluations."""
     first = next(iter(calls.values()), [])
     skipped = sum(sum(v) for v in calls.values())
     total = sum(len(v) for v in calls.values())
@@ -217,6 +221,7 @@ def step_stats(calls: dict[str, list[bool]]) -> dict[str, Any]:
         "computed_steps": len(first) - sum(first),
         "skipped_steps": sum(first),
         "skipped_calls": skipped,
+        "skipped_evals": skipped if whole_stack else 0,
         "branches": len(calls),
         "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
     }

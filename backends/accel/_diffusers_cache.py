@@ -131,6 +131,10 @@ class DiffusersCacheMethod(Method):
     per CFG branch."""
 
     per_branch_hooks: ClassVar[tuple[str, ...]] = ()
+    # True when the cache answers whole denoiser calls (MagCache, FirstBlockCache past the
+    # first block): calls where no attention layer ran are then skipped evaluations. Per-layer
+    # caches (PAB, FasterCache, TaylorSeer) still run the feed-forwards of every block.
+    skips_whole_calls: ClassVar[bool] = False
 
     def make_config(self, backend, call: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -188,9 +192,16 @@ class DiffusersCacheMethod(Method):
                     f"list the sampler before {self.spec.name}"]
         return []
 
+    def whole_call_skips(self) -> bool:
+        return self.skips_whole_calls
+
     def stats(self) -> dict[str, Any]:
         counter = getattr(self, "counter", None)
-        return counter.stats() if counter is not None else {}
+        if counter is None:
+            return {}
+        stats = counter.stats()
+        stats["skipped_evals"] = stats["skipped_calls"] if self.whole_call_skips() else 0
+        return stats
 
     @staticmethod
     def current_timestep(backend):

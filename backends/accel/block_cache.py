@@ -96,13 +96,14 @@ class BlockCacheMethod(Method):
         self.cache.remove()
 
     def stats(self) -> dict[str, Any]:
-        steps = step_stats(getattr(self, "calls", {}))
         span = getattr(self, "span_blocks", 0)
+        steps = step_stats(getattr(self, "calls", {}), whole_stack=span == getattr(self, "total_blocks", -1))
         return {
             "full_steps": steps["computed_steps"],
             "cached_steps": steps["skipped_steps"],
             "span_blocks": span,
             "blocks_skipped": steps["skipped_calls"] * span,
+            "skipped_evals": steps["skipped_evals"],
             "branches": steps["branches"],
             "cache_hit_rate": steps["cache_hit_rate"],
         }

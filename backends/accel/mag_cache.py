@@ -102,6 +102,7 @@ class MagCacheMethod(DiffusersCacheMethod):
         conflicts=tuple(n for n in DIT_CACHES if n != "mag_cache"),
     )
     calibrated: ClassVar[dict[tuple, list[float]]] = {}
+    skips_whole_calls = True
 
     def make_config(self, backend, call: dict[str, Any]):
         from diffusers.hooks import MagCacheConfig

@@ -52,6 +52,9 @@ class TaylorSeerMethod(DiffusersCacheMethod):
             taylor_factors_dtype=dtype if dtype != torch.float16 else torch.float32,
         )
 
+    def whole_call_skips(self) -> bool:
+        return bool(self.params["lite"])  # Lite skips every block; the full mode forecasts attention only
+
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
         if self.params["interval"] <= 1:

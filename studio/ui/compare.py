@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
@@ -17,6 +16,7 @@ from backends.types import MODALITIES, Request, ValidationError
 from studio.compare import parse_configs, parse_values, run_compare, sweep_configs
 from studio.plots import speed_quality_figure, stages_figure, text_diff_html
 from studio.ui.common import model_choices, progress_adapter, user_errors
+from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
 
 DEFAULT_PARAMS = {
     "image": {"steps": 25, "guidance": 5.0},
@@ -25,9 +25,6 @@ DEFAULT_PARAMS = {
     "text": {"max_new_tokens": 64},
 }
 EXAMPLE_CONFIGS = "deepcache(interval=3)\nsampler(scheduler=dpmpp_2m, steps=12)\ndeepcache(interval=3) + cfg_truncation(fraction=0.5)"
-
-_CANCEL: dict[str, threading.Event] = {}
-
 
 def build_compare_tab(studio) -> dict:
     with gr.Row():
@@ -121,49 +118,58 @@ def build_compare_tab(studio) -> dict:
     def workers() -> int:  # fan out over Ray workers when there are several
         return len(getattr(studio.executor, "workers", ())) or 1
 
-    def session_event(request: gr.Request | None) -> threading.Event:
-        key = getattr(request, "session_hash", None) or "api"
-        event = threading.Event()
-        _CANCEL[key] = event
-        return event
+    runs = SessionRuns()  # this tab's comparisons in flight, per session, for its Cancel button
+
+    def stream_compare(request, progress, base, configs, seed_list, repeats, warmup):
+        """Run the comparison in a worker thread, yielding while it goes (``studio.ui.runs``):
+        Cancel stops the run in progress and the ones after it; the runs already made stay in
+        History under the compare group."""
+        report_progress = progress_adapter(progress)
+
+        def work(token, on_progress):
+            return run_compare(studio, base, configs, repeats=int(repeats), warmup=bool(warmup), seeds=seed_list,
+                               progress=on_progress, cancel=token, parallel=workers())
+
+        unchanged = [gr.update() for _ in outputs]
+        for item in run_with_token(runs, request, work):
+            if isinstance(item, Progress):
+                report_progress(item.done, item.total, item.stage)
+            elif item is not None:  # the report, last
+                yield present(item)
+                return
+            yield unchanged
 
     @user_errors
-    def do_compare(modality, model, prompt, negative, seeds, params, configs, warmup, repeats,
-                   request: gr.Request = None, progress=gr.Progress()):
+    def do_compare(request: gr.Request, progress=gr.Progress(), *values):
+        modality, model, prompt, negative, seeds, params, configs, warmup, repeats = values
         base, seed_list = make_request(modality, model, prompt, negative, seeds, params)
-        report = run_compare(studio, base, parse_configs(configs or ""), repeats=int(repeats), warmup=bool(warmup),
-                             seeds=seed_list, progress=progress_adapter(progress), cancel=session_event(request),
-                             parallel=workers())
-        return present(report)
+        yield from stream_compare(request, progress, base, parse_configs(configs or ""), seed_list, repeats, warmup)
 
     inputs = [modality, model, prompt, negative, seeds, params]
-    run.click(do_compare, inputs=[*inputs, configs, warmup, repeats], outputs=outputs, api_name="compare",
-              concurrency_id="compare")
+    compare_event = run.click(do_compare, inputs=[*inputs, configs, warmup, repeats], outputs=outputs,
+                              api_name="compare", concurrency_id="compare")
 
     @user_errors
-    def do_sweep(modality, model, prompt, negative, seeds, params, configs, method, param, values, warmup, repeats,
-                 request: gr.Request = None, progress=gr.Progress()):
+    def do_sweep(request: gr.Request, progress=gr.Progress(), *values):
+        modality, model, prompt, negative, seeds, params, configs, method, param, values_text, warmup, repeats = values
         base, seed_list = make_request(modality, model, prompt, negative, seeds, params)
         if not method or not param:
             raise ValidationError("pick a method and one of its parameters to sweep")
         first = parse_configs(configs or "")
         base_methods = first[0].methods if first else []
         try:
-            sweep_list = sweep_configs(base_methods, method, param.strip(), parse_values(values or ""))
+            sweep_list = sweep_configs(base_methods, method, param.strip(), parse_values(values_text or ""))
         except KeyError:
             raise ValidationError(f"method '{method}' has no parameter '{param}'") from None
-        report = run_compare(studio, base, sweep_list, repeats=int(repeats), warmup=bool(warmup), seeds=seed_list,
-                             progress=progress_adapter(progress), cancel=session_event(request), parallel=workers())
-        return present(report)
+        yield from stream_compare(request, progress, base, sweep_list, seed_list, repeats, warmup)
 
-    sweep.click(do_sweep, inputs=[*inputs, configs, sweep_method, sweep_param, sweep_values, warmup, repeats],
-                outputs=outputs, api_name="sweep", concurrency_id="compare")
+    sweep_event = sweep.click(do_sweep, inputs=[*inputs, configs, sweep_method, sweep_param, sweep_values, warmup,
+                                                repeats], outputs=outputs, api_name="sweep", concurrency_id="compare")
 
-    def do_cancel(request: gr.Request = None):
-        key = getattr(request, "session_hash", None) or "api"
-        if key in _CANCEL:
-            _CANCEL[key].set()
-        return "Cancelling after the current run…"
+    def do_cancel(request: gr.Request):
+        runs.cancel(session_key(request))
+        return "Cancelled. The runs already made are in History under their compare group."
 
-    cancel.click(do_cancel, outputs=[summary], api_name="compare_cancel", queue=False)
+    cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event], api_name="compare_cancel",
+                 queue=False)
     return {"model": model}

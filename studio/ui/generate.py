@@ -14,6 +14,7 @@ from backends.types import Request, StudioError
 from studio.plots import audio_figure, frame_strip
 from studio.presets import Preset
 from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropdown, progress_adapter, user_errors
+from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
 
 
 @dataclass
@@ -132,7 +133,9 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
                 controls.append(gr.Slider(spec.low, spec.high, value=recommended.get(spec.name, spec.default),
                                           step=spec.step, label=spec.label, elem_id=f"{modality}-{spec.name}"))
             panel = accel_panel(modality)
-            button = gr.Button("Generate", variant="primary", elem_id=f"{modality}-generate")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id=f"{modality}-generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id=f"{modality}-cancel")
             if examples:
                 gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
         with gr.Column(scale=2):
@@ -147,22 +150,46 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
                 saved = gr.Markdown("", elem_id=f"{modality}-preset-saved")
     tab = GenerationTab(modality, model, prompt, negative, seed, controls, panel, output, info, preset_name)
 
+    outputs = [output, info] + ([picture] if picture is not None else [])
+    runs = SessionRuns()  # this tab's runs in flight, per session, for its Cancel button
+
     @user_errors
-    def generate(*values, progress=gr.Progress()):
-        request = tab.build_request(values)
-        outcome = studio.generate(request, progress=progress_adapter(progress))
+    def generate(request: gr.Request, progress=gr.Progress(), *values):
+        """A generator: the run goes on in a worker thread while this yields, so a Cancel,
+        a cancelled API job or a closed connection stops the run itself (``studio.ui.runs``)."""
+        run_request = tab.build_request(values)
+        report = progress_adapter(progress)
+        unchanged = [gr.update() for _ in outputs]
+
+        def work(token, on_progress):
+            return studio.generate(run_request, progress=on_progress, cancel=token)
+
+        outcome = None
+        for item in run_with_token(runs, request, work):
+            if isinstance(item, Progress):
+                report(item.done, item.total, item.stage)
+            elif item is not None:  # the outcome, last
+                outcome = item
+                continue
+            yield unchanged  # progress or heartbeat: where a close (cancel, disconnect) lands
         shown = [display_output(modality, outcome), format_result(outcome.result, outcome.run_id)]
         if modality == "audio":
             shown.append(audio_figure(*outcome.result.output))
         elif modality == "video":
             shown.append(frame_strip(outcome.result.output))
-        return shown
+        yield shown
 
-    outputs = [output, info] + ([picture] if picture is not None else [])
-    button.click(generate, inputs=tab.request_inputs, outputs=outputs, api_name=f"generate_{modality}",
-                 concurrency_id=f"generate_{modality}")
-    prompt.submit(generate, inputs=tab.request_inputs, outputs=outputs, api_name=False,
-                  concurrency_id=f"generate_{modality}")
+    def cancel_runs(request: gr.Request):
+        runs.cancel(session_key(request))
+
+    events = [
+        button.click(generate, inputs=tab.request_inputs, outputs=outputs, api_name=f"generate_{modality}",
+                     concurrency_id=f"generate_{modality}"),
+        prompt.submit(generate, inputs=tab.request_inputs, outputs=outputs, api_name=False,
+                      concurrency_id=f"generate_{modality}"),
+    ]
+    cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False,
+                 api_name=f"cancel_{modality}")
 
     def on_model_change(model_id):
         if not model_id:

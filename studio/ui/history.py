@@ -33,7 +33,7 @@ def build_history_tab(studio) -> dict:
         modality = gr.Dropdown(["", *MODALITIES], value="", label="Modality")
         model = gr.Textbox(label="Model")
         method = gr.Dropdown(["", *sorted(all_methods())], value="", label="Method")
-        status = gr.Dropdown(["", "ok", "failed"], value="", label="Status")
+        status = gr.Dropdown(["", "ok", "failed", "cancelled", "timeout", "oom"], value="", label="Status")
         text = gr.Textbox(label="Search prompt / error")
     with gr.Row():
         page = gr.Number(value=1, label="Page", precision=0, minimum=1)

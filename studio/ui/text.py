@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import gradio as gr
@@ -12,6 +10,7 @@ from backends.types import Request, StudioError
 from studio.presets import Preset
 from studio.ui.common import accel_panel, format_result, model_dropdown, user_errors
 from studio.ui.generate import GenerationTab
+from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
 
 TEXT_PARAMS = ("max_new_tokens", "temperature")
 # Ends inside the function body, not after a newline: after "def f(n):\n" the bundled code
@@ -52,7 +51,9 @@ def build_text_tab(studio) -> TextTab:
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             chat = gr.Checkbox(value=True, label="Apply the chat template when the tokenizer has one")
             panel = accel_panel("text")
-            button = gr.Button("Generate", variant="primary", elem_id="text-generate")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id="text-generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="text-cancel")
         with gr.Column(scale=3):
             output = gr.Textbox(label="Output (streams)", lines=18, elem_id="text-output")
             info = gr.Markdown("", elem_id="text-info")
@@ -63,37 +64,38 @@ def build_text_tab(studio) -> TextTab:
                 saved = gr.Markdown("")
     tab = TextTab("text", model, prompt, None, seed, [max_new, temperature, chat], panel, output, info, preset_name)
 
+    runs = SessionRuns()  # this tab's runs in flight, per session, for its Cancel button
+
     @user_errors
-    def generate(*values):
-        request = tab.build_request(values)
-        updates: queue.Queue = queue.Queue()
-        box: dict = {}
+    def generate(request: gr.Request, *values):
+        """Streams tokens while the run goes on in a worker thread; a Cancel, a cancelled API
+        job or a closed connection stops the run itself (``studio.ui.runs``)."""
+        run_request = tab.build_request(values)
         started = time.perf_counter()
+        shown = (gr.update(), gr.update())  # nothing to show until the first token
 
-        def progress(n_tokens, total, text_so_far):
-            if isinstance(text_so_far, str):
-                updates.put((n_tokens, text_so_far))
+        def work(token, on_progress):
+            return studio.generate(run_request, progress=on_progress, cancel=token)
 
-        def work():
-            try:
-                box["outcome"] = studio.generate(request, progress=progress)
-            except Exception as exc:  # re-raised in the handler thread
-                box["error"] = exc
-            finally:
-                updates.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (item := updates.get()) is not None:
-            n_tokens, text = item
-            elapsed = time.perf_counter() - started
-            yield text, f"{n_tokens} tokens · {n_tokens / max(elapsed, 1e-9):.1f} tokens/s (streaming)"
-        if "error" in box:
-            raise box["error"]
-        outcome = box["outcome"]
+        outcome = None
+        for item in run_with_token(runs, request, work):
+            if isinstance(item, Progress):
+                if isinstance(item.stage, str):
+                    elapsed = time.perf_counter() - started
+                    shown = (item.stage, f"{item.done} tokens · {item.done / max(elapsed, 1e-9):.1f} tokens/s (streaming)")
+            elif item is not None:  # the outcome, last
+                outcome = item
+                continue
+            yield shown  # a token or a heartbeat: where a close (cancel, disconnect) lands
         yield outcome.result.output, format_result(outcome.result, outcome.run_id)
 
-    button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name="generate_text",
-                 concurrency_id="generate_text")
+    events = [button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name="generate_text",
+                           concurrency_id="generate_text")]
+
+    def cancel_runs(request: gr.Request):
+        runs.cancel(session_key(request))
+
+    cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False, api_name="cancel_text")
 
     def on_model_change(model_id):
         if not model_id:
