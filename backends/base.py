@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -45,7 +44,6 @@ class Backend:
         self.dtype = dtype
         self.family = "unknown"
         self.lock = threading.RLock()
-        self.last_used = time.monotonic()
 
     # -- to override -------------------------------------------------------------------
     @property
@@ -77,24 +75,20 @@ class Backend:
             raise ValidationError(f"a {request.modality} request was sent to a {self.modality} model")
         methods = instantiate(request.methods, self.modality, self.family)
         with self.lock:
-            self.last_used = time.monotonic()
             if cancel is not None:
                 cancel.start()  # the time limit counts from here, not from the queue
                 cancel.check()
                 if progress is not None:
                     progress = cancel.guard(progress)
             timer = StageTimer(self.device)
-            try:
-                with applied(self, methods), _stop_hook(self.denoiser, cancel):
-                    call = self.build_call(request)
-                    for method in methods:
-                        call = method.prepare_call(self, call)
-                    notes = [note for method in methods for note in method.warnings(self, call)]
-                    with PeakMemory(self.device) as memory, EvalCounter(self.denoiser) as evals:
-                        with timer.stage("total"):
-                            output = self.generate(call, timer, progress)
-            finally:
-                self.last_used = time.monotonic()
+            with applied(self, methods), _stop_hook(self.denoiser, cancel):
+                call = self.build_call(request)
+                for method in methods:
+                    call = method.prepare_call(self, call)
+                notes = [note for method in methods for note in method.warnings(self, call)]
+                with PeakMemory(self.device) as memory, EvalCounter(self.denoiser) as evals:
+                    with timer.stage("total"):
+                        output = self.generate(call, timer, progress)
         timings = timer.as_dict()
         method_stats = {m.spec.name: m.stats() for m in methods}
         return Result(

@@ -30,6 +30,9 @@ class BundledModel:
     # the sampling settings the model was trained and evaluated with (its training_report.json's
     # eval call): the UI starts from these so a first run looks like the reported quality
     recommended: tuple[tuple[str, float], ...] = ()
+    # the task grader of its outputs (a key of ``studio.metrics.TASK_GRADERS``): the small
+    # classifier trained beside it scores prompt adherence; None = no task score
+    grader: str | None = None
 
     @property
     def path(self) -> Path:
@@ -43,20 +46,20 @@ class BundledModel:
 BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-sd-shapes", "image", "Tiny SD (UNet) - shapes",
                  "Stable Diffusion layout UNet trained here on rendered coloured shapes.",
-                 recommended=(("steps", 25), ("guidance", 4.0))),
+                 recommended=(("steps", 25), ("guidance", 4.0)), grader="shapes"),
     BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
                  "FLUX layout transformer trained here on rendered coloured shapes.", default_size=(64, 64),
-                 recommended=(("steps", 25), ("guidance", 4.0))),
+                 recommended=(("steps", 25), ("guidance", 4.0)), grader="shapes"),
     BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
                  "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes.",
-                 recommended=(("steps", 25), ("guidance", 3.0))),
+                 recommended=(("steps", 25), ("guidance", 3.0)), grader="moving-shapes"),
     BundledModel("tiny-code-llama", "text", "Tiny code Llama (12 layers)",
                  "Llama layout LM trained here on Python's standard library.", draft="tiny-code-draft"),
     BundledModel("tiny-code-draft", "text", "Tiny code draft (1 layer)",
                  "1-layer draft with the same tokenizer, for speculative decoding."),
     BundledModel("tiny-audio-synth", "audio", "Tiny audio UNet - synth sounds",
                  "Spectrogram UNet trained here on synthesised tones, chords, arpeggios, drums and noise.",
-                 recommended=(("steps", 25), ("guidance", 3.0))),
+                 recommended=(("steps", 25), ("guidance", 3.0)), grader="synth-sounds"),
 )
 
 

@@ -57,9 +57,6 @@ class StudioWorker:
     def describe(self, modality: str, model: str) -> dict:
         return self.manager.get(modality, model).describe()
 
-    def info(self) -> dict:
-        return {"name": self.name, "device": str(self.manager.device)}
-
 
 class RayExecutor:
     """Requests scheduled over Ray actors (one per GPU where there are GPUs).
@@ -148,9 +145,6 @@ class RayExecutor:
         finally:
             with self._lock:
                 self.in_flight[index] -= 1
-
-    def workers_info(self) -> list[dict]:
-        return self.ray.get([w.info.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -28,15 +28,25 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
-def _batches_cfg(pipe: Any) -> bool:
-    """Whether the pipeline runs guidance as one [uncond, cond] batch (SD, SDXL, PixArt,
-    CogVideoX) rather than as separate passes (FLUX true CFG, Wan). diffusers has no flag
-    for it, so read the pipeline's own loop: the batched ones all double the latents."""
-    try:
-        source = inspect.getsource(type(pipe).__call__)
-    except (OSError, TypeError):
-        return hasattr(type(pipe), "do_classifier_free_guidance")
-    return "[latents] * 2" in source
+# Pipelines that run classifier-free guidance as separate cond / uncond passes of the
+# denoiser although they take a plain ``guidance_scale`` (matched over the class's bases, so
+# a subclass counts too). diffusers has no flag for it; this table is where it is declared.
+SEPARATE_CFG_PIPELINES = frozenset({
+    "WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanVACEPipeline", "WanAnimatePipeline",
+    "SkyReelsV2Pipeline", "CogView4Pipeline", "Lumina2Pipeline", "ChromaPipeline", "ZImagePipeline",
+    "CosmosTextToWorldPipeline",
+})
+
+
+def batches_cfg(pipe: Any) -> bool:
+    """Whether the pipeline runs guidance as one [uncond, cond] batch (SD, SDXL, SD3, PixArt,
+    Sana, CogVideoX, LTX, AudioLDM, the bundled pipelines) rather than as separate passes:
+    the pipelines declared in ``SEPARATE_CFG_PIPELINES`` and every true-CFG pipeline (a
+    ``true_cfg_scale`` argument: FLUX, Qwen-Image, HunyuanVideo)."""
+    cls = type(pipe)
+    if any(base.__name__ in SEPARATE_CFG_PIPELINES for base in cls.__mro__):
+        return False
+    return "true_cfg_scale" not in inspect.signature(cls.__call__).parameters
 
 
 class DiffusionBackend(Backend):
@@ -51,7 +61,7 @@ class DiffusionBackend(Backend):
         self.pipe = pipe
         self.family = pipeline_family(pipe)
         self.call_params = set(inspect.signature(pipe.__call__).parameters)
-        self.cfg_batched = _batches_cfg(pipe)
+        self.cfg_batched = batches_cfg(pipe)
         self.base_scheduler = pipe.scheduler
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
@@ -66,10 +76,6 @@ class DiffusionBackend(Backend):
     @property
     def denoiser(self) -> torch.nn.Module | None:
         return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
-
-    @property
-    def arch(self) -> str:
-        return type(self.denoiser).__name__
 
     def memory_bytes(self) -> int:
         return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components))

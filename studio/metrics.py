@@ -127,23 +127,36 @@ def quality(modality: str, reference: Any, test: Any) -> dict[str, float]:
     raise ValueError(modality)
 
 
+def _grade_shapes(outputs: list, prompts: list[str]) -> dict[str, float] | None:
+    from backends.tiny.shapes import score_images
+
+    try:
+        return score_images(outputs, prompts)
+    except (FileNotFoundError, OSError):  # the classifier's folder is missing from assets/
+        return None
+
+
+def _grade_moving_shapes(outputs: list, prompts: list[str]) -> dict[str, float]:
+    from backends.tiny.video_models import score_clips
+
+    return score_clips(outputs, prompts)
+
+
+def _grade_synth_sounds(outputs: list, prompts: list[str]) -> dict[str, float]:
+    from backends.tiny.audio_data import score_audio
+
+    return score_audio(outputs, 16000, prompts)  # outputs are (waveform, rate) pairs: their own rate counts
+
+
+# The graders a bundled model can name in its catalog entry (``BundledModel.grader``).
+TASK_GRADERS = {"shapes": _grade_shapes, "moving-shapes": _grade_moving_shapes, "synth-sounds": _grade_synth_sounds}
+
+
 def task_score(modality: str, model: str, outputs: list, prompts: list[str]) -> dict[str, float] | None:
-    """Prompt adherence for bundled models that ship a classifier; None otherwise."""
-    if modality == "audio" and model == "tiny-audio-synth":
-        from backends.tiny.audio_data import score_audio
+    """Prompt adherence for a bundled model whose catalog entry names a grader; None otherwise."""
+    from backends.catalog import find_bundled
 
-        return score_audio(outputs, 16000, prompts)
-    if modality == "video" and model == "tiny-video-shapes":
-        from backends.tiny.video_models import score_clips
-
-        return score_clips(outputs, prompts)
-    if modality == "image" and model.startswith("tiny-") and model.endswith("-shapes"):
-        try:
-            from backends.tiny.shapes import score_images
-        except ImportError:
-            return None
-        try:
-            return score_images(outputs, prompts)
-        except (FileNotFoundError, OSError):
-            return None
-    return None
+    entry = find_bundled(model)
+    if entry is None or entry.grader is None or entry.modality != modality:
+        return None
+    return TASK_GRADERS[entry.grader](outputs, prompts)

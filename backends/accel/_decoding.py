@@ -139,15 +139,6 @@ def cache_layers(cache: Any) -> list[Any]:
     return list(cache.layers)
 
 
-def keep_cache_positions(cache: Any, keep: torch.Tensor) -> None:
-    """Keep only the sequence positions ``keep`` (1-D, ascending) in every layer."""
-    for layer in cache_layers(cache):
-        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-            continue
-        layer.keys = layer.keys.index_select(-2, keep.to(layer.keys.device))
-        layer.values = layer.values.index_select(-2, keep.to(layer.values.device))
-
-
 def crop_cache(cache: Any, length: int) -> None:
     """Truncate every layer to ``length`` positions (layers shorter are left alone)."""
     for layer in cache_layers(cache):

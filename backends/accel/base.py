@@ -152,7 +152,6 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def all_methods() -> dict[str, type[Method]]:
-    _load_builtin_methods()
     return dict(_REGISTRY)
 
 
@@ -210,11 +209,6 @@ def applied(backend: "Backend", methods: Sequence[Method]) -> Iterator[list[Meth
             method.remove(backend)
 
 
-_LOADED = False
-
-
-def _load_builtin_methods() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import backends.accel  # noqa: F401  (imports every method module, which registers)
+# Importing this module imports its package first, whose ``__init__`` imports every method
+# module (each registers itself): the registry is complete before ``all_methods`` can run.
+import backends.accel  # noqa: E402,F401

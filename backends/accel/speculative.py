@@ -5,7 +5,10 @@ Decoding with Speculative Sampling").
 A small draft model proposes ``num_assistant_tokens`` tokens; the target scores them all
 in one forward and keeps the longest prefix it agrees with, plus one token of its own.
 Greedy output is unchanged; with sampling, the accept/resample rule keeps the target's
-distribution exactly. transformers' ``assistant_model`` implementation is used.
+distribution exactly. Greedy decoding with a draft of the same tokenizer runs a lean loop of
+our own (``greedy_speculative_decode``: transformers' per-token bookkeeping cost more than a
+tiny draft's forward); sampling, and drafts with another tokenizer, use transformers'
+``assistant_model`` implementation.
 
 The draft must share the target's tokenizer: ids are exchanged, not text. A draft with a
 different vocabulary is refused unless ``universal`` is on, which switches to transformers'
