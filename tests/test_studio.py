@@ -102,8 +102,22 @@ def test_config_syntax():
     assert parse_values("0.1, 0.2") == [0.1, 0.2]
 
 
-def test_compare_runs_baseline_then_configs_in_one_group(studio_factory):
+def with_run_seconds(studio, monkeypatch, seconds_for):
+    """Each run reports ``seconds_for(method names)`` as its total time, so speedups are
+    known in advance instead of whatever this machine's timing noise gives."""
+    original = studio.executor.run
+
+    def timed(request, progress=None, cancel=None):
+        result = original(request, progress, cancel=cancel)
+        result.total_seconds = seconds_for([m.name for m in request.methods])
+        return result
+
+    monkeypatch.setattr(studio.executor, "run", timed)
+
+
+def test_compare_runs_baseline_then_configs_in_one_group(studio_factory, monkeypatch):
     studio = studio_factory()
+    with_run_seconds(studio, monkeypatch, lambda names: 0.5 if "deepcache" in names else 1.0 if names else 2.0)
     configs = parse_configs("deepcache(interval=2)\nsampler(steps=2)\ndeepcache(branch=3)")
     seen = []
     report = run_compare(studio, image_request(), configs, repeats=2,
@@ -112,7 +126,8 @@ def test_compare_runs_baseline_then_configs_in_one_group(studio_factory):
     assert labels[0] == "baseline" and len(labels) == 4
     base, cached, fewer, broken = report.rows
     assert base.speedup == pytest.approx(1.0) and base.quality["psnr"] == 100.0
-    assert cached.speedup > 0 and cached.quality["psnr"] < 100.0 and cached.error is None
+    assert cached.speedup == pytest.approx(4.0) and fewer.speedup == pytest.approx(2.0)
+    assert cached.quality["psnr"] < 100.0 and cached.error is None and broken.speedup is None
     assert fewer.model_evals == 2
     assert broken.error and "branch" in broken.error  # reported, and did not stop the others
     groups = {r.compare_group for r in studio.history.query(limit=100)}
@@ -121,7 +136,21 @@ def test_compare_runs_baseline_then_configs_in_one_group(studio_factory):
     assert any("deepcache" in s for s in seen)
     assert "speedup" in report.to_csv().splitlines()[0]
     assert "<table>" in report.to_html()
-    assert "baseline" in report.pareto() or report.pareto()
+    front = report.pareto()  # the exact baseline and the fastest run are never beaten on both counts
+    assert "baseline" in front and "deepcache(interval=2)" in front and "deepcache(branch=3)" not in front
+
+
+def test_pareto_front_keeps_exactly_the_configurations_nothing_beats_on_both_counts():
+    from studio.compare import CompareReport, CompareRow
+
+    def row(label, speedup, psnr):
+        return CompareRow(label, [], speedup=speedup, quality={} if psnr is None else {"psnr": psnr})
+
+    report = CompareReport("g", "image", "m", [
+        row("baseline", 1.0, 100.0), row("fast", 2.0, 30.0), row("slower and worse", 1.5, 20.0),
+        row("fastest", 3.0, 10.0), row("as fast, worse", 3.0, 9.0), row("failed", None, None),
+        row("as good as baseline, faster", 1.2, 100.0)])
+    assert report.pareto() == ["fast", "fastest", "as good as baseline, faster"]
 
 
 def test_compare_can_be_cancelled(studio_factory):
