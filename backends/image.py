@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from backends.base import Backend, ProgressFn, module_bytes
+from backends.params import default
 from backends.timing import StageTimer, timed_method
 from backends.types import Request
 
@@ -109,12 +110,13 @@ class DiffusionBackend(Backend):
         params = request.params
         call: dict[str, Any] = {
             "prompt": request.prompt,
-            "num_inference_steps": int(params.get("steps", 25)),
+            "num_inference_steps": int(params.get("steps", default(self.modality, "steps"))),
             "generator": seeded_generator(request.seed),
             "_callbacks": [],
             "_extra": {},
         }
-        call.update(self.guidance_kwargs(float(params.get("guidance", 5.0)), request.negative_prompt))
+        call.update(self.guidance_kwargs(float(params.get("guidance", default(self.modality, "guidance"))),
+                                         request.negative_prompt))
         tokenizer = getattr(self.pipe, "tokenizer_2", None)
         if "max_sequence_length" in self.call_params and tokenizer is not None:
             call["max_sequence_length"] = min(512, int(getattr(tokenizer, "model_max_length", 512)))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel.base import all_methods
+from backends.params import MODALITY_PARAMS, Range
 from backends.types import MODALITIES, MethodChoice, Request, ValidationError, shown
 
 MAX_PROMPT_CHARS = 4000
@@ -25,67 +25,6 @@ MAX_DEPTH = 6  # {request} > {params} or [methods] > {method} > {params} > value
 MAX_ABS_NUMBER = 2**63  # beyond any knob; also keeps float() from overflowing
 COMPARE_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SCALARS = (str, int, float, bool, type(None))
-
-
-@dataclass(frozen=True)
-class Range:
-    kind: type
-    low: float
-    high: float
-    multiple_of: int | None = None
-    label: str = ""
-
-    def check(self, name: str, value: Any) -> Any:
-        label = self.label or name
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValidationError(f"{label} must be a number, got {shown(value)}")
-        try:
-            number = float(value)
-        except OverflowError:
-            raise ValidationError(f"{label} is out of range") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ValidationError(f"{label} must be a finite number")
-        if self.kind is int:
-            if not number.is_integer():
-                raise ValidationError(f"{label} must be a whole number, got {shown(value)}")
-            number = int(number)
-        if not self.low <= number <= self.high:
-            raise ValidationError(f"{label} must be between {self.low:g} and {self.high:g}, got {number:g}")
-        if self.multiple_of and number % self.multiple_of:
-            raise ValidationError(f"{label} must be a multiple of {self.multiple_of}, got {number:g}")
-        return number
-
-
-PARAM_RANGES: dict[str, dict[str, Range]] = {
-    "image": {
-        "width": Range(int, 16, 2048, 8, "width"),
-        "height": Range(int, 16, 2048, 8, "height"),
-        "steps": Range(int, 1, 150, label="steps"),
-        "guidance": Range(float, 0, 30, label="guidance scale"),
-    },
-    "video": {
-        "width": Range(int, 16, 1280, 8, "width"),
-        "height": Range(int, 16, 1280, 8, "height"),
-        "frames": Range(int, 1, 257, label="frames"),
-        "fps": Range(int, 1, 60, label="fps"),
-        "steps": Range(int, 1, 150, label="steps"),
-        "guidance": Range(float, 0, 30, label="guidance scale"),
-    },
-    "audio": {
-        "seconds": Range(float, 0.1, 60, label="duration (seconds)"),
-        "sample_rate": Range(int, 8000, 48000, label="sample rate"),
-        "steps": Range(int, 1, 200, label="steps"),
-        "guidance": Range(float, 0, 30, label="guidance scale"),
-        "max_new_tokens": Range(int, 1, 3000, label="max new tokens"),
-    },
-    "text": {
-        "max_new_tokens": Range(int, 1, 2048, label="max new tokens"),
-        "temperature": Range(float, 0, 5, label="temperature"),
-        "top_p": Range(float, 0.01, 1, label="top-p"),
-        "top_k": Range(int, 0, 1000, label="top-k"),
-    },
-}
-FLAG_PARAMS = {"text": {"chat_template", "do_sample"}}
 
 
 # -- the /run body: JSON text -> a plain dict, strictly ---------------------------------
@@ -114,6 +53,30 @@ def parse_request_json(text: Any) -> dict[str, Any]:
         raise ValidationError("the request must be a JSON object {modality, model, prompt, ...}")
     check_plain_data(data)
     return data
+
+
+def parse_methods(value: Any) -> list[Any]:
+    """The ``methods`` argument of a named endpoint: a list of method names or {name, params}
+    objects, or that list as JSON text; decoded under the same strict rules as ``/run``.
+    Each entry is checked by ``validate_request``."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        if len(value) > MAX_BODY_BYTES:
+            raise ValidationError(f"methods is larger than {MAX_BODY_BYTES // 1024} KiB")
+        if nesting_depth(value) > MAX_DEPTH:
+            raise ValidationError(f"methods is nested more than {MAX_DEPTH} levels deep")
+        try:
+            value = json.loads(value, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
+        except ValidationError:
+            raise
+        except (ValueError, RecursionError):
+            raise ValidationError('methods must be a JSON list such as [{"name": "deepcache", "params": '
+                                  '{"interval": 3}}]') from None
+    if not isinstance(value, list):
+        raise ValidationError("methods must be a list of method names or {name, params} objects")
+    check_plain_data(value)
+    return value
 
 
 def nesting_depth(text: str) -> int:
@@ -238,27 +201,21 @@ def validate_compare_group(group: Any) -> str | None:
 
 
 def validate_params(modality: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """Each parameter known for the modality and in its range (``backends.params``, the
+    table the tabs and the named endpoints use too); None, or 0 where 0 means the
+    model's default, leaves it to the model."""
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise ValidationError("params must be an object")
-    ranges = PARAM_RANGES[modality]
-    flags = FLAG_PARAMS.get(modality, set())
+    specs = {spec.name: spec for spec in MODALITY_PARAMS[modality]}
     out: dict[str, Any] = {}
     for name, value in params.items():
-        if name in ranges:
-            if value is None:
-                continue  # "use the model's default"
-            out[name] = ranges[name].check(name, value)
-        elif name in flags:
-            if value is None:
-                continue
-            if not isinstance(value, bool):
-                raise ValidationError(f"{name} must be true or false, got {shown(value)}")
-            out[name] = value
-        else:
-            raise ValidationError(f"unknown {modality} parameter {shown(name)}; "
-                                  f"known: {', '.join(sorted(ranges) + sorted(flags))}")
+        if name not in specs:
+            raise ValidationError(f"unknown {modality} parameter {shown(name)}; known: {', '.join(sorted(specs))}")
+        checked = specs[name].check(value)
+        if checked is not None:
+            out[name] = checked
     return out
 
 

@@ -5,8 +5,10 @@ import json
 import httpx
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 import app as app_module
+from backends.params import params_for
 from conftest import ServedApp
 
 
@@ -50,31 +52,62 @@ def test_page_is_served_offline_with_all_tabs(served):
     assert {"Image", "Video", "Audio", "Text", "Compare", "History", "Presets"} <= labels
 
 
-def test_generate_button_endpoint_returns_image_and_records_history(served):
+def test_generate_image_with_only_a_prompt_returns_an_image(served):
+    """Issue 16: a named endpoint takes named parameters with defaults (it was 67
+    positional arguments, one per control, popped by position)."""
+    url, studio = served
+    client = Client(url, verbose=False)
+    before = studio.history.count()
+    image_path, info = client.predict(prompt="a red circle", api_name="/generate_image")
+    with Image.open(image_path) as image:
+        assert image.format == "PNG" and min(image.size) >= 16
+    assert "Model evaluations" in info and studio.history.count() == before + 1
+    row = studio.history.query(limit=1)[0]  # the tab's first model at the table's defaults
+    assert (row.model, row.prompt, row.status, row.seed) == ("tiny-sd-shapes", "a red circle", "ok", 0)
+    assert row.params == {"steps": 25, "guidance": 5.0} and row.methods == []
+
+
+def test_named_endpoints_take_the_modality_parameters_and_methods_by_name(served):
     url, studio = served
     client = Client(url, verbose=False)
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    names = endpoints["/generate_image"]["parameters"]
-    values = {p["parameter_name"]: p.get("parameter_default") for p in names}
-    args = []
-    for p in names:
-        label = p["label"]
-        if label == "Model":
-            args.append("dummy-sd")
-        elif label == "Prompt":
-            args.append("a red circle at top left on white")
-        elif label == "Steps":
-            args.append(3)
-        elif label.startswith("DeepCache (") :
-            args.append(True)
-        else:
-            args.append(values[p["parameter_name"]] if p.get("parameter_has_default") else None)
-    before = studio.history.count()
-    image_path, info = client.predict(*args, api_name="/generate_image")
-    assert image_path and "Model evaluations" in info and "deepcache" in info
-    assert studio.history.count() == before + 1
+    for modality in ("image", "video", "audio", "text"):  # named from the one table, with its defaults
+        parameters = {p["parameter_name"]: p for p in endpoints[f"/generate_{modality}"]["parameters"]}
+        assert [n for n in parameters if n not in ("prompt", "model", "negative_prompt", "seed", "methods")] == \
+            [spec.name for spec in params_for(modality)]
+        assert all(p["parameter_has_default"] for name, p in parameters.items() if name != "prompt")
+        assert {name: parameters[name]["parameter_default"] for name in parameters if name not in
+                ("prompt", "model", "negative_prompt", "seed", "methods")} == \
+            {spec.name: spec.default for spec in params_for(modality)}
+    for methods in ([{"name": "deepcache", "params": {"interval": 2}}], '[{"name": "deepcache", "params": {"interval": 2}}]'):
+        _image, info = client.predict(prompt="a red circle at top left on white", model="dummy-sd", steps=3, width=32,
+                                      height=0, methods=methods, api_name="/generate_image")
+        assert "shallow_steps=1" in info
+        row = studio.history.query(limit=1)[0]
+        assert row.params == {"width": 32, "steps": 3, "guidance": 5.0}  # height 0 = the model's own
+        assert row.methods == [{"name": "deepcache", "params": {"interval": 2, "branch": 1}}] or \
+            row.methods[0]["name"] == "deepcache" and row.methods[0]["params"]["interval"] == 2
+    kept = studio.history.count()
+    for bad, message in ((dict(steps=0), "steps must be between 1 and 150"), (dict(methods="deepcache"), "JSON list"),
+                         (dict(methods=[{"name": "deepcache", "params": {"interval": 0}}]), "interval"),
+                         (dict(prompt=" "), "prompt is empty")):
+        with pytest.raises(Exception, match=message):
+            client.predict(**{"prompt": "x", "model": "dummy-sd", **bad}, api_name="/generate_image")
+    assert studio.history.count() == kept  # refused before running: no rows
+
+
+def test_generate_text_with_only_a_prompt_streams_text(served):
+    url, studio = served
+    client = Client(url, verbose=False)
+    job = client.submit(prompt="def read_lines(path):", api_name="/generate_text")
+    text, info = job.result(timeout=300)
+    partial = [t for t, _status in job.outputs()[:-1] if t]
+    assert text and all(text.startswith(t) for t in partial)  # each update is the text so far
+    assert len({t for t in partial if len(t) < len(text)}) >= 2  # streamed: it grew over several updates
+    assert "Run #" in info
     row = studio.history.query(limit=1)[0]
-    assert row.status == "ok" and row.timings["total"] > 0 and row.methods[0]["name"] == "deepcache"
+    assert (row.modality, row.model, row.status) == ("text", "tiny-code-llama", "ok")
+    assert row.params == {"max_new_tokens": 128, "temperature": 0.0, "chat_template": True}
 
 
 def test_json_run_endpoint_and_clear_errors(served):

@@ -275,19 +275,9 @@ def test_other_runtime_errors_are_not_called_oom(studio_factory, monkeypatch):
 
 
 # -- through the served app ------------------------------------------------------------------
-def _generate_image_args(client, steps):
-    names = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_image"]["parameters"]
-    args = []
-    for p in names:
-        if p["label"] == "Model":
-            args.append("dummy-sd")
-        elif p["label"] == "Prompt":
-            args.append("a red circle at top left on white")
-        elif p["label"] == "Steps":
-            args.append(steps)
-        else:
-            args.append(p.get("parameter_default") if p.get("parameter_has_default") else None)
-    return args
+def _generate_image_args(steps):
+    """Named arguments of /generate_image: everything else keeps its default."""
+    return {"model": "dummy-sd", "prompt": "a red circle at top left on white", "steps": steps}
 
 
 @pytest.fixture
@@ -326,7 +316,7 @@ def test_a_cancelled_api_job_stops_its_run(slow_served, how):
 
     served, calls = slow_served
     client = Client(served.url, verbose=False)
-    job = client.submit(*_generate_image_args(client, 90), api_name="/generate_image")
+    job = client.submit(**_generate_image_args(90), api_name="/generate_image")
     for _ in range(600):  # until the run is inside the denoising loop
         if calls:
             break
@@ -349,7 +339,9 @@ def test_a_client_that_disconnects_stops_its_run(slow_served):
 
     served, calls = slow_served
     client = Client(served.url, verbose=False)
-    args = _generate_image_args(client, 90)
+    named = _generate_image_args(90)
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_image"]["parameters"]
+    args = [named.get(p["parameter_name"], p["parameter_default"]) for p in parameters]  # the raw queue takes a list
     config = httpx.get(served.url + "config").json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate_image")
     session = "disconnecting-client"

@@ -71,3 +71,86 @@ def test_importing_the_method_framework_alone_registers_every_method():
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     registered, modules = map(int, out.stdout.split())
     assert registered >= modules > 10
+
+
+# -- modality parameters declared once -------------------------------------------------------
+def build_tabs(studio) -> dict:
+    import gradio as gr
+
+    from studio.ui.generate import build_generation_tab
+    from studio.ui.text import build_text_tab
+
+    with gr.Blocks():
+        tabs = {m: build_generation_tab(studio, m) for m in ("image", "video", "audio")}
+        tabs["text"] = build_text_tab(studio)
+    return tabs
+
+
+def test_each_tabs_controls_span_exactly_what_the_validator_accepts(studio_factory):
+    """The Image tab's sliders stopped at width 1024 and 100 steps while the validator (and
+    so the API, presets and history reruns) allowed 2048 and 150: a value the API accepted
+    could not be shown in the tab."""
+    from backends.params import controls_for
+    from backends.types import Request, ValidationError
+    from studio.validation import validate_request
+
+    tabs = build_tabs(studio_factory())
+    for modality, tab in tabs.items():
+        specs = controls_for(modality)
+        assert [c.elem_id for c in tab.controls] == [f"{modality}-{s.name.replace('_', '-')}" for s in specs]
+        for spec, control in zip(specs, tab.controls):
+            def request(value):
+                return Request(modality, "m", "p", params={spec.name: value})
+
+            if spec.kind is bool:
+                assert validate_request(request(not spec.default)).params[spec.name] is (not spec.default)
+                continue
+            assert (control.minimum, control.maximum, control.step) == (spec.control_low, spec.high, spec.step)
+            assert validate_request(request(control.maximum)).params[spec.name] == control.maximum
+            lowest = control.minimum or spec.low  # 0 on a slider means the model's default
+            assert validate_request(request(lowest)).params[spec.name] == lowest
+            with pytest.raises(ValidationError, match="between"):
+                validate_request(request(control.maximum + spec.step))
+
+
+def test_zero_means_the_models_default_for_the_ui_the_api_and_run_alike(studio_factory):
+    from backends.types import Request
+    from studio.validation import validate_request
+
+    assert validate_request({"modality": "image", "model": "m", "prompt": "p",
+                             "params": {"width": 0, "height": 0, "steps": 3}}).params == {"steps": 3}
+    tab = build_tabs(studio_factory())["image"]
+    values = ["dummy-sd", "a red circle", "", 1, 0, 32, 3, 4.0] + tab.panel.values_for([])
+    built = tab.build_request(values)
+    assert isinstance(built, Request) and built.params == {"height": 32, "steps": 3, "guidance": 4.0}
+
+
+def test_compare_tab_starts_from_the_tables_defaults():
+    from studio.ui.compare import default_params
+
+    assert default_params("image") == {"steps": 25, "guidance": 5.0}
+    assert default_params("audio") == {"steps": 25, "guidance": 3.5}
+    assert default_params("text") == {"max_new_tokens": 128, "temperature": 0.0, "chat_template": True}
+
+
+def test_a_tab_request_is_checked_no_more_often_than_a_run_request(studio_factory, monkeypatch):
+    """Method parameters were validated three times per request from a tab (the panel, the
+    studio, the backend building the method) against twice from /run: the panel's own
+    check is gone, the studio's is the one a user sees, before any model is loaded."""
+    from backends.accel.base import MethodSpec
+
+    studio = studio_factory()
+    tab = build_tabs(studio)["image"]
+    calls = []
+    original = MethodSpec.validate
+    monkeypatch.setattr(MethodSpec, "validate", lambda self, params: calls.append(self.name) or original(self, params))
+    values = ["dummy-sd", "a red circle", "", 1, 0, 0, 2, 4.0] + tab.panel.values_for([])
+    on = [m.spec.name for m in tab.panel.methods].index("deepcache")
+    position = sum(1 + len(m.spec.params) for m in tab.panel.methods[:on])
+    values[8 + position] = True  # the DeepCache checkbox
+    studio.generate(tab.build_request(values))
+    from_tab = len(calls)
+    calls.clear()
+    studio.generate({"modality": "image", "model": "dummy-sd", "prompt": "a red circle", "seed": 1,
+                     "params": {"steps": 2, "guidance": 4.0}, "methods": [{"name": "deepcache"}]})
+    assert calls and from_tab == len(calls)

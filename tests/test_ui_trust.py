@@ -45,9 +45,8 @@ def call_args(client: Client, api_name: str, by_label: dict) -> list:
 def test_generate_text_streams_partial_updates_then_the_final_text(served):
     client = Client(served.url, verbose=False)
     # the bundled code model writes real text (a random model's partial bytes do not decode stably)
-    args = call_args(client, "/generate_text", {"Model": "tiny-code-llama", "Prompt": "def read_lines(path):",
-                                                 "Max new tokens": 12})
-    job = client.submit(*args, api_name="/generate_text")
+    job = client.submit(model="tiny-code-llama", prompt="def read_lines(path):", max_new_tokens=12,
+                        api_name="/generate_text")
     final_text, final_info = job.result(timeout=120)
     updates = job.outputs()
     assert len(updates) >= 3  # partial texts while generating, then the final one
@@ -142,12 +141,13 @@ def test_bundled_recommended_settings_match_their_training_reports():
 
 
 def test_video_tab_defaults_to_the_bundled_video_models_guidance(studio_factory):
-    from studio.ui.generate import PARAMS, build_generation_tab
+    from backends.params import controls_for
+    from studio.ui.generate import build_generation_tab
 
     studio = studio_factory()
     with gr.Blocks():
         tab = build_generation_tab(studio, "video")
-    names = [spec.name for spec in PARAMS["video"]]
+    names = [spec.name for spec in controls_for("video")]
     guidance = tab.controls[names.index("guidance")]
     assert tab.model.value == "tiny-video-shapes" and guidance.value == 3.0
     chosen = tab.extra["on_model_input"]("tiny-video-shapes")

@@ -10,6 +10,7 @@ import gradio as gr
 from backends.types import StudioError
 from studio.validation import parse_request_json
 from studio.ui.compare import build_compare_tab
+from studio.ui.endpoints import register_generation_endpoints
 from studio.ui.generate import build_generation_tab
 from studio.ui.history import build_history_tab
 from studio.ui.presets import build_presets_tab
@@ -91,6 +92,7 @@ def build_app(studio) -> gr.Blocks:
             return json.dumps(api_run(studio, request_json))
 
         gr.api(run_request, api_name="run")
+        register_generation_endpoints(studio, tabs)  # /generate_image ... with named parameters
         app.load(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],
                  api_name=False)
         # runs made in the other tabs since the page loaded: show them when History is opened

@@ -94,14 +94,15 @@ class AccelPanel:
         return flat
 
     def collect(self, values: list[Any]) -> list[MethodChoice]:
-        """Values of ``inputs`` (same order) -> the chosen methods, in panel order."""
+        """Values of ``inputs`` (same order) -> the chosen methods, in panel order; checked
+        once, with the rest of the request, by the studio (``studio.validation``)."""
         values = list(values)
         chosen = []
         for cls in self.methods:
             on = values.pop(0)
             params = {p.name: values.pop(0) for p in cls.spec.params}
             if on:
-                chosen.append(MethodChoice(cls.spec.name, cls.spec.validate(params)))
+                chosen.append(MethodChoice(cls.spec.name, params))
         return chosen
 
     def values_for(self, choices: list[MethodChoice]) -> list[Any]:

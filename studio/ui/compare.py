@@ -12,18 +12,21 @@ import gradio as gr
 import pandas as pd
 
 from backends.accel.base import all_methods
+from backends.params import controls_for
 from backends.types import MODALITIES, Request, ValidationError
 from studio.compare import parse_configs, parse_values, run_compare, sweep_configs
 from studio.plots import speed_quality_figure, stages_figure, text_diff_html
 from studio.ui.common import model_choices, progress_adapter, user_errors
 from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
 
-DEFAULT_PARAMS = {
-    "image": {"steps": 25, "guidance": 5.0},
-    "video": {"steps": 25, "guidance": 5.0},
-    "audio": {"steps": 25, "guidance": 3.5},
-    "text": {"max_new_tokens": 64},
-}
+
+def default_params(modality: str) -> dict:
+    """The Parameters box's starting JSON: the modality's defaults from its one table
+    (``backends.params``), sizes left to the model."""
+    return {spec.name: spec.default for spec in controls_for(modality)
+            if spec.default is not None and not spec.zero_means_default}
+
+
 EXAMPLE_CONFIGS = "deepcache(interval=3)\nsampler(scheduler=dpmpp_2m, steps=12)\ndeepcache(interval=3) + cfg_truncation(fraction=0.5)"
 
 def build_compare_tab(studio) -> dict:
@@ -37,7 +40,7 @@ def build_compare_tab(studio) -> dict:
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seeds = gr.Textbox(value="0", label="Seeds (comma separated)")
-                params = gr.Code(value=json.dumps(DEFAULT_PARAMS["image"]), language="json", label="Parameters")
+                params = gr.Code(value=json.dumps(default_params("image")), language="json", label="Parameters")
             configs = gr.Textbox(value=EXAMPLE_CONFIGS, lines=5, elem_id="compare-configs",
                                  label="Configurations, one per line (baseline runs first automatically)",
                                  info="e.g. deepcache(interval=3) + sampler(scheduler=dpmpp_2m, steps=20)")
@@ -67,7 +70,7 @@ def build_compare_tab(studio) -> dict:
 
     def on_modality(m):
         choices = model_choices(studio, m)
-        return gr.update(choices=choices, value=choices[0] if choices else None), json.dumps(DEFAULT_PARAMS[m])
+        return gr.update(choices=choices, value=choices[0] if choices else None), json.dumps(default_params(m))
 
     modality.change(on_modality, inputs=[modality], outputs=[model, params], api_name=False)
 

@@ -5,11 +5,12 @@ the Acceleration panel, a progress bar, per-stage timings, method statistics."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import gradio as gr
 
 from backends.catalog import recommended_params
+from backends.params import ModalityParam, controls_for, request_params
 from backends.types import Request, StudioError
 from studio.plots import audio_figure, frame_strip
 from studio.presets import Preset
@@ -17,48 +18,24 @@ from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropd
 from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
 
 
-@dataclass
-class ParamControl:
-    name: str
-    label: str
-    kind: str  # "slider" | "number"
-    default: float | None
-    low: float = 0
-    high: float = 100
-    step: float = 1
-    info: str = ""
-
-
-PARAMS: dict[str, list[ParamControl]] = {
-    "image": [
-        ParamControl("width", "Width (0 = model default)", "slider", 0, 0, 1024, 8),
-        ParamControl("height", "Height (0 = model default)", "slider", 0, 0, 1024, 8),
-        ParamControl("steps", "Steps", "slider", 25, 1, 100, 1),
-        ParamControl("guidance", "Guidance scale", "slider", 5.0, 0, 20, 0.5),
-    ],
-    "video": [
-        ParamControl("width", "Width (0 = model default)", "slider", 0, 0, 1024, 8),
-        ParamControl("height", "Height (0 = model default)", "slider", 0, 0, 1024, 8),
-        ParamControl("frames", "Frames (0 = model default)", "slider", 0, 0, 129, 1),
-        ParamControl("fps", "Frames per second", "slider", 8, 1, 30, 1),
-        ParamControl("steps", "Steps", "slider", 25, 1, 100, 1),
-        ParamControl("guidance", "Guidance scale", "slider", 5.0, 0, 20, 0.5),
-    ],
-    "audio": [
-        ParamControl("seconds", "Duration (s, 0 = model default)", "slider", 0, 0, 30, 0.5),
-        ParamControl("steps", "Steps", "slider", 25, 1, 200, 1),
-        ParamControl("guidance", "Guidance scale", "slider", 3.5, 0, 20, 0.5),
-    ],
-}
-ZERO_MEANS_DEFAULT = {"width", "height", "frames", "seconds"}
+def param_control(spec: ModalityParam, modality: str, value: Any) -> gr.components.Component:
+    """The tab's control for one modality parameter, from its one declaration."""
+    elem_id = f"{modality}-{spec.name.replace('_', '-')}"
+    if spec.kind is bool:
+        return gr.Checkbox(value=value, label=spec.label, info=spec.help or None, elem_id=elem_id)
+    return gr.Slider(spec.control_low, spec.high, value=value, step=spec.step, label=spec.label,
+                     info=spec.help or None, elem_id=elem_id)
 
 
 @dataclass
 class GenerationTab:
+    """One generation tab's components. ``negative`` is None where the modality has no
+    negative prompt (Text); ``controls`` follow ``controls_for(modality)``."""
+
     modality: str
     model: gr.Dropdown
     prompt: gr.Textbox
-    negative: gr.Textbox
+    negative: gr.Textbox | None
     seed: gr.Number
     controls: list[gr.components.Component]
     panel: AccelPanel
@@ -68,34 +45,46 @@ class GenerationTab:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def specs(self) -> tuple[ModalityParam, ...]:
+        return controls_for(self.modality)
+
+    @property
     def request_inputs(self) -> list[gr.components.Component]:
-        return [self.model, self.prompt, self.negative, self.seed, *self.controls, *self.panel.inputs]
+        negative = [self.negative] if self.negative is not None else []
+        return [self.model, self.prompt, *negative, self.seed, *self.controls, *self.panel.inputs]
 
     def build_request(self, values: list[Any]) -> Request:
+        """The values of ``request_inputs`` -> a Request; checked once, by the studio."""
         values = list(values)
-        model, prompt, negative, seed = values[:4]
-        values = values[4:]
-        params = {}
-        for spec in PARAMS[self.modality]:
-            value = values.pop(0)
-            if spec.name in ZERO_MEANS_DEFAULT and (value is None or value == 0):
-                continue
-            params[spec.name] = value
+        model, prompt = values.pop(0), values.pop(0)
+        negative = values.pop(0) if self.negative is not None else ""
+        seed = values.pop(0)
+        controls = {spec.name: values.pop(0) for spec in self.specs}
         methods = self.panel.collect(values)
-        return Request(self.modality, model or "", prompt or "", negative or "", int(seed if seed is not None else -1),
-                       params, methods)
+        return Request(self.modality, model or "", prompt or "", negative or "", -1 if seed is None else seed,
+                       request_params(self.modality, controls), methods)
 
     def preset_updates(self, preset: Preset) -> list[Any]:
         """Values for [model, *controls, *panel.inputs] showing a preset."""
         out: list[Any] = [gr.update(value=preset.model) if preset.model else gr.update()]
-        for spec in PARAMS[self.modality]:
-            out.append(preset.params.get(spec.name, spec.default if spec.name not in ZERO_MEANS_DEFAULT else 0))
+        out.extend(preset.params.get(spec.name, spec.default) for spec in self.specs)
         out.extend(self.panel.values_for(preset.methods))
         return out
 
     @property
     def preset_outputs(self) -> list[gr.components.Component]:
         return [self.model, *self.controls, *self.panel.inputs]
+
+
+def stream_generation(studio, runs: SessionRuns, request: gr.Request, run_request: Request) -> Iterator[Any]:
+    """``Progress`` reports and heartbeats (None) while the run goes on in a worker thread,
+    then the ``RunOutcome``; closing it (Cancel, a cancelled API job, a closed connection)
+    stops the run (``studio.ui.runs``). Shared by the tabs' buttons and the named endpoints."""
+
+    def work(token, on_progress):
+        return studio.generate(run_request, progress=on_progress, cancel=token)
+
+    return run_with_token(runs, request, work)
 
 
 def output_component(modality: str) -> gr.components.Component:
@@ -129,9 +118,8 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
                 seed = gr.Number(value=0, label="Seed (-1 = random)", precision=0)
             controls = []
             recommended = recommended_params(model.value)  # the default model's own settings
-            for spec in PARAMS[modality]:
-                controls.append(gr.Slider(spec.low, spec.high, value=recommended.get(spec.name, spec.default),
-                                          step=spec.step, label=spec.label, elem_id=f"{modality}-{spec.name}"))
+            for spec in controls_for(modality):
+                controls.append(param_control(spec, modality, recommended.get(spec.name, spec.default)))
             panel = accel_panel(modality)
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id=f"{modality}-generate")
@@ -151,7 +139,8 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     tab = GenerationTab(modality, model, prompt, negative, seed, controls, panel, output, info, preset_name)
 
     outputs = [output, info] + ([picture] if picture is not None else [])
-    runs = SessionRuns()  # this tab's runs in flight, per session, for its Cancel button
+    runs = SessionRuns()  # this tab's runs in flight (its named endpoint's too), per session, for its Cancel button
+    tab.extra["runs"] = runs
 
     @user_errors
     def generate(request: gr.Request, progress=gr.Progress(), *values):
@@ -161,11 +150,8 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
         report = progress_adapter(progress)
         unchanged = [gr.update() for _ in outputs]
 
-        def work(token, on_progress):
-            return studio.generate(run_request, progress=on_progress, cancel=token)
-
         outcome = None
-        for item in run_with_token(runs, request, work):
+        for item in stream_generation(studio, runs, request, run_request):
             if isinstance(item, Progress):
                 report(item.done, item.total, item.stage)
             elif item is not None:  # the outcome, last
@@ -183,7 +169,9 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
         runs.cancel(session_key(request))
 
     events = [
-        button.click(generate, inputs=tab.request_inputs, outputs=outputs, api_name=f"generate_{modality}",
+        # the named endpoint /generate_{modality} (studio.ui.endpoints) takes named parameters;
+        # the button's own event, positional over every control, is not part of the API
+        button.click(generate, inputs=tab.request_inputs, outputs=outputs, api_name=False,
                      concurrency_id=f"generate_{modality}"),
         prompt.submit(generate, inputs=tab.request_inputs, outputs=outputs, api_name=False,
                       concurrency_id=f"generate_{modality}"),
@@ -213,7 +201,7 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
         catalog has them. Only on user input, so loading a preset keeps the preset's values."""
         recommended = recommended_params(model_id)
         return [gr.update(value=recommended[spec.name]) if spec.name in recommended else gr.update()
-                for spec in PARAMS[modality]]
+                for spec in controls_for(modality)]
 
     model.input(on_model_input, inputs=[model], outputs=controls, api_name=False)
     tab.extra["on_model_input"] = on_model_input

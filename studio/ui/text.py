@@ -6,40 +6,25 @@ import time
 
 import gradio as gr
 
-from backends.types import Request, StudioError
+from backends.params import controls_for
+from backends.types import StudioError
 from studio.presets import Preset
 from studio.ui.common import accel_panel, format_result, model_dropdown, user_errors
-from studio.ui.generate import GenerationTab
-from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
+from studio.ui.generate import GenerationTab, param_control, stream_generation
+from studio.ui.runs import Progress, SessionRuns, session_key
 
-TEXT_PARAMS = ("max_new_tokens", "temperature")
 # Ends inside the function body, not after a newline: after "def f(n):\n" the bundled code
 # model reads a finished signature and starts a new ``def``; here it goes on with the body.
 DEFAULT_PROMPT = "def fibonacci(n):\n    if n < 2:"
 
 
-class TextTab(GenerationTab):
-    def build_request(self, values) -> Request:
-        values = list(values)
-        model, prompt, seed, max_new_tokens, temperature, chat = values[:6]
-        methods = self.panel.collect(values[6:])
-        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "chat_template": bool(chat)}
-        return Request("text", model or "", prompt or "", "", int(seed if seed is not None else 0), params, methods)
-
-    @property
-    def request_inputs(self):
-        return [self.model, self.prompt, self.seed, *self.controls, *self.panel.inputs]
-
-    def preset_updates(self, preset: Preset):
-        out = [gr.update(value=preset.model) if preset.model else gr.update()]
-        out.append(preset.params.get("max_new_tokens", 128))
-        out.append(preset.params.get("temperature", 0.0))
-        out.append(preset.params.get("chat_template", True))
-        out.extend(self.panel.values_for(preset.methods))
-        return out
+def streaming_status(tokens: int, started: float) -> str:
+    """The line shown under the text while it streams."""
+    elapsed = time.perf_counter() - started
+    return f"{tokens} tokens · {tokens / max(elapsed, 1e-9):.1f} tokens/s (streaming)"
 
 
-def build_text_tab(studio) -> TextTab:
+def build_text_tab(studio) -> GenerationTab:
     with gr.Row():
         with gr.Column(scale=3):
             model = model_dropdown(studio, "text")
@@ -47,9 +32,7 @@ def build_text_tab(studio) -> TextTab:
             prompt = gr.Textbox(label="Prompt", lines=8, elem_id="text-prompt",
                                 value=DEFAULT_PROMPT)
             seed = gr.Number(value=0, label="Seed (used when sampling)", precision=0)
-            max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="text-max-new-tokens")
-            temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-            chat = gr.Checkbox(value=True, label="Apply the chat template when the tokenizer has one")
+            controls = [param_control(spec, "text", spec.default) for spec in controls_for("text")]
             panel = accel_panel("text")
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id="text-generate")
@@ -62,9 +45,10 @@ def build_text_tab(studio) -> TextTab:
                 preset_description = gr.Textbox(label="Description")
                 save = gr.Button("Save preset")
                 saved = gr.Markdown("")
-    tab = TextTab("text", model, prompt, None, seed, [max_new, temperature, chat], panel, output, info, preset_name)
+    tab = GenerationTab("text", model, prompt, None, seed, controls, panel, output, info, preset_name)
 
-    runs = SessionRuns()  # this tab's runs in flight, per session, for its Cancel button
+    runs = SessionRuns()  # this tab's runs in flight (its named endpoint's too), per session, for its Cancel button
+    tab.extra["runs"] = runs
 
     @user_errors
     def generate(request: gr.Request, *values):
@@ -74,22 +58,19 @@ def build_text_tab(studio) -> TextTab:
         started = time.perf_counter()
         shown = (gr.update(), gr.update())  # nothing to show until the first token
 
-        def work(token, on_progress):
-            return studio.generate(run_request, progress=on_progress, cancel=token)
-
         outcome = None
-        for item in run_with_token(runs, request, work):
+        for item in stream_generation(studio, runs, request, run_request):
             if isinstance(item, Progress):
                 if isinstance(item.stage, str):
-                    elapsed = time.perf_counter() - started
-                    shown = (item.stage, f"{item.done} tokens · {item.done / max(elapsed, 1e-9):.1f} tokens/s (streaming)")
+                    shown = (item.stage, streaming_status(item.done, started))
             elif item is not None:  # the outcome, last
                 outcome = item
                 continue
             yield shown  # a token or a heartbeat: where a close (cancel, disconnect) lands
         yield outcome.result.output, format_result(outcome.result, outcome.run_id)
 
-    events = [button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name="generate_text",
+    # the named endpoint /generate_text (studio.ui.endpoints) takes named parameters
+    events = [button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=False,
                            concurrency_id="generate_text")]
 
     def cancel_runs(request: gr.Request):
