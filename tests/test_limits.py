@@ -340,7 +340,8 @@ def test_a_client_that_disconnects_stops_its_run(slow_served):
     served, calls = slow_served
     client = Client(served.url, verbose=False)
     named = _generate_image_args(90)
-    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_image"]["parameters"]
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    parameters = endpoints["/generate_image"]["parameters"]
     args = [named.get(p["parameter_name"], p["parameter_default"]) for p in parameters]  # the raw queue takes a list
     config = httpx.get(served.url + "config").json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate_image")
