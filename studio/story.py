@@ -137,13 +137,14 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
             timings["images"] += step.image_seconds
             out_steps.append(step)
         timings["total"] = time.perf_counter() - started
-        html_path, md_path = export_story(studio.data_dir / "stories" / str(story_id), story.request, out_steps)
+        html_path, md_path = export_story(studio.outputs.story_folder(story_id), story.request, out_steps,
+                                          studio.outputs)
     except StudioError as exc:
         studio.history.finish_run(story_id, status="failed", error=str(exc),
                                   timings={**timings, "total": time.perf_counter() - started})
         raise
-    studio.history.finish_run(story_id, status="ok", timings=timings, output_path=str(html_path),
-                              metrics={"steps": [s.__dict__ for s in out_steps]})
+    studio.history.finish_run(story_id, status="ok", timings=timings, output_path=studio.outputs.relative(html_path),
+                              metrics={"steps": [stored_step(s, studio.outputs) for s in out_steps]})
     return StoryResult(story_id, story.request, out_steps, timings, str(html_path), str(md_path))
 
 
@@ -168,8 +169,19 @@ def step_prompt(step_text: str) -> str:
     return f"# {step_text}\ndef {name}():\n"
 
 
-def export_story(folder: Path, title: str, steps: list[StoryStep]) -> tuple[Path, Path]:
-    """Write story.html (images embedded) and story.md (images copied beside it)."""
+def stored_step(step: StoryStep, outputs) -> dict:
+    """A step as the story row keeps it: its image path relative to the data dir, like
+    every stored path, so the story survives a moved data dir."""
+    data = dict(step.__dict__)
+    if step.image_path and outputs.resolve(step.image_path) is not None:
+        data["image_path"] = outputs.relative(step.image_path)
+    return data
+
+
+def export_story(folder: Path, title: str, steps: list[StoryStep], outputs=None) -> tuple[Path, Path]:
+    """Write story.html (images embedded) and story.md (images copied beside it), in the
+    story's own folder under outputs/ so that deleting the story removes them. A step
+    image is read only from inside the outputs folder."""
     folder.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -179,9 +191,11 @@ def export_story(folder: Path, title: str, steps: list[StoryStep]) -> tuple[Path
     for step in steps:
         heading, _, body = step.text.partition("\n\n")
         image_name = f"step-{step.index}.png"
-        if step.image_path:
-            shutil.copyfile(step.image_path, folder / image_name)
-            encoded = base64.b64encode(Path(step.image_path).read_bytes()).decode()
+        source = outputs.resolve(step.image_path) if outputs is not None else (
+            Path(step.image_path) if step.image_path else None)
+        if source is not None and source.is_file():
+            shutil.copyfile(source, folder / image_name)
+            encoded = base64.b64encode(source.read_bytes()).decode()
         else:
             encoded = ""
         md += [f"## {heading}", "", "```python", body, "```", "", f"![{step.image_prompt}]({image_name})", ""]
