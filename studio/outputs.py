@@ -68,18 +68,38 @@ class OutputStore:
 
     def match_moved(self, stored: str) -> str | None:
         """For an absolute path from an older data dir location: the same file here,
-        matched by the part after its last ``outputs/`` component, if it exists."""
+        matched by the part after its last ``outputs/`` component (or ``stories/``, where
+        older versions kept stories), if it exists."""
         parts = Path(stored).parts
-        if self.root.name not in parts:
-            return None
-        index = len(parts) - 1 - parts[::-1].index(self.root.name)
-        tail = parts[index + 1:]
-        if not tail or any(p in ("..", ".") for p in tail):
-            return None
-        candidate = self.root.joinpath(*tail)
-        if candidate.is_file() and self.resolve(candidate) is not None:
-            return self.relative(candidate)
+        for anchor, base in ((self.root.name, self.root), (STORIES, self.root / STORIES)):
+            if anchor not in parts:
+                continue
+            index = len(parts) - 1 - parts[::-1].index(anchor)
+            tail = parts[index + 1:]
+            if not tail or any(p in ("..", ".") for p in tail):
+                continue
+            candidate = base.joinpath(*tail)
+            if candidate.is_file() and self.resolve(candidate) is not None:
+                return self.relative(candidate)
         return None
+
+    def adopt_legacy_stories(self) -> int:
+        """Older versions wrote stories to DATA_DIR/stories/<id>/, outside the outputs
+        folder (so neither served nor deletable now). Move each folder to
+        outputs/stories/<id>/ unless one is already there; nothing is deleted."""
+        legacy = self.data_dir / STORIES
+        if not legacy.is_dir() or legacy.is_symlink():
+            return 0
+        moved = 0
+        for folder in legacy.iterdir():
+            target = self.root / STORIES / folder.name
+            if folder.is_dir() and not folder.is_symlink() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(folder), str(target))
+                moved += 1
+        if moved:
+            log.info("moved %d story folder(s) from %s to %s", moved, legacy, self.root / STORIES)
+        return moved
 
     # -- writing -----------------------------------------------------------------------
     def save(self, modality: str, output: Any, fps: int = 8) -> Path:

@@ -138,6 +138,7 @@ class Studio:
         points to any of them (another --db, a moved data dir the rows cannot be matched
         to), it moves nothing and says why. Rows whose file is missing keep their path."""
         report: dict[str, Any] = {"interrupted_runs": self.history.mark_interrupted(),
+                                  "story_folders_moved": self.outputs.adopt_legacy_stories(),
                                   "paths_migrated": self.history.migrate_absolute_paths(self.outputs),
                                   "orphans_moved_to_trash": 0, "rows_with_missing_files": 0, "refused": None}
         stored = self.history.output_paths()

@@ -207,6 +207,25 @@ def test_story_files_live_in_the_outputs_folder_and_survive_the_repair(studio_fa
     assert Path(result.markdown_path).is_file() and (Path(result.markdown_path).parent / "step-1.png").is_file()
 
 
+def test_stories_written_by_older_versions_move_into_outputs_and_stay_linked(studio_factory, tmp_path):
+    studio = studio_factory(data_dir=tmp_path / "d")
+    story_id = studio.history.record_run(Request("story", "a + b", "old story"), None, status="ok")
+    legacy = tmp_path / "d" / "stories" / str(story_id)
+    legacy.mkdir(parents=True)
+    for name in ("story.html", "story.md", "step-1.png"):
+        (legacy / name).write_text(name)
+    with sqlite3.connect(tmp_path / "d" / "history.db") as conn:  # as older versions stored it
+        conn.execute("UPDATE runs SET output_path = ? WHERE id = ?", (str(legacy / "story.html"), story_id))
+    studio.close()
+    again = studio_factory(data_dir=tmp_path / "d")
+    assert again.repaired["story_folders_moved"] == 1 and again.repaired["paths_migrated"] == 1
+    path = again.outputs.resolve(again.history.get(story_id).output_path)
+    assert path is not None and path.read_text() == "story.html" and (path.parent / "step-1.png").is_file()
+    assert again.repaired["orphans_moved_to_trash"] == 0
+    again.history.delete([story_id])
+    assert not path.parent.exists()
+
+
 def test_orphans_go_to_the_trash_never_deleted(studio_factory, tmp_path):
     studio = studio_factory(data_dir=tmp_path / "d")
     kept = studio.generate(image_request())
