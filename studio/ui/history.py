@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import gradio as gr
 import pandas as pd
 
@@ -43,7 +42,7 @@ def build_history_tab(studio) -> dict:
     with gr.Row():
         run_id = gr.Number(label="Run id (click a row)", precision=0, elem_id="history-run-id")
         rerun = gr.Button("Re-run exactly")
-        delete = gr.Button("Delete run (and its file)", variant="stop")
+        delete = gr.Button("Delete run (its file; a story's stages too)", variant="stop")
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Output", type="filepath", visible=True, height=256)
