@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import tempfile
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -96,15 +94,14 @@ def build_compare_tab(studio) -> dict:
                     images.append((out[0], row.label))
                 elif report.modality == "text":
                     html_parts.append(f"<h4>{row.label}</h4>" + text_diff_html(baseline_text, out))
-        folder = Path(tempfile.mkdtemp())
-        csv_path = folder / f"compare-{report.group}.csv"
+        csv_path = studio.exports.new_file(f"compare-{report.group}.csv")  # one pruned folder, no temp dirs
         csv_path.write_text(report.to_csv(), encoding="utf-8")
         embedded = {}
         for out, label in images:
             buffer = io.BytesIO()
             out.save(buffer, format="PNG")
             embedded[label] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        html_path = folder / f"compare-{report.group}.html"
+        html_path = studio.exports.new_file(f"compare-{report.group}.html")
         html_path.write_text(report.to_html(embedded), encoding="utf-8")
         failed = [r for r in report.rows if r.error]
         text = f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}**"
