@@ -167,11 +167,14 @@ def launch_options(args: argparse.Namespace, studio) -> dict:
     being downloadable at once."""
     import gradio as gr
 
+    from studio.ui import STUDIO_CSS
+
     served = [str(studio.outputs.root.resolve()), str(studio.exports.folder.resolve())]
     gr.set_static_paths(served)
     blocked = [str(p) for p in studio.history.database_files()] + [str((studio.data_dir / "trash").resolve())]
     return dict(server_name=args.host, server_port=args.port, share=args.share, **auth_launch_options(args),
-                show_error=True, allowed_paths=served, blocked_paths=blocked, footer_links=["api", "settings"])
+                show_error=True, allowed_paths=served, blocked_paths=blocked, footer_links=["api", "settings"],
+                css=STUDIO_CSS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def build_history_tab(studio) -> dict:
         delete = gr.Button("Delete run (its file; a story's stages too)", variant="stop")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Output", type="filepath", visible=True, height=256)
+            image = gr.Image(label="Output", type="filepath", visible=True, height=256, elem_id="history-image")
             media = gr.File(label="Output file")
             text_out = gr.Textbox(label="Text output", lines=6)
         with gr.Column():
