@@ -27,7 +27,9 @@ def test_generate_saves_file_and_row(studio_factory):
     studio = studio_factory()
     outcome = studio.generate(image_request(methods=[MethodChoice("deepcache", {"interval": 2})]))
     row = studio.history.get(outcome.run_id)
-    assert Path(row.output_path).is_file() and row.output_path.endswith(".png")
+    assert row.output_path.startswith("outputs/") and row.output_path.endswith(".png")  # relative: the dir can move
+    assert studio.outputs.resolve(row.output_path) == Path(outcome.result.output_path).resolve()
+    assert Path(outcome.result.output_path).is_file()
     assert row.status == "ok" and row.total_seconds > 0 and row.timings["denoise"] > 0
     assert row.model_evals == 3 and row.method_stats["deepcache"]["shallow_steps"] == 1
 
@@ -70,15 +72,16 @@ def test_out_of_memory_is_caught_and_next_request_works(studio_factory, monkeypa
     assert [r.status for r in studio.history.query()] == ["ok", "oom"]
 
 
-def test_startup_repair_removes_orphans(studio_factory, tmp_path):
+def test_startup_repair_moves_orphans_to_the_trash(studio_factory, tmp_path):
     studio = studio_factory(data_dir=tmp_path / "d")
     kept = studio.generate(image_request())
     orphan = studio.outputs.new_path("image")
     orphan.write_bytes(b"left by a crash")
     studio.close()
     again = studio_factory(data_dir=tmp_path / "d")
-    assert again.repaired["orphan_files_removed"] == 1 and not orphan.exists()
-    assert Path(again.history.get(kept.run_id).output_path).exists()
+    assert again.repaired["orphans_moved_to_trash"] == 1 and not orphan.exists()
+    assert list((tmp_path / "d" / "trash").rglob(orphan.name))  # moved aside, never deleted
+    assert again.outputs.resolve(again.history.get(kept.run_id).output_path).exists()
 
 
 def test_rerun_reproduces_the_same_output(studio_factory):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import tempfile
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -89,31 +87,32 @@ def build_compare_tab(studio) -> dict:
 
     def present(report):
         table_rows = report.table()
-        images, html_parts = [], []
+        images, gallery, html_parts = [], [], []
         baseline_text = report.rows[0].outputs[0] if report.rows[0].outputs else ""
         for row in report.rows:
-            for out in row.outputs[:1]:
+            for out, path in zip(row.outputs[:1], row.output_paths[:1] or [None]):
                 if report.modality == "image":
                     images.append((out, row.label))
+                    gallery.append((path or out, row.label))  # the kept file, served in place
                 elif report.modality == "video":
                     images.append((out[0], row.label))
+                    gallery.append((out[0], row.label))
                 elif report.modality == "text":
                     html_parts.append(f"<h4>{row.label}</h4>" + text_diff_html(baseline_text, out))
-        folder = Path(tempfile.mkdtemp())
-        csv_path = folder / f"compare-{report.group}.csv"
+        csv_path = studio.exports.new_file(f"compare-{report.group}.csv")  # one pruned folder, no temp dirs
         csv_path.write_text(report.to_csv(), encoding="utf-8")
         embedded = {}
         for out, label in images:
             buffer = io.BytesIO()
             out.save(buffer, format="PNG")
             embedded[label] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        html_path = folder / f"compare-{report.group}.html"
+        html_path = studio.exports.new_file(f"compare-{report.group}.html")
         html_path.write_text(report.to_html(embedded), encoding="utf-8")
         failed = [r for r in report.rows if r.error]
         text = f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}**"
         if failed:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
-        return (text, images, "".join(html_parts), pd.DataFrame(table_rows),
+        return (text, gallery, "".join(html_parts), pd.DataFrame(table_rows),
                 speed_quality_figure(report), stages_figure(report), str(csv_path), str(html_path))
 
     outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file]
