@@ -96,6 +96,19 @@ def test_named_endpoints_take_the_modality_parameters_and_methods_by_name(served
     assert studio.history.count() == kept  # refused before running: no rows
 
 
+def test_video_and_audio_endpoints_return_their_files(served):
+    url, studio = served
+    client = Client(url, verbose=False)
+    clip, info = client.predict(prompt="a red ball moving right", model="dummy-wan", steps=2, frames=5, fps=4,
+                                api_name="/generate_video")
+    assert clip.endswith((".mp4", ".gif")) and "Run #" in info
+    assert studio.history.query(limit=1)[0].params == {"frames": 5, "fps": 4, "steps": 2, "guidance": 5.0}
+    sound, info = client.predict(prompt="a high sine tone", steps=2, seconds=0.5, api_name="/generate_audio")
+    assert sound.endswith(".wav") and "Run #" in info
+    row = studio.history.query(limit=1)[0]
+    assert (row.model, row.params) == ("tiny-audio-synth", {"seconds": 0.5, "steps": 2, "guidance": 3.5})
+
+
 def test_generate_text_with_only_a_prompt_streams_text(served):
     url, studio = served
     client = Client(url, verbose=False)
