@@ -39,10 +39,11 @@ import torch
 from backends.accel._decoding import DecodeState, Sampling
 from backends.base import DraftingBackend, ProgressFn
 from backends.catalog import find_bundled
+from backends.params import default
 from backends.timing import StageTimer
 from backends.types import Request, ValidationError
 
-DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_NEW_TOKENS = default("text", "max_new_tokens")  # the one table (backends/params.py)
 
 
 def load_causal_lm(source: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -24,12 +24,13 @@ import gc
 import math
 import sys
 
+from backends.params import default
 from backends.types import Request, ValidationError
 
 DEFAULT_MAX_COST = 500.0
 DEFAULT_TIME_LIMIT_S = 600.0
-DEFAULT_STEPS = 25  # what the diffusion backends use when a request gives none
-DEFAULT_NEW_TOKENS = 128
+DEFAULT_STEPS = default("image", "steps")  # what the diffusion backends use when a request gives none
+DEFAULT_NEW_TOKENS = default("text", "max_new_tokens")
 CHARS_PER_TOKEN = 3  # a conservative guess: tokenizers average 3-4 characters per token
 
 # (height, width, frames, seconds) assumed when a request leaves the size to the model
