@@ -31,6 +31,28 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def ideal_table(files: list[dict]) -> str:
+    """One table over several result files: each caching configuration's measured speedup
+    (median of paired ratios, range), its ideal speedup (what it skipped at the measured
+    cost of a full vs a partial evaluation, over the whole run) and the efficiency
+    measured / ideal, with the evaluation counts and costs the ideal comes from."""
+    header = ["model", "configuration", "speedup", "range", "ideal", "efficiency", "partial / all evals",
+              "full eval ms", "partial eval ms"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for data in files:
+        for r in data["rows"]:
+            if r.get("ideal_speedup") is None:
+                continue
+            costs = next((s for s in r.get("method_stats", {}).values() if "evals_partial" in s), {})
+            evals = costs.get("evals_full", 0) + costs.get("evals_partial", 0)
+            cells = [f"`{data['meta']['model']}`", f"`{r['method']}`", f"**{r['speedup']:.2f}x**",
+                     f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}", f"{r['ideal_speedup']:.2f}x",
+                     f"**{100 * r['efficiency']:.0f}%**", f"{costs.get('evals_partial', 0)} / {evals}",
+                     _fmt(costs.get("full_eval_ms")), _fmt(costs.get("partial_eval_ms"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -42,7 +64,11 @@ def _fmt(value) -> str:
 
 
 def main(argv=None) -> int:
-    for name in argv if argv is not None else sys.argv[1:]:
+    names = list(argv if argv is not None else sys.argv[1:])
+    if names[:1] == ["--ideal"]:  # the caching methods' measured vs ideal speedup, one table
+        print(ideal_table([json.loads(Path(name).read_text()) for name in names[1:]]))
+        return 0
+    for name in names:
         print(f"#### {Path(name).stem}\n")
         print(table(json.loads(Path(name).read_text())))
         print()
