@@ -116,8 +116,10 @@ def test_end_to_end_ideal_keeps_the_time_outside_the_denoiser():
     assert end_to_end_ideal({"cache_hit_rate": 0.5}, 1.5) is None  # no cost figures: no ideal
     never = {"evals_full": 10, "evals_partial": 0, "full_eval_s": 1.0, "partial_eval_s": 0.0, "full_eval_ms": 100.0}
     assert end_to_end_ideal(never, 1.3) == pytest.approx(1.0)
-    assert run_ideal({"sampler": {}, "deepcache": stats}, 1.5) == pytest.approx(2.3 / 1.5)
-    assert run_ideal({"sampler": {}}, 1.5) is None
+    assert run_ideal({"deepcache": stats}, 1.5) == pytest.approx(2.3 / 1.5)
+    # a method without cost figures changes the work unseen (fewer steps...): no ideal
+    assert run_ideal({"sampler": {}, "deepcache": stats}, 1.5) is None
+    assert run_ideal({"sampler": {}}, 1.5) is None and run_ideal({}, 1.5) is None
 
 
 def test_the_meter_files_calls_as_partial_when_the_method_says_so():

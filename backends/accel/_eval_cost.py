@@ -58,11 +58,19 @@ def end_to_end_ideal(stats: dict[str, Any], total_seconds: float) -> float | Non
 
 
 def run_ideal(method_stats: dict[str, dict[str, Any]], total_seconds: float) -> float | None:
-    """One run's end-to-end ideal: the method that reported cost figures (with several, the
-    largest: their skips overlap, so this is a lower bound of their joint ideal)."""
-    ideals = [end_to_end_ideal(stats, total_seconds) for stats in method_stats.values() if isinstance(stats, dict)]
-    ideals = [i for i in ideals if i is not None]
-    return max(ideals) if ideals else None
+    """One run's end-to-end ideal, when every method of the run reported cost figures.
+    A method without them (a sampler with fewer steps, CFG truncation, ToMe, compile)
+    changes the work in ways these costs do not see, and the ideal would be measured
+    against the wrong baseline: then there is none. (Two metered methods never share a
+    run: the DiT caches exclude each other and DeepCache is UNet-only; were they to, the
+    larger ideal is a lower bound of their joint one.)"""
+    if not method_stats:
+        return None
+    ideals = [end_to_end_ideal(stats, total_seconds) if isinstance(stats, dict) else None
+              for stats in method_stats.values()]
+    if any(i is None for i in ideals):
+        return None
+    return max(ideals)
 
 
 class EvalCostMeter:
