@@ -180,9 +180,7 @@ def measure(
         except RunTimedOut as exc:  # this configuration ran too long; the others go on
             state.error = str(exc)
             return
-        except RunCancelled:
-            raise
-        except Cancelled:
+        except (RunCancelled, Cancelled):  # the whole measurement stops (handled below)
             raise
         except StudioError as exc:
             state.error = str(exc)
