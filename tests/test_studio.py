@@ -199,3 +199,34 @@ def test_method_hints_come_from_comparable_runs_only(studio_factory):
     assert "**2.00x**" in hints["deepcache"] and "interval=3" in hints["deepcache"]
     assert hints["tome"].startswith("Not enough data")
     assert "cfg_truncation" not in hints  # never run: no hint at all
+
+
+def test_compare_defaults_warm_up_interleave_and_report_ideal(studio_factory):
+    """Compare's defaults are the trustworthy ones: a warm-up per configuration, three
+    repetitions interleaved (baseline, config, baseline, config...), speedup from paired
+    ratios with its range, and DeepCache's ideal speedup and efficiency in the table."""
+    studio = studio_factory()
+    order = []
+    generate, warm_up = studio.generate, studio.warm_up
+
+    def recording_generate(request, *args, **kwargs):
+        order.append(("run", request.methods[0].name if request.methods else "baseline"))
+        return generate(request, *args, **kwargs)
+
+    def recording_warm_up(request, *args, **kwargs):
+        order.append(("warm", request.methods[0].name if request.methods else "baseline"))
+        return warm_up(request, *args, **kwargs)
+
+    studio.generate, studio.warm_up = recording_generate, recording_warm_up
+    report = run_compare(studio, image_request(params={"steps": 6}), parse_configs("deepcache(interval=3)"))
+    assert order == [("warm", "baseline"), ("run", "baseline"), ("warm", "deepcache"), ("run", "deepcache"),
+                     ("run", "baseline"), ("run", "deepcache"), ("run", "baseline"), ("run", "deepcache")]
+    base, cached = report.rows
+    assert base.speedup == base.speedup_min == base.speedup_max == pytest.approx(1.0)
+    assert cached.speedup_min <= cached.speedup <= cached.speedup_max
+    assert cached.stats["deepcache"]["evals_partial"] > 0 and cached.ideal_speedup is not None
+    assert cached.efficiency == pytest.approx(cached.speedup / cached.ideal_speedup)
+    assert base.ideal_speedup is None
+    row = report.table()[1]
+    assert {"speedup_min", "speedup_max", "ideal_speedup", "efficiency"} <= set(row)
+    assert studio.history.count(compare_group=report.group, status="ok") == 6

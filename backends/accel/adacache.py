@@ -23,6 +23,7 @@ import torch
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
 from backends.accel._diffusers_cache import DIT_CACHES
+from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.types import ValidationError
 
@@ -171,7 +172,7 @@ class AdaCacheMethod(Method):
             config = AdaCacheConfig(num_steps=call["num_inference_steps"], **self.params)
             self.cache, self.schedule, self.grid_hook = apply_adacache(
                 self.denoiser, config, pipe=getattr(backend, "pipe", None))
-            self.calls = self.cache.calls
+            self.calls, self.costs = self.cache.calls, self.cache.costs
         return call
 
     def remove(self, backend) -> None:
@@ -181,7 +182,7 @@ class AdaCacheMethod(Method):
             self.cache = self.grid_hook = None
 
     def stats(self) -> dict[str, Any]:
-        stats = step_stats(getattr(self, "calls", {}))
+        stats = {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
         schedule = getattr(self, "schedule", None)
         if schedule is not None:
             stats["reuse_plan"] = schedule.reuse_plan

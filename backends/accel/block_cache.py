@@ -17,6 +17,7 @@ from typing import Any
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
 from backends.accel._diffusers_cache import DIT_CACHES
+from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodSpec, Param, register
 from backends.types import ValidationError
 
@@ -90,7 +91,7 @@ class BlockCacheMethod(Method):
             raise ValidationError(f"block_cache found no transformer block list in {type(denoiser).__name__}")
         self.span_blocks = len(span_of(list(range(self.total_blocks)), self.config.num_blocks, self.config.position))
         self.cache = apply_block_cache(denoiser, self.config)
-        self.calls = self.cache.calls
+        self.calls, self.costs = self.cache.calls, self.cache.costs
 
     def remove(self, backend) -> None:
         self.cache.remove()
@@ -106,6 +107,7 @@ class BlockCacheMethod(Method):
             "skipped_evals": steps["skipped_evals"],
             "branches": steps["branches"],
             "cache_hit_rate": steps["cache_hit_rate"],
+            **cost_stats(getattr(self, "costs", None)),
         }
 
     def warnings(self, backend, call) -> list[str]:

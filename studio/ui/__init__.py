@@ -58,7 +58,8 @@ EXAMPLES: dict[str, list[str]] = {
 }
 # Page CSS (given to ``launch``): tiny bundled images are shown large with crisp pixels.
 STUDIO_CSS = """
-#image-output img, #history-image img, #compare-gallery img { image-rendering: pixelated; }
+#image-output img, #history-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#compare-gallery img { image-rendering: pixelated; }
 """
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys

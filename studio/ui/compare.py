@@ -43,8 +43,10 @@ def build_compare_tab(studio) -> dict:
                                  label="Configurations, one per line (baseline runs first automatically)",
                                  info="e.g. deepcache(interval=3) + sampler(scheduler=dpmpp_2m, steps=20)")
             with gr.Row():
-                warmup = gr.Checkbox(value=False, label="Warm-up run per configuration (not timed)")
-                repeats = gr.Slider(1, 10, value=1, step=1, label="Repeats (median kept)")
+                warmup = gr.Checkbox(value=True, label="Warm-up run per configuration (not timed)")
+                repeats = gr.Slider(1, 10, value=3, step=1, label="Repeats (runs interleaved per seed)",
+                                    info="speedup = median of paired ratios (each run vs the baseline run "
+                                         "just before it), range min-max; 3 or more for numbers to trust")
             with gr.Row():
                 run = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
                 cancel = gr.Button("Cancel", variant="stop")
@@ -109,7 +111,9 @@ def build_compare_tab(studio) -> dict:
         html_path = studio.exports.new_file(f"compare-{report.group}.html")
         html_path.write_text(report.to_html(embedded), encoding="utf-8")
         failed = [r for r in report.rows if r.error]
-        text = f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}**"
+        text = (f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}** · "
+                "speedup: median of paired ratios (min-max); ideal: what the caching methods skipped, at the "
+                "measured cost of a full vs a partial evaluation; efficiency = speedup / ideal")
         if failed:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
         return (text, gallery, "".join(html_parts), pd.DataFrame(table_rows),

@@ -120,10 +120,16 @@ def build_history_tab(studio) -> dict:
     delete.click(do_delete, inputs=[run_id, *filter_inputs], outputs=[table, summary, run_id], api_name="history_delete")
 
     @user_errors
-    def do_export(modality, model, method, status, text, _page):
-        data = studio.history.export_csv(**filters(modality, model, method, status, text))
-        path = studio.exports.new_file("fastgen-history.csv")  # one pruned folder, no temp dir per export
-        path.write_text(data, encoding="utf-8")
+    def do_export(modality, model, method, status, text, _page, progress=gr.Progress()):
+        """Stream the filtered history into a file (flat memory, whatever its size), with
+        a progress bar; the file lands in the one pruned exports folder."""
+        path = studio.exports.new_file("fastgen-history.csv")
+
+        def report(done, total):
+            progress((done, max(total, 1)), desc=f"exported {done:,} of {total:,} runs")
+
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            studio.history.write_csv(out, progress=report, **filters(modality, model, method, status, text))
         return str(path)
 
     export.click(do_export, inputs=filter_inputs, outputs=[csv_file], api_name="history_export")
