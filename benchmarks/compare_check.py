@@ -56,7 +56,7 @@ def compare_speedups(manager: BackendManager, model: str, config: str, prompts: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studio.ui.compare import DEFAULT_PARAMS  # the Compare tab's defaults
+    from studio.ui.compare import default_params  # the Compare tab's defaults
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     manager = BackendManager(device="cpu")
-    params = dict(DEFAULT_PARAMS["image"])
+    params = default_params("image")
     prompts = default_prompts("image", args.prompts, "mixed", args.seed)
     per_prompt = compare_speedups(manager, args.model, args.config, prompts, params, args.seed, log)
     bench = run_benchmark(manager, "image", args.model, [parse_config(args.config)], prompts, params,
