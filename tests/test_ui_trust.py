@@ -119,7 +119,7 @@ def test_known_model_of_another_modality_is_named_without_server_paths(studio_fa
 
     with gr.Blocks():
         tab = build_generation_tab(studio, "image")
-    shown = tab.extra["on_model_change"]("tiny-code-llama")[0]
+    shown = tab.extra["model_change"]["describe"]("tiny-code-llama")[0]
     assert "is a text model" in shown and "/" not in shown and "model_index" not in shown
 
 
@@ -219,3 +219,30 @@ def test_threads_flag_is_applied_at_startup(monkeypatch, tmp_path):
         assert seen["threads"] == target
     finally:
         torch.set_num_threads(before)
+
+
+def test_model_change_reads_history_only_in_its_second_step(studio_factory, monkeypatch):
+    """Issue 22: the page and the model dropdown answer without reading history; the
+    method hints come in a chained second step, from comparable runs only."""
+    import gradio as gr
+
+    from backends.types import MethodChoice, Request, Result
+    from studio.ui.generate import build_generation_tab
+
+    studio = studio_factory()
+    for seconds, methods in ((1.0, []), (0.5, [("deepcache", {"interval": 3})])):
+        request = Request("image", "dummy-sd", "a red circle", "", 1, {"steps": 4},
+                          [MethodChoice(*m) for m in methods])
+        studio.history.record_run(request, Result(output=None, total_seconds=seconds, device="cpu"))
+    with gr.Blocks():
+        tab = build_generation_tab(studio, "image")
+    change = tab.extra["model_change"]
+    calls = []
+    original = studio.method_hints
+    monkeypatch.setattr(studio, "method_hints", lambda *a: calls.append(a) or original(*a))
+    shown = change["describe"]("dummy-sd")
+    assert shown[0].startswith("Family: **unet**") and calls == []
+    names = [cls.spec.name for cls in tab.panel.methods]
+    hints = change["hints"]("dummy-sd")
+    assert calls == [("image", "dummy-sd")]
+    assert "**2.00x**" in hints[names.index("deepcache")]["value"]

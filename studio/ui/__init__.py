@@ -106,7 +106,8 @@ def build_app(studio) -> gr.Blocks:
         history_tab.select(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],
                            api_name=False)
         app.load(presets["listing"], outputs=[presets["table"], presets["errors"]], api_name=False)
-        for tab in tabs.values():  # show only the methods that fit the default model
-            app.load(tab.extra["on_model_change"], inputs=[tab.model], outputs=tab.extra["model_change_outputs"],
-                     api_name=False)
+        for tab in tabs.values():  # show only the methods that fit the default model; hints after
+            change = tab.extra["model_change"]
+            app.load(change["describe"], inputs=[tab.model], outputs=change["describe_outputs"], api_name=False).then(
+                change["hints"], inputs=[tab.model], outputs=change["hint_outputs"], api_name=False)
     return app

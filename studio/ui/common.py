@@ -187,3 +187,34 @@ def progress_adapter(progress: gr.Progress | None):
         progress((step, total), desc=stage if isinstance(stage, str) and len(stage) < 40 else "generating")
 
     return report
+
+
+def wire_model_change(studio, modality: str, model: gr.Dropdown, family: gr.Markdown, panel: AccelPanel) -> dict:
+    """When the model changes: first the model's family and the methods that fit it, then,
+    as a separate step, what history says of each method (``Studio.method_hints``). The page
+    and the dropdown answer before any history is read; the hints arrive after."""
+
+    def describe(model_id):
+        if not model_id:
+            return ["", *panel.visibility_for(None)]
+        try:
+            described = studio.describe_model(modality, model_id)
+        except StudioError as exc:
+            return [f"⚠️ {exc}", *panel.visibility_for(None)]
+        return [f"Family: **{described.get('family')}** · device `{described.get('device')}`",
+                *panel.visibility_for(described.get("family"))]
+
+    def hints(model_id):
+        found = {}
+        if model_id:
+            try:
+                found = studio.method_hints(modality, model_id)
+            except StudioError:
+                found = {}
+        return [gr.update(value=found.get(cls.spec.name, "")) for cls in panel.methods]
+
+    describe_outputs, hint_outputs = [family, *panel.groups], list(panel.hints)
+    model.change(describe, inputs=[model], outputs=describe_outputs, api_name=False).then(
+        hints, inputs=[model], outputs=hint_outputs, api_name=False)
+    return {"describe": describe, "hints": hints, "describe_outputs": describe_outputs,
+            "hint_outputs": hint_outputs}

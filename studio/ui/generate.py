@@ -11,10 +11,10 @@ import gradio as gr
 
 from backends.catalog import recommended_params
 from backends.params import ModalityParam, controls_for, request_params
-from backends.types import Request, StudioError
+from backends.types import Request
 from studio.plots import audio_figure, frame_strip
 from studio.presets import Preset
-from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropdown, progress_adapter, user_errors
+from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropdown, progress_adapter, user_errors, wire_model_change
 from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
 
 
@@ -176,22 +176,7 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False,
                  api_name=f"cancel_{modality}")
 
-    def on_model_change(model_id):
-        if not model_id:
-            return ["", *panel.visibility_for(None), *[gr.update(value="") for _ in panel.hints]]
-        try:
-            described = studio.describe_model(modality, model_id)
-        except StudioError as exc:
-            return [f"⚠️ {exc}", *panel.visibility_for(None), *[gr.update(value="") for _ in panel.hints]]
-        hints = studio.method_hints(modality, model_id)
-        return [
-            f"Family: **{described.get('family')}** · device `{described.get('device')}`",
-            *panel.visibility_for(described.get("family")),
-            *[gr.update(value=hints.get(cls.spec.name, "")) for cls in panel.methods],
-        ]
-
-    model.change(on_model_change, inputs=[model], outputs=[family, *panel.groups, *panel.hints], api_name=False)
-    tab.extra["model_change_outputs"] = [family, *panel.groups, *panel.hints]
+    tab.extra["model_change"] = wire_model_change(studio, modality, model, family, panel)
 
     def on_model_input(model_id):
         """A model the user picked: set the controls to its recommended settings, where the
@@ -213,5 +198,4 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     save.click(save_preset, inputs=[preset_name, preset_description, *tab.request_inputs], outputs=[saved],
                api_name=f"save_preset_{modality}")
     tab.extra["family"] = family
-    tab.extra["on_model_change"] = on_model_change
     return tab

@@ -7,9 +7,8 @@ import time
 import gradio as gr
 
 from backends.params import controls_for
-from backends.types import StudioError
 from studio.presets import Preset
-from studio.ui.common import accel_panel, format_result, model_dropdown, user_errors
+from studio.ui.common import accel_panel, format_result, model_dropdown, user_errors, wire_model_change
 from studio.ui.generate import GenerationTab, param_control, stream_generation
 from studio.ui.runs import Progress, SessionRuns, session_key
 
@@ -78,21 +77,7 @@ def build_text_tab(studio) -> GenerationTab:
 
     cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False, api_name="cancel_text")
 
-    def on_model_change(model_id):
-        if not model_id:
-            return ["", *panel.visibility_for(None), *[gr.update(value="") for _ in panel.hints]]
-        try:
-            described = studio.describe_model("text", model_id)
-        except StudioError as exc:
-            return [f"⚠️ {exc}", *panel.visibility_for(None), *[gr.update(value="") for _ in panel.hints]]
-        hints = studio.method_hints("text", model_id)
-        return [f"Family: **{described.get('family')}** · device `{described.get('device')}`",
-                *panel.visibility_for(described.get("family")),
-                *[gr.update(value=hints.get(cls.spec.name, "")) for cls in panel.methods]]
-
-    model.change(on_model_change, inputs=[model], outputs=[family, *panel.groups, *panel.hints], api_name=False)
-    tab.extra["on_model_change"] = on_model_change
-    tab.extra["model_change_outputs"] = [family, *panel.groups, *panel.hints]
+    tab.extra["model_change"] = wire_model_change(studio, "text", model, family, panel)
 
     @user_errors
     def save_preset(name, description, *values):
