@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel._diffusers_cache import DIT_CACHES
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodSpec, param, register
 from backends.types import ValidationError
 
 # (relative change per step, steps to reuse the cache after a computed step), ascending:
@@ -35,16 +34,15 @@ DEFAULT_CODEBOOK = ((0.08, 5), (0.12, 4), (0.18, 3), (0.26, 2), (0.40, 1))
 
 @dataclass(frozen=True)
 class AdaCacheConfig:
-    """``scale`` multiplies the codebook thresholds (higher = more reuse, faster, rougher).
-    ``max_reuse`` caps consecutive reused steps. ``moreg``: motion regularisation on/off;
-    ``moreg_strength`` how strongly motion shortens the reuse. ``warmup_steps`` first
-    steps always computed; the last step is always computed too."""
+    """The last step is always computed too; ``num_steps`` (the run's) is set at run time."""
 
-    scale: float = 1.0
-    max_reuse: int = 4
-    moreg: bool = True
-    moreg_strength: float = 1.0
-    warmup_steps: int = 2
+    scale: float = param(1.0, min=0.1, max=5.0, step=0.1,
+                         help="multiplies the codebook thresholds: higher reuses more (faster, rougher)")
+    max_reuse: int = param(4, min=1, max=10, help="most consecutive steps answered from the cache")
+    moreg: bool = param(True, help="motion regularisation: more motion, fewer reused steps")
+    moreg_strength: float = param(1.0, min=0.0, max=10.0, step=0.5,
+                                  help="how much the motion score shortens reuse (rate x (1 + strength x motion))")
+    warmup_steps: int = param(2, min=0, max=50, help="first steps always computed")
     num_steps: int = 0
     codebook: tuple[tuple[float, int], ...] = DEFAULT_CODEBOOK
 
@@ -146,16 +144,8 @@ class AdaCacheMethod(Method):
         paper="Kahatapitiya et al. 2024, Adaptive Caching for Faster Video Generation with Diffusion "
               "Transformers (arXiv 2411.02397)",
         lossless=False,
-        params=(
-            Param("scale", "float", 1.0, min=0.1, max=5.0, step=0.1,
-                  help="multiplies the codebook thresholds: higher reuses more (faster, rougher)"),
-            Param("max_reuse", "int", 4, min=1, max=10, help="most consecutive steps answered from the cache"),
-            Param("moreg", "bool", True, help="motion regularisation: more motion, fewer reused steps"),
-            Param("moreg_strength", "float", 1.0, min=0.0, max=10.0, step=0.5,
-                  help="how much the motion score shortens reuse (rate x (1 + strength x motion))"),
-            Param("warmup_steps", "int", 2, min=0, max=50, help="first steps always computed"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "adacache"),
+        config=AdaCacheConfig,
+        slots=("dit-cache",),
     )
 
     def apply(self, backend) -> None:

@@ -14,8 +14,15 @@ from typing import Any
 import torch
 
 from backends.accel._patch import ForwardPatch, StepCallback, add_callback
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodSpec, param, register
 from backends.types import ValidationError
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    interval: int = param(3, min=1, max=10, help="run the full UNet every N steps (paper: 3-5)")
+    branch: int = param(0, min=0, max=3,
+                        help="depth of the shallow branch that is recomputed (0 = outermost level only, fastest)")
 
 
 @dataclass
@@ -90,11 +97,7 @@ class DeepCacheMethod(Method):
         summary="Full UNet every N steps; in between only the shallow branch runs on cached deep features.",
         paper="Ma et al. 2024, DeepCache: Accelerating Diffusion Models for Free (CVPR)",
         lossless=False,
-        params=(
-            Param("interval", "int", 3, min=1, max=10, help="run the full UNet every N steps (paper: 3-5)"),
-            Param("branch", "int", 0, min=0, max=3,
-                  help="depth of the shallow branch that is recomputed (0 = outermost level only, fastest)"),
-        ),
+        config=DeepCacheConfig,
     )
 
     def apply(self, backend) -> None:

@@ -7,9 +7,10 @@ Flow-matching models (FLUX, SD3, Wan) keep their flow scheduler family.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodSpec, param, register
 from backends.types import ValidationError
 
 SCHEDULERS = {
@@ -31,6 +32,13 @@ def is_flow_matching(scheduler: Any) -> bool:
     return "FlowMatch" in type(scheduler).__name__ or bool(getattr(scheduler.config, "use_flow_sigmas", False))
 
 
+@dataclass(frozen=True)
+class SamplerConfig:
+    scheduler: str = param("keep", choices=("keep", "ddim", "dpmpp_2m", "unipc", "euler", "lcm"),
+                           help="'keep' leaves the model's own scheduler and only changes the step count")
+    steps: int = param(20, min=1, max=150, help="denoising steps (model evaluations per guidance pass)")
+
+
 @register
 class SamplerMethod(Method):
     spec = MethodSpec(
@@ -41,16 +49,12 @@ class SamplerMethod(Method):
         summary="Swap the scheduler and set the step count; fewer steps is the most direct speed-up.",
         paper="DPM-Solver++ (Lu et al. 2022); UniPC (Zhao et al. 2023)",
         lossless=False,
-        params=(
-            Param("scheduler", "choice", "keep", choices=("keep", "ddim", "dpmpp_2m", "unipc", "euler", "lcm"),
-                  help="'keep' leaves the model's own scheduler and only changes the step count"),
-            Param("steps", "int", 20, min=1, max=150, help="denoising steps (model evaluations per guidance pass)"),
-        ),
+        config=SamplerConfig,
     )
 
     def apply(self, backend) -> None:
         self._saved = backend.pipe.scheduler
-        name = self.params["scheduler"]
+        name = self.config.scheduler
         if name == "keep":
             return
         import diffusers
@@ -68,4 +72,4 @@ class SamplerMethod(Method):
         backend.pipe.scheduler = self._saved
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        return {**call, "num_inference_steps": self.params["steps"]}
+        return {**call, "num_inference_steps": self.config.steps}

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, block_metadata, step_stats
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._diffusers_cache import DIT_CACHES
+from backends.accel.base import Method, MethodSpec, param, register
 from backends.types import ValidationError
 
 # Published rescaling polynomial for FLUX.1 (TeaCache4FLUX), highest power first.
@@ -28,15 +27,19 @@ FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e0
 
 @dataclass(frozen=True)
 class TeaCacheConfig:
-    """``threshold``: accumulated rescaled relative L1 change allowed before a step is
-    recomputed; on FLUX.1 the paper reports 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, 0.6 ≈ 2.0x, 0.8 ≈ 2.25x,
-    with visible drift from 0.6. ``coefficients``: the rescaling polynomial (highest power
-    first; empty = no rescaling). ``num_steps``: steps of the run, so the last one is
-    always computed (0 = unknown)."""
+    """On FLUX.1 the paper reports threshold 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, 0.6 ≈ 2.0x, 0.8 ≈ 2.25x,
+    with visible drift from 0.6. Set at run time: ``coefficients``, the rescaling polynomial
+    (highest power first; empty = no rescaling), and ``num_steps``, the run's steps, so the
+    last one is always computed (0 = unknown)."""
 
-    threshold: float = 0.4
+    threshold: float = param(0.4, min=0.0, max=2.0, step=0.05,
+                             help="accumulated change allowed before recomputing; FLUX.1: 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, "
+                                  "0.6 ≈ 2x, 0.8 ≈ 2.25x (paper); higher = faster and rougher")
     coefficients: tuple[float, ...] = FLUX_COEFFICIENTS
     num_steps: int = 0
+    rescale: str = param("auto", choices=("auto", "flux", "none"),
+                         help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), or "
+                              "auto (FLUX fit for FLUX transformers, none otherwise)")
 
 
 def rescale(value: float, coefficients: tuple[float, ...]) -> float:
@@ -109,15 +112,8 @@ class TeaCacheMethod(Method):
         paper="Liu et al. 2024, Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model "
               "(arXiv 2411.19108)",
         lossless=False,
-        params=(
-            Param("threshold", "float", 0.4, min=0.0, max=2.0, step=0.05,
-                  help="accumulated change allowed before recomputing; FLUX.1: 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, "
-                       "0.6 ≈ 2x, 0.8 ≈ 2.25x (paper); higher = faster and rougher"),
-            Param("rescale", "choice", "auto", choices=("auto", "flux", "none"),
-                  help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), or "
-                       "auto (FLUX fit for FLUX transformers, none otherwise)"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "teacache"),
+        config=TeaCacheConfig,
+        slots=("dit-cache",),
     )
 
     def apply(self, backend) -> None:
