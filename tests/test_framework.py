@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from backends.accel import IMPORT_ERRORS
-from backends.accel.base import Method, MethodSpec, Param, all_methods, check_combinable, instantiate, methods_for, param
+from backends.accel.base import (Method, MethodConfig, MethodSpec, Param, all_methods, check_combinable, instantiate,
+                                 methods_for, param)
 from backends.image import ImageBackend
 from backends.tiny.dummy import dummy_sd_pipeline
 from backends.types import MethodChoice, Request, ValidationError
@@ -151,18 +152,17 @@ def test_run_time_fields_of_a_config_are_not_parameters():
 
 
 def test_a_malformed_config_fails_when_the_spec_is_made():
-    @dataclasses.dataclass(frozen=True)
-    class NoChoices:
+    class NoChoices(MethodConfig):
         mode: str = param("a", help="a text field needs its choices")
 
     @dataclasses.dataclass
-    class NotFrozen:
+    class NotAConfig:
         n: int = param(1, help="n")
 
     with pytest.raises(TypeError, match="needs choices"):
         MethodSpec("bad", "Bad", ("image",), ("unet",), "bad", config=NoChoices)
-    with pytest.raises(TypeError, match="frozen dataclass"):
-        MethodSpec("bad", "Bad", ("image",), ("unet",), "bad", config=NotFrozen)
+    with pytest.raises(TypeError, match="MethodConfig subclass"):
+        MethodSpec("bad", "Bad", ("image",), ("unet",), "bad", config=NotAConfig)
 
 
 def test_paper_settings_are_shown_where_they_differ_from_the_defaults():

@@ -16,13 +16,12 @@ The residual reuse itself is the span cache shared with TeaCache and Δ-DiT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 # (relative change per step, steps to reuse the cache after a computed step), ascending:
@@ -32,8 +31,7 @@ from backends.types import ValidationError
 DEFAULT_CODEBOOK = ((0.08, 5), (0.12, 4), (0.18, 3), (0.26, 2), (0.40, 1))
 
 
-@dataclass(frozen=True)
-class AdaCacheConfig:
+class AdaCacheConfig(MethodConfig):
     """The last step is always computed too; ``num_steps`` (the run's) is set at run time."""
 
     scale: float = param(1.0, min=0.1, max=5.0, step=0.1,

@@ -9,10 +9,9 @@ Dao et al. 2022/2023; SageAttention: Zhang et al. 2025.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
@@ -29,8 +28,7 @@ def dispatched_processors(denoiser) -> list[Any]:
             if isinstance(m, _ATTENTION_CLASSES) and hasattr(getattr(m, "processor", None), "_attention_backend")]
 
 
-@dataclass(frozen=True)
-class AttentionBackendConfig:
+class AttentionBackendConfig(MethodConfig):
     backend: str = param("native", choices=CPU_BACKENDS + GPU_BACKENDS,
                          help="native = PyTorch SDPA picking its kernel; _native_math/_native_flash force one "
                               "(both also run on CPU); flex = FlexAttention (slow on CPU without compile); the "

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Sequence, dataclass_transform
 
 from backends.types import MethodChoice, ValidationError
 
@@ -34,6 +34,16 @@ def param(default: Any, *, help: str, min: float | None = None, max: float | Non
     ``param`` are filled in by the method at run time (a step count, a fitted curve)."""
     info = {"min": min, "max": max, "step": step, "choices": tuple(choices), "help": help, "paper": paper}
     return dataclasses.field(default=default, metadata={_PARAM: info})
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(param,))
+class MethodConfig:
+    """Base of each method's ``*Config``: a subclass becomes a frozen dataclass whose
+    ``param(...)`` fields are the one definition of the method's parameters."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)
 
 
 @dataclass(frozen=True)
@@ -108,16 +118,15 @@ class MethodSpec:
     summary: str
     paper: str = ""
     lossless: bool | None = None  # None: depends on parameters
-    config: type | None = None  # the frozen *Config dataclass of its parameters
+    config: type[MethodConfig] | None = None  # its parameters
     # resources the method takes over; two methods sharing one cannot run together
     slots: tuple[str, ...] = ()
     # where the defaults are not the paper's own settings, why (shown in the preset)
     defaults_note: str = ""
 
     def __post_init__(self):
-        config = self.config
-        if config is not None and not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
-            raise TypeError(f"method {self.name!r}: config must be a frozen dataclass")
+        if self.config is not None and not issubclass(self.config, MethodConfig):
+            raise TypeError(f"method {self.name!r}: config must be a MethodConfig subclass")
         self.params  # noqa: B018  (a malformed field fails at import, not at the first request)
 
     @cached_property
@@ -126,24 +135,18 @@ class MethodSpec:
         return tuple(Param.of(f) for f in fields if _PARAM in f.metadata)
 
     def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
+        return {p.name: p for p in self.params}[name]  # KeyError for an unknown name
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
 
     def validate(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """Fill defaults and coerce every value; unknown keys are an error, not ignored."""
-        params = dict(params or {})
-        known = {p.name for p in self.params}
+        params, known = dict(params or {}), {p.name for p in self.params}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValidationError(
-                f"method '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
-                f"it takes {sorted(known) or 'none'}"
-            )
+            raise ValidationError(f"method '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
+                                  f"it takes {sorted(known) or 'none'}")
         return {p.name: p.coerce(params.get(p.name, p.default)) for p in self.params}
 
     def describe(self) -> dict[str, Any]:
@@ -223,11 +226,8 @@ def get_method(name: str) -> type[Method]:
 
 def methods_for(modality: str, family: str | None = None) -> list[type[Method]]:
     """Methods that apply to a modality (and to a model family, when it is known)."""
-    return [
-        cls
-        for cls in all_methods().values()
-        if modality in cls.spec.modalities and (family is None or family in cls.spec.families)
-    ]
+    return [cls for cls in all_methods().values()
+            if modality in cls.spec.modalities and (family is None or family in cls.spec.families)]
 
 
 def instantiate(choices: Sequence[MethodChoice], modality: str, family: str | None) -> list[Method]:

@@ -12,16 +12,14 @@ Full computation every ``interval`` steps, and always during ``warmup_steps``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class BlockCacheConfig:
+class BlockCacheConfig(MethodConfig):
     interval: int = param(2, min=1, max=10,
                           help="full computation every N steps (Δ-DiT: 2; FORA: 3); 1 disables reuse")
     num_blocks: int = param(0, min=0, max=200,

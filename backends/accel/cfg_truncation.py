@@ -13,11 +13,10 @@ output, which makes ``uncond + s * (cond - uncond)`` exactly ``cond`` without ru
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel._patch import ForwardPatch, add_callback
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 BATCHED_CFG_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
@@ -37,8 +36,7 @@ class _TruncateBatchedCFG:
         return {name: kwargs[name].chunk(2)[-1] for name in self.tensor_inputs if name in kwargs}
 
 
-@dataclass(frozen=True)
-class CFGTruncationConfig:
+class CFGTruncationConfig(MethodConfig):
     fraction: float = param(0.5, min=0.0, max=1.0, step=0.05,
                             help="fraction of steps that keep guidance; 1.0 = normal CFG")
 

@@ -11,17 +11,15 @@ minutes on a CPU); later runs reuse it. Lossless up to kernel rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class CompileConfig:
+class CompileConfig(MethodConfig):
     scope: str = param("regional", choices=("regional", "full"),
                        help="regional: compile the repeated block class once (diffusers compile_repeated_blocks),"
                             " falling back to full when the model has none; full: the whole denoiser (longer "

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from backends.accel._patch import ForwardPatch, StepCallback, add_callback
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class DeepCacheConfig:
+class DeepCacheConfig(MethodConfig):
     interval: int = param(3, min=1, max=10, help="run the full UNet every N steps (paper: 3-5)")
     branch: int = param(0, min=0, max=3,
                         help="depth of the shallow branch that is recomputed (0 = outermost level only, fastest)")

@@ -12,15 +12,13 @@ per branch. The implementation is diffusers' own (``transformer.enable_cache``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod
-from backends.accel.base import MethodSpec, param, register
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 
 
-@dataclass(frozen=True)
-class FasterCacheConfig:
+class FasterCacheConfig(MethodConfig):
     spatial_skip: int = param(2, min=1, max=10, help="compute spatial attention every N calls (paper: 2)")
     timestep_high: int = param(681, min=0, max=1000,
                                help="attention reuse only below this timestep (0-1000; paper: 681)")

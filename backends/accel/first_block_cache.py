@@ -8,15 +8,13 @@ fit. The implementation is diffusers' own (``transformer.enable_cache``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod
-from backends.accel.base import MethodSpec, param, register
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 
 
-@dataclass(frozen=True)
-class FirstBlockCacheConfig:
+class FirstBlockCacheConfig(MethodConfig):
     threshold: float = param(0.05, min=0.0, max=1.0, step=0.01, paper="0.08-0.12 on FLUX.1 for ~2x",
                              help="relative change of the first block's residual below which the rest is "
                                   "skipped (diffusers default 0.05)")

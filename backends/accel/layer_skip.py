@@ -24,15 +24,9 @@ from typing import Any
 import torch
 
 from backends.accel._patch import ForwardPatch
-from backends.accel.base import Method, MethodSpec, param, register
-from backends.accel._decoding import (
-    DecodeState,
-    accept_greedy,
-    crop_cache,
-    decoding_stats,
-    require_greedy,
-    set_decoder,
-)
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._decoding import (DecodeState, accept_greedy, crop_cache, decoding_stats, require_greedy,
+                                      set_decoder)
 from backends.types import ValidationError
 
 
@@ -114,8 +108,7 @@ def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip
         current = accepted[-1]
 
 
-@dataclass(frozen=True)
-class LayerSkipConfig:
+class LayerSkipConfig(MethodConfig):
     skip_ratio: float = param(0.5, min=0.0, max=0.9, step=0.05,
                               help="fraction of all layers skipped while drafting, spread over the inner layers")
     draft_tokens: int = param(4, min=1, max=16, help="most tokens drafted per verification forward")

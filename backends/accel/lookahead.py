@@ -36,12 +36,11 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import DecodeState, decoding_stats, require_greedy, set_decoder
 
 
-@dataclass(frozen=True)
-class LookaheadConfig:
+class LookaheadConfig(MethodConfig):
     """The defaults were measured fastest on one CPU thread (README); a GPU affords the
     paper's wider settings, where a wide forward costs about as much as a narrow one."""
 

@@ -18,19 +18,17 @@ and later runs reuse the stored curve. The implementation is diffusers' own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from backends.accel._block_span import block_lists, block_metadata
 from backends.accel._diffusers_cache import DiffusersCacheMethod
-from backends.accel.base import MethodSpec, param, register
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class MagCacheConfig:
+class MagCacheConfig(MethodConfig):
     threshold: float = param(0.06, min=0.0, max=1.0, step=0.01,
                              help="accumulated error allowed before recomputing (diffusers default 0.06; "
                                   "higher = faster)")

@@ -11,16 +11,14 @@ CFG branch for pipelines that run cond and uncond as separate calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod
-from backends.accel.base import MethodSpec, param, register
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class PABConfig:
+class PABConfig(MethodConfig):
     spatial_skip: int = param(2, min=0, max=10,
                               help="compute spatial self-attention every N calls (paper: 2); 0 = never reuse")
     temporal_skip: int = param(4, min=0, max=10,

@@ -15,16 +15,14 @@ candidate mode. It pays on repetitive audio, where the codec writes the same col
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._codec_decoding import ngram_proposer, verify_loop
 from backends.accel._decoding import decoding_stats, require_greedy, set_decoder
 
 
-@dataclass(frozen=True)
-class PromptLookupConfig:
+class PromptLookupConfig(MethodConfig):
     num_tokens: int = param(10, min=1, max=64, help="tokens copied after a match and verified in one forward "
                                                     "(transformers default 10)")
     max_matching_ngram_size: int = param(2, min=1, max=8, help="longest n-gram searched for in the context "

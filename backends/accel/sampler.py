@@ -7,10 +7,9 @@ Flow-matching models (FLUX, SD3, Wan) keep their flow scheduler family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 SCHEDULERS = {
@@ -32,8 +31,7 @@ def is_flow_matching(scheduler: Any) -> bool:
     return "FlowMatch" in type(scheduler).__name__ or bool(getattr(scheduler.config, "use_flow_sigmas", False))
 
 
-@dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(MethodConfig):
     scheduler: str = param("keep", choices=("keep", "ddim", "dpmpp_2m", "unipc", "euler", "lcm"),
                            help="'keep' leaves the model's own scheduler and only changes the step count")
     steps: int = param(20, min=1, max=150, help="denoising steps (model evaluations per guidance pass)")

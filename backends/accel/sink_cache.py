@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import DecodeState, decoding_stats, set_decoder
 from backends.types import ValidationError
 
@@ -85,8 +85,7 @@ def sink_decode(backend, input_ids: torch.Tensor, state: DecodeState, sinks: int
         ids = torch.tensor([[token]], device=input_ids.device)
 
 
-@dataclass(frozen=True)
-class SinkCacheConfig:
+class SinkCacheConfig(MethodConfig):
     num_sink_tokens: int = param(4, min=0, max=64, help="first tokens always kept (paper: 4)")
     window_length: int = param(256, min=8, max=8192, help="most recent tokens kept")
 

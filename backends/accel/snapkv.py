@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import DecodeState, decoding_stats, set_decoder
 from backends.types import ValidationError
 
@@ -119,8 +119,7 @@ def snapkv_decode(backend, input_ids: torch.Tensor, state: DecodeState, budget: 
         position += 1
 
 
-@dataclass(frozen=True)
-class SnapKVConfig:
+class SnapKVConfig(MethodConfig):
     budget: int = param(1024, min=4, max=32768, help="earlier prompt positions kept per head")
     window: int = param(32, min=1, max=512, help="observation window: last prompt tokens that vote")
     kernel: int = param(7, min=1, max=31, step=2, help="pooling width of the votes (odd; paper: 7)")

@@ -20,22 +20,15 @@ Codec language models (MusicGen) get the same idea through our own loop
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.catalog import bundled
 from backends.accel._codec_decoding import check_same_codec, speculative_loop
-from backends.accel._decoding import (
-    DecodeState,
-    accept_greedy,
-    crop_cache,
-    decoding_stats,
-    require_greedy,
-    set_decoder,
-)
+from backends.accel._decoding import (DecodeState, accept_greedy, crop_cache, decoding_stats, require_greedy,
+                                      set_decoder)
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
@@ -109,8 +102,7 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
         current = accepted[-1]
 
 
-@dataclass(frozen=True)
-class SpeculativeConfig:
+class SpeculativeConfig(MethodConfig):
     draft: str = param("auto", choices=("auto", *(m.name for m in bundled("text", available_only=False))),
                        help="draft model; 'auto' = the model's paired draft (bundled models name theirs)")
     num_assistant_tokens: int = param(5, min=1, max=32, help="tokens drafted per target forward (transformers "

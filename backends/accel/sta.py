@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from backends.accel._patch import StepCallback, add_callback
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
@@ -112,8 +112,7 @@ def self_attention_modules(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in denoiser.modules() if isinstance(m, WanAttention) and not m.is_cross_attention]
 
 
-@dataclass(frozen=True)
-class STAConfig:
+class STAConfig(MethodConfig):
     tile_t: int = param(6, min=1, max=64, help="tokens per tile along time (paper: 6)")
     tile_h: int = param(8, min=1, max=128, help="tokens per tile along height (paper: 8)")
     tile_w: int = param(8, min=1, max=128, help="tokens per tile along width (paper: 8)")

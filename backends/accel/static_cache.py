@@ -13,15 +13,13 @@ and needs a working C++ compiler. On CUDA, compile + static cache is the classic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import decoding_stats
 
 
-@dataclass(frozen=True)
-class StaticCacheConfig:
+class StaticCacheConfig(MethodConfig):
     compile: bool = param(False, help="torch.compile the forward (first run compiles for a long time; slow on "
                                       "CPU)")
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sampler import is_flow_matching
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class SwaySamplingConfig:
+class SwaySamplingConfig(MethodConfig):
     """Values in [-1, 1] keep the grid monotonic; 0 is the plain uniform grid; positive
     crowds the steps near the data end."""
 

@@ -9,17 +9,15 @@ implementation is diffusers' own (``transformer.enable_cache``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod
-from backends.accel.base import MethodSpec, param, register
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 
 
-@dataclass(frozen=True)
-class TaylorSeerConfig:
+class TaylorSeerConfig(MethodConfig):
     interval: int = param(5, min=1, max=20,
                           help="a full computation every N steps (diffusers/paper default 5); 1 = never forecast")
     warmup_steps: int = param(3, min=0, max=50,

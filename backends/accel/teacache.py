@@ -12,21 +12,19 @@ computed. Each CFG branch (cond / uncond) keeps its own accumulator and residual
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, block_metadata, step_stats
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 # Published rescaling polynomial for FLUX.1 (TeaCache4FLUX), highest power first.
 FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 
 
-@dataclass(frozen=True)
-class TeaCacheConfig:
+class TeaCacheConfig(MethodConfig):
     """On FLUX.1 the paper reports threshold 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, 0.6 ≈ 2.0x, 0.8 ≈ 2.25x,
     with visible drift from 0.6. Set at run time: ``coefficients``, the rescaling polynomial
     (highest power first; empty = no rescaling), and ``num_steps``, the run's steps, so the

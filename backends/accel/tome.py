@@ -20,14 +20,13 @@ from typing import Any, Callable
 import torch
 
 from backends.accel._patch import ForwardPatch
-from backends.accel.base import Method, MethodSpec, param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class ToMeConfig:
+class ToMeConfig(MethodConfig):
     """The attention cost falls roughly with ``(1 - ratio)^2``; up to ~0.6 keeps SD images
     close. ``sx``/``sy``: the patch in which one destination token is picked (2x2)."""
 
