@@ -157,6 +157,26 @@ def create_app(args: argparse.Namespace):
     return app, studio
 
 
+def launch_options(args: argparse.Namespace, studio) -> dict:
+    """The keyword arguments of ``launch()``, shared by ``main()`` and the tests' served app
+    so the tests exercise the real settings. Only the outputs folder (and the folder of
+    exports made for download) is ever served: never the history database or its WAL/SHM
+    journals (serving them opens and closes the file in this process, which drops
+    SQLite's locks), never the trash or anything else in the data dir. Both folders are
+    served in place rather than copied into gradio's cache, so a deleted output stops
+    being downloadable at once."""
+    import gradio as gr
+
+    from studio.ui import STUDIO_CSS
+
+    served = [str(studio.outputs.root.resolve()), str(studio.exports.folder.resolve())]
+    gr.set_static_paths(served)
+    blocked = [str(p) for p in studio.history.database_files()] + [str((studio.data_dir / "trash").resolve())]
+    return dict(server_name=args.host, server_port=args.port, share=args.share, **auth_launch_options(args),
+                show_error=True, allowed_paths=served, blocked_paths=blocked, footer_links=["api", "settings"],
+                css=STUDIO_CSS)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -176,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastgen-studio: {exc}", file=sys.stderr)
         return 2
     log.info("device %s, data dir %s, history %s", studio.manager.device, studio.data_dir, studio.history.url)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, **auth_launch_options(args),
-               show_error=True, allowed_paths=[str(studio.data_dir.resolve())], footer_links=["api", "settings"])
+    app.launch(**launch_options(args, studio))
     return 0
 
 

@@ -1,9 +1,12 @@
 """``python -m benchmarks --modality M --model ID --methods a,b --repeats N --json FILE``
 
-Runs the baseline and each method configuration in the same process, interleaved
-(baseline, m1, m2, baseline, m1, m2, ...), so slow drift of the machine hits all of them
-alike. Every speedup is ``baseline_seconds / method_seconds`` from this one run. Timing
-claims come from these ratios, never from assertions in tests.
+Runs the baseline and each method configuration in the same process through
+``studio.measure``, the engine Compare uses: a warm-up run each, then interleaved per
+prompt (baseline, m1, m2, baseline, m1, m2, ...), so slow drift of the machine hits all
+of them alike. Every speedup is the median of paired ``baseline_seconds / method_seconds``
+ratios (same prompt, same repetition) from this one run, with their range; caching
+methods add their ideal speedup and the efficiency measured / ideal. Timing claims come
+from these ratios, never from assertions in tests.
 
 ``--methods`` takes the Compare-tab syntax, configurations separated by commas outside
 parentheses: ``deepcache(interval=3),sampler(scheduler=dpmpp_2m, steps=12)+cfg_truncation``.
@@ -29,7 +32,9 @@ from backends.manager import BackendManager
 from backends.types import Request
 from benchmarks.prompts import default_prompts
 from studio import metrics
+from backends.accel._eval_cost import run_ideal
 from studio.compare import CompareConfig, _split_top_level, parse_config
+from studio.measure import Timed, measure, summarize
 
 
 def parse_methods(text: str) -> list[CompareConfig]:
@@ -58,48 +63,52 @@ def lossless_flag(config: CompareConfig) -> bool | None:
 def run_benchmark(manager: BackendManager, modality: str, model: str, configs: list[CompareConfig],
                   prompts: list[str], params: dict, repeats: int, seed: int, warmup: bool = True,
                   log=print) -> list[dict[str, Any]]:
+    """Every configuration on every prompt through ``studio.measure`` (the engine Compare
+    uses): a warm-up run each, runs interleaved per prompt, speedup = median of the paired
+    ratios with their range, and the ideal speedup and efficiency of caching methods."""
     backend = manager.get(modality, model)
     configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
-    requests = {
-        c.label: [Request(modality, model, p, seed=seed + i, params=params, methods=c.methods) for i, p in enumerate(prompts)]
-        for c in configs
-    }
-    if warmup:
-        for c in configs:
-            backend.run(requests[c.label][0])
-    # Interleaved per prompt (baseline, m1, m2 on prompt 1, then prompt 2...): a change in
-    # machine load hits every configuration of a pair within seconds, not a whole block.
-    seconds: dict[str, list[float]] = {c.label: [] for c in configs}
-    per_run: dict[str, list[float]] = {c.label: [] for c in configs}
-    last: dict[str, list] = {c.label: [None] * len(prompts) for c in configs}
-    for rep in range(repeats):
-        totals = {c.label: 0.0 for c in configs}
-        for i in range(len(prompts)):
-            for c in configs:
-                result = backend.run(requests[c.label][i])
-                totals[c.label] += result.total_seconds
-                per_run[c.label].append(result.total_seconds)
-                last[c.label][i] = result
-        for label, total in totals.items():
-            seconds[label].append(total)
-        log(f"repeat {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in seconds.items()))
-    base_out = [r.output for r in last["baseline"]]
+    requests = [[Request(modality, model, p, seed=seed + i, params=params, methods=c.methods)
+                 for i, p in enumerate(prompts)] for c in configs]
+
+    def run(config: int, case: int) -> Timed:
+        result = backend.run(requests[config][case])
+        return Timed(result.total_seconds, result, run_ideal(result.method_stats, result.total_seconds),
+                     result.device)
+
+    def warm(config: int, case: int) -> None:
+        backend.run(requests[config][case])
+
+    def report(done: int, total: int, label: str) -> None:
+        if done == total or done % max(1, len(configs) * len(prompts)) == 0:
+            log(f"{done}/{total} runs: {label}")
+
+    measured = measure(len(configs), len(prompts), run, repeats=repeats, warm=warm if warmup else None,
+                       progress=report, labels=[c.label for c in configs])
+    failed = [(configs[r.index].label, r.error) for r in measured.runs if r.error]
+    if failed:
+        raise RuntimeError("benchmark run failed: " + "; ".join(f"{label}: {error}" for label, error in failed))
+    base_last = measured.runs[0].last
+    base_out = [base_last[i].output for i in range(len(prompts))]
     rows = []
-    for c in configs:
-        results = last[c.label]
-        median = statistics.median(seconds[c.label])
-        # speedup: the median of paired ratios (same prompt, same repeat, seconds apart)
-        paired = [b / m for b, m in zip(per_run["baseline"], per_run[c.label]) if m > 0]
+    for c, runs, summary in zip(configs, measured.runs, summarize(measured)):
+        results = [runs.last[i] for i in range(len(prompts))]
         per_prompt = [metrics.quality(modality, b, r.output) for b, r in zip(base_out, results)]
         quality = {k: round(statistics.mean(q[k] for q in per_prompt), 4) for k in per_prompt[0]}
         task = metrics.task_score(modality, model, [r.output for r in results], prompts)
         if task:
             quality.update({f"task_{k}": round(v, 4) for k, v in task.items()})
+        speed = summary.speedup
         row = {
             "method": c.label,
             "params": [m.to_dict() for m in c.methods],
-            "seconds_median": round(median, 4),
-            "speedup": round(statistics.median(paired), 3),
+            "seconds_median": round(summary.round_seconds, 4),
+            "speedup": round(speed.median, 3),
+            "speedup_min": round(speed.low, 3),
+            "speedup_max": round(speed.high, 3),
+            "pairs": speed.pairs,
+            "ideal_speedup": _rounded(summary.ideal, 3),
+            "efficiency": _rounded(summary.efficiency, 3),
             "quality": quality,
             "lossless": lossless_flag(c),
             "model_evals": sum(r.model_evals for r in results),
@@ -107,14 +116,18 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
             "device": results[0].device,
         }
         if modality == "text":
-            row.update(text_figures(results, [r.output for r in last["baseline"]]))
+            row.update(text_figures(results, base_out))
         if modality == "audio":  # seconds of audio made per second of compute (> 1: faster than real time)
             made = sum(len(r.output[0]) / r.output[1] for r in results)
             row["real_time_factor"] = round(made / max(sum(r.total_seconds for r in results), 1e-9), 3)
         if getattr(backend, "family", "") == "codec-lm":
-            row.update(codec_figures(results, last["baseline"]))
+            row.update(codec_figures(results, [base_last[i] for i in range(len(prompts))]))
         rows.append(row)
     return rows
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def text_figures(results, baseline_texts) -> dict[str, Any]:
@@ -299,12 +312,14 @@ def studio_overhead(manager: BackendManager, model: str, prompts: list[str], par
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
-    extra_keys = [k for k in ("tokens_per_target_forward", "positions_per_target_forward", "all_exact", "overhead_pct")
-                  if any(k in r for r in rows)]
-    header = ["method", "seconds", "speedup", *quality_keys, *extra_keys]
+    extra_keys = [k for k in ("ideal_speedup", "efficiency", "tokens_per_target_forward",
+                              "positions_per_target_forward", "all_exact", "overhead_pct")
+                  if any(r.get(k) is not None for r in rows)]
+    header = ["method", "seconds", "speedup", "range", *quality_keys, *extra_keys]
     lines = [header]
     for r in rows:
-        lines.append([r["method"], f"{r['seconds_median']:.3f}", f"{r['speedup']:.2f}x",
+        span = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if r.get("speedup_min") is not None else "-"
+        lines.append([r["method"], f"{r['seconds_median']:.3f}", f"{r['speedup']:.2f}x", span,
                       *[_fmt(r.get("quality", {}).get(k)) for k in quality_keys], *[_fmt(r.get(k)) for k in extra_keys]])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):

@@ -173,7 +173,39 @@ def measure(url: str | None, rows: int, repeats: int = 3) -> list[dict]:
     return results
 
 
+TARGETS = {  # issue #22's targets, in seconds (export: rows per second)
+    "page load with hints": 1.0, "one hint": 0.1, "one page + count": 0.1, "filter by method + count": 0.1,
+    "text search + count": 0.1, "startup repair": 5.0,
+}
+
+
+def markdown_table(paths: list[str]) -> str:
+    """The README table from one or more result files (one column per database)."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    names = [rows[0]["database"] for rows in runs]
+    lines = [f"| operation ({runs[0][0]['rows']:,} runs) | target | " + " | ".join(names) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    for i, row in enumerate(runs[0]):
+        op = row["operation"]
+        if op == "CSV export":
+            target = ">= 20,000 rows/s, flat memory"
+            cells = [f"{r[i]['rows_per_second']:,.0f} rows/s, peak {r[i]['peak_python_memory_mb']:.1f} MiB"
+                     for r in runs]
+        else:
+            target = f"<= {TARGETS[op] * 1000:g} ms" if op in TARGETS else "-"
+            cells = [f"{r[i]['seconds'] * 1000:,.1f} ms" for r in runs]
+        lines.append(f"| {op} | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:
+        print(markdown_table(argv[1:]))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.history", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--db", metavar="URL", help="an EMPTY database to fill (default: a new SQLite file)")

@@ -38,12 +38,21 @@ audio() {
     --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation" \
     --json "$OUT/audio-tiny-audio-synth.json"
 }
-# ./readme_tables.sh [text|image|video|audio ...]: the named series only (default: all,
+ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs the CLI's
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 3 --prompts 4 --steps 25 --guidance 5 \
+    --methods "deepcache(interval=3),deepcache(interval=5)" --json "$OUT/ideal-tiny-sd-shapes.json"
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 3 --prompts 4 --steps 25 --guidance 5 \
+    --methods "teacache(threshold=0.4),adacache,block_cache,first_block_cache(threshold=0.3),mag_cache" \
+    --json "$OUT/ideal-tiny-flux-shapes.json"
+  $PY -m benchmarks.compare_check --json "$OUT/compare-check-tiny-sd-shapes.json" || true
+}
+# ./readme_tables.sh [text|image|video|audio|ideal ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
-[ ${#series[@]} -eq 0 ] && series=(text image video audio)
+[ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
 for ((i = 0; i < ${#series[@]}; i += 2)); do
   for name in "${series[@]:i:2}"; do "$name" > "$OUT/$name.log" 2>&1 & done
   wait
 done
-$PY -m benchmarks.report "$OUT"/*.json
+$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead}-*.json
+$PY -m benchmarks.report --ideal "$OUT"/ideal-*.json

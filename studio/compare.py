@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backends.accel.base import get_method
-from backends.control import RunCancelled, RunTimedOut
-from backends.types import MethodChoice, Request, StudioError, ValidationError
+from backends.types import MethodChoice, Request, ValidationError
+from backends.accel._eval_cost import run_ideal
 from studio import metrics
+from studio.measure import Cancelled, Measurement, Timed, measure, summarize  # noqa: F401  (Cancelled: re-exported)
 
 
 @dataclass
@@ -146,7 +147,11 @@ class CompareRow:
     label: str
     methods: list[MethodChoice]
     seconds: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # median of paired ratios (studio.measure)
+    speedup_min: float | None = None
+    speedup_max: float | None = None
+    ideal_speedup: float | None = None  # from what the methods skipped (backends.accel._eval_cost)
+    efficiency: float | None = None  # speedup / ideal_speedup
     peak_memory_mb: float | None = None
     model_evals: int | None = None
     quality: dict[str, float] = field(default_factory=dict)
@@ -166,6 +171,10 @@ class CompareRow:
             "config": self.label,
             "seconds": _round(self.seconds, 4),
             "speedup": _round(self.speedup, 3),
+            "speedup_min": _round(self.speedup_min, 3),
+            "speedup_max": _round(self.speedup_max, 3),
+            "ideal_speedup": _round(self.ideal_speedup, 3),
+            "efficiency": _round(self.efficiency, 3),
             "peak_mem_mb": _round(self.peak_memory_mb, 1),
             "model_evals": self.model_evals,
         }
@@ -250,27 +259,26 @@ def quality_label(modality: str) -> str:
             "text": "token agreement vs baseline", "audio": "-LSD vs baseline (dB)"}[modality]
 
 
-class Cancelled(StudioError):
-    pass
-
-
 def run_compare(
     studio,
     request: Request,
     configs: list[CompareConfig],
     *,
-    repeats: int = 1,
-    warmup: bool = False,
+    repeats: int = 3,
+    warmup: bool = True,
     seeds: list[int] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
     parallel: int = 1,
 ) -> CompareReport:
-    """Baseline first, then each configuration; every run lands in history under one
-    compare group. A failing configuration becomes an error row; the others go on.
-    ``parallel`` > 1 fans the configurations out over that many executor workers (Ray);
-    rows say which worker and device measured them, and a speedup is only computed
-    against a baseline measured on the same device."""
+    """The baseline and each configuration through ``studio.measure``: a warm-up run each
+    (untimed, not kept), then per repetition and seed the baseline and every configuration
+    back to back; a speedup is the median of the paired ratios (same seed, same
+    repetition) with their range. Every timed run lands in history under one compare
+    group. A failing configuration becomes an error row; the others go on. ``parallel`` > 1
+    runs the configurations of one round over that many executor workers (Ray); rows say
+    which worker and device measured them, and a ratio is only formed within one device.
+    The defaults (3 repeats, warm-up) are the ones whose numbers can be trusted."""
     if not 1 <= repeats <= 20:
         raise ValidationError("repeats must be between 1 and 20")
     if len(configs) > 32:
@@ -278,80 +286,63 @@ def run_compare(
     seeds = seeds or [request.seed]
     group = uuid.uuid4().hex[:12]
     configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
-    total = len(configs) * (repeats + int(warmup)) * len(seeds)
-    counter = {"done": 0}
-    counter_lock = threading.Lock()
 
-    def tick(label: str) -> None:
-        with counter_lock:
-            counter["done"] += 1
-            done = counter["done"]
-        if progress:
-            progress(done, total, label)
+    def prepared(config: int, case: int) -> Request:
+        return request.replace(methods=configs[config].methods, seed=seeds[case], compare_group=group)
 
-    def measure(config: CompareConfig) -> CompareRow:
-        row = CompareRow(config.label, config.methods)
-        times: list[float] = []
-        try:
-            for seed in seeds:
-                req = request.replace(methods=config.methods, seed=seed, compare_group=group)
-                if warmup:
-                    studio.warm_up(req, cancel=cancel)  # not kept: warms caches/compilation
-                    tick(f"{config.label} warm-up")
-                per_seed = []
-                for _ in range(repeats):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("comparison cancelled")
-                    outcome = studio.generate(req, cancel=cancel)  # stops mid-run too
-                    tick(f"{config.label} (seed {seed})")
-                    per_seed.append(outcome)
-                    row.run_ids.append(outcome.run_id)
-                    times.append(outcome.result.total_seconds)
-                last = per_seed[-1].result
-                row.outputs.append(last.output)
-                row.output_paths.append(last.output_path)
-                row.model_evals = last.model_evals
-                row.stats = last.method_stats
-                row.notes = last.notes
-                row.device, row.worker = last.device, last.worker
-                row.peak_memory_mb = max(o.result.peak_memory_bytes for o in per_seed) / 2**20
-                row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in per_seed) for k in last.timings}
-            row.seconds = statistics.median(times)
-        except RunTimedOut as exc:  # this configuration ran too long; the others still run
-            row.error = str(exc)
-        except (Cancelled, RunCancelled):
-            row.error = "cancelled"
-        except StudioError as exc:
-            row.error = str(exc)
-        return row
+    def warm(config: int, case: int) -> None:
+        studio.warm_up(prepared(config, case), cancel=cancel)  # not kept: warms caches and allocators
 
-    rows = [measure(configs[0])]
-    rest = configs[1:]
-    if rows[0].error == "cancelled":
-        rest = []
-    if parallel > 1 and len(rest) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    kept: dict[int, list[Any]] = {i: [] for i in range(len(configs))}  # every timed run, for history and peaks
 
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            rows += list(pool.map(measure, rest))
-    else:
-        for config in rest:
-            rows.append(measure(config))
-            if rows[-1].error == "cancelled":
-                break
+    def run(config: int, case: int) -> Timed:
+        outcome = studio.generate(prepared(config, case), cancel=cancel)  # stops mid-run too
+        kept[config].append(outcome)
+        result = outcome.result
+        return Timed(result.total_seconds, outcome, run_ideal(result.method_stats, result.total_seconds),
+                     result.device)
+
+    measured = measure(len(configs), len(seeds), run, repeats=repeats, warm=warm if warmup else None,
+                       cancel=cancel, progress=progress, labels=[c.label for c in configs], parallel=parallel)
+    rows = compare_rows(configs, measured, kept)
     base = rows[0]
     for row in rows:
-        if row.seconds is None:
-            continue
-        if base.seconds and base.device == row.device:  # a speedup only within one device class
-            row.speedup = base.seconds / row.seconds
-        if base.outputs and row.outputs:
+        if base.outputs and row.outputs and len(base.outputs) == len(row.outputs):
             per_seed_quality = [metrics.quality(request.modality, b, out) for b, out in zip(base.outputs, row.outputs)]
             row.quality = {k: float(statistics.mean(q[k] for q in per_seed_quality)) for k in per_seed_quality[0]}
-        row.task = metrics.task_score(request.modality, request.model, row.outputs, [request.prompt] * len(row.outputs))
+        if row.outputs:
+            row.task = metrics.task_score(request.modality, request.model, row.outputs,
+                                          [request.prompt] * len(row.outputs))
         for run_id in row.run_ids:
             studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})
-    if progress:
-        progress(total, total, "done")
     return CompareReport(group, request.modality, request.model, rows)
+
+
+def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict[int, list[Any]]) -> list[CompareRow]:
+    """One row per configuration the measurement reached (the baseline always): its figures
+    from ``summarize``, its outputs from the last repetition of each seed."""
+    rows = []
+    for config, runs, summary in zip(configs, measured.runs, summarize(measured)):
+        if not runs.started and not runs.error and config is not configs[0]:
+            continue  # a cancel came before this configuration's first run
+        row = CompareRow(config.label, config.methods, error=runs.error)
+        if runs.index == 0 and measured.cancelled and not runs.error:
+            row.error = "cancelled"
+        outcomes = [runs.last[case] for case in sorted(runs.last)]
+        row.run_ids = [o.run_id for o in kept[runs.index]]
+        if outcomes and not row.error:
+            last = outcomes[-1].result
+            row.outputs = [o.result.output for o in outcomes]
+            row.output_paths = [o.result.output_path for o in outcomes]
+            row.model_evals, row.stats, row.notes = last.model_evals, last.method_stats, last.notes
+            row.device, row.worker = last.device, last.worker
+            row.peak_memory_mb = max(o.result.peak_memory_bytes for o in kept[runs.index]) / 2**20
+            row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in outcomes) for k in last.timings}
+            row.seconds = summary.seconds
+            if summary.speedup:
+                row.speedup, row.speedup_min, row.speedup_max = (
+                    summary.speedup.median, summary.speedup.low, summary.speedup.high)
+            row.ideal_speedup, row.efficiency = summary.ideal, summary.efficiency
+        rows.append(row)
+    return rows
 

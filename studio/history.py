@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -174,8 +175,11 @@ RUN_COLUMNS = [c.name for c in Run.__table__.columns if c.name not in INTERNAL_C
 
 
 class HistoryStore:
-    def __init__(self, url: str):
+    def __init__(self, url: str, outputs=None):
+        """``outputs`` (an OutputStore) is where stored paths are resolved; without one,
+        deleting a row never touches a file."""
         self.url = _display_url(url)  # what logs and messages may show: never the password
+        self.outputs = outputs
         connect_args = {"timeout": 30, "check_same_thread": False} if url.startswith("sqlite") else {}
         try:
             self.engine = create_engine(url, connect_args=connect_args)
@@ -311,22 +315,36 @@ class HistoryStore:
             return int(session.scalar(self._filtered(select(func.count(Run.id)), **filters)))
 
     def delete(self, run_ids: Iterable[int], delete_files: bool = True) -> int:
-        """Delete rows (and their output files). The row goes first: a crash in between
-        leaves an orphan file, which the startup repair removes, never a dangling row."""
-        paths = []
+        """Delete rows, their child rows (a story's stages), and their output files. Rows
+        go first: a crash in between leaves an orphan file, which the startup repair moves
+        to the trash, never a dangling row. Files are removed only inside the outputs
+        folder, whatever a row's path says."""
         with self.sessions.begin() as session:
-            rows = list(session.scalars(select(Run).where(Run.id.in_(list(run_ids)))))
+            ids = set(run_ids)
+            frontier = set(ids)
+            while frontier:  # descendants: stories' stages, and anything below them
+                frontier = set(session.scalars(select(Run.id).where(Run.parent_id.in_(list(frontier))))) - ids
+                ids |= frontier
+            rows = list(session.scalars(select(Run).where(Run.id.in_(list(ids)))))
+            doomed = [(row.id, row.modality, row.output_path) for row in rows]
             session.execute(delete(RunMethod).where(RunMethod.run_id.in_([row.id for row in rows])))
             for row in rows:
                 if _summarised(row):
                     _add_to_summary(session, row, -1)
-                if row.output_path:
-                    paths.append(row.output_path)
                 session.delete(row)
-        if delete_files:
-            for path in paths:
-                Path(path).unlink(missing_ok=True)
+        if delete_files and self.outputs is not None:
+            for run_id, modality, stored in doomed:
+                self._delete_files(run_id, modality, stored)
         return len(rows)
+
+    def _delete_files(self, run_id: int, modality: str, stored: str | None) -> None:
+        path = self.outputs.resolve(stored)
+        if path is not None and path.is_file():
+            path.unlink(missing_ok=True)
+        if modality == "story":  # story.md and the step images live beside story.html
+            folder = self.outputs.story_folder(run_id)
+            if folder.is_dir() and not folder.is_symlink() and self.outputs.resolve(folder) is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def output_paths(self) -> set[str]:
         with self.sessions() as session:
@@ -355,6 +373,45 @@ class HistoryStore:
                 if progress:
                     progress(written, total)
         return written
+
+    def mark_interrupted(self) -> int:
+        """Rows still 'running' at startup belong to a process that died (a story cut
+        short by a crash): they are 'interrupted', not running forever."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(Run).where(Run.status == "running").values(status="interrupted",
+                                                                   error="interrupted: the studio stopped during this run")
+            )
+            return int(result.rowcount or 0)
+
+    def migrate_absolute_paths(self, outputs) -> int:
+        """Rows written before paths were stored relative: an absolute path under the
+        current outputs folder becomes relative; one from an older data dir location is
+        matched by its part after ``outputs/`` when that file exists here. Others are left
+        as they are (shown as a missing file, never read)."""
+        changed = 0
+        with self.sessions.begin() as session:
+            rows = session.execute(select(Run.id, Run.output_path).where(Run.output_path.is_not(None))).all()
+            for run_id, stored in rows:
+                if not os.path.isabs(stored):
+                    continue
+                relative = None
+                if outputs.resolve(stored) is not None:
+                    relative = outputs.relative(stored)
+                else:
+                    relative = outputs.match_moved(stored)
+                if relative is not None:
+                    session.execute(update(Run).where(Run.id == run_id).values(output_path=relative))
+                    changed += 1
+        return changed
+
+    def database_files(self) -> list[Path]:
+        """The SQLite file and its journal companions: never to be served to anyone."""
+        database = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
+        if not database or database == ":memory:":
+            return []
+        path = Path(database).resolve()
+        return [path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
 
     def export_csv(self, **filters: Any) -> str:
         """The whole filtered history as one CSV string (small histories, tests); the UI

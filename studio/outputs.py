@@ -2,32 +2,106 @@
 
 Files are written to a temporary name and renamed into place, so a crash never leaves
 a half-written file under a name that a history row could point to.
+
+Rows store paths RELATIVE to the data dir (``outputs/2026-11-30/image-abc.png``) so a
+data dir can be moved or restored elsewhere; every stored path is resolved against the
+current data dir and checked to lie inside the outputs folder before it is read,
+served or deleted, because a row's path is data, and data can be edited.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 EXTENSIONS = {"image": ".png", "text": ".txt", "audio": ".wav", "video": ".mp4"}
+STORIES = "stories"  # outputs/stories/<story run id>/: story.html, story.md, step-N.png
+
+log = logging.getLogger(__name__)
 
 
 class OutputStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.root.parent
 
     def new_path(self, modality: str, suffix: str | None = None) -> Path:
         day = self.root / datetime.now().strftime("%Y-%m-%d")
         day.mkdir(parents=True, exist_ok=True)
         return day / f"{modality}-{uuid.uuid4().hex[:12]}{suffix or EXTENSIONS[modality]}"
 
+    # -- stored paths ------------------------------------------------------------------
+    def relative(self, path: str | os.PathLike) -> str:
+        """The form a row stores: relative to the data dir, with forward slashes. A path
+        outside the outputs folder is refused (ValueError): rows never point elsewhere."""
+        real = Path(path).resolve()
+        rel = real.relative_to(self.root.resolve())  # raises ValueError outside the root
+        return (Path(self.root.name) / rel).as_posix()
+
+    def resolve(self, stored: str | os.PathLike | None) -> Path | None:
+        """The real file a stored path names, or None when it lies outside the outputs
+        folder (an absolute path elsewhere, ``..``, a symlink leading out)."""
+        if not stored:
+            return None
+        path = Path(stored)
+        if not path.is_absolute():
+            path = self.data_dir / path
+        try:
+            real = path.resolve()
+            real.relative_to(self.root.resolve())
+        except (ValueError, OSError, RuntimeError):
+            return None
+        return real
+
+    def story_folder(self, story_id: int) -> Path:
+        return self.root / STORIES / str(int(story_id))
+
+    def match_moved(self, stored: str) -> str | None:
+        """For an absolute path from an older data dir location: the same file here,
+        matched by the part after its last ``outputs/`` component (or ``stories/``, where
+        older versions kept stories), if it exists."""
+        parts = Path(stored).parts
+        for anchor, base in ((self.root.name, self.root), (STORIES, self.root / STORIES)):
+            if anchor not in parts:
+                continue
+            index = len(parts) - 1 - parts[::-1].index(anchor)
+            tail = parts[index + 1:]
+            if not tail or any(p in ("..", ".") for p in tail):
+                continue
+            candidate = base.joinpath(*tail)
+            if candidate.is_file() and self.resolve(candidate) is not None:
+                return self.relative(candidate)
+        return None
+
+    def adopt_legacy_stories(self) -> int:
+        """Older versions wrote stories to DATA_DIR/stories/<id>/, outside the outputs
+        folder (so neither served nor deletable now). Move each folder to
+        outputs/stories/<id>/ unless one is already there; nothing is deleted."""
+        legacy = self.data_dir / STORIES
+        if not legacy.is_dir() or legacy.is_symlink():
+            return 0
+        moved = 0
+        for folder in legacy.iterdir():
+            target = self.root / STORIES / folder.name
+            if folder.is_dir() and not folder.is_symlink() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(folder), str(target))
+                moved += 1
+        if moved:
+            log.info("moved %d story folder(s) from %s to %s", moved, legacy, self.root / STORIES)
+        return moved
+
+    # -- writing -----------------------------------------------------------------------
     def save(self, modality: str, output: Any, fps: int = 8) -> Path:
         if modality == "image":
             return self._atomic(self.new_path("image"), lambda p: output.save(p, format="PNG"))
@@ -73,10 +147,68 @@ class OutputStore:
                 os.unlink(tmp)
         return path
 
-    def orphans(self, referenced: set[str]) -> list[Path]:
+    # -- upkeep ------------------------------------------------------------------------
+    def files(self) -> list[Path]:
+        """Every regular file under the root (symlinks are not ours and are left alone)."""
+        return [p for p in self.root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+    def owned_folders(self, referenced: Iterable[Path]) -> set[Path]:
+        """A story row points at its story.html; the whole story folder (story.md, the
+        step images) belongs to it."""
+        stories = (self.root / STORIES).resolve()
+        return {p.parent for p in referenced if p.parent.parent == stories}
+
+    def orphans(self, referenced: Iterable[Path]) -> list[Path]:
         """Files under the root that no history row points to (left by a crash)."""
-        referenced = {str(Path(p).resolve()) for p in referenced}
+        referenced = set(referenced)
+        folders = self.owned_folders(referenced)
         return [
-            p for p in self.root.rglob("*")
-            if p.is_file() and (p.name.startswith(".tmp-") or str(p.resolve()) not in referenced)
+            p for p in self.files()
+            if p.name.startswith(".tmp-") or (p.resolve() not in referenced and p.resolve().parent not in folders)
         ]
+
+    def move_to_trash(self, paths: Iterable[Path]) -> Path | None:
+        """Move files to DATA_DIR/trash/<time>/<same relative path>: the repair never
+        deletes what it is not sure about; a person can look and restore."""
+        paths = list(paths)
+        if not paths:
+            return None
+        trash = self.data_dir / "trash" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        for path in paths:
+            target = trash / path.relative_to(self.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(target))
+            log.warning("startup repair: %s has no history row; moved to %s", path, target)
+        return trash
+
+
+class ExportFolder:
+    """One folder under the data dir for files made only to be downloaded (CSV, JSON,
+    compare reports). Reused and pruned, so exports never pile up temp folders; it is
+    served directly, so gradio keeps no copies of its own."""
+
+    def __init__(self, folder: str | os.PathLike, keep: int = 20, max_age_s: float = 3600.0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.keep, self.max_age_s = keep, max_age_s
+
+    def new_file(self, name: str) -> Path:
+        """A fresh, unique path for ``name`` (two users exporting at once never share a
+        file); old exports beyond ``keep`` or older than ``max_age_s`` are removed."""
+        self.prune()
+        stem, suffix = os.path.splitext(Path(name).name)
+        return self.folder / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+
+    def prune(self) -> None:
+        stamped = []
+        for path in self.folder.iterdir():
+            try:
+                if path.is_file():
+                    stamped.append((path.stat().st_mtime, path))
+            except OSError:  # removed meanwhile by another request's prune
+                continue
+        stamped.sort(reverse=True)
+        now = time.time()
+        for index, (mtime, path) in enumerate(stamped):
+            if index >= self.keep or now - mtime > self.max_age_s:
+                path.unlink(missing_ok=True)

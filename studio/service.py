@@ -20,7 +20,7 @@ from backends.manager import BackendManager
 from backends.types import OutOfMemoryError, Request, Result, StudioError, ValidationError
 from studio.history import HistoryStore, sqlite_url
 from studio.limits import DEFAULT_MAX_COST, DEFAULT_TIME_LIMIT_S, check_cost, release_memory
-from studio.outputs import OutputStore
+from studio.outputs import ExportFolder, OutputStore
 from studio.presets import PresetLibrary
 from studio.validation import validate_request
 
@@ -71,8 +71,9 @@ class Studio:
         ``time_limit_s``: a run still going after this many seconds stops at its next step."""
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.history = HistoryStore(db_url or sqlite_url(self.data_dir / "history.db"))
         self.outputs = OutputStore(self.data_dir / "outputs")
+        self.exports = ExportFolder(self.data_dir / "exports")
+        self.history = HistoryStore(db_url or sqlite_url(self.data_dir / "history.db"), outputs=self.outputs)
         self.manager = manager or BackendManager(device=device, allowed_roots=allowed_roots)
         self.executor = executor or LocalExecutor(self.manager)
         self.presets = PresetLibrary(self.history)
@@ -142,9 +143,10 @@ class Studio:
         path = self.outputs.save(request.modality, result.output, fps=fps)
         result.output_path = str(path)
         metrics = metrics_fn(result) if metrics_fn else {}
-        try:
+        try:  # the row keeps the path relative to the data dir: the data dir can move
             run_id = self.history.record_run(
-                request, result, status="ok", output_path=str(path), metrics=metrics, parent_id=parent_id
+                request, result, status="ok", output_path=self.outputs.relative(path), metrics=metrics,
+                parent_id=parent_id
             )
         except Exception:
             path.unlink(missing_ok=True)  # no row, no file: never an orphan
@@ -183,22 +185,37 @@ class Studio:
         return hints
 
     # -- upkeep ------------------------------------------------------------------------
-    def repair(self) -> dict[str, int]:
-        """Startup repair: remove output files no row points to (a crash between file and
-        row), and clear paths of rows whose file was deleted by hand."""
-        referenced = self.history.output_paths()
-        orphans = self.outputs.orphans(referenced)
-        for path in orphans:
-            path.unlink(missing_ok=True)
-        missing = [p for p in referenced if not Path(p).exists()]
-        if missing:
-            from sqlalchemy import update
-
-            from studio.history import Run
-
-            with self.history.sessions.begin() as session:
-                session.execute(update(Run).where(Run.output_path.in_(missing)).values(output_path=None))
-        return {"orphan_files_removed": len(orphans), "rows_with_missing_files": len(missing)}
+    def repair(self) -> dict[str, Any]:
+        """Startup repair, which never deletes: stale 'running' rows become 'interrupted';
+        absolute paths of older rows become relative; files no row points to (a crash
+        between file and row) move to DATA_DIR/trash/. When there are files but no row
+        points to any of them (another --db, a moved data dir the rows cannot be matched
+        to), it moves nothing and says why. Rows whose file is missing keep their path."""
+        report: dict[str, Any] = {"interrupted_runs": self.history.mark_interrupted(),
+                                  "story_folders_moved": self.outputs.adopt_legacy_stories(),
+                                  "paths_migrated": self.history.migrate_absolute_paths(self.outputs),
+                                  "orphans_moved_to_trash": 0, "rows_with_missing_files": 0, "refused": None}
+        stored = self.history.output_paths()
+        resolved = {self.outputs.resolve(p) for p in stored}
+        present = {p for p in resolved if p is not None and p.is_file()}
+        report["rows_with_missing_files"] = len(stored) - len(present)
+        orphans = self.outputs.orphans(present)
+        kept = [p for p in self.outputs.files() if p not in orphans]
+        if orphans and not kept:
+            report["refused"] = (f"{len(orphans)} file(s) under {self.outputs.root} but no history row points to any "
+                                 f"of them (another --db, or a data dir the rows do not belong to?): nothing was moved")
+            log.warning("startup repair skipped: %s", report["refused"])
+        elif orphans:
+            trash = self.outputs.move_to_trash(orphans)
+            report["orphans_moved_to_trash"] = len(orphans)
+            log.warning("startup repair: %d file(s) without a history row moved to %s", len(orphans), trash)
+        if report["rows_with_missing_files"]:
+            log.warning("startup repair: %d history row(s) point to a file that is missing (kept, shown as "
+                        "'file missing')", report["rows_with_missing_files"])
+        if report["interrupted_runs"] or report["paths_migrated"]:
+            log.info("startup repair: %d stale running row(s) marked interrupted, %d path(s) made relative",
+                     report["interrupted_runs"], report["paths_migrated"])
+        return report
 
     def close(self) -> None:
         self.history.close()

@@ -137,13 +137,14 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
             timings["images"] += step.image_seconds
             out_steps.append(step)
         timings["total"] = time.perf_counter() - started
-        html_path, md_path = export_story(studio.data_dir / "stories" / str(story_id), story.request, out_steps)
+        html_path, md_path = export_story(studio.outputs.story_folder(story_id), story.request, out_steps,
+                                          studio.outputs)
     except StudioError as exc:
         studio.history.finish_run(story_id, status="failed", error=str(exc),
                                   timings={**timings, "total": time.perf_counter() - started})
         raise
-    studio.history.finish_run(story_id, status="ok", timings=timings, output_path=str(html_path),
-                              metrics={"steps": [s.__dict__ for s in out_steps]})
+    studio.history.finish_run(story_id, status="ok", timings=timings, output_path=studio.outputs.relative(html_path),
+                              metrics={"steps": [stored_step(s, studio.outputs) for s in out_steps]})
     return StoryResult(story_id, story.request, out_steps, timings, str(html_path), str(md_path))
 
 
@@ -178,31 +179,52 @@ STORY_CSS = (f".{STORY_CLASS}{{font-family:sans-serif;max-width:720px;margin:aut
 DOCUMENT_CSS = "body{margin:0;padding:16px}"
 
 
-def story_fragment(title: str, steps: list[StoryStep]) -> str:
+def step_image(step: StoryStep, outputs=None) -> Path | None:
+    """A step's image file, read only from inside the outputs folder when one is given."""
+    if not step.image_path:
+        return None
+    source = outputs.resolve(step.image_path) if outputs is not None else Path(step.image_path)
+    return source if source is not None and source.is_file() else None
+
+
+def story_fragment(title: str, steps: list[StoryStep], outputs=None) -> str:
     """The story as one self-contained ``<div>`` (images embedded, CSS scoped to the div):
     shown in the studio page as is, and the body of the downloadable story.html."""
     parts = [f"<div class='{STORY_CLASS}'><style>{STORY_CSS}</style>", f"<h1>{html.escape(title)}</h1>"]
     for step in steps:
         heading, _, body = step.text.partition("\n\n")
-        encoded = base64.b64encode(Path(step.image_path).read_bytes()).decode() if step.image_path else ""
+        source = step_image(step, outputs)
+        encoded = base64.b64encode(source.read_bytes()).decode() if source is not None else ""
         parts += [f"<h2>{html.escape(heading)}</h2>", f"<pre>{html.escape(body)}</pre>",
                   f"<img alt='{html.escape(step.image_prompt)}' src='data:image/png;base64,{encoded}'>"]
     parts.append("</div>")
     return "\n".join(parts)
 
 
-def export_story(folder: Path, title: str, steps: list[StoryStep]) -> tuple[Path, Path]:
-    """Write story.html (images embedded) and story.md (images copied beside it)."""
+def stored_step(step: StoryStep, outputs) -> dict:
+    """A step as the story row keeps it: its image path relative to the data dir, like
+    every stored path, so the story survives a moved data dir."""
+    data = dict(step.__dict__)
+    if step.image_path and outputs.resolve(step.image_path) is not None:
+        data["image_path"] = outputs.relative(step.image_path)
+    return data
+
+
+def export_story(folder: Path, title: str, steps: list[StoryStep], outputs=None) -> tuple[Path, Path]:
+    """Write story.html (images embedded) and story.md (images copied beside it), in the
+    story's own folder under outputs/ so that deleting the story removes them. A step
+    image is read only from inside the outputs folder."""
     folder.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
     for step in steps:
         heading, _, body = step.text.partition("\n\n")
         image_name = f"step-{step.index}.png"
-        if step.image_path:
-            shutil.copyfile(step.image_path, folder / image_name)
+        source = step_image(step, outputs)
+        if source is not None:
+            shutil.copyfile(source, folder / image_name)
         md += [f"## {heading}", "", "```python", body, "```", "", f"![{step.image_prompt}]({image_name})", ""]
     document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{DOCUMENT_CSS}</style></head><body>\n{story_fragment(title, steps)}\n</body></html>")
+                f"<style>{DOCUMENT_CSS}</style></head><body>\n{story_fragment(title, steps, outputs)}\n</body></html>")
     html_path, md_path = folder / "story.html", folder / "story.md"
     html_path.write_text(document, encoding="utf-8")
     md_path.write_text("\n".join(md), encoding="utf-8")

@@ -46,7 +46,8 @@ def free_port() -> int:
 
 
 class ServedApp:
-    """The real app (``app.create_app``) served on a free loopback port."""
+    """The real app (``app.create_app``) served on a free loopback port, launched with the
+    real settings (``app.launch_options``: what is served, what is blocked, auth)."""
 
     def __init__(self, argv: list[str]):
         import app as app_module
@@ -55,8 +56,9 @@ class ServedApp:
         self.demo, self.studio = app_module.create_app(self.args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True, quiet=True,
-                         auth=self.args.auth_pair)
+        options = {**app_module.launch_options(self.args, self.studio), "server_name": "127.0.0.1",
+                   "server_port": self.port, "share": False}
+        self.demo.launch(**options, prevent_thread_lock=True, quiet=True)
 
     def close(self) -> None:
         self.demo.close()

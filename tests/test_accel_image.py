@@ -99,6 +99,8 @@ def check_case(backend, name, params, evidence, lossy):
         assert 0 < stats["tokens_after"] < stats["tokens_before"], stats
     else:
         assert stats[evidence] > 0, (name, stats)
+    if "evals_partial" in stats:  # a caching method: its timed calls show the skipped work
+        assert stats["evals_partial"] > 0 and stats["ideal_speedup"] is not None, (name, stats)
     if lossy:
         assert not np.array_equal(pixels(base), pixels(result)), f"{name} did not change the output"
     else:
@@ -115,6 +117,37 @@ def test_unet_method_changes_work_and_restores_baseline(sd, name, params, eviden
 @pytest.mark.parametrize("name,params,evidence,lossy", DIT_CASES, ids=[c[0] for c in DIT_CASES])
 def test_dit_method_changes_work_and_restores_baseline(flux, name, params, evidence, lossy):
     check_case(flux, name, params, evidence, lossy)
+
+
+def test_a_teacache_that_never_skips_fails_its_method_test(flux, monkeypatch):
+    """The method test above can fail: with a policy forced never to skip (every change
+    rescaled past any threshold), TeaCache skips nothing, its ideal speedup is 1.0 and
+    ``check_case`` raises."""
+    import backends.accel.teacache as teacache
+
+    monkeypatch.setattr(teacache, "rescale", lambda value, coefficients: 1e9)
+    result = flux.run(make_request(flux, [("teacache", {"threshold": 0.4})]))
+    stats = result.method_stats["teacache"]
+    assert stats["skipped_steps"] == 0 and stats["evals_partial"] == 0 and stats["ideal_speedup"] == 1.0
+    with pytest.raises(AssertionError):
+        check_case(flux, "teacache", {"threshold": 0.4}, "skipped_steps", True)
+
+
+def test_a_deepcache_that_never_skips_fails_its_method_test(sd, monkeypatch):
+    """DeepCache's policy reads the step counter; one stuck at step 0 makes every step a
+    full one: nothing is skipped, the ideal is 1.0 and the method's own test fails."""
+    import backends.accel.deepcache as deepcache
+
+    class StuckAtZero(deepcache.StepCallback):
+        def __call__(self, pipe, step, timestep, kwargs):
+            return {}
+
+    monkeypatch.setattr(deepcache, "StepCallback", StuckAtZero)
+    result = sd.run(make_request(sd, [("deepcache", {"interval": 3})]))
+    stats = result.method_stats["deepcache"]
+    assert stats["shallow_steps"] == 0 and stats["evals_partial"] == 0 and stats["ideal_speedup"] == 1.0
+    with pytest.raises(AssertionError):
+        check_case(sd, "deepcache", {"interval": 3}, "shallow_steps", True)
 
 
 def test_every_image_method_is_covered():

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks.cli import main
 from benchmarks.report import table
 
@@ -36,3 +38,23 @@ def test_studio_overhead_row(tmp_path):
                  "--steps", "2", "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][0]
     assert row["method"] == "studio-overhead" and row["direct_seconds_median"] > 0
+
+
+def test_benchmark_rows_carry_spread_ideal_and_efficiency(tmp_path):
+    """The JSON the README tables come from: paired-ratio range, and for a caching method
+    its ideal speedup and efficiency = speedup / ideal; methods that skip nothing have none."""
+    from benchmarks.report import ideal_table
+
+    out = tmp_path / "i.json"
+    assert main(["--modality", "image", "--model", "dummy-sd", "--methods", "deepcache(interval=2),sampler(steps=2)",
+                 "--repeats", "2", "--prompts", "1", "--steps", "4", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    cached = rows["deepcache(interval=2)"]
+    assert cached["pairs"] == 2 and cached["speedup_min"] <= cached["speedup"] <= cached["speedup_max"]
+    assert cached["method_stats"]["deepcache"]["evals_partial"] == 2 and cached["ideal_speedup"] is not None
+    assert cached["efficiency"] == pytest.approx(cached["speedup"] / cached["ideal_speedup"], abs=2e-3)
+    assert rows["sampler(steps=2)"]["ideal_speedup"] is None and rows["baseline"]["efficiency"] is None
+    rendered = ideal_table([data])
+    assert "`deepcache(interval=2)`" in rendered and "sampler" not in rendered
+    assert "| range |" in table(data) and "ideal_speedup" in table(data)

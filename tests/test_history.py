@@ -72,14 +72,19 @@ def test_failed_runs_are_recorded_with_reason(store):
     assert row.status == "failed" and row.error == "out of memory" and row.total_seconds is None
 
 
-def test_delete_removes_row_and_file(store, tmp_path):
-    path = tmp_path / "out.png"
+def test_delete_removes_row_and_file(tmp_path):
+    from studio.outputs import OutputStore
+
+    outputs = OutputStore(tmp_path / "outputs")
+    store = HistoryStore(sqlite_url(tmp_path / "h.db"), outputs=outputs)
+    path = outputs.new_path("image")
     path.write_bytes(b"png")
     keep = store.record_run(request("keep"), result())
-    gone = store.record_run(request("gone"), result(), output_path=str(path))
+    gone = store.record_run(request("gone"), result(), output_path=outputs.relative(path))
     assert store.delete([gone]) == 1
     assert store.get(gone) is None and not path.exists()
     assert store.get(keep) is not None
+    store.close()
 
 
 def test_export_csv_has_all_rows(store):

@@ -144,3 +144,115 @@ def test_soak_mixed_requests_with_injected_failures(studio_factory, monkeypatch)
     assert studio.history.count(status="oom") == injected["count"]  # out of memory is its own status
     assert studio.history.count(status="failed") + injected["count"] == started - ok
     assert max(rss[1:]) - rss[1] < 150 * 2**20, [r // 2**20 for r in rss]
+
+
+@pytest.mark.slow
+def test_kill_9_three_times_under_load_loses_no_acknowledged_run_and_never_serves_the_database(tmp_path):
+    """The real app as a subprocess, three clients making runs, SIGKILL and restart three
+    times, while a fourth client keeps asking for the database and its WAL: every run a
+    client was told about is a row with its file, and the database stays sound."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from conftest import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    data_dir = (tmp_path / "data").resolve()
+    db = data_dir / "history.db"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "app.log", "ab")
+
+    def start():
+        process = subprocess.Popen([sys.executable, "app.py", "--dummy-models", "--data-dir", str(data_dir),
+                                    "--port", str(port), "--device", "cpu"], cwd=root, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "app.log").read_text()[-2000:]
+            try:
+                if httpx.get(url + "config", timeout=2).status_code == 200:
+                    return process
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the app did not start")
+
+    acknowledged: list[dict] = []
+    db_replies: list[tuple[str, int, bool]] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client_job(worker):
+        client, n = None, 0
+        while not stop.is_set():
+            try:
+                client = client or Client(url, verbose=False)
+                prompt = f"client {worker} run {n}"
+                reply = json.loads(client.submit(json.dumps({"modality": "image", "model": "dummy-sd",
+                                                             "prompt": prompt, "seed": n, "params": {"steps": 1}}),
+                                                 api_name="/run").result(timeout=60))
+                with lock:
+                    acknowledged.append({"prompt": prompt, **reply})
+                n += 1
+            except Exception:  # the server is down (killed): reconnect when it is back
+                if client is not None:
+                    client.close()  # stops its heartbeat thread
+                client = None
+                time.sleep(1.0)
+
+    def db_thief():
+        while not stop.is_set():
+            for target in (db, db.with_name("history.db-wal"), db.with_name("history.db-shm")):
+                try:
+                    reply = httpx.get(f"{url}gradio_api/file={target}", timeout=5)
+                    db_replies.append((target.name, reply.status_code, b"SQLite format" in reply.content))
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.25)
+
+    process = start()
+    threads = [threading.Thread(target=client_job, args=(i,), daemon=True) for i in range(3)]
+    threads.append(threading.Thread(target=db_thief, daemon=True))
+    for t in threads:
+        t.start()
+    kills = 0
+    try:
+        for cycle in range(4):
+            seen = len(acknowledged)
+            deadline = time.monotonic() + 60
+            while len(acknowledged) < seen + 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if cycle == 3:
+                break
+            process.send_signal(signal.SIGKILL)  # mid-request: the clients are always busy
+            process.wait(timeout=30)
+            kills += 1
+            process = start()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=70)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        log.close()
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = {r[0]: r[1:] for r in conn.execute("SELECT id, prompt, status, output_path FROM runs")}
+    lost = [a for a in acknowledged if rows.get(a["run_id"], (None, None, None))[:2] != (a["prompt"], "ok")]
+    files_lost = [a for a in acknowledged if a not in lost and not (data_dir / rows[a["run_id"]][2]).is_file()]
+    print(f"durability: {len(acknowledged)} runs acknowledged over {kills} SIGKILLs, {len(rows)} rows, "
+          f"{len(lost)} acknowledged runs lost, {len(files_lost)} output files lost, "
+          f"{len(db_replies)} database downloads tried, {sum(1 for r in db_replies if r[1] == 200)} served")
+    assert kills == 3 and len(acknowledged) >= 12
+    assert lost == [] and files_lost == []
+    assert db_replies and all(status in (403, 404) and not leaked for _, status, leaked in db_replies)

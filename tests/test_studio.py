@@ -27,7 +27,9 @@ def test_generate_saves_file_and_row(studio_factory):
     studio = studio_factory()
     outcome = studio.generate(image_request(methods=[MethodChoice("deepcache", {"interval": 2})]))
     row = studio.history.get(outcome.run_id)
-    assert Path(row.output_path).is_file() and row.output_path.endswith(".png")
+    assert row.output_path.startswith("outputs/") and row.output_path.endswith(".png")  # relative: the dir can move
+    assert studio.outputs.resolve(row.output_path) == Path(outcome.result.output_path).resolve()
+    assert Path(outcome.result.output_path).is_file()
     assert row.status == "ok" and row.total_seconds > 0 and row.timings["denoise"] > 0
     assert row.model_evals == 3 and row.method_stats["deepcache"]["shallow_steps"] == 1
 
@@ -70,15 +72,16 @@ def test_out_of_memory_is_caught_and_next_request_works(studio_factory, monkeypa
     assert [r.status for r in studio.history.query()] == ["ok", "oom"]
 
 
-def test_startup_repair_removes_orphans(studio_factory, tmp_path):
+def test_startup_repair_moves_orphans_to_the_trash(studio_factory, tmp_path):
     studio = studio_factory(data_dir=tmp_path / "d")
     kept = studio.generate(image_request())
     orphan = studio.outputs.new_path("image")
     orphan.write_bytes(b"left by a crash")
     studio.close()
     again = studio_factory(data_dir=tmp_path / "d")
-    assert again.repaired["orphan_files_removed"] == 1 and not orphan.exists()
-    assert Path(again.history.get(kept.run_id).output_path).exists()
+    assert again.repaired["orphans_moved_to_trash"] == 1 and not orphan.exists()
+    assert list((tmp_path / "d" / "trash").rglob(orphan.name))  # moved aside, never deleted
+    assert again.outputs.resolve(again.history.get(kept.run_id).output_path).exists()
 
 
 def test_rerun_reproduces_the_same_output(studio_factory):
@@ -167,3 +170,34 @@ def test_method_hints_come_from_comparable_runs_only(studio_factory):
     assert "**2.00x**" in hints["deepcache"] and "interval=3" in hints["deepcache"]
     assert hints["tome"].startswith("Not enough data")
     assert "cfg_truncation" not in hints  # never run: no hint at all
+
+
+def test_compare_defaults_warm_up_interleave_and_report_ideal(studio_factory):
+    """Compare's defaults are the trustworthy ones: a warm-up per configuration, three
+    repetitions interleaved (baseline, config, baseline, config...), speedup from paired
+    ratios with its range, and DeepCache's ideal speedup and efficiency in the table."""
+    studio = studio_factory()
+    order = []
+    generate, warm_up = studio.generate, studio.warm_up
+
+    def recording_generate(request, *args, **kwargs):
+        order.append(("run", request.methods[0].name if request.methods else "baseline"))
+        return generate(request, *args, **kwargs)
+
+    def recording_warm_up(request, *args, **kwargs):
+        order.append(("warm", request.methods[0].name if request.methods else "baseline"))
+        return warm_up(request, *args, **kwargs)
+
+    studio.generate, studio.warm_up = recording_generate, recording_warm_up
+    report = run_compare(studio, image_request(params={"steps": 6}), parse_configs("deepcache(interval=3)"))
+    assert order == [("warm", "baseline"), ("run", "baseline"), ("warm", "deepcache"), ("run", "deepcache"),
+                     ("run", "baseline"), ("run", "deepcache"), ("run", "baseline"), ("run", "deepcache")]
+    base, cached = report.rows
+    assert base.speedup == base.speedup_min == base.speedup_max == pytest.approx(1.0)
+    assert cached.speedup_min <= cached.speedup <= cached.speedup_max
+    assert cached.stats["deepcache"]["evals_partial"] > 0 and cached.ideal_speedup is not None
+    assert cached.efficiency == pytest.approx(cached.speedup / cached.ideal_speedup)
+    assert base.ideal_speedup is None
+    row = report.table()[1]
+    assert {"speedup_min", "speedup_max", "ideal_speedup", "efficiency"} <= set(row)
+    assert studio.history.count(compare_group=report.group, status="ok") == 6

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from backends.accel._eval_cost import EvalCostMeter
 from backends.types import ValidationError
 
 SPAN_HEAD_HOOK = "fastgen_span_head"
@@ -177,6 +178,8 @@ class SpanCache:
         # per CFG branch, one entry per denoiser call: True when the span was reused.
         # Kept after remove(), so a method can report the run it just finished.
         self.calls: dict[str, list[bool]] = {}
+        # a reused call (the check, the blocks outside the span) is a partial evaluation
+        self.costs = EvalCostMeter(denoiser)
         self.manager = _branch_state_manager(_base_state())
         hook_cls = _make_hooks()
         self._previous = [vars(block).get("forward") for block in blocks]
@@ -193,11 +196,14 @@ class SpanCache:
 
     def _record(self, branch: str, reused: bool) -> None:
         self.calls.setdefault(branch, []).append(reused)
+        if reused:
+            self.costs.mark_partial()
 
     def branches(self) -> dict[str, Any]:
         return self.manager.branches()
 
     def remove(self) -> None:
+        self.costs.remove()
         for i, (block, previous, had) in enumerate(zip(self.blocks, self._previous, self._had_registry)):
             registry = block._diffusers_hook
             registry.remove_hook(SPAN_HEAD_HOOK if i == 0 else SPAN_BLOCK_HOOK, recurse=False)

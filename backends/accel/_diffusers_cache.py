@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from backends.accel._block_span import invalidate_registries, restore_forward
+from backends.accel._eval_cost import EvalCostMeter
 from backends.accel.base import Method
 from backends.types import ValidationError
 
@@ -61,6 +62,8 @@ class AttentionCounter:
         self.num_attention = len(self.handles)
         self.handles.append(denoiser.register_forward_pre_hook(self._start))
         self.handles.append(denoiser.register_forward_hook(self._end))
+        # registered after _end, so a call with a cached layer is filed as partial in time
+        self.costs = EvalCostMeter(denoiser)
 
     def _count(self, *_args) -> None:
         self.computed += 1
@@ -70,14 +73,18 @@ class AttentionCounter:
 
     def _end(self, *_args) -> None:
         self.per_call.append(self.computed - self._at_start)
+        if self.per_call[-1] < self.num_attention:
+            self.costs.mark_partial()
 
     def reset(self) -> None:
         self.per_call, self.computed = [], 0
+        self.costs.reset()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self.costs.remove()
 
     def stats(self) -> dict[str, Any]:
         calls, n = len(self.per_call), self.num_attention
@@ -90,6 +97,7 @@ class AttentionCounter:
             "attention_evals": self.computed,
             "attention_skipped": expected - self.computed,
             "cache_hit_rate": round(1 - self.computed / expected, 3) if expected else 0.0,
+            **self.costs.stats(),
         }
 
 

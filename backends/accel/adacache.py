@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
+from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
@@ -159,7 +160,7 @@ class AdaCacheMethod(Method):
             config = AdaCacheConfig(num_steps=call["num_inference_steps"], **self.params)
             self.cache, self.schedule, self.grid_hook = apply_adacache(
                 self.denoiser, config, pipe=getattr(backend, "pipe", None))
-            self.calls = self.cache.calls
+            self.calls, self.costs = self.cache.calls, self.cache.costs
         return call
 
     def remove(self, backend) -> None:
@@ -169,7 +170,7 @@ class AdaCacheMethod(Method):
             self.cache = self.grid_hook = None
 
     def stats(self) -> dict[str, Any]:
-        stats = step_stats(getattr(self, "calls", {}))
+        stats = {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
         schedule = getattr(self, "schedule", None)
         if schedule is not None:
             stats["reuse_plan"] = schedule.reuse_plan

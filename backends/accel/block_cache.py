@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
+from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
@@ -77,7 +78,7 @@ class BlockCacheMethod(Method):
             raise ValidationError(f"block_cache found no transformer block list in {type(denoiser).__name__}")
         self.span_blocks = len(span_of(list(range(self.total_blocks)), self.config.num_blocks, self.config.position))
         self.cache = apply_block_cache(denoiser, self.config)
-        self.calls = self.cache.calls
+        self.calls, self.costs = self.cache.calls, self.cache.costs
 
     def remove(self, backend) -> None:
         self.cache.remove()
@@ -93,6 +94,7 @@ class BlockCacheMethod(Method):
             "skipped_evals": steps["skipped_evals"],
             "branches": steps["branches"],
             "cache_hit_rate": steps["cache_hit_rate"],
+            **cost_stats(getattr(self, "costs", None)),
         }
 
     def warnings(self, backend, call) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from backends.accel._eval_cost import EvalCostMeter, cost_stats
 from backends.accel._patch import ForwardPatch, StepCallback, add_callback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
@@ -108,6 +109,7 @@ class DeepCacheMethod(Method):
         self.state = DeepCacheState()
         self.counter = StepCallback()
         self._unet = unet
+        self.costs = EvalCostMeter(unet)  # full vs shallow call costs, for the ideal speedup
         branch = self.params["branch"]
         target = unet.up_blocks[len(unet.up_blocks) - branch - 1]
         self._hook = None
@@ -126,6 +128,7 @@ class DeepCacheMethod(Method):
                     finally:
                         handle.remove()
                 self.state.shallow_steps += 1
+                self.costs.mark_partial()
                 return shallow_forward(unet, branch, self.state.cached, sample, timestep, encoder_hidden_states,
                                        *args, **kwargs)
 
@@ -135,6 +138,7 @@ class DeepCacheMethod(Method):
 
     def remove(self, backend) -> None:
         self._patch.remove()
+        self.costs.remove()
         self.state.cached = None
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +150,7 @@ class DeepCacheMethod(Method):
             "full_steps": self.state.full_steps,
             "shallow_steps": self.state.shallow_steps,
             "cache_hit_rate": round(self.state.shallow_steps / total, 3) if total else 0.0,
+            **cost_stats(getattr(self, "costs", None)),
         }
 
     def warnings(self, backend, call) -> list[str]:

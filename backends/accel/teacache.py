@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, block_metadata, step_stats
+from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
@@ -131,7 +132,7 @@ class TeaCacheMethod(Method):
         if self.cache is None:
             config = TeaCacheConfig(self.params["threshold"], self.coefficients, call["num_inference_steps"])
             self.cache = apply_teacache(self.denoiser, config, pipe=backend.pipe)
-            self.calls = self.cache.calls
+            self.calls, self.costs = self.cache.calls, self.cache.costs
         return call
 
     def remove(self, backend) -> None:
@@ -140,7 +141,7 @@ class TeaCacheMethod(Method):
             self.cache = None
 
     def stats(self) -> dict[str, Any]:
-        return step_stats(getattr(self, "calls", {}))
+        return {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
 
     def warnings(self, backend, call) -> list[str]:
         if self.params["threshold"] <= 0:

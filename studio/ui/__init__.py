@@ -55,13 +55,20 @@ EXAMPLES: dict[str, list[str]] = {
     "audio": ["a high sine tone", "a low minor chord on a saw wave",
               "a mid major arpeggio going up on a square wave", "a fast drum pattern", "a pink noise texture"],
 }
+# Page CSS (given to ``launch``): tiny bundled images are shown large with crisp pixels.
+STUDIO_CSS = """
+#image-output img, #history-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#compare-gallery img { image-rendering: pixelated; }
+"""
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys
 (speed) and costs (quality against the baseline with the same seed). Every run is kept in **History**."""
 
 
 def build_app(studio) -> gr.Blocks:
-    with gr.Blocks(title="FastGen Studio", analytics_enabled=False) as app:
+    # Gradio's cache keeps copies of files a handler returned from outside the served
+    # folders (a compare's video frames): remove those after a day.
+    with gr.Blocks(title="FastGen Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown(HEADER)
         tabs: dict = {}
         with gr.Tabs() as tabs_component:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import tempfile
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -42,8 +40,10 @@ def build_compare_tab(studio) -> dict:
                                  label="Configurations, one per line (baseline runs first automatically)",
                                  info="e.g. deepcache(interval=3) + sampler(scheduler=dpmpp_2m, steps=20)")
             with gr.Row():
-                warmup = gr.Checkbox(value=False, label="Warm-up run per configuration (not timed)")
-                repeats = gr.Slider(1, 10, value=1, step=1, label="Repeats (median kept)")
+                warmup = gr.Checkbox(value=True, label="Warm-up run per configuration (not timed)")
+                repeats = gr.Slider(1, 10, value=3, step=1, label="Repeats (runs interleaved per seed)",
+                                    info="speedup = median of paired ratios (each run vs the baseline run "
+                                         "just before it), range min-max; 3 or more for numbers to trust")
             with gr.Row():
                 run = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
                 cancel = gr.Button("Cancel", variant="stop")
@@ -86,31 +86,34 @@ def build_compare_tab(studio) -> dict:
 
     def present(report):
         table_rows = report.table()
-        images, html_parts = [], []
+        images, gallery, html_parts = [], [], []
         baseline_text = report.rows[0].outputs[0] if report.rows[0].outputs else ""
         for row in report.rows:
-            for out in row.outputs[:1]:
+            for out, path in zip(row.outputs[:1], row.output_paths[:1] or [None]):
                 if report.modality == "image":
                     images.append((out, row.label))
+                    gallery.append((path or out, row.label))  # the kept file, served in place
                 elif report.modality == "video":
                     images.append((out[0], row.label))
+                    gallery.append((out[0], row.label))
                 elif report.modality == "text":
                     html_parts.append(f"<h4>{row.label}</h4>" + text_diff_html(baseline_text, out))
-        folder = Path(tempfile.mkdtemp())
-        csv_path = folder / f"compare-{report.group}.csv"
+        csv_path = studio.exports.new_file(f"compare-{report.group}.csv")  # one pruned folder, no temp dirs
         csv_path.write_text(report.to_csv(), encoding="utf-8")
         embedded = {}
         for out, label in images:
             buffer = io.BytesIO()
             out.save(buffer, format="PNG")
             embedded[label] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        html_path = folder / f"compare-{report.group}.html"
+        html_path = studio.exports.new_file(f"compare-{report.group}.html")
         html_path.write_text(report.to_html(embedded), encoding="utf-8")
         failed = [r for r in report.rows if r.error]
-        text = f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}**"
+        text = (f"Compare group `{report.group}` · Pareto front: **{', '.join(report.pareto()) or '-'}** · "
+                "speedup: median of paired ratios (min-max); ideal: what the caching methods skipped, at the "
+                "measured cost of a full vs a partial evaluation; efficiency = speedup / ideal")
         if failed:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
-        return (text, images, "".join(html_parts), pd.DataFrame(table_rows),
+        return (text, gallery, "".join(html_parts), pd.DataFrame(table_rows),
                 speed_quality_figure(report), stages_figure(report), str(csv_path), str(html_path))
 
     outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file]

@@ -108,12 +108,9 @@ def output_component(modality: str) -> gr.components.Component:
 
 
 def display_output(modality: str, outcome) -> Any:
-    if modality == "image":
-        image = outcome.result.output
-        if max(image.size) < 256:  # tiny bundled models: show pixels large, not blurred
-            factor = max(1, 256 // max(image.size))
-            image = image.resize((image.width * factor, image.height * factor), resample=0)
-        return image
+    """The saved output file, shown in place: the outputs folder is served as a static path,
+    so nothing is copied into Gradio's cache and a deleted run stops being downloadable
+    (tiny images are enlarged by the page's CSS, ``image-rendering: pixelated``)."""
     return outcome.result.output_path
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import gradio as gr
 import pandas as pd
 
@@ -33,7 +30,8 @@ def build_history_tab(studio) -> dict:
         modality = gr.Dropdown(["", *MODALITIES], value="", label="Modality")
         model = gr.Textbox(label="Model")
         method = gr.Dropdown(["", *sorted(all_methods())], value="", label="Method")
-        status = gr.Dropdown(["", "ok", "failed", "cancelled", "timeout", "oom"], value="", label="Status")
+        status = gr.Dropdown(["", "ok", "failed", "cancelled", "timeout", "oom", "running", "interrupted"], value="",
+                             label="Status")
         text = gr.Textbox(label="Search prompt / error")
     with gr.Row():
         page = gr.Number(value=1, label="Page", precision=0, minimum=1)
@@ -45,10 +43,10 @@ def build_history_tab(studio) -> dict:
     with gr.Row():
         run_id = gr.Number(label="Run id (click a row)", precision=0, elem_id="history-run-id")
         rerun = gr.Button("Re-run exactly")
-        delete = gr.Button("Delete run (and its file)", variant="stop")
+        delete = gr.Button("Delete run (its file; a story's stages too)", variant="stop")
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Output", type="filepath", visible=True, height=256)
+            image = gr.Image(label="Output", type="filepath", visible=True, height=256, elem_id="history-image")
             media = gr.File(label="Output file")
             text_out = gr.Textbox(label="Text output", lines=6)
         with gr.Column():
@@ -88,10 +86,17 @@ def build_history_tab(studio) -> dict:
         row = studio.history.get(int(run_id))
         if row is None:
             return None, None, "", f'"no run #{int(run_id)}"'
-        path = row.output_path if row.output_path and Path(row.output_path).exists() else None
+        details = row.to_dict()
+        # only a file inside the outputs folder is ever read or served, whatever the row says
+        resolved = studio.outputs.resolve(row.output_path)
+        path = str(resolved) if resolved is not None and resolved.is_file() else None
+        if row.output_path and path is None:
+            details["file"] = "file missing" if resolved is not None else "file refused: not in the outputs folder"
         image_path = path if path and path.endswith(".png") else None
-        text_value = Path(path).read_text(encoding="utf-8") if path and path.endswith(".txt") else ""
-        return image_path, path, text_value, to_json(row.to_dict())
+        text_value = resolved.read_text(encoding="utf-8") if path and path.endswith(".txt") else ""
+        if row.output_path and path is None:
+            text_value = f"⚠️ {details['file']}"
+        return image_path, path, text_value, to_json(details)
 
     run_id.change(show, inputs=[run_id], outputs=[image, media, text_out, details], api_name="history_show")
 
@@ -115,10 +120,16 @@ def build_history_tab(studio) -> dict:
     delete.click(do_delete, inputs=[run_id, *filter_inputs], outputs=[table, summary, run_id], api_name="history_delete")
 
     @user_errors
-    def do_export(modality, model, method, status, text, _page):
-        data = studio.history.export_csv(**filters(modality, model, method, status, text))
-        path = Path(tempfile.mkdtemp()) / "fastgen-history.csv"
-        path.write_text(data, encoding="utf-8")
+    def do_export(modality, model, method, status, text, _page, progress=gr.Progress()):
+        """Stream the filtered history into a file (flat memory, whatever its size), with
+        a progress bar; the file lands in the one pruned exports folder."""
+        path = studio.exports.new_file("fastgen-history.csv")
+
+        def report(done, total):
+            progress((done, max(total, 1)), desc=f"exported {done:,} of {total:,} runs")
+
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            studio.history.write_csv(out, progress=report, **filters(modality, model, method, status, text))
         return str(path)
 
     export.click(do_export, inputs=filter_inputs, outputs=[csv_file], api_name="history_export")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -105,7 +103,7 @@ def build_presets_tab(studio, tabs: dict, tabs_component: gr.Tabs) -> dict:
 
     @user_errors
     def do_export():
-        path = Path(tempfile.mkdtemp()) / "fastgen-presets.json"
+        path = studio.exports.new_file("fastgen-presets.json")  # one pruned folder, no temp dir per export
         path.write_text(studio.presets.export_json(), encoding="utf-8")
         return str(path)
 

@@ -45,7 +45,7 @@ def build_story_tab(studio) -> None:
                   f"image {s.image_seconds:.2f}s (run #{s.image_run_id})" for s in result.steps]
         # the fragment, not the downloadable document: its CSS is scoped to the story's own
         # container, so showing it here leaves the other tabs' layout alone
-        return "\n".join(lines), story_fragment(result.title, result.steps), result.html_path, result.markdown_path
+        return "\n".join(lines), story_fragment(result.title, result.steps, studio.outputs), result.html_path, result.markdown_path
 
     button.click(run, inputs=[request, steps, seed, text_model, image_model, *text_panel.inputs, *image_panel.inputs],
                  outputs=[info, page, html_file, md_file], api_name="story")
