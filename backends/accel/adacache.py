@@ -16,6 +16,7 @@ The residual reuse itself is the span cache shared with TeaCache and Δ-DiT
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -157,7 +158,7 @@ class AdaCacheMethod(Method):
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         if self.cache is None:  # hooked here: the always-computed last step needs the step count
-            config = AdaCacheConfig(num_steps=call["num_inference_steps"], **self.params)
+            config = replace(self.config, num_steps=call["num_inference_steps"])
             self.cache, self.schedule, self.grid_hook = apply_adacache(
                 self.denoiser, config, pipe=getattr(backend, "pipe", None))
             self.calls, self.costs = self.cache.calls, self.cache.costs
@@ -181,7 +182,7 @@ class AdaCacheMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
-        if steps <= self.params["warmup_steps"] + 2:
+        if steps <= self.config.warmup_steps + 2:
             return [f"adacache at {steps} steps: the warm-up, the first measurement and the last step are "
                     "always computed, so little or nothing can be reused"]
         return []

@@ -179,11 +179,6 @@ class Method:
         values = self.spec.validate(params)
         self.config = self.spec.config(**values) if self.spec.config is not None else None
 
-    @property
-    def params(self) -> dict[str, Any]:
-        """The parameters as a dict (``self.config`` is the typed form)."""
-        return {p.name: getattr(self.config, p.name) for p in self.spec.params}
-
     def apply(self, backend: "Backend") -> None:
         pass
 

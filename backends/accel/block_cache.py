@@ -71,7 +71,6 @@ class BlockCacheMethod(Method):
     )
 
     def apply(self, backend) -> None:
-        self.config = BlockCacheConfig(**self.params)
         denoiser = backend.denoiser
         self.total_blocks = len(block_lists(denoiser))
         if not self.total_blocks:
@@ -99,7 +98,7 @@ class BlockCacheMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
-        config = BlockCacheConfig(**self.params)
+        config = self.config
         notes = []
         if config.interval <= 1:
             notes.append("block_cache with interval 1 computes every step: no speed-up")

@@ -38,10 +38,10 @@ class FirstBlockCacheMethod(DiffusersCacheMethod):
     def make_config(self, backend, call: dict[str, Any]):
         from diffusers import hooks
 
-        return hooks.FirstBlockCacheConfig(threshold=self.params["threshold"])
+        return hooks.FirstBlockCacheConfig(threshold=self.config.threshold)
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["threshold"] <= 0:
+        if self.config.threshold <= 0:
             return ["first_block_cache with threshold 0 never skips: no speed-up"]
         if call["num_inference_steps"] < 2:
             return ["first_block_cache needs at least 2 steps to reuse anything"]

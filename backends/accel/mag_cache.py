@@ -112,7 +112,7 @@ class MagCacheMethod(DiffusersCacheMethod):
 
         steps = call["num_inference_steps"]
         self.calibrated_now = False
-        if self.params["ratios"] == "flux":
+        if self.config.ratios == "flux":
             from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
             ratios = FLUX_MAG_RATIOS
@@ -123,8 +123,8 @@ class MagCacheMethod(DiffusersCacheMethod):
                 self.calibrated[key] = calibrate_mag_ratios(backend, call)
                 self.calibrated_now = True
             ratios = self.calibrated[key]
-        return hooks.MagCacheConfig(threshold=self.params["threshold"], max_skip_steps=self.params["max_skip_steps"],
-                                    retention_ratio=self.params["retention_ratio"], num_inference_steps=steps,
+        return hooks.MagCacheConfig(threshold=self.config.threshold, max_skip_steps=self.config.max_skip_steps,
+                                    retention_ratio=self.config.retention_ratio, num_inference_steps=steps,
                                     mag_ratios=list(ratios))
 
     def stats(self) -> dict[str, Any]:
@@ -134,8 +134,8 @@ class MagCacheMethod(DiffusersCacheMethod):
         steps = call["num_inference_steps"]
         if self.step_mismatch(call):
             return self.step_mismatch(call)
-        if self.params["threshold"] <= 0:
+        if self.config.threshold <= 0:
             return ["mag_cache with threshold 0 never skips: no speed-up"]
-        if int(self.params["retention_ratio"] * steps + 0.5) >= steps - 1:
-            return [f"mag_cache: retention_ratio {self.params['retention_ratio']} keeps all {steps} steps"]
+        if int(self.config.retention_ratio * steps + 0.5) >= steps - 1:
+            return [f"mag_cache: retention_ratio {self.config.retention_ratio} keeps all {steps} steps"]
         return []

@@ -12,6 +12,7 @@ computed. Each CFG branch (cond / uncond) keeps its own accumulator and residual
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -119,7 +120,7 @@ class TeaCacheMethod(Method):
         denoiser = backend.denoiser
         if not block_lists(denoiser):
             raise ValidationError(f"teacache found no transformer block list in {type(denoiser).__name__}")
-        choice = self.params["rescale"]
+        choice = self.config.rescale
         if choice == "auto":
             choice = "flux" if type(denoiser).__name__.startswith("Flux") else "none"
         self.coefficients = FLUX_COEFFICIENTS if choice == "flux" else ()
@@ -130,7 +131,7 @@ class TeaCacheMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         # Hooked here, not in apply, because the last step (always computed) needs the step count.
         if self.cache is None:
-            config = TeaCacheConfig(self.params["threshold"], self.coefficients, call["num_inference_steps"])
+            config = replace(self.config, coefficients=self.coefficients, num_steps=call["num_inference_steps"])
             self.cache = apply_teacache(self.denoiser, config, pipe=backend.pipe)
             self.calls, self.costs = self.cache.calls, self.cache.costs
         return call
@@ -144,7 +145,7 @@ class TeaCacheMethod(Method):
         return {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["threshold"] <= 0:
+        if self.config.threshold <= 0:
             return ["teacache with threshold 0 recomputes every step: no speed-up"]
         if call["num_inference_steps"] <= 2:
             return ["teacache always computes the first and last step: with 2 steps or fewer it skips nothing"]
