@@ -195,11 +195,15 @@ class PresetLibrary:
 
 
 def method_preset(cls) -> Preset:
-    """The shipped preset of one method: its paper-recommended settings (the spec's
-    defaults), for the method's first modality."""
+    """The shipped preset of one method: the defaults of its Config (the paper's settings,
+    except where a field says otherwise), for the method's first modality."""
     spec = cls.spec
     params = spec.defaults()
-    note = f"{spec.title} with {spec.defaults_note or 'the settings its paper recommends'}."
+    differ = [p for p in spec.params if p.paper is not None]
+    settings = spec.defaults_note or ("its default settings" if differ else "the settings its paper recommends")
+    note = f"{spec.title} with {settings}."
+    if differ:
+        note += " The paper's settings: " + ", ".join(f"{p.name} {p.paper}" for p in differ) + "."
     if spec.paper:
         note += f" Paper: {spec.paper}."
     return Preset(f"{spec.name} (paper defaults)", spec.modalities[0], None, {},

@@ -11,7 +11,7 @@ import random
 import re
 from typing import Any
 
-from backends.accel.base import all_methods
+from backends.accel.base import all_methods, check_combinable
 from backends.params import MODALITY_PARAMS, Range
 from backends.types import MODALITIES, MethodChoice, Request, ValidationError, shown
 
@@ -220,8 +220,8 @@ def validate_params(modality: str, params: dict[str, Any] | None) -> dict[str, A
 
 
 def validate_methods(modality: str, methods: Any) -> list[MethodChoice]:
-    """Each method known, typed and fit for the modality; no method twice, no two that
-    conflict: refused here, before any model is loaded, not recorded as a failed run."""
+    """Each method known, typed and fit for the modality; no method twice, no two that share
+    a slot: refused here, before any model is loaded, not recorded as a failed run."""
     if methods is None:
         methods = []
     if not isinstance(methods, (list, tuple)):
@@ -238,12 +238,7 @@ def validate_methods(modality: str, methods: Any) -> list[MethodChoice]:
         spec = registry[name].spec
         if modality not in spec.modalities:
             raise ValidationError(f"method '{spec.name}' does not apply to {modality} generation")
-        for earlier in out:
-            if earlier.name == spec.name:
-                raise ValidationError(f"method '{spec.name}' is listed twice")
-            other = registry[earlier.name].spec
-            if spec.name in other.conflicts or other.name in spec.conflicts:
-                raise ValidationError(f"methods '{other.name}' and '{spec.name}' cannot be combined")
+        check_combinable(spec, [registry[earlier.name].spec for earlier in out])
         params = check_method_params(spec, choice.params)
         out.append(MethodChoice(spec.name, spec.validate(params)))
     return out

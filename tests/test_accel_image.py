@@ -219,7 +219,8 @@ def test_gpu_attention_backend_refused_on_cpu(flux):
     assert baseline.method_stats == {}
 
 
-DIT_CACHES = ("block_cache", "teacache", "adacache", "first_block_cache", "mag_cache", "taylorseer", "pab", "faster_cache")
+DIT_CACHES = sorted(name for name, cls in all_methods().items() if "dit-cache" in cls.spec.slots)
+assert len(DIT_CACHES) == 8  # the exact pairs are checked in test_framework.py
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(DIT_CACHES, 2)))

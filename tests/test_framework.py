@@ -1,11 +1,15 @@
-"""The method framework: specs, validation, conflicts, and exact reversibility."""
+"""The method framework: specs, Config fields, validation, slots, and exact reversibility."""
+
+import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from backends.accel import IMPORT_ERRORS
-from backends.accel.base import Method, MethodSpec, Param, all_methods, instantiate, methods_for
+from backends.accel.base import (Method, MethodConfig, MethodSpec, Param, all_methods, check_combinable, instantiate,
+                                 methods_for, param)
 from backends.image import ImageBackend
 from backends.tiny.dummy import dummy_sd_pipeline
 from backends.types import MethodChoice, Request, ValidationError
@@ -56,15 +60,120 @@ def test_instantiate_rejects_bad_combinations():
         instantiate([MethodChoice("sampler"), MethodChoice("sampler")], "image", "unet")
 
 
-def test_declared_conflicts_are_refused(monkeypatch):
+def test_methods_sharing_a_slot_are_refused(monkeypatch):
     from backends.accel import base
 
     class A(Method):
-        spec = MethodSpec("conflict_a", "A", ("image",), ("unet",), "a", conflicts=("sampler",))
+        spec = MethodSpec("slot_a", "A", ("image",), ("unet",), "a", slots=("guidance",))
 
-    monkeypatch.setitem(base._REGISTRY, "conflict_a", A)
-    with pytest.raises(ValidationError, match="cannot be combined"):
-        instantiate([MethodChoice("sampler"), MethodChoice("conflict_a")], "image", "unet")
+    monkeypatch.setitem(base._REGISTRY, "slot_a", A)
+    with pytest.raises(ValidationError, match="methods 'cfg_truncation' and 'slot_a' cannot be combined"):
+        instantiate([MethodChoice("cfg_truncation"), MethodChoice("slot_a")], "image", "unet")
+    assert [m.spec.name for m in instantiate([MethodChoice("sampler"), MethodChoice("slot_a")], "image", "unet")] \
+        == ["sampler", "slot_a"]
+
+
+# The pairs the hand-written conflict lists refused (DIT_CACHES in _diffusers_cache.py,
+# DECODING_METHODS in _decoding.py, faster_cache + cfg_truncation, sta + attention_backend),
+# computed once from those lists before slots replaced them.
+OLD_CONFLICTS = {tuple(pair.split("+")) for pair in """
+adacache+block_cache adacache+faster_cache adacache+first_block_cache adacache+mag_cache adacache+pab
+adacache+taylorseer adacache+teacache attention_backend+sta block_cache+faster_cache block_cache+first_block_cache
+block_cache+mag_cache block_cache+pab block_cache+taylorseer block_cache+teacache cfg_truncation+faster_cache
+faster_cache+first_block_cache faster_cache+mag_cache faster_cache+pab faster_cache+taylorseer faster_cache+teacache
+first_block_cache+mag_cache first_block_cache+pab first_block_cache+taylorseer first_block_cache+teacache
+layer_skip+lookahead layer_skip+prompt_lookup layer_skip+sink_cache layer_skip+snapkv layer_skip+speculative
+layer_skip+static_cache lookahead+prompt_lookup lookahead+sink_cache lookahead+snapkv lookahead+speculative
+lookahead+static_cache mag_cache+pab mag_cache+taylorseer mag_cache+teacache pab+taylorseer pab+teacache
+prompt_lookup+sink_cache prompt_lookup+snapkv prompt_lookup+speculative prompt_lookup+static_cache
+sink_cache+snapkv sink_cache+speculative sink_cache+static_cache snapkv+speculative snapkv+static_cache
+speculative+static_cache taylorseer+teacache
+""".split()}
+
+
+def refused(a: MethodSpec, b: MethodSpec) -> bool:
+    try:
+        check_combinable(b, [a])
+    except ValidationError as exc:
+        assert str(exc) == f"methods '{a.name}' and '{b.name}' cannot be combined"
+        return True
+    return False
+
+
+def test_slots_refuse_exactly_the_pairs_the_old_conflict_lists_refused():
+    specs = {name: cls.spec for name, cls in all_methods().items()}
+    assert len(OLD_CONFLICTS) == 51 and {n for pair in OLD_CONFLICTS for n in pair} <= set(specs)
+    for a, b in itertools.combinations(sorted(specs), 2):
+        expected = (a, b) in OLD_CONFLICTS
+        assert refused(specs[a], specs[b]) == expected, (a, b)
+        assert refused(specs[b], specs[a]) == expected, (b, a)
+
+
+def test_request_validation_refuses_the_same_pairs_with_the_same_message():
+    from studio.validation import validate_methods
+
+    with pytest.raises(ValidationError, match="^methods 'snapkv' and 'lookahead' cannot be combined$"):
+        validate_methods("text", ["snapkv", "lookahead"])
+    with pytest.raises(ValidationError, match="^method 'tome' is listed twice$"):
+        validate_methods("image", ["tome", "deepcache", "tome"])
+    assert [m.name for m in validate_methods("image", ["deepcache", "tome", "cfg_truncation"])] == \
+        ["deepcache", "tome", "cfg_truncation"]
+
+
+def test_every_method_reads_its_parameters_from_one_frozen_config():
+    for name, cls in all_methods().items():
+        config = cls.spec.config
+        assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen, name
+        method = cls()
+        assert isinstance(method.config, config), name
+        assert {p.name: getattr(method.config, p.name) for p in cls.spec.params} == cls.spec.defaults(), name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(method.config, cls.spec.params[0].name, None)
+
+
+def test_config_fields_are_validated_and_typed():
+    from backends.accel.deepcache import DeepCacheConfig, DeepCacheMethod
+
+    spec = DeepCacheMethod.spec
+    assert [(p.name, p.kind, p.default, p.min, p.max) for p in spec.params] == \
+        [("interval", "int", 3, 1, 10), ("branch", "int", 0, 0, 3)]
+    (method,) = instantiate([MethodChoice("deepcache", {"interval": "4"})], "image", "unet")
+    assert method.config == DeepCacheConfig(interval=4, branch=0)
+    with pytest.raises(ValidationError, match=r"^parameter 'interval' must be between 1 and 10, got 11$"):
+        spec.validate({"interval": 11})
+
+
+def test_run_time_fields_of_a_config_are_not_parameters():
+    from backends.accel.teacache import TeaCacheConfig, TeaCacheMethod
+
+    assert [p.name for p in TeaCacheMethod.spec.params] == ["threshold", "rescale"]
+    assert {f.name for f in dataclasses.fields(TeaCacheConfig)} == {"threshold", "rescale", "coefficients", "num_steps"}
+    with pytest.raises(ValidationError, match="has no parameter 'num_steps'; it takes"):
+        TeaCacheMethod.spec.validate({"num_steps": 3})
+
+
+def test_a_malformed_config_fails_when_the_spec_is_made():
+    class NoChoices(MethodConfig):
+        mode: str = param("a", help="a text field needs its choices")
+
+    @dataclasses.dataclass
+    class NotAConfig:
+        n: int = param(1, help="n")
+
+    with pytest.raises(TypeError, match="needs choices"):
+        MethodSpec("bad", "Bad", ("image",), ("unet",), "bad", config=NoChoices)
+    with pytest.raises(TypeError, match="MethodConfig subclass"):
+        MethodSpec("bad", "Bad", ("image",), ("unet",), "bad", config=NotAConfig)
+
+
+def test_paper_settings_are_shown_where_they_differ_from_the_defaults():
+    from studio.presets import method_preset
+    from studio.ui.common import _control
+
+    window = all_methods()["lookahead"].spec.param("window")
+    assert (window.default, window.paper) == (2, 15)
+    assert "(paper: 15)" in _control(window).info
+    assert "window 15, ngram 5, branches 15" in method_preset(all_methods()["lookahead"]).description
 
 
 @pytest.mark.parametrize("methods", [

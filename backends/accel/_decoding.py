@@ -14,8 +14,6 @@ import torch
 
 from backends.types import ValidationError
 
-# Methods that each decide how the next tokens are proposed or cached: one at a time.
-DECODING_METHODS = ("speculative", "prompt_lookup", "lookahead", "layer_skip", "snapkv", "sink_cache", "static_cache")
 Decoder = Callable[[Any, torch.Tensor, "DecodeState"], None]
 
 

@@ -28,8 +28,6 @@ from backends.accel._eval_cost import EvalCostMeter
 from backends.accel.base import Method
 from backends.types import ValidationError
 
-DIT_CACHES = ("block_cache", "teacache", "adacache", "first_block_cache", "mag_cache", "taylorseer", "pab", "faster_cache")
-
 
 def require_cache_support(backend, method: str) -> torch.nn.Module:
     denoiser = backend.denoiser

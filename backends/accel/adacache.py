@@ -16,15 +16,14 @@ The residual reuse itself is the span cache shared with TeaCache and Δ-DiT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel._diffusers_cache import DIT_CACHES
 from backends.accel._eval_cost import cost_stats
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 # (relative change per step, steps to reuse the cache after a computed step), ascending:
@@ -34,18 +33,16 @@ from backends.types import ValidationError
 DEFAULT_CODEBOOK = ((0.08, 5), (0.12, 4), (0.18, 3), (0.26, 2), (0.40, 1))
 
 
-@dataclass(frozen=True)
-class AdaCacheConfig:
-    """``scale`` multiplies the codebook thresholds (higher = more reuse, faster, rougher).
-    ``max_reuse`` caps consecutive reused steps. ``moreg``: motion regularisation on/off;
-    ``moreg_strength`` how strongly motion shortens the reuse. ``warmup_steps`` first
-    steps always computed; the last step is always computed too."""
+class AdaCacheConfig(MethodConfig):
+    """The last step is always computed too; ``num_steps`` (the run's) is set at run time."""
 
-    scale: float = 1.0
-    max_reuse: int = 4
-    moreg: bool = True
-    moreg_strength: float = 1.0
-    warmup_steps: int = 2
+    scale: float = param(1.0, min=0.1, max=5.0, step=0.1,
+                         help="multiplies the codebook thresholds: higher reuses more (faster, rougher)")
+    max_reuse: int = param(4, min=1, max=10, help="most consecutive steps answered from the cache")
+    moreg: bool = param(True, help="motion regularisation: more motion, fewer reused steps")
+    moreg_strength: float = param(1.0, min=0.0, max=10.0, step=0.5,
+                                  help="how much the motion score shortens reuse (rate x (1 + strength x motion))")
+    warmup_steps: int = param(2, min=0, max=50, help="first steps always computed")
     num_steps: int = 0
     codebook: tuple[tuple[float, int], ...] = DEFAULT_CODEBOOK
 
@@ -147,16 +144,8 @@ class AdaCacheMethod(Method):
         paper="Kahatapitiya et al. 2024, Adaptive Caching for Faster Video Generation with Diffusion "
               "Transformers (arXiv 2411.02397)",
         lossless=False,
-        params=(
-            Param("scale", "float", 1.0, min=0.1, max=5.0, step=0.1,
-                  help="multiplies the codebook thresholds: higher reuses more (faster, rougher)"),
-            Param("max_reuse", "int", 4, min=1, max=10, help="most consecutive steps answered from the cache"),
-            Param("moreg", "bool", True, help="motion regularisation: more motion, fewer reused steps"),
-            Param("moreg_strength", "float", 1.0, min=0.0, max=10.0, step=0.5,
-                  help="how much the motion score shortens reuse (rate x (1 + strength x motion))"),
-            Param("warmup_steps", "int", 2, min=0, max=50, help="first steps always computed"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "adacache"),
+        config=AdaCacheConfig,
+        slots=("dit-cache",),
     )
 
     def apply(self, backend) -> None:
@@ -169,7 +158,7 @@ class AdaCacheMethod(Method):
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         if self.cache is None:  # hooked here: the always-computed last step needs the step count
-            config = AdaCacheConfig(num_steps=call["num_inference_steps"], **self.params)
+            config = replace(self.config, num_steps=call["num_inference_steps"])
             self.cache, self.schedule, self.grid_hook = apply_adacache(
                 self.denoiser, config, pipe=getattr(backend, "pipe", None))
             self.calls, self.costs = self.cache.calls, self.cache.costs
@@ -193,7 +182,7 @@ class AdaCacheMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
-        if steps <= self.params["warmup_steps"] + 2:
+        if steps <= self.config.warmup_steps + 2:
             return [f"adacache at {steps} steps: the warm-up, the first measurement and the last step are "
                     "always computed, so little or nothing can be reused"]
         return []

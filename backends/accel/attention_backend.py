@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
@@ -28,6 +28,14 @@ def dispatched_processors(denoiser) -> list[Any]:
             if isinstance(m, _ATTENTION_CLASSES) and hasattr(getattr(m, "processor", None), "_attention_backend")]
 
 
+class AttentionBackendConfig(MethodConfig):
+    backend: str = param("native", choices=CPU_BACKENDS + GPU_BACKENDS,
+                         help="native = PyTorch SDPA picking its kernel; _native_math/_native_flash force one "
+                              "(both also run on CPU); flex = FlexAttention (slow on CPU without compile); the "
+                              "rest need a CUDA GPU and, for flash/sage/xformers, their package. sage quantizes "
+                              "Q/K to INT8 and is lossy")
+
+
 @register
 class AttentionBackendMethod(Method):
     spec = MethodSpec(
@@ -39,19 +47,14 @@ class AttentionBackendMethod(Method):
                 "SageAttention, xFormers); exact except SageAttention.",
         paper="Dao 2023, FlashAttention-2; Zhang et al. 2025, SageAttention; PyTorch SDPA / FlexAttention",
         lossless=None,  # exact up to rounding, except the quantized 'sage'
-        params=(
-            Param("backend", "choice", "native", choices=CPU_BACKENDS + GPU_BACKENDS,
-                  help="native = PyTorch SDPA picking its kernel; _native_math/_native_flash force one "
-                       "(both also run on CPU); flex = FlexAttention (slow on CPU without compile); "
-                       "the rest need a CUDA GPU and, for flash/sage/xformers, their package. "
-                       "sage quantizes Q/K to INT8 and is lossy"),
-        ),
+        config=AttentionBackendConfig,
+        slots=("attention",),
     )
 
     def apply(self, backend) -> None:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-        name = self.params["backend"]
+        name = self.config.backend
         denoiser = backend.denoiser
         if denoiser is None or not hasattr(denoiser, "set_attention_backend"):
             raise ValidationError("attention_backend needs a diffusers model with set_attention_backend()")
@@ -84,13 +87,13 @@ class AttentionBackendMethod(Method):
         self._saved = None
 
     def stats(self) -> dict[str, Any]:
-        return {"backend": self.params["backend"], "processors": getattr(self, "processors", 0),
-                "lossless": self.params["backend"] not in LOSSY_BACKENDS}
+        return {"backend": self.config.backend, "processors": getattr(self, "processors", 0),
+                "lossless": self.config.backend not in LOSSY_BACKENDS}
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["backend"] == "flex" and backend.device.type == "cpu":
+        if self.config.backend == "flex" and backend.device.type == "cpu":
             return ["FlexAttention without torch.compile materializes the full score matrix: "
                     "slower than native on CPU"]
-        if self.params["backend"] == "native":
+        if self.config.backend == "native":
             return ["attention backend 'native' is the default: nothing changes"]
         return []

@@ -12,27 +12,22 @@ Full computation every ``interval`` steps, and always during ``warmup_steps``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel._diffusers_cache import DIT_CACHES
 from backends.accel._eval_cost import cost_stats
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class BlockCacheConfig:
-    """``interval``: a full step every N steps (1 = never reuse). ``num_blocks``: how many
-    blocks the span covers (0 = all of them: the whole stack is reused, fastest, roughest).
-    ``position``: the span sits at the rear (Δ-DiT's choice for early, outline-forming
-    steps; the default) or the front. ``warmup_steps``: first steps always computed."""
-
-    interval: int = 2
-    num_blocks: int = 0
-    position: str = "rear"
-    warmup_steps: int = 1
+class BlockCacheConfig(MethodConfig):
+    interval: int = param(2, min=1, max=10,
+                          help="full computation every N steps (Δ-DiT: 2; FORA: 3); 1 disables reuse")
+    num_blocks: int = param(0, min=0, max=200,
+                            help="blocks in the cached span; 0 = all blocks (FORA-style whole-stack reuse)")
+    position: str = param("rear", choices=("rear", "front"),
+                          help="which end of the block stack is cached (Δ-DiT: rear blocks keep the outline)")
+    warmup_steps: int = param(1, min=0, max=50, help="first steps that are always computed in full")
 
 
 def span_of(blocks: list, num_blocks: int, position: str) -> list:
@@ -71,20 +66,11 @@ class BlockCacheMethod(Method):
                 "its input plus the residual it added at the last full step.",
         paper="Chen et al. 2024, Δ-DiT (arXiv 2406.01125); Selvaraju et al. 2024, FORA (arXiv 2407.01425)",
         lossless=False,
-        params=(
-            Param("interval", "int", 2, min=1, max=10,
-                  help="full computation every N steps (Δ-DiT: 2; FORA: 3); 1 disables reuse"),
-            Param("num_blocks", "int", 0, min=0, max=200,
-                  help="blocks in the cached span; 0 = all blocks (FORA-style whole-stack reuse)"),
-            Param("position", "choice", "rear", choices=("rear", "front"),
-                  help="which end of the block stack is cached (Δ-DiT: rear blocks keep the outline)"),
-            Param("warmup_steps", "int", 1, min=0, max=50, help="first steps that are always computed in full"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "block_cache"),
+        config=BlockCacheConfig,
+        slots=("dit-cache",),
     )
 
     def apply(self, backend) -> None:
-        self.config = BlockCacheConfig(**self.params)
         denoiser = backend.denoiser
         self.total_blocks = len(block_lists(denoiser))
         if not self.total_blocks:
@@ -112,7 +98,7 @@ class BlockCacheMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
-        config = BlockCacheConfig(**self.params)
+        config = self.config
         notes = []
         if config.interval <= 1:
             notes.append("block_cache with interval 1 computes every step: no speed-up")

@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from backends.accel._patch import ForwardPatch, add_callback
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 BATCHED_CFG_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
@@ -36,6 +36,11 @@ class _TruncateBatchedCFG:
         return {name: kwargs[name].chunk(2)[-1] for name in self.tensor_inputs if name in kwargs}
 
 
+class CFGTruncationConfig(MethodConfig):
+    fraction: float = param(0.5, min=0.0, max=1.0, step=0.05,
+                            help="fraction of steps that keep guidance; 1.0 = normal CFG")
+
+
 @register
 class CFGTruncationMethod(Method):
     spec = MethodSpec(
@@ -46,10 +51,8 @@ class CFGTruncationMethod(Method):
         summary="Run classifier-free guidance only for the first part of the steps.",
         paper="Kynkäänniemi et al. 2024, Applying Guidance in a Limited Interval",
         lossless=False,
-        params=(
-            Param("fraction", "float", 0.5, min=0.0, max=1.0, step=0.05,
-                  help="fraction of steps that keep guidance; 1.0 = normal CFG"),
-        ),
+        config=CFGTruncationConfig,
+        slots=("guidance",),
     )
 
     def apply(self, backend) -> None:
@@ -64,7 +67,7 @@ class CFGTruncationMethod(Method):
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         steps = call["num_inference_steps"]
-        self.cut = max(1, math.ceil(self.params["fraction"] * steps))
+        self.cut = max(1, math.ceil(self.config.fraction * steps))
         self.steps = steps
         if backend.cfg_passes(call) < 2 or self.cut >= steps:
             return call
@@ -112,5 +115,5 @@ class CFGTruncationMethod(Method):
         if backend.cfg_passes(call) < 2:
             return ["CFG truncation does nothing here: guidance is off (scale <= 1), so there is no second pass to drop"]
         if self.cut >= call["num_inference_steps"]:
-            return [f"CFG truncation does nothing at fraction {self.params['fraction']}: every step keeps guidance"]
+            return [f"CFG truncation does nothing at fraction {self.config.fraction}: every step keeps guidance"]
         return []

@@ -15,8 +15,22 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
+
+
+class CompileConfig(MethodConfig):
+    scope: str = param("regional", choices=("regional", "full"),
+                       help="regional: compile the repeated block class once (diffusers compile_repeated_blocks),"
+                            " falling back to full when the model has none; full: the whole denoiser (longer "
+                            "compile)")
+    mode: str = param("default", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                      help="torch.compile mode; reduce-overhead uses CUDA graphs (GPU only). The first run "
+                           "compiles: seconds to minutes, much longer on CPU")
+    compiler: str = param("inductor", choices=("inductor", "aot_eager", "eager"),
+                          help="inductor generates fused kernels (the speed-up); aot_eager / eager only trace, "
+                               "for debugging graph breaks")
+    fullgraph: bool = param(False, help="fail instead of falling back on a graph break")
 
 
 @register
@@ -30,34 +44,22 @@ class CompileMethod(Method):
                 "the first run pays the compilation.",
         paper="Ansel et al. 2024, PyTorch 2 (TorchDynamo + TorchInductor), ASPLOS",
         lossless=True,
-        params=(
-            Param("scope", "choice", "regional", choices=("regional", "full"),
-                  help="regional: compile the repeated block class once (diffusers compile_repeated_blocks), "
-                       "falling back to full when the model has none; full: the whole denoiser (longer compile)"),
-            Param("mode", "choice", "default", choices=("default", "reduce-overhead", "max-autotune",
-                                                         "max-autotune-no-cudagraphs"),
-                  help="torch.compile mode; reduce-overhead uses CUDA graphs (GPU only). The first run "
-                       "compiles: seconds to minutes, much longer on CPU"),
-            Param("compiler", "choice", "inductor", choices=("inductor", "aot_eager", "eager"),
-                  help="inductor generates fused kernels (the speed-up); aot_eager / eager only trace, "
-                       "for debugging graph breaks"),
-            Param("fullgraph", "bool", False, help="fail instead of falling back on a graph break"),
-        ),
+        config=CompileConfig,
     )
 
     def apply(self, backend) -> None:
         denoiser = backend.denoiser
         if denoiser is None:
             raise ValidationError("compile: this backend has no denoiser to compile")
-        mode = self.params["mode"]
+        mode = self.config.mode
         if mode == "reduce-overhead" and backend.device.type != "cuda":
             raise ValidationError("compile mode 'reduce-overhead' uses CUDA graphs and needs a CUDA GPU")
-        kwargs: dict[str, Any] = {"backend": self.params["compiler"], "fullgraph": self.params["fullgraph"]}
-        if self.params["compiler"] == "inductor":
+        kwargs: dict[str, Any] = {"backend": self.config.compiler, "fullgraph": self.config.fullgraph}
+        if self.config.compiler == "inductor":
             kwargs["mode"] = mode
         repeated = set(getattr(denoiser, "_repeated_blocks", None) or ())
         targets = [m for m in denoiser.modules() if type(m).__name__ in repeated] \
-            if self.params["scope"] == "regional" else []
+            if self.config.scope == "regional" else []
         self.scope = "regional" if targets else "full"
         targets = targets or [denoiser]
         # Module.compile sets _compiled_call_impl; keeping the previous values is the undo.
@@ -76,6 +78,6 @@ class CompileMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         notes = []
-        if backend.device.type == "cpu" and self.params["compiler"] == "inductor":
+        if backend.device.type == "cpu" and self.config.compiler == "inductor":
             notes.append("compile on CPU: the first run with this shape compiles C++ kernels and can take minutes")
         return notes

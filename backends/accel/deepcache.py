@@ -15,8 +15,14 @@ import torch
 
 from backends.accel._eval_cost import EvalCostMeter, cost_stats
 from backends.accel._patch import ForwardPatch, StepCallback, add_callback
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
+
+
+class DeepCacheConfig(MethodConfig):
+    interval: int = param(3, min=1, max=10, help="run the full UNet every N steps (paper: 3-5)")
+    branch: int = param(0, min=0, max=3,
+                        help="depth of the shallow branch that is recomputed (0 = outermost level only, fastest)")
 
 
 @dataclass
@@ -91,24 +97,20 @@ class DeepCacheMethod(Method):
         summary="Full UNet every N steps; in between only the shallow branch runs on cached deep features.",
         paper="Ma et al. 2024, DeepCache: Accelerating Diffusion Models for Free (CVPR)",
         lossless=False,
-        params=(
-            Param("interval", "int", 3, min=1, max=10, help="run the full UNet every N steps (paper: 3-5)"),
-            Param("branch", "int", 0, min=0, max=3,
-                  help="depth of the shallow branch that is recomputed (0 = outermost level only, fastest)"),
-        ),
+        config=DeepCacheConfig,
     )
 
     def apply(self, backend) -> None:
         unet = backend.pipe.unet
         if not hasattr(unet, "get_time_embed") or len(unet.up_blocks) < 2:
             raise ValidationError("DeepCache needs a diffusers UNet2DConditionModel with at least two levels")
-        if self.params["branch"] >= len(unet.up_blocks) - 1:
+        if self.config.branch >= len(unet.up_blocks) - 1:
             raise ValidationError(f"DeepCache branch must be below {len(unet.up_blocks) - 1} for this UNet")
         self.state = DeepCacheState()
         self.counter = StepCallback()
         self._unet = unet
         self.costs = EvalCostMeter(unet)  # full vs shallow call costs, for the ideal speedup
-        branch = self.params["branch"]
+        branch = self.config.branch
         target = unet.up_blocks[len(unet.up_blocks) - branch - 1]
         self._hook = None
 
@@ -117,7 +119,7 @@ class DeepCacheMethod(Method):
 
         def make_forward(original):
             def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
-                full = self.state.cached is None or self.counter.step % self.params["interval"] == 0
+                full = self.state.cached is None or self.counter.step % self.config.interval == 0
                 if full:
                     self.state.full_steps += 1
                     handle = target.register_forward_pre_hook(capture, with_kwargs=True)
@@ -153,9 +155,9 @@ class DeepCacheMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
-        if self.params["interval"] <= 1:
+        if self.config.interval <= 1:
             return ["DeepCache with interval 1 recomputes every step: it cannot speed anything up"]
-        if steps <= self.params["interval"]:
-            return [f"DeepCache at {steps} steps with interval {self.params['interval']} skips at most "
+        if steps <= self.config.interval:
+            return [f"DeepCache at {steps} steps with interval {self.config.interval} skips at most "
                     f"{steps - 1} step(s): little or no speed-up"]
         return []

@@ -14,8 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel._diffusers_cache import DIT_CACHES, DiffusersCacheMethod
-from backends.accel.base import MethodSpec, Param, register
+from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel.base import MethodConfig, MethodSpec, param, register
+
+
+class FasterCacheConfig(MethodConfig):
+    spatial_skip: int = param(2, min=1, max=10, help="compute spatial attention every N calls (paper: 2)")
+    timestep_high: int = param(681, min=0, max=1000,
+                               help="attention reuse only below this timestep (0-1000; paper: 681)")
+    uncond_skip: int = param(5, min=1, max=20,
+                             help="CFG-Cache: compute the unconditional branch every N steps (paper: 5); "
+                                  "batched-CFG pipelines only")
+    uncond_timestep_high: int = param(641, min=0, max=1000, help="CFG-Cache only below this timestep (paper: 641)")
+    alpha: float = param(1.1, min=0.5, max=2.0, step=0.05,
+                         help="weight of the low/high-frequency CFG difference (paper: 1.1)")
 
 
 def batches_cfg(backend, call: dict[str, Any]) -> bool:
@@ -35,33 +47,21 @@ class FasterCacheMethod(DiffusersCacheMethod):
         paper="Lv et al. 2024, FasterCache: Training-Free Video Diffusion Model Acceleration with High Quality "
               "(arXiv 2410.19355); diffusers implementation",
         lossless=False,
-        params=(
-            Param("spatial_skip", "int", 2, min=1, max=10,
-                  help="compute spatial attention every N calls (paper: 2)"),
-            Param("timestep_high", "int", 681, min=0, max=1000,
-                  help="attention reuse only below this timestep (0-1000; paper: 681)"),
-            Param("uncond_skip", "int", 5, min=1, max=20,
-                  help="CFG-Cache: compute the unconditional branch every N steps (paper: 5); "
-                       "batched-CFG pipelines only"),
-            Param("uncond_timestep_high", "int", 641, min=0, max=1000,
-                  help="CFG-Cache only below this timestep (paper: 641)"),
-            Param("alpha", "float", 1.1, min=0.5, max=2.0, step=0.05,
-                  help="weight of the low/high-frequency CFG difference (paper: 1.1)"),
-        ),
-        conflicts=(*(n for n in DIT_CACHES if n != "faster_cache"), "cfg_truncation"),
+        config=FasterCacheConfig,
+        slots=("dit-cache", "guidance"),  # CFG-Cache rebuilds the unconditional branch
     )
     per_branch_hooks = ("faster_cache_block", "faster_cache_denoiser")
 
     def make_config(self, backend, call: dict[str, Any]):
-        from diffusers.hooks import FasterCacheConfig
+        from diffusers import hooks
 
-        p = self.params
-        return FasterCacheConfig(
-            spatial_attention_block_skip_range=p["spatial_skip"],
-            spatial_attention_timestep_skip_range=(-1, p["timestep_high"]),
-            unconditional_batch_skip_range=p["uncond_skip"],
-            unconditional_batch_timestep_skip_range=(-1, p["uncond_timestep_high"]),
-            alpha_low_frequency=p["alpha"], alpha_high_frequency=p["alpha"],
+        c = self.config
+        return hooks.FasterCacheConfig(
+            spatial_attention_block_skip_range=c.spatial_skip,
+            spatial_attention_timestep_skip_range=(-1, c.timestep_high),
+            unconditional_batch_skip_range=c.uncond_skip,
+            unconditional_batch_timestep_skip_range=(-1, c.uncond_timestep_high),
+            alpha_low_frequency=c.alpha, alpha_high_frequency=c.alpha,
             attention_weight_callback=lambda _module: 0.5,
             tensor_format="BCFHW" if backend.modality == "video" else "BCHW",
             is_guidance_distilled=not batches_cfg(backend, call),
@@ -70,7 +70,7 @@ class FasterCacheMethod(DiffusersCacheMethod):
 
     def warnings(self, backend, call) -> list[str]:
         notes = []
-        if self.params["spatial_skip"] <= 1 and (self.params["uncond_skip"] <= 1 or not batches_cfg(backend, call)):
+        if self.config.spatial_skip <= 1 and (self.config.uncond_skip <= 1 or not batches_cfg(backend, call)):
             notes.append("faster_cache with spatial_skip 1 and no CFG-Cache reuses nothing")
         if backend.cfg_passes(call) == 2 and not batches_cfg(backend, call):
             notes.append("faster_cache: this pipeline runs CFG as separate passes, so CFG-Cache is off "

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel._diffusers_cache import DIT_CACHES, DiffusersCacheMethod
-from backends.accel.base import MethodSpec, Param, register
+from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel.base import MethodConfig, MethodSpec, param, register
+
+
+class FirstBlockCacheConfig(MethodConfig):
+    threshold: float = param(0.05, min=0.0, max=1.0, step=0.01, paper="0.08-0.12 on FLUX.1 for ~2x",
+                             help="relative change of the first block's residual below which the rest is "
+                                  "skipped (diffusers default 0.05)")
 
 
 @register
@@ -25,21 +31,17 @@ class FirstBlockCacheMethod(DiffusersCacheMethod):
                 "block's residual changes less than a threshold.",
         paper="Cheng 2025, ParaAttention First Block Cache (after TeaCache, Liu et al. 2024); diffusers implementation",
         lossless=False,
-        params=(
-            Param("threshold", "float", 0.05, min=0.0, max=1.0, step=0.01,
-                  help="relative change of the first block's residual below which the rest is skipped "
-                       "(diffusers default 0.05; ParaAttention uses 0.08-0.12 on FLUX for ~2x)"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "first_block_cache"),
+        config=FirstBlockCacheConfig,
+        slots=("dit-cache",),
     )
 
     def make_config(self, backend, call: dict[str, Any]):
-        from diffusers.hooks import FirstBlockCacheConfig
+        from diffusers import hooks
 
-        return FirstBlockCacheConfig(threshold=self.params["threshold"])
+        return hooks.FirstBlockCacheConfig(threshold=self.config.threshold)
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["threshold"] <= 0:
+        if self.config.threshold <= 0:
             return ["first_block_cache with threshold 0 never skips: no speed-up"]
         if call["num_inference_steps"] < 2:
             return ["first_block_cache needs at least 2 steps to reuse anything"]

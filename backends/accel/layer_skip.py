@@ -24,16 +24,9 @@ from typing import Any
 import torch
 
 from backends.accel._patch import ForwardPatch
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import (
-    DECODING_METHODS,
-    DecodeState,
-    accept_greedy,
-    crop_cache,
-    decoding_stats,
-    require_greedy,
-    set_decoder,
-)
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._decoding import (DecodeState, accept_greedy, crop_cache, decoding_stats, require_greedy,
+                                      set_decoder)
 from backends.types import ValidationError
 
 
@@ -115,6 +108,18 @@ def layer_skip_decode(backend, input_ids: torch.Tensor, state: DecodeState, skip
         current = accepted[-1]
 
 
+class LayerSkipConfig(MethodConfig):
+    skip_ratio: float = param(0.5, min=0.0, max=0.9, step=0.05,
+                              help="fraction of all layers skipped while drafting, spread over the inner layers")
+    draft_tokens: int = param(4, min=1, max=16, help="most tokens drafted per verification forward")
+    draft_confidence: float = param(0.0, min=0.0, max=1.0, step=0.05,
+                                    help="stop a draft early when its top probability falls below this (0 = "
+                                         "always draft_tokens)")
+    skip_from: int = param(0, min=0, max=256, help="first layer of an explicit skipped range")
+    skip_to: int = param(0, min=0, max=256, help="last layer of an explicit skipped range (0 = use skip_ratio "
+                                                 "instead)")
+
+
 @register
 class LayerSkipMethod(Method):
     spec = MethodSpec(
@@ -126,23 +131,14 @@ class LayerSkipMethod(Method):
         paper="Zhang et al. 2024, Draft & Verify (ACL); Xia et al. 2025, SWIFT (ICLR); "
               "Elhoushi et al. 2024, LayerSkip (ACL)",
         lossless=True,
-        params=(
-            Param("skip_ratio", "float", 0.5, min=0.0, max=0.9, step=0.05,
-                  help="fraction of all layers skipped while drafting, spread over the inner layers"),
-            Param("draft_tokens", "int", 4, min=1, max=16, help="most tokens drafted per verification forward"),
-            Param("draft_confidence", "float", 0.0, min=0.0, max=1.0, step=0.05,
-                  help="stop a draft early when its top probability falls below this (0 = always draft_tokens)"),
-            Param("skip_from", "int", 0, min=0, max=256, help="first layer of an explicit skipped range"),
-            Param("skip_to", "int", 0, min=0, max=256,
-                  help="last layer of an explicit skipped range (0 = use skip_ratio instead)"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m != "layer_skip"),
+        config=LayerSkipConfig,
+        slots=("decoder",),
     )
 
     def apply(self, backend) -> None:
         layers = decoder_layers(backend.model)
-        p = self.params
-        self.skipped = choose_layers(len(layers), p["skip_ratio"], p["skip_from"], p["skip_to"])
+        c = self.config
+        self.skipped = choose_layers(len(layers), c.skip_ratio, c.skip_from, c.skip_to)
         self.state = LayerSkipState()
         self._extra: dict[str, Any] = {}
         self._patches = []
@@ -170,8 +166,8 @@ class LayerSkipMethod(Method):
         self.state.reset()
 
         def decoder(backend, input_ids, state):
-            layer_skip_decode(backend, input_ids, state, self.state, self.params["draft_tokens"], self.skipped,
-                              self.params["draft_confidence"])
+            layer_skip_decode(backend, input_ids, state, self.state, self.config.draft_tokens, self.skipped,
+                              self.config.draft_confidence)
 
         return set_decoder(call, decoder, "layer skipping")
 

@@ -36,32 +36,23 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import (
-    DECODING_METHODS,
-    DecodeState,
-    decoding_stats,
-    require_greedy,
-    set_decoder,
-)
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._decoding import DecodeState, decoding_stats, require_greedy, set_decoder
 
 
-@dataclass(frozen=True)
-class LookaheadConfig:
-    """window (W): Jacobi positions guessed ahead; more finds more n-grams, costs a wider forward.
-    ngram (N): n-gram size; each step accepts at most N tokens.
-    branches (G): pool candidates verified per step.
-    prompt_ngrams: also seed the pool with the prompt's own n-grams (cheap; pays on code
-        editing and repetitive text, where the output copies the prompt).
-    output_ngrams: also add the n-grams of the accepted output as it grows (free code
-        repeats its own identifiers and idioms; costs no forward width).
-    """
+class LookaheadConfig(MethodConfig):
+    """The defaults were measured fastest on one CPU thread (README); a GPU affords the
+    paper's wider settings, where a wide forward costs about as much as a narrow one."""
 
-    window: int = 2  # measured on one CPU thread (README); a GPU affords the paper's wider settings
-    ngram: int = 4
-    branches: int = 4
-    prompt_ngrams: bool = True
-    output_ngrams: bool = True
+    window: int = param(2, min=1, max=16, paper=15,
+                        help="W: Jacobi positions guessed ahead; wider finds more n-grams but each forward is "
+                             "wider (CPU: 1-2; GPU: up to 15)")
+    ngram: int = param(4, min=2, max=8, paper=5, help="N: n-gram size, at most N tokens accepted per forward")
+    branches: int = param(4, min=0, max=16, paper=15, help="G: pool n-grams verified per forward")
+    prompt_ngrams: bool = param(True, help="seed the n-gram pool with the prompt (cheap; pays on copy-heavy text "
+                                           "such as code editing)")
+    output_ngrams: bool = param(True, help="add the output's own n-grams to the pool as it grows (code repeats "
+                                           "its identifiers; costs no forward width)")
 
 
 @dataclass
@@ -246,23 +237,14 @@ class LookaheadMethod(Method):
         summary="Jacobi iterations propose n-grams that are verified in the same forward; exact greedy output.",
         paper="Fu et al. 2024, Break the Sequential Dependency of LLM Inference Using Lookahead Decoding (ICML)",
         lossless=True,
-        params=(
-            Param("window", "int", 2, min=1, max=16,
-                  help="W: Jacobi positions guessed ahead; wider finds more n-grams but each forward is wider "
-                       "(CPU: 1-2; GPU: up to 15)"),
-            Param("ngram", "int", 4, min=2, max=8, help="N: n-gram size, at most N tokens accepted per forward"),
-            Param("branches", "int", 4, min=0, max=16, help="G: pool n-grams verified per forward"),
-            Param("prompt_ngrams", "bool", True, help="seed the n-gram pool with the prompt (pays on copy-heavy text)"),
-            Param("output_ngrams", "bool", True, help="add the output's own n-grams to the pool as it grows"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m != "lookahead"),
-        defaults_note="settings measured fastest on one CPU thread (W 2, N 4, G 4); the paper's GPU runs "
-                      "used W 15, N 5, G 15, where a wide forward costs about as much as a narrow one",
+        config=LookaheadConfig,
+        slots=("decoder",),
+        defaults_note="settings measured fastest on one CPU thread; on the paper's GPUs a wide forward costs "
+                      "about as much as a narrow one",
     )
 
     def apply(self, backend) -> None:
         self.state = LookaheadState()
-        self.config = LookaheadConfig(**self.params)
         self._extra: dict[str, Any] = {}
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:

@@ -23,9 +23,21 @@ from typing import Any, ClassVar
 import torch
 
 from backends.accel._block_span import block_lists, block_metadata
-from backends.accel._diffusers_cache import DIT_CACHES, DiffusersCacheMethod
-from backends.accel.base import MethodSpec, Param, register
+from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
+
+
+class MagCacheConfig(MethodConfig):
+    threshold: float = param(0.06, min=0.0, max=1.0, step=0.01,
+                             help="accumulated error allowed before recomputing (diffusers default 0.06; "
+                                  "higher = faster)")
+    max_skip_steps: int = param(3, min=1, max=10, help="at most this many steps skipped in a row (K)")
+    retention_ratio: float = param(0.2, min=0.0, max=1.0, step=0.05,
+                                   help="fraction of the first steps that are never skipped")
+    ratios: str = param("calibrate", choices=("calibrate", "flux"),
+                        help="magnitude ratios: measured for this model (first run per model/steps/size "
+                             "pays one extra untimed pass) or the published FLUX.1 curve")
 
 
 def calibrate_mag_ratios(backend, call: dict[str, Any]) -> list[float]:
@@ -89,27 +101,18 @@ class MagCacheMethod(DiffusersCacheMethod):
         paper="Ma et al. 2025, MagCache: Fast Video Generation with Magnitude-Aware Cache "
               "(arXiv 2506.09045); diffusers implementation",
         lossless=False,
-        params=(
-            Param("threshold", "float", 0.06, min=0.0, max=1.0, step=0.01,
-                  help="accumulated error allowed before recomputing (diffusers default 0.06; higher = faster)"),
-            Param("max_skip_steps", "int", 3, min=1, max=10, help="at most this many steps skipped in a row (K)"),
-            Param("retention_ratio", "float", 0.2, min=0.0, max=1.0, step=0.05,
-                  help="fraction of the first steps that are never skipped"),
-            Param("ratios", "choice", "calibrate", choices=("calibrate", "flux"),
-                  help="magnitude ratios: measured for this model (first run per model/steps/size "
-                       "pays one extra untimed pass) or the published FLUX.1 curve"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "mag_cache"),
+        config=MagCacheConfig,
+        slots=("dit-cache",),
     )
     calibrated: ClassVar[dict[tuple, list[float]]] = {}
     skips_whole_calls = True
 
     def make_config(self, backend, call: dict[str, Any]):
-        from diffusers.hooks import MagCacheConfig
+        from diffusers import hooks
 
         steps = call["num_inference_steps"]
         self.calibrated_now = False
-        if self.params["ratios"] == "flux":
+        if self.config.ratios == "flux":
             from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
             ratios = FLUX_MAG_RATIOS
@@ -120,9 +123,9 @@ class MagCacheMethod(DiffusersCacheMethod):
                 self.calibrated[key] = calibrate_mag_ratios(backend, call)
                 self.calibrated_now = True
             ratios = self.calibrated[key]
-        return MagCacheConfig(threshold=self.params["threshold"], max_skip_steps=self.params["max_skip_steps"],
-                              retention_ratio=self.params["retention_ratio"], num_inference_steps=steps,
-                              mag_ratios=list(ratios))
+        return hooks.MagCacheConfig(threshold=self.config.threshold, max_skip_steps=self.config.max_skip_steps,
+                                    retention_ratio=self.config.retention_ratio, num_inference_steps=steps,
+                                    mag_ratios=list(ratios))
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "calibrated_this_run": getattr(self, "calibrated_now", False)}
@@ -131,8 +134,8 @@ class MagCacheMethod(DiffusersCacheMethod):
         steps = call["num_inference_steps"]
         if self.step_mismatch(call):
             return self.step_mismatch(call)
-        if self.params["threshold"] <= 0:
+        if self.config.threshold <= 0:
             return ["mag_cache with threshold 0 never skips: no speed-up"]
-        if int(self.params["retention_ratio"] * steps + 0.5) >= steps - 1:
-            return [f"mag_cache: retention_ratio {self.params['retention_ratio']} keeps all {steps} steps"]
+        if int(self.config.retention_ratio * steps + 0.5) >= steps - 1:
+            return [f"mag_cache: retention_ratio {self.config.retention_ratio} keeps all {steps} steps"]
         return []

@@ -13,9 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel._diffusers_cache import DIT_CACHES, DiffusersCacheMethod
-from backends.accel.base import MethodSpec, Param, register
+from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel.base import MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
+
+
+class PABConfig(MethodConfig):
+    spatial_skip: int = param(2, min=0, max=10,
+                              help="compute spatial self-attention every N calls (paper: 2); 0 = never reuse")
+    temporal_skip: int = param(4, min=0, max=10,
+                               help="same for temporal attention of video models (paper: 4); 0 = off")
+    cross_skip: int = param(6, min=0, max=10, help="same for cross-attention layers (paper: 6); 0 = off")
+    timestep_low: int = param(100, min=0, max=1000, help="reuse only while the timestep (0-1000) is above this...")
+    timestep_high: int = param(800, min=0, max=1000, help="...and below this (paper: 100-800)")
 
 
 @register
@@ -30,39 +40,29 @@ class PABMethod(DiffusersCacheMethod):
         paper="Zhao et al. 2024, Real-Time Video Generation with Pyramid Attention Broadcast "
               "(arXiv 2408.12588); diffusers implementation",
         lossless=False,
-        params=(
-            Param("spatial_skip", "int", 2, min=0, max=10,
-                  help="compute spatial self-attention every N calls (paper: 2); 0 = never reuse"),
-            Param("temporal_skip", "int", 4, min=0, max=10,
-                  help="same for temporal attention of video models (paper: 4); 0 = off"),
-            Param("cross_skip", "int", 6, min=0, max=10,
-                  help="same for cross-attention layers (paper: 6); 0 = off"),
-            Param("timestep_low", "int", 100, min=0, max=1000,
-                  help="reuse only while the timestep (0-1000) is above this..."),
-            Param("timestep_high", "int", 800, min=0, max=1000, help="...and below this (paper: 100-800)"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "pab"),
+        config=PABConfig,
+        slots=("dit-cache",),
     )
     per_branch_hooks = ("pyramid_attention_broadcast",)
 
     def make_config(self, backend, call: dict[str, Any]):
         from diffusers.hooks import PyramidAttentionBroadcastConfig
 
-        p = self.params
-        if p["timestep_low"] >= p["timestep_high"]:
+        c = self.config
+        if c.timestep_low >= c.timestep_high:
             raise ValidationError("pab: timestep_low must be below timestep_high")
-        window = (p["timestep_low"], p["timestep_high"])
+        window = (c.timestep_low, c.timestep_high)
         return PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=p["spatial_skip"] or None,
-            temporal_attention_block_skip_range=p["temporal_skip"] or None,
-            cross_attention_block_skip_range=p["cross_skip"] or None,
+            spatial_attention_block_skip_range=c.spatial_skip or None,
+            temporal_attention_block_skip_range=c.temporal_skip or None,
+            cross_attention_block_skip_range=c.cross_skip or None,
             spatial_attention_timestep_skip_range=window, temporal_attention_timestep_skip_range=window,
             cross_attention_timestep_skip_range=window,
             current_timestep_callback=self.current_timestep(backend),
         )
 
     def apply(self, backend) -> None:
-        if not any(self.params[k] > 1 for k in ("spatial_skip", "temporal_skip", "cross_skip")):
+        if max(self.config.spatial_skip, self.config.temporal_skip, self.config.cross_skip) <= 1:
             raise ValidationError("pab needs at least one skip range above 1 (spatial, temporal or cross)")
         super().apply(backend)
 

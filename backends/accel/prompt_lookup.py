@@ -17,9 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._codec_decoding import ngram_proposer, verify_loop
-from backends.accel._decoding import DECODING_METHODS, decoding_stats, require_greedy, set_decoder
+from backends.accel._decoding import decoding_stats, require_greedy, set_decoder
+
+
+class PromptLookupConfig(MethodConfig):
+    num_tokens: int = param(10, min=1, max=64, help="tokens copied after a match and verified in one forward "
+                                                    "(transformers default 10)")
+    max_matching_ngram_size: int = param(2, min=1, max=8, help="longest n-gram searched for in the context "
+                                                               "(longer = fewer, surer matches)")
 
 
 @register
@@ -33,13 +40,8 @@ class PromptLookupMethod(Method):
         paper="Saxena 2023, Prompt Lookup Decoding; Leviathan et al. 2023, Fast Inference from Transformers "
               "via Speculative Decoding (ICML)",
         lossless=True,
-        params=(
-            Param("num_tokens", "int", 10, min=1, max=64,
-                  help="tokens copied after a match and verified in one forward (transformers default 10)"),
-            Param("max_matching_ngram_size", "int", 2, min=1, max=8,
-                  help="longest n-gram searched for in the context (longer = fewer, surer matches)"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m != "prompt_lookup"),
+        config=PromptLookupConfig,
+        slots=("decoder",),
     )
 
     def apply(self, backend) -> None:
@@ -51,8 +53,8 @@ class PromptLookupMethod(Method):
         self._extra = call["_extra"]
         if self.codec:
             return self._codec_call(call)
-        kwargs = dict(call["generate_kwargs"], prompt_lookup_num_tokens=self.params["num_tokens"],
-                      max_matching_ngram_size=self.params["max_matching_ngram_size"])
+        kwargs = dict(call["generate_kwargs"], prompt_lookup_num_tokens=self.config.num_tokens,
+                      max_matching_ngram_size=self.config.max_matching_ngram_size)
         return {**call, "generate_kwargs": kwargs}
 
     def _codec_call(self, call: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +62,8 @@ class PromptLookupMethod(Method):
 
         def decode(backend, call, on_progress):
             target = backend.session(backend.model, call)
-            propose = ngram_proposer(target, self.params["max_matching_ngram_size"])
-            columns, self._codec_stats = verify_loop(target, propose, self.params["num_tokens"], on_progress)
+            propose = ngram_proposer(target, self.config.max_matching_ngram_size)
+            columns, self._codec_stats = verify_loop(target, propose, self.config.num_tokens, on_progress)
             return target.codes(columns)
 
         return set_decoder(call, decode, "prompt_lookup")

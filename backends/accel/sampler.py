@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 SCHEDULERS = {
@@ -31,6 +31,12 @@ def is_flow_matching(scheduler: Any) -> bool:
     return "FlowMatch" in type(scheduler).__name__ or bool(getattr(scheduler.config, "use_flow_sigmas", False))
 
 
+class SamplerConfig(MethodConfig):
+    scheduler: str = param("keep", choices=("keep", "ddim", "dpmpp_2m", "unipc", "euler", "lcm"),
+                           help="'keep' leaves the model's own scheduler and only changes the step count")
+    steps: int = param(20, min=1, max=150, help="denoising steps (model evaluations per guidance pass)")
+
+
 @register
 class SamplerMethod(Method):
     spec = MethodSpec(
@@ -41,16 +47,12 @@ class SamplerMethod(Method):
         summary="Swap the scheduler and set the step count; fewer steps is the most direct speed-up.",
         paper="DPM-Solver++ (Lu et al. 2022); UniPC (Zhao et al. 2023)",
         lossless=False,
-        params=(
-            Param("scheduler", "choice", "keep", choices=("keep", "ddim", "dpmpp_2m", "unipc", "euler", "lcm"),
-                  help="'keep' leaves the model's own scheduler and only changes the step count"),
-            Param("steps", "int", 20, min=1, max=150, help="denoising steps (model evaluations per guidance pass)"),
-        ),
+        config=SamplerConfig,
     )
 
     def apply(self, backend) -> None:
         self._saved = backend.pipe.scheduler
-        name = self.params["scheduler"]
+        name = self.config.scheduler
         if name == "keep":
             return
         import diffusers
@@ -68,4 +70,4 @@ class SamplerMethod(Method):
         backend.pipe.scheduler = self._saved
 
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        return {**call, "num_inference_steps": self.params["steps"]}
+        return {**call, "num_inference_steps": self.config.steps}

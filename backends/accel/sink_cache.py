@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import DECODING_METHODS, DecodeState, decoding_stats, set_decoder
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._decoding import DecodeState, decoding_stats, set_decoder
 from backends.types import ValidationError
 
 
@@ -85,6 +85,11 @@ def sink_decode(backend, input_ids: torch.Tensor, state: DecodeState, sinks: int
         ids = torch.tensor([[token]], device=input_ids.device)
 
 
+class SinkCacheConfig(MethodConfig):
+    num_sink_tokens: int = param(4, min=0, max=64, help="first tokens always kept (paper: 4)")
+    window_length: int = param(256, min=8, max=8192, help="most recent tokens kept")
+
+
 @register
 class SinkCacheMethod(Method):
     spec = MethodSpec(
@@ -96,11 +101,8 @@ class SinkCacheMethod(Method):
                 "once the text outgrows the window.",
         paper="Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks (ICLR)",
         lossless=False,
-        params=(
-            Param("num_sink_tokens", "int", 4, min=0, max=64, help="first tokens always kept (paper: 4)"),
-            Param("window_length", "int", 256, min=8, max=8192, help="most recent tokens kept"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m != "sink_cache"),
+        config=SinkCacheConfig,
+        slots=("decoder",),
     )
 
     def apply(self, backend) -> None:
@@ -113,7 +115,7 @@ class SinkCacheMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         self._extra = call["_extra"]
         self.state.reset()
-        sinks, window = self.params["num_sink_tokens"], self.params["window_length"]
+        sinks, window = self.config.num_sink_tokens, self.config.window_length
 
         def decoder(backend, input_ids, state):
             sink_decode(backend, input_ids, state, sinks, window, self.state)
@@ -129,7 +131,7 @@ class SinkCacheMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         total = int(call["input_ids"].shape[-1]) + call["max_new_tokens"]
-        budget = self.params["num_sink_tokens"] + self.params["window_length"]
+        budget = self.config.num_sink_tokens + self.config.window_length
         if total <= budget:
             return [f"prompt + output ({total} tokens) fit in sinks + window ({budget}): nothing is evicted, "
                     "output equals plain decoding and nothing is saved"]

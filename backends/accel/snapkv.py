@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import DECODING_METHODS, DecodeState, decoding_stats, set_decoder
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._decoding import DecodeState, decoding_stats, set_decoder
 from backends.types import ValidationError
 
 
@@ -119,6 +119,12 @@ def snapkv_decode(backend, input_ids: torch.Tensor, state: DecodeState, budget: 
         position += 1
 
 
+class SnapKVConfig(MethodConfig):
+    budget: int = param(1024, min=4, max=32768, help="earlier prompt positions kept per head")
+    window: int = param(32, min=1, max=512, help="observation window: last prompt tokens that vote")
+    kernel: int = param(7, min=1, max=31, step=2, help="pooling width of the votes (odd; paper: 7)")
+
+
 @register
 class SnapKVMethod(Method):
     spec = MethodSpec(
@@ -130,19 +136,15 @@ class SnapKVMethod(Method):
                 "lossy on long prompts.",
         paper="Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation (NeurIPS)",
         lossless=False,
-        params=(
-            Param("budget", "int", 1024, min=4, max=32768, help="earlier prompt positions kept per head"),
-            Param("window", "int", 32, min=1, max=512, help="observation window: last prompt tokens that vote"),
-            Param("kernel", "int", 7, min=1, max=31, step=2, help="pooling width of the votes (odd; paper: 7)"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m != "snapkv"),
+        config=SnapKVConfig,
+        slots=("decoder",),
     )
 
     def apply(self, backend) -> None:
         layers = getattr(getattr(backend.model, "model", None), "layers", None)
         if layers is None or not all(hasattr(layer.self_attn, "q_proj") for layer in layers):
             raise ValidationError("SnapKV needs a Llama-style decoder (model.layers[i].self_attn.q_proj)")
-        if self.params["kernel"] % 2 == 0:
+        if self.config.kernel % 2 == 0:
             raise ValidationError("SnapKV pooling kernel must be odd")
         self.state = SnapKVState()
         self._extra: dict[str, Any] = {}
@@ -150,10 +152,10 @@ class SnapKVMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         self._extra = call["_extra"]
         self.state.reset()
-        p = self.params
+        c = self.config
 
         def decoder(backend, input_ids, state):
-            snapkv_decode(backend, input_ids, state, p["budget"], p["window"], p["kernel"], self.state)
+            snapkv_decode(backend, input_ids, state, c.budget, c.window, c.kernel, self.state)
 
         return set_decoder(call, decoder, "SnapKV")
 
@@ -166,7 +168,7 @@ class SnapKVMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         length = int(call["input_ids"].shape[-1])
-        if length <= self.params["budget"] + self.params["window"]:
+        if length <= self.config.budget + self.config.window:
             return [f"the prompt ({length} tokens) fits in budget + window: SnapKV keeps everything, no saving"]
-        return [f"SnapKV keeps {self.params['budget'] + self.params['window']} of {length} prompt positions per "
+        return [f"SnapKV keeps {self.config.budget + self.config.window} of {length} prompt positions per "
                 "head: output may differ from plain decoding"]

@@ -27,18 +27,11 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.catalog import bundled
 from backends.accel._codec_decoding import check_same_codec, speculative_loop
-from backends.accel._decoding import (
-    DECODING_METHODS,
-    DecodeState,
-    accept_greedy,
-    crop_cache,
-    decoding_stats,
-    require_greedy,
-    set_decoder,
-)
+from backends.accel._decoding import (DecodeState, accept_greedy, crop_cache, decoding_stats, require_greedy,
+                                      set_decoder)
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
@@ -112,6 +105,21 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
         current = accepted[-1]
 
 
+class SpeculativeConfig(MethodConfig):
+    draft: str = param("auto", choices=("auto", *(m.name for m in bundled("text", available_only=False))),
+                       help="draft model; 'auto' = the model's paired draft (bundled models name theirs)")
+    num_assistant_tokens: int = param(5, min=1, max=32, help="tokens drafted per target forward (transformers "
+                                                             "default 20; 3-8 suits small drafts)")
+    schedule: str = param("constant", choices=tuple(SCHEDULES),
+                          help="'heuristic': +2 draft tokens after a fully accepted round, -1 otherwise (reset "
+                               "each run)")
+    confidence_threshold: float = param(0.0, min=0.0, max=1.0, step=0.05,
+                                        help="stop drafting early when the draft's top probability falls below "
+                                             "this (0 = off)")
+    universal: bool = param(False, help="allow a draft with a different tokenizer (universal assisted decoding, "
+                                        "via text)")
+
+
 @register
 class SpeculativeMethod(Method):
     spec = MethodSpec(
@@ -124,25 +132,14 @@ class SpeculativeMethod(Method):
         paper="Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding (ICML); "
               "Chen et al. 2023, Accelerating LLM Decoding with Speculative Sampling",
         lossless=True,
-        params=(
-            Param("draft", "choice", "auto", choices=("auto", *(m.name for m in bundled("text", available_only=False))),
-                  help="draft model; 'auto' = the model's paired draft (bundled models name theirs)"),
-            Param("num_assistant_tokens", "int", 5, min=1, max=32,
-                  help="tokens drafted per target forward (transformers default 20; 3-8 suits small drafts)"),
-            Param("schedule", "choice", "constant", choices=tuple(SCHEDULES),
-                  help="'heuristic': +2 draft tokens after a fully accepted round, -1 otherwise (reset each run)"),
-            Param("confidence_threshold", "float", 0.0, min=0.0, max=1.0, step=0.05,
-                  help="stop drafting early when the draft's top probability falls below this (0 = off)"),
-            Param("universal", "bool", False,
-                  help="allow a draft with a different tokenizer (universal assisted decoding, via text)"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m not in ("speculative",)),
+        config=SpeculativeConfig,
+        slots=("decoder",),
     )
 
     def apply(self, backend) -> None:
         self._extra: dict[str, Any] = {}
         self._handle = None
-        draft_id = backend.draft_id if self.params["draft"] == "auto" else self.params["draft"]
+        draft_id = backend.draft_id if self.config.draft == "auto" else self.config.draft
         if not draft_id:
             raise ValidationError(
                 f"model '{backend.model_id}' has no paired draft model; choose one in the method's 'draft' setting"
@@ -159,16 +156,16 @@ class SpeculativeMethod(Method):
         try:
             check_same_vocab(backend.tokenizer, backend.model, self.draft_tokenizer, self.draft, draft_id)
         except ValidationError:
-            if not self.params["universal"]:
+            if not self.config.universal:
                 raise
             self.same_vocab = False
-        config = self.draft.generation_config
+        generation = self.draft.generation_config
         names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-        self._saved = {n: getattr(config, n, None) for n in names}
-        config.num_assistant_tokens = self.params["num_assistant_tokens"]
-        config.num_assistant_tokens_schedule = SCHEDULES[self.params["schedule"]]
+        self._saved = {n: getattr(generation, n, None) for n in names}
+        generation.num_assistant_tokens = self.config.num_assistant_tokens
+        generation.num_assistant_tokens_schedule = SCHEDULES[self.config.schedule]
         # 0.0, not None: transformers fills None with its default (0.4), which would stop drafts early
-        config.assistant_confidence_threshold = float(self.params["confidence_threshold"])
+        generation.assistant_confidence_threshold = self.config.confidence_threshold
         self.draft_forwards = 0
 
         def count(*_args):
@@ -188,8 +185,8 @@ class SpeculativeMethod(Method):
         if self.codec:
             return self._codec_call(backend, call)
         if self.same_vocab and not call["sampling"].do_sample:  # greedy: our lean loop
-            draft, gamma = self.draft, int(self.params["num_assistant_tokens"])
-            confidence, schedule = float(self.params["confidence_threshold"]), self.params["schedule"]
+            draft, gamma = self.draft, self.config.num_assistant_tokens
+            confidence, schedule = self.config.confidence_threshold, self.config.schedule
             return set_decoder(
                 call, lambda b, ids, st: greedy_speculative_decode(b, ids, st, draft, gamma, confidence, schedule),
                 "speculative")
@@ -200,7 +197,7 @@ class SpeculativeMethod(Method):
 
     def _codec_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         require_greedy(call, "speculative decoding of audio codes")
-        gamma = int(self.params["num_assistant_tokens"])
+        gamma = self.config.num_assistant_tokens
 
         def decode(backend, call, on_progress):
             target, draft = backend.session(backend.model, call), backend.session(self.draft, call)

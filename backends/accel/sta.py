@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from backends.accel._patch import StepCallback, add_callback
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 
@@ -75,11 +75,11 @@ class STAWanAttnProcessor:
                  **kwargs):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-        state, params = self.state, self.method.params
+        state, config = self.state, self.method.config
         grid = state.grid
         batch, tokens = hidden_states.shape[:2]
         use_sta = (encoder_hidden_states is None and attention_mask is None and not kwargs and grid is not None
-                   and tokens == math.prod(grid) and self.method.counter.step >= params["full_attention_steps"])
+                   and tokens == math.prod(grid) and self.method.counter.step >= config.full_attention_steps)
         pairs = batch * attn.heads * tokens * tokens
         state.pairs_dense += pairs
         if not use_sta:
@@ -97,7 +97,7 @@ class STAWanAttnProcessor:
             key = _apply_rotary_emb(key, *rotary_emb)
         tile, window = self.method.tile, self.method.window
         out = sliding_tile_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     grid=grid, tile=tile, window=window, backend=params["backend"])
+                                     grid=grid, tile=tile, window=window, backend=config.backend)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         state.sta_calls += 1
         state.pairs_computed += round(pairs * kept_fraction(grid, tile, window))
@@ -112,6 +112,22 @@ def self_attention_modules(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in denoiser.modules() if isinstance(m, WanAttention) and not m.is_cross_attention]
 
 
+class STAConfig(MethodConfig):
+    tile_t: int = param(6, min=1, max=64, help="tokens per tile along time (paper: 6)")
+    tile_h: int = param(8, min=1, max=128, help="tokens per tile along height (paper: 8)")
+    tile_w: int = param(8, min=1, max=128, help="tokens per tile along width (paper: 8)")
+    window_t: int = param(3, min=1, max=64, help="key tiles per query tile along time (odd centres it; paper: 3)")
+    window_h: int = param(3, min=1, max=64, help="key tiles along height (paper: 3)")
+    window_w: int = param(3, min=1, max=64, help="key tiles along width (paper: 3)")
+    full_attention_steps: int = param(12, min=0, max=1000, help="first denoising steps that keep dense attention "
+                                                                "(FastVideo's Wan recipe: 12 of 50)")
+    backend: str = param("auto", choices=("auto", "flex", "sdpa", "triton", "torch"),
+                         help="auto = triton kernel on a CUDA GPU, else compiled FlexAttention; flex = "
+                              "block-sparse FlexAttention (first call compiles, 20 s+ on CPU); sdpa = one fused "
+                              "SDPA call per distinct window (no compile); torch = the reference (slow, exact "
+                              "mask)")
+
+
 @register
 class STAMethod(Method):
     spec = MethodSpec(
@@ -123,32 +139,17 @@ class STAMethod(Method):
                 "(block-sparse, no wasted blocks); dense for the first steps.",
         paper="Zhang et al. 2025, Fast Video Generation with Sliding Tile Attention",
         lossless=False,
-        params=(
-            Param("tile_t", "int", 6, min=1, max=64, help="tokens per tile along time (paper: 6)"),
-            Param("tile_h", "int", 8, min=1, max=128, help="tokens per tile along height (paper: 8)"),
-            Param("tile_w", "int", 8, min=1, max=128, help="tokens per tile along width (paper: 8)"),
-            Param("window_t", "int", 3, min=1, max=64,
-                  help="key tiles per query tile along time (odd centres it; paper: 3)"),
-            Param("window_h", "int", 3, min=1, max=64, help="key tiles along height (paper: 3)"),
-            Param("window_w", "int", 3, min=1, max=64, help="key tiles along width (paper: 3)"),
-            Param("full_attention_steps", "int", 12, min=0, max=1000,
-                  help="first denoising steps that keep dense attention (FastVideo's Wan recipe: 12 of 50)"),
-            Param("backend", "choice", "auto", choices=("auto", "flex", "sdpa", "triton", "torch"),
-                  help="auto = triton kernel on a CUDA GPU, else compiled FlexAttention; flex = "
-                       "block-sparse FlexAttention (first call compiles, 20 s+ on CPU); sdpa = one "
-                       "fused SDPA call per distinct window (no compile); torch = the reference "
-                       "(slow, exact mask)"),
-        ),
-        conflicts=("attention_backend",),
+        config=STAConfig,
+        slots=("attention",),
     )
 
     @property
     def tile(self) -> tuple[int, int, int]:
-        return self.params["tile_t"], self.params["tile_h"], self.params["tile_w"]
+        return self.config.tile_t, self.config.tile_h, self.config.tile_w
 
     @property
     def window(self) -> tuple[int, int, int]:
-        return self.params["window_t"], self.params["window_h"], self.params["window_w"]
+        return self.config.window_t, self.config.window_h, self.config.window_w
 
     def apply(self, backend) -> None:
         denoiser = backend.denoiser
@@ -205,7 +206,7 @@ class STAMethod(Method):
 
     def warnings(self, backend, call) -> list[str]:
         steps = call.get("num_inference_steps", 0)
-        if self.params["full_attention_steps"] >= steps:
-            return [f"STA keeps dense attention for the first {self.params['full_attention_steps']} steps and "
+        if self.config.full_attention_steps >= steps:
+            return [f"STA keeps dense attention for the first {self.config.full_attention_steps} steps and "
                     f"this run has {steps}: it never applies"]
         return []

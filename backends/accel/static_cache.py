@@ -15,8 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._decoding import DECODING_METHODS, decoding_stats
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._decoding import decoding_stats
+
+
+class StaticCacheConfig(MethodConfig):
+    compile: bool = param(False, help="torch.compile the forward (first run compiles for a long time; slow on "
+                                      "CPU)")
 
 
 @register
@@ -29,11 +34,8 @@ class StaticCacheMethod(Method):
         summary="Preallocated fixed-shape KV cache; optionally compiles the decoding step.",
         paper="PyTorch team 2023, Accelerating Generative AI with PyTorch II: GPT, Fast",
         lossless=True,
-        params=(
-            Param("compile", "bool", False,
-                  help="torch.compile the forward (first run compiles for a long time; slow on CPU)"),
-        ),
-        conflicts=tuple(m for m in DECODING_METHODS if m != "static_cache"),
+        config=StaticCacheConfig,
+        slots=("decoder",),
     )
 
     def apply(self, backend) -> None:
@@ -42,7 +44,7 @@ class StaticCacheMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         self._extra = call["_extra"]
         kwargs = dict(call["generate_kwargs"], cache_implementation="static")
-        if self.params["compile"]:
+        if self.config.compile:
             from transformers.generation.configuration_utils import CompileConfig
 
             compile_config = CompileConfig()
@@ -54,10 +56,10 @@ class StaticCacheMethod(Method):
 
     def stats(self) -> dict[str, Any]:
         stats = decoding_stats(self._extra)
-        stats["compiled"] = bool(self.params["compile"])
+        stats["compiled"] = bool(self.config.compile)
         return stats
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["compile"] and backend.device.type == "cpu":
+        if self.config.compile and backend.device.type == "cpu":
             return ["torch.compile on CPU: the first run compiles for tens of seconds (C++ inductor backend)"]
         return []

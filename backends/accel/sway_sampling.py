@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from typing import Any
 
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sampler import is_flow_matching
 from backends.types import ValidationError
 
 
-@dataclass(frozen=True)
-class SwaySamplingConfig:
-    """``coefficient``: s of the paper. Negative crowds the steps near the noise end (the
-    paper's choice, -1 is its default); 0 is the plain uniform grid; positive crowds them
-    near the data end. Values in [-1, 1] keep the grid monotonic."""
+class SwaySamplingConfig(MethodConfig):
+    """Values in [-1, 1] keep the grid monotonic; 0 is the plain uniform grid; positive
+    crowds the steps near the data end."""
 
-    coefficient: float = -1.0
+    coefficient: float = param(-1.0, min=-1.0, max=1.0, step=0.1,
+                               help="s in t' = t + s(cos(pi/2 t) - 1 + t); negative = more steps near noise "
+                                    "(paper: -1)")
 
 
 def sway(t: float, coefficient: float) -> float:
@@ -90,10 +89,7 @@ class SwaySamplingMethod(Method):
         summary="Bend the flow-matching time grid towards the noise end (F5-TTS); same steps, better spent.",
         paper="Chen et al. 2024, F5-TTS: A Fairytaler that Fakes Fluent and Faithful Speech with Flow Matching",
         lossless=False,
-        params=(
-            Param("coefficient", "float", SwaySamplingConfig.coefficient, min=-1.0, max=1.0, step=0.1,
-                  help="s in t' = t + s(cos(pi/2 t) - 1 + t); negative = more steps near noise (paper: -1)"),
-        ),
+        config=SwaySamplingConfig,
     )
 
     def apply(self, backend) -> None:
@@ -107,7 +103,7 @@ class SwaySamplingMethod(Method):
         scheduler = backend.pipe.scheduler
         check_scheduler(scheduler)
         self._scheduler = scheduler
-        self._patch = _SwaySetTimesteps(scheduler.set_timesteps, self.params["coefficient"])
+        self._patch = _SwaySetTimesteps(scheduler.set_timesteps, self.config.coefficient)
         scheduler.set_timesteps = self._patch
         return {k: v for k, v in call.items() if k not in ("sigmas", "timesteps")}
 
@@ -122,6 +118,6 @@ class SwaySamplingMethod(Method):
         return {"first_sigmas": [round(s, 4) for s in sigmas[:4]]} if sigmas else {}
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["coefficient"] == 0:
+        if self.config.coefficient == 0:
             return ["sway sampling with coefficient 0 is the plain uniform grid: it changes nothing"]
         return []

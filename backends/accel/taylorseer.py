@@ -13,8 +13,20 @@ from typing import Any
 
 import torch
 
-from backends.accel._diffusers_cache import DIT_CACHES, DiffusersCacheMethod
-from backends.accel.base import MethodSpec, Param, register
+from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel.base import MethodConfig, MethodSpec, param, register
+
+
+class TaylorSeerConfig(MethodConfig):
+    interval: int = param(5, min=1, max=20,
+                          help="a full computation every N steps (diffusers/paper default 5); 1 = never forecast")
+    warmup_steps: int = param(3, min=0, max=50,
+                              help="first steps always computed, to gather the differences the forecast needs")
+    max_order: int = param(1, min=0, max=4, paper=2,
+                           help="Taylor order (0 = plain reuse, 1 = linear extrapolation, 2 = the paper's best "
+                                "quality)")
+    lite: bool = param(False, help="TaylorSeer-Lite: forecast only the final projection, skip whole blocks "
+                                   "(least memory)")
 
 
 @register
@@ -29,17 +41,8 @@ class TaylorSeerMethod(DiffusersCacheMethod):
         paper="Liu et al. 2025, From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers "
               "(arXiv 2503.06923); diffusers implementation",
         lossless=False,
-        params=(
-            Param("interval", "int", 5, min=1, max=20,
-                  help="a full computation every N steps (diffusers/paper default 5); 1 = never forecast"),
-            Param("warmup_steps", "int", 3, min=0, max=50,
-                  help="first steps always computed, to gather the differences the forecast needs"),
-            Param("max_order", "int", 1, min=0, max=4,
-                  help="Taylor order (0 = plain reuse, 1 = linear extrapolation, 2 = the paper's best quality)"),
-            Param("lite", "bool", False,
-                  help="TaylorSeer-Lite: forecast only the final projection, skip whole blocks (least memory)"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "taylorseer"),
+        config=TaylorSeerConfig,
+        slots=("dit-cache",),
     )
 
     def make_config(self, backend, call: dict[str, Any]):
@@ -47,19 +50,19 @@ class TaylorSeerMethod(DiffusersCacheMethod):
 
         dtype = next(self.denoiser.parameters()).dtype
         return TaylorSeerCacheConfig(
-            cache_interval=self.params["interval"], disable_cache_before_step=self.params["warmup_steps"],
-            max_order=self.params["max_order"], use_lite_mode=self.params["lite"],
+            cache_interval=self.config.interval, disable_cache_before_step=self.config.warmup_steps,
+            max_order=self.config.max_order, use_lite_mode=self.config.lite,
             taylor_factors_dtype=dtype if dtype != torch.float16 else torch.float32,
         )
 
     def whole_call_skips(self) -> bool:
-        return bool(self.params["lite"])  # Lite skips every block; the full mode forecasts attention only
+        return self.config.lite  # Lite skips every block; the full mode forecasts attention only
 
     def warnings(self, backend, call) -> list[str]:
         steps = call["num_inference_steps"]
-        if self.params["interval"] <= 1:
+        if self.config.interval <= 1:
             return ["taylorseer with interval 1 computes every step: no speed-up"]
-        if steps <= self.params["warmup_steps"] + 1:
-            return [f"taylorseer: {steps} steps are all warm-up steps ({self.params['warmup_steps']}), "
+        if steps <= self.config.warmup_steps + 1:
+            return [f"taylorseer: {steps} steps are all warm-up steps ({self.config.warmup_steps}), "
                     "nothing is forecast"]
         return []

@@ -12,32 +12,34 @@ computed. Each CFG branch (cond / uncond) keeps its own accumulator and residual
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, block_metadata, step_stats
 from backends.accel._eval_cost import cost_stats
-from backends.accel.base import Method, MethodSpec, Param, register
-from backends.accel._diffusers_cache import DIT_CACHES
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 # Published rescaling polynomial for FLUX.1 (TeaCache4FLUX), highest power first.
 FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 
 
-@dataclass(frozen=True)
-class TeaCacheConfig:
-    """``threshold``: accumulated rescaled relative L1 change allowed before a step is
-    recomputed; on FLUX.1 the paper reports 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, 0.6 ≈ 2.0x, 0.8 ≈ 2.25x,
-    with visible drift from 0.6. ``coefficients``: the rescaling polynomial (highest power
-    first; empty = no rescaling). ``num_steps``: steps of the run, so the last one is
-    always computed (0 = unknown)."""
+class TeaCacheConfig(MethodConfig):
+    """On FLUX.1 the paper reports threshold 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, 0.6 ≈ 2.0x, 0.8 ≈ 2.25x,
+    with visible drift from 0.6. Set at run time: ``coefficients``, the rescaling polynomial
+    (highest power first; empty = no rescaling), and ``num_steps``, the run's steps, so the
+    last one is always computed (0 = unknown)."""
 
-    threshold: float = 0.4
+    threshold: float = param(0.4, min=0.0, max=2.0, step=0.05,
+                             help="accumulated change allowed before recomputing; FLUX.1: 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, "
+                                  "0.6 ≈ 2x, 0.8 ≈ 2.25x (paper); higher = faster and rougher")
     coefficients: tuple[float, ...] = FLUX_COEFFICIENTS
     num_steps: int = 0
+    rescale: str = param("auto", choices=("auto", "flux", "none"),
+                         help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), or "
+                              "auto (FLUX fit for FLUX transformers, none otherwise)")
 
 
 def rescale(value: float, coefficients: tuple[float, ...]) -> float:
@@ -110,22 +112,15 @@ class TeaCacheMethod(Method):
         paper="Liu et al. 2024, Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model "
               "(arXiv 2411.19108)",
         lossless=False,
-        params=(
-            Param("threshold", "float", 0.4, min=0.0, max=2.0, step=0.05,
-                  help="accumulated change allowed before recomputing; FLUX.1: 0.25 ≈ 1.5x, 0.4 ≈ 1.8x, "
-                       "0.6 ≈ 2x, 0.8 ≈ 2.25x (paper); higher = faster and rougher"),
-            Param("rescale", "choice", "auto", choices=("auto", "flux", "none"),
-                  help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), or "
-                       "auto (FLUX fit for FLUX transformers, none otherwise)"),
-        ),
-        conflicts=tuple(n for n in DIT_CACHES if n != "teacache"),
+        config=TeaCacheConfig,
+        slots=("dit-cache",),
     )
 
     def apply(self, backend) -> None:
         denoiser = backend.denoiser
         if not block_lists(denoiser):
             raise ValidationError(f"teacache found no transformer block list in {type(denoiser).__name__}")
-        choice = self.params["rescale"]
+        choice = self.config.rescale
         if choice == "auto":
             choice = "flux" if type(denoiser).__name__.startswith("Flux") else "none"
         self.coefficients = FLUX_COEFFICIENTS if choice == "flux" else ()
@@ -136,7 +131,7 @@ class TeaCacheMethod(Method):
     def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
         # Hooked here, not in apply, because the last step (always computed) needs the step count.
         if self.cache is None:
-            config = TeaCacheConfig(self.params["threshold"], self.coefficients, call["num_inference_steps"])
+            config = replace(self.config, coefficients=self.coefficients, num_steps=call["num_inference_steps"])
             self.cache = apply_teacache(self.denoiser, config, pipe=backend.pipe)
             self.calls, self.costs = self.cache.calls, self.cache.costs
         return call
@@ -150,7 +145,7 @@ class TeaCacheMethod(Method):
         return {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["threshold"] <= 0:
+        if self.config.threshold <= 0:
             return ["teacache with threshold 0 recomputes every step: no speed-up"]
         if call["num_inference_steps"] <= 2:
             return ["teacache always computes the first and last step: with 2 steps or fewer it skips nothing"]

@@ -20,27 +20,25 @@ from typing import Any, Callable
 import torch
 
 from backends.accel._patch import ForwardPatch
-from backends.accel.base import Method, MethodSpec, Param, register
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.types import ValidationError
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class ToMeConfig:
-    """``ratio``: fraction of tokens removed before attention (paper default 0.5; up to ~0.6
-    keeps SD images close, the attention cost falls roughly with ``(1 - ratio)^2``).
-    ``max_downsample``: merge in levels whose downsampling is at most this, counted from
-    the highest-resolution level that has attention (1: that level only, the paper's
-    default for SD 1.x). ``use_rand``: random destination in each 2x2 patch (paper) or
-    always the top-left one. ``merge_crossattn`` / ``merge_mlp``: also merge the queries of
-    cross-attention and the MLP input (faster, rougher; off in the paper)."""
+class ToMeConfig(MethodConfig):
+    """The attention cost falls roughly with ``(1 - ratio)^2``; up to ~0.6 keeps SD images
+    close. ``sx``/``sy``: the patch in which one destination token is picked (2x2)."""
 
-    ratio: float = 0.5
-    max_downsample: int = 1
-    use_rand: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
+    ratio: float = param(0.5, min=0.0, max=0.75, step=0.05,
+                         help="fraction of tokens merged away before self-attention (paper default 0.5; "
+                              "at most 0.75 with 2x2 patches)")
+    max_downsample: int = param(1, choices=(1, 2, 4, 8),
+                                help="merge in levels downsampled at most this much from the highest-resolution "
+                                     "level with attention (1 = that level only, paper default)")
+    use_rand: bool = param(True, help="random destination token per 2x2 patch (paper) or fixed")
+    merge_crossattn: bool = param(False, help="also merge cross-attention queries (faster, rougher)")
+    merge_mlp: bool = param(False, help="also merge the MLP input (faster, rougher)")
     sx: int = 2
     sy: int = 2
     seed: int = 0
@@ -242,24 +240,14 @@ class ToMeMethod(Method):
                 "unmerge after: fewer tokens, quadratically cheaper attention.",
         paper="Bolya & Hoffman 2023, Token Merging for Fast Stable Diffusion (CVPR-W)",
         lossless=False,
-        params=(
-            Param("ratio", "float", 0.5, min=0.0, max=0.75, step=0.05,
-                  help="fraction of tokens merged away before self-attention (paper default 0.5; "
-                       "at most 0.75 with 2x2 patches)"),
-            Param("max_downsample", "choice", 1, choices=(1, 2, 4, 8),
-                  help="merge in levels downsampled at most this much from the highest-resolution level "
-                       "with attention (1 = that level only, paper default)"),
-            Param("use_rand", "bool", True, help="random destination token per 2x2 patch (paper) or fixed"),
-            Param("merge_crossattn", "bool", False, help="also merge cross-attention queries (faster, rougher)"),
-            Param("merge_mlp", "bool", False, help="also merge the MLP input (faster, rougher)"),
-        ),
+        config=ToMeConfig,
     )
 
     def apply(self, backend) -> None:
         unet = getattr(backend.pipe, "unet", None)
         if unet is None or not hasattr(unet, "down_blocks"):
             raise ValidationError("tome needs a diffusers UNet (UNet2DConditionModel-like) denoiser")
-        self.patch = apply_tome(unet, ToMeConfig(**self.params))
+        self.patch = apply_tome(unet, self.config)
 
     def remove(self, backend) -> None:
         self.patch.remove()
@@ -278,6 +266,6 @@ class ToMeMethod(Method):
         }
 
     def warnings(self, backend, call) -> list[str]:
-        if self.params["ratio"] <= 0:
+        if self.config.ratio <= 0:
             return ["tome with ratio 0 merges no tokens: no speed-up"]
         return []

@@ -121,15 +121,18 @@ class AccelPanel:
 
 
 def _control(param) -> gr.components.Component:
+    """One control per parameter, all read off the method's Config field: kind, default,
+    range, step, choices, help, and the paper's setting where the default differs from it."""
     label = param.name
+    info = param.help if param.paper is None else f"{param.help} (paper: {param.paper})"
     if param.kind == "bool":
-        return gr.Checkbox(value=param.default, label=label, info=param.help)
+        return gr.Checkbox(value=param.default, label=label, info=info)
     if param.kind == "choice":
-        return gr.Dropdown(choices=list(param.choices), value=param.default, label=label, info=param.help)
+        return gr.Dropdown(choices=list(param.choices), value=param.default, label=label, info=info)
     if param.min is not None and param.max is not None and (param.max - param.min) <= 1000:
         step = param.step or (1 if param.kind == "int" else (param.max - param.min) / 100)
-        return gr.Slider(param.min, param.max, value=param.default, step=step, label=label, info=param.help)
-    return gr.Number(value=param.default, label=label, info=param.help, precision=0 if param.kind == "int" else None)
+        return gr.Slider(param.min, param.max, value=param.default, step=step, label=label, info=info)
+    return gr.Number(value=param.default, label=label, info=info, precision=0 if param.kind == "int" else None)
 
 
 def accel_panel(modality: str, elem_prefix: str = "") -> AccelPanel:
