@@ -625,6 +625,23 @@ def upgrade_schema(engine) -> None:
         index.create(engine, checkfirst=True)
     _backfill_keys(engine)
     _build_summaries(engine)
+    if engine.dialect.name == "postgresql":
+        _trigram_indexes(engine)
+
+
+def _trigram_indexes(engine) -> None:
+    """PostgreSQL: trigram indexes make the History search (ILIKE '%text%') an index
+    lookup instead of a scan of every run. They need the pg_trgm extension (shipped with
+    PostgreSQL's contrib modules); without the right to create it, search still works,
+    only by a scan."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+            for column in ("prompt", "model", "error"):
+                conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_runs_{column}_trgm ON runs "
+                                  f"USING gin ({column} gin_trgm_ops)"))
+    except (DatabaseError, OperationalError) as exc:
+        log.info("history search without trigram indexes (%s)", str(getattr(exc, "orig", exc)).splitlines()[0])
 
 
 def _build_summaries(engine) -> None:

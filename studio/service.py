@@ -196,11 +196,11 @@ class Studio:
                                   "paths_migrated": self.history.migrate_absolute_paths(self.outputs),
                                   "orphans_moved_to_trash": 0, "rows_with_missing_files": 0, "refused": None}
         stored = self.history.output_paths()
-        resolved = {self.outputs.resolve(p) for p in stored}
-        present = {p for p in resolved if p is not None and p.is_file()}
+        on_disk = self.outputs.real_files()  # one walk of the folder, reused below
+        present = self.outputs.resolve_many(stored, on_disk)
         report["rows_with_missing_files"] = len(stored) - len(present)
-        orphans = self.outputs.orphans(present)
-        kept = [p for p in self.outputs.files() if p not in orphans]
+        orphans = self.outputs.orphans(present, on_disk)
+        kept = len(on_disk) - len(orphans)
         if orphans and not kept:
             report["refused"] = (f"{len(orphans)} file(s) under {self.outputs.root} but no history row points to any "
                                  f"of them (another --db, or a data dir the rows do not belong to?): nothing was moved")
