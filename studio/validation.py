@@ -37,14 +37,10 @@ def parse_request_json(text: Any) -> dict[str, Any]:
     are checked by ``validate_request``."""
     if not isinstance(text, str):
         raise ValidationError("the request must be JSON text")
-    if len(text) > MAX_BODY_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
         raise ValidationError(f"the request is larger than {MAX_BODY_BYTES // 1024} KiB")
-    if nesting_depth(text) > MAX_DEPTH:
-        raise ValidationError(f"the request is nested more than {MAX_DEPTH} levels deep")
     try:
-        data = json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
-    except ValidationError:
-        raise
+        data = _strict_json(text, "the request")
     except json.JSONDecodeError as exc:
         raise ValidationError(f"the request is not valid JSON: {exc.msg} at character {exc.pos}") from None
     except (ValueError, RecursionError):
@@ -53,6 +49,15 @@ def parse_request_json(text: Any) -> dict[str, Any]:
         raise ValidationError("the request must be a JSON object {modality, model, prompt, ...}")
     check_plain_data(data)
     return data
+
+
+def _strict_json(text: str, what: str) -> Any:
+    """Decode JSON text under /run's rules: bounded nesting (checked before decoding, so a
+    deep body never reaches the recursion limit), no duplicate keys, no NaN or Infinity.
+    A ValidationError names ``what``; other decoding errors propagate as ValueError."""
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ValidationError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
 
 
 def parse_methods(value: Any) -> list[Any]:
@@ -64,12 +69,8 @@ def parse_methods(value: Any) -> list[Any]:
     if isinstance(value, str):
         if len(value) > MAX_BODY_BYTES:
             raise ValidationError(f"methods is larger than {MAX_BODY_BYTES // 1024} KiB")
-        if nesting_depth(value) > MAX_DEPTH:
-            raise ValidationError(f"methods is nested more than {MAX_DEPTH} levels deep")
         try:
-            value = json.loads(value, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
-        except ValidationError:
-            raise
+            value = _strict_json(value, "methods")
         except (ValueError, RecursionError):
             raise ValidationError('methods must be a JSON list such as [{"name": "deepcache", "params": '
                                   '{"interval": 3}}]') from None

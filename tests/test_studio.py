@@ -72,18 +72,6 @@ def test_out_of_memory_is_caught_and_next_request_works(studio_factory, monkeypa
     assert [r.status for r in studio.history.query()] == ["ok", "oom"]
 
 
-def test_startup_repair_moves_orphans_to_the_trash(studio_factory, tmp_path):
-    studio = studio_factory(data_dir=tmp_path / "d")
-    kept = studio.generate(image_request())
-    orphan = studio.outputs.new_path("image")
-    orphan.write_bytes(b"left by a crash")
-    studio.close()
-    again = studio_factory(data_dir=tmp_path / "d")
-    assert again.repaired["orphans_moved_to_trash"] == 1 and not orphan.exists()
-    assert list((tmp_path / "d" / "trash").rglob(orphan.name))  # moved aside, never deleted
-    assert again.outputs.resolve(again.history.get(kept.run_id).output_path).exists()
-
-
 def test_rerun_reproduces_the_same_output(studio_factory):
     studio = studio_factory()
     first = studio.generate(image_request(methods=[MethodChoice("cfg_truncation", {"fraction": 0.5})]))

@@ -14,7 +14,6 @@ endpoint (the same session's runs), and checked once, by the studio.
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -24,7 +23,7 @@ from backends.types import Request
 from studio.ui.common import format_result, user_errors
 from studio.ui.generate import GenerationTab, stream_generation
 from studio.ui.runs import Progress
-from studio.ui.text import streaming_status
+from studio.ui.text import stream_text
 from studio.validation import parse_methods
 
 KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -122,19 +121,8 @@ def text_endpoint(studio, tab: GenerationTab) -> Callable:
     def generate(request: gr.Request, *args, **kwargs) -> Iterator[tuple[str, str]]:
         bound = named.bind(*args, **kwargs)
         bound.apply_defaults()
-        run_request = build_request("text", bound.arguments)
-        started = time.perf_counter()
-        shown = ("", "queued")
-        outcome = None
-        for item in stream_generation(studio, tab.extra["runs"], request, run_request):
-            if isinstance(item, Progress):
-                if isinstance(item.stage, str):
-                    shown = (item.stage, streaming_status(item.done, started))
-            elif item is not None:  # the outcome, last
-                outcome = item
-                continue
-            yield shown  # a token or a heartbeat: where a close (cancel, disconnect) lands
-        yield outcome.result.output, format_result(outcome.result, outcome.run_id)
+        yield from stream_text(studio, tab.extra["runs"], request, build_request("text", bound.arguments),
+                               ("", "queued"))
 
     return _with_signature(generate, "text", parameters, tuple[str, str])
 

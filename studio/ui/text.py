@@ -23,6 +23,24 @@ def streaming_status(tokens: int, started: float) -> str:
     return f"{tokens} tokens · {tokens / max(elapsed, 1e-9):.1f} tokens/s (streaming)"
 
 
+def stream_text(studio, runs, request, run_request, shown):
+    """(text so far, status) while the run goes on in a worker thread, then the final text and
+    the run's summary: shared by the Text tab and the /generate_text endpoint. Every yield,
+    a token or a heartbeat, is where a close (Cancel, a cancelled job, a disconnect) lands
+    and stops the run itself (``studio.ui.runs``)."""
+    started = time.perf_counter()
+    outcome = None
+    for item in stream_generation(studio, runs, request, run_request):
+        if isinstance(item, Progress):
+            if isinstance(item.stage, str):
+                shown = (item.stage, streaming_status(item.done, started))
+        elif item is not None:  # the outcome, last
+            outcome = item
+            continue
+        yield shown
+    yield outcome.result.output, format_result(outcome.result, outcome.run_id)
+
+
 def build_text_tab(studio) -> GenerationTab:
     with gr.Row():
         with gr.Column(scale=3):
@@ -53,20 +71,8 @@ def build_text_tab(studio) -> GenerationTab:
     def generate(request: gr.Request, *values):
         """Streams tokens while the run goes on in a worker thread; a Cancel, a cancelled API
         job or a closed connection stops the run itself (``studio.ui.runs``)."""
-        run_request = tab.build_request(values)
-        started = time.perf_counter()
-        shown = (gr.update(), gr.update())  # nothing to show until the first token
-
-        outcome = None
-        for item in stream_generation(studio, runs, request, run_request):
-            if isinstance(item, Progress):
-                if isinstance(item.stage, str):
-                    shown = (item.stage, streaming_status(item.done, started))
-            elif item is not None:  # the outcome, last
-                outcome = item
-                continue
-            yield shown  # a token or a heartbeat: where a close (cancel, disconnect) lands
-        yield outcome.result.output, format_result(outcome.result, outcome.run_id)
+        # nothing to show until the first token
+        yield from stream_text(studio, runs, request, tab.build_request(values), (gr.update(), gr.update()))
 
     # the named endpoint /generate_text (studio.ui.endpoints) takes named parameters
     events = [button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=False,
