@@ -310,9 +310,15 @@ class HistoryStore:
         with self.sessions() as session:
             return list(session.scalars(stmt))
 
-    def count(self, **filters: Any) -> int:
+    def count(self, cap: int | None = None, **filters: Any) -> int:
+        """How many runs match. With ``cap``, counting stops after ``cap + 1`` matches (a
+        result above ``cap`` means "more than cap"): a text search over a large history
+        then costs what finding those matches costs, not a scan of every run."""
         with self.sessions() as session:
-            return int(session.scalar(self._filtered(select(func.count(Run.id)), **filters)))
+            if cap is None:
+                return int(session.scalar(self._filtered(select(func.count(Run.id)), **filters)))
+            first = self._filtered(select(Run.id), **filters).limit(cap + 1).subquery()
+            return int(session.scalar(select(func.count()).select_from(first)))
 
     def delete(self, run_ids: Iterable[int], delete_files: bool = True) -> int:
         """Delete rows, their child rows (a story's stages), and their output files. Rows

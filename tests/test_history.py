@@ -249,3 +249,10 @@ def test_text_search_treats_wildcards_literally(store):
     store.record_run(request("axb"), result())
     assert [r.prompt for r in store.query(text="0% R")] == ["100% red"]
     assert [r.prompt for r in store.query(text="a_b")] == ["a_b"]
+
+
+def test_capped_count_stops_after_the_cap(store):
+    for i in range(5):
+        store.record_run(request(f"red {i}"), result())
+    assert store.count(text="red") == 5 and store.count(cap=10, text="red") == 5
+    assert store.count(cap=3, text="red") == 4  # above the cap: "more than 3"

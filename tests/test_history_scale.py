@@ -16,7 +16,8 @@ def test_history_benchmark_writes_one_row_per_operation(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["operation"] for r in rows] == [
         "fill (bulk insert)", "page load with hints", "one hint", "one page + count", "filter by method + count",
-        "text search + count", "CSV export", "startup repair"]
+        "text search, 2% of runs match",
+        "text search, nothing matches", "CSV export", "startup repair"]
     assert all(r["rows"] == 400 and r["seconds"] >= 0 and r["database"] == "sqlite" for r in rows)
     table = bench.markdown_table([str(out)])
     assert "| page load with hints | <= 1000 ms |" in table and "rows/s" in table

@@ -10,6 +10,7 @@ from backends.types import MODALITIES
 from studio.ui.common import format_result, to_json, user_errors
 
 PAGE_SIZE = 20
+SEARCH_COUNT_CAP = 1000
 COLUMNS = ["id", "time", "modality", "model", "prompt", "methods", "status", "seconds", "evals", "group"]
 
 
@@ -67,8 +68,12 @@ def build_history_tab(studio) -> dict:
         f = filters(modality, model, method, status, text)
         page = max(1, int(page or 1))
         runs = studio.history.query(limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, **f)
-        total = studio.history.count(**f)
-        return rows_frame(runs), f"{total} run(s); page {page} of {max(1, -(-total // PAGE_SIZE))}"
+        # a text search counts its first SEARCH_COUNT_CAP matches only: fast on any history
+        cap = SEARCH_COUNT_CAP if f["text"] else None
+        total = studio.history.count(cap=cap, **f)
+        shown = f"more than {cap:,}" if cap is not None and total > cap else f"{total:,}"
+        pages = "many" if cap is not None and total > cap else str(max(1, -(-total // PAGE_SIZE)))
+        return rows_frame(runs), f"{shown} run(s); page {page} of {pages}"
 
     filter_inputs = [modality, model, method, status, text, page]
     for trigger in (refresh.click, page.submit, text.submit):
