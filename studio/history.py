@@ -352,6 +352,12 @@ class HistoryStore:
             if folder.is_dir() and not folder.is_symlink() and self.outputs.resolve(folder) is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def newest_run_time(self) -> datetime | None:
+        """When the newest run was recorded (UTC): files written after it can only come
+        from a run that crashed before its row."""
+        with self.sessions() as session:
+            return session.scalar(select(func.max(Run.created_at)))
+
     def output_paths(self) -> set[str]:
         with self.sessions() as session:
             return {p for p in session.scalars(select(Run.output_path).where(Run.output_path.is_not(None)))}

@@ -216,19 +216,25 @@ class OutputStore:
             or (real not in referenced and os.path.dirname(real) not in folders)
         ]
 
-    def move_to_trash(self, paths: Iterable[Path]) -> Path | None:
+    def move_to_trash(self, paths: Iterable[Path]) -> tuple[int, Path | None]:
         """Move files to DATA_DIR/trash/<time>/<same relative path>: the repair never
         deletes what it is not sure about; a person can look and restore."""
         paths = list(paths)
         if not paths:
-            return None
+            return 0, None
         trash = self.data_dir / "trash" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        moved = 0
         for path in paths:
             target = trash / path.relative_to(self.root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), str(target))
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), str(target))
+            except OSError as exc:  # one unmovable file must not stop the studio from starting
+                log.warning("startup repair: could not move %s to the trash (%s); left in place", path, exc)
+                continue
+            moved += 1
             log.warning("startup repair: %s has no history row; moved to %s", path, target)
-        return trash
+        return moved, trash
 
 
 class ExportFolder:

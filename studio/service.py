@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,29 @@ def format_hint(info: dict, device: str) -> str:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else "no details"
+
+
+TMP_LEFTOVER_AGE_S = 3600  # a .tmp- file younger than this may be a write in progress
+
+
+def crash_leftovers(unmatched: list[Path], newest_run: datetime | None) -> list[Path]:
+    """The unmatched files a crash could have left: written after the newest run of this
+    history (an output is saved just before its row is written), or ``.tmp-`` files older
+    than ``TMP_LEFTOVER_AGE_S``. When unsure, a file stays where it is."""
+    newest = newest_run.replace(tzinfo=timezone.utc).timestamp() if newest_run else None
+    now = time.time()
+    out = []
+    for path in unmatched:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        if path.name.startswith(".tmp-"):
+            if now - mtime > TMP_LEFTOVER_AGE_S:
+                out.append(path)
+        elif newest is not None and mtime > newest:
+            out.append(path)
+    return out
 
 
 def default_data_dir() -> Path:
@@ -187,28 +212,41 @@ class Studio:
     # -- upkeep ------------------------------------------------------------------------
     def repair(self) -> dict[str, Any]:
         """Startup repair, which never deletes: stale 'running' rows become 'interrupted';
-        absolute paths of older rows become relative; files no row points to (a crash
-        between file and row) move to DATA_DIR/trash/. When there are files but no row
-        points to any of them (another --db, a moved data dir the rows cannot be matched
-        to), it moves nothing and says why. Rows whose file is missing keep their path."""
+        absolute paths of older rows become relative; crash leftovers move to
+        DATA_DIR/trash/. Rows whose file is missing keep their path.
+
+        A file no row points to is a crash leftover only when the crash could have made it:
+        written after this history's newest run (the output is saved just before its row),
+        or a half-written ``.tmp-`` file older than an hour. Any other unmatched file
+        belongs to something else (another --db on this data dir, a file put there by
+        hand) and is left alone; when no row matches any file at all, nothing is moved."""
         report: dict[str, Any] = {"interrupted_runs": self.history.mark_interrupted(),
                                   "story_folders_moved": self.outputs.adopt_legacy_stories(),
                                   "paths_migrated": self.history.migrate_absolute_paths(self.outputs),
-                                  "orphans_moved_to_trash": 0, "rows_with_missing_files": 0, "refused": None}
+                                  "orphans_moved_to_trash": 0, "unmatched_files_left": 0,
+                                  "rows_with_missing_files": 0, "refused": None}
         stored = self.history.output_paths()
         on_disk = self.outputs.real_files()  # one walk of the folder, reused below
+        for database_file in self.history.database_files():  # a database kept under outputs/
+            on_disk.pop(str(database_file), None)
         present = self.outputs.resolve_many(stored, on_disk)
         report["rows_with_missing_files"] = len(stored) - len(present)
-        orphans = self.outputs.orphans(present, on_disk)
-        kept = len(on_disk) - len(orphans)
-        if orphans and not kept:
-            report["refused"] = (f"{len(orphans)} file(s) under {self.outputs.root} but no history row points to any "
+        unmatched = self.outputs.orphans(present, on_disk)
+        kept = len(on_disk) - len(unmatched)
+        if unmatched and not kept:
+            report["refused"] = (f"{len(unmatched)} file(s) in the outputs folder but no history row points to any "
                                  f"of them (another --db, or a data dir the rows do not belong to?): nothing was moved")
             log.warning("startup repair skipped: %s", report["refused"])
-        elif orphans:
-            trash = self.outputs.move_to_trash(orphans)
-            report["orphans_moved_to_trash"] = len(orphans)
-            log.warning("startup repair: %d file(s) without a history row moved to %s", len(orphans), trash)
+            return report
+        leftovers = crash_leftovers(unmatched, self.history.newest_run_time())
+        report["unmatched_files_left"] = len(unmatched) - len(leftovers)
+        if leftovers:
+            moved, trash = self.outputs.move_to_trash(leftovers)
+            report["orphans_moved_to_trash"] = moved
+            log.warning("startup repair: %d file(s) left by an interrupted run moved to %s", moved, trash)
+        if report["unmatched_files_left"]:
+            log.warning("startup repair: %d file(s) in the outputs folder belong to no run of this history "
+                        "(older than its newest run: another --db?); left in place", report["unmatched_files_left"])
         if report["rows_with_missing_files"]:
             log.warning("startup repair: %d history row(s) point to a file that is missing (kept, shown as "
                         "'file missing')", report["rows_with_missing_files"])

@@ -226,6 +226,31 @@ def test_stories_written_by_older_versions_move_into_outputs_and_stay_linked(stu
     assert not path.parent.exists()
 
 
+def test_a_second_history_on_the_same_data_dir_never_trashes_the_first_ones_files(studio_factory, tmp_path):
+    """Review finding: once the other database has a run of its own, the first history's
+    files are still unmatched there, but older than its newest run: not crash leftovers."""
+    first = studio_factory(data_dir=tmp_path / "d")
+    files = [Path(first.generate(image_request(f"kept {i}")).result.output_path) for i in range(3)]
+    first.close()
+    other_db = f"sqlite:///{tmp_path / 'other.db'}"
+    other = studio_factory(data_dir=tmp_path / "d", db_url=other_db)
+    own = Path(other.generate(image_request("the other history's run")).result.output_path)
+    other.close()
+    again = studio_factory(data_dir=tmp_path / "d", db_url=other_db)
+    assert again.repaired["orphans_moved_to_trash"] == 0 and again.repaired["unmatched_files_left"] == 3
+    assert all(f.is_file() for f in files) and own.is_file() and not (tmp_path / "d" / "trash").exists()
+
+
+def test_a_database_kept_inside_outputs_is_never_moved(studio_factory, tmp_path):
+    database = tmp_path / "d" / "outputs" / "history.db"
+    database.parent.mkdir(parents=True)
+    studio = studio_factory(data_dir=tmp_path / "d", db_url=f"sqlite:///{database}")
+    studio.generate(image_request())
+    studio.close()
+    again = studio_factory(data_dir=tmp_path / "d", db_url=f"sqlite:///{database}")
+    assert database.is_file() and again.history.count() == 1 and not (tmp_path / "d" / "trash").exists()
+
+
 def test_orphans_go_to_the_trash_never_deleted(studio_factory, tmp_path):
     studio = studio_factory(data_dir=tmp_path / "d")
     kept = studio.generate(image_request())
