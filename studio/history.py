@@ -344,12 +344,12 @@ class HistoryStore:
         return len(rows)
 
     def _delete_files(self, run_id: int, modality: str, stored: str | None) -> None:
-        path = self.outputs.resolve(stored)
+        path = self.outputs.deletable(stored)
         if path is not None and path.is_file():
             path.unlink(missing_ok=True)
-        if modality == "story":  # story.md and the step images live beside story.html
-            folder = self.outputs.story_folder(run_id)
-            if folder.is_dir() and not folder.is_symlink() and self.outputs.resolve(folder) is not None:
+        if modality == "story":  # story.md and the step images live beside its own story.html
+            folder = self.outputs.story_folder_of(stored)
+            if folder is not None and folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder, ignore_errors=True)
 
     def newest_run_time(self) -> datetime | None:

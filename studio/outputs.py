@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 EXTENSIONS = {"image": ".png", "text": ".txt", "audio": ".wav", "video": ".mp4"}
-STORIES = "stories"  # outputs/stories/<story run id>/: story.html, story.md, step-N.png
+STORIES = "stories"  # outputs/stories/<story run id>-<random>/: story.html, story.md, step-N.png
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,30 @@ class OutputStore:
             return None
         return real
 
-    def story_folder(self, story_id: int) -> Path:
-        return self.root / STORIES / str(int(story_id))
+    def deletable(self, stored: str | None) -> Path | None:
+        """The file a stored path names, for deleting: like ``resolve``, and moreover
+        reached without any symlink (a link inside outputs/ may point at another run's
+        file; deleting a row removes the row's own file and nothing it points to)."""
+        real = self.resolve(stored)
+        if real is None:
+            return None
+        lexical = os.path.normpath(os.path.join(str(self._real_root().parent), str(stored)))
+        return real if lexical == str(real) and not os.path.islink(lexical) else None
+
+    def new_story_folder(self, story_id: int) -> Path:
+        """A fresh folder for one story's files, never an existing one: two histories on
+        one data dir (another --db) share run ids, so the name carries a random part too."""
+        folder = self.root / STORIES / f"{int(story_id)}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True, exist_ok=False)
+        return folder
+
+    def story_folder_of(self, stored: str | None) -> Path | None:
+        """The folder a story row's own story.html lies in, when it is a story folder inside
+        outputs/ (so deleting a story removes its files and nobody else's)."""
+        page = self.resolve(stored)
+        if page is None or page.parent.parent != self._real_root() / STORIES:
+            return None
+        return page.parent
 
     def match_moved(self, stored: str) -> str | None:
         """For an absolute path from an older data dir location: the same file here,

@@ -137,7 +137,7 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
             timings["images"] += step.image_seconds
             out_steps.append(step)
         timings["total"] = time.perf_counter() - started
-        html_path, md_path = export_story(studio.outputs.story_folder(story_id), story.request, out_steps,
+        html_path, md_path = export_story(studio.outputs.new_story_folder(story_id), story.request, out_steps,
                                           studio.outputs)
     except StudioError as exc:
         studio.history.finish_run(story_id, status="failed", error=str(exc),

@@ -153,6 +153,19 @@ def test_paths_outside_the_outputs_folder_are_never_read_or_deleted(studio_facto
     assert Path("/etc/hosts").exists()
 
 
+def test_deleting_a_row_whose_path_is_a_link_keeps_the_file_it_points_to(studio_factory):
+    """Review finding: a link inside outputs/ to another run's output; deleting the row
+    of the link must not delete the other run's file."""
+    studio = studio_factory()
+    kept = studio.generate(image_request("kept"))
+    target = studio.outputs.resolve(studio.history.get(kept.run_id).output_path)
+    link = studio.outputs.root / "link.png"
+    link.symlink_to(target)
+    hostile = studio.history.record_run(Request("image", "m", "p"), None, output_path="outputs/link.png")
+    studio.history.delete([hostile])
+    assert target.is_file() and studio.history.get(kept.run_id) is not None
+
+
 # -- 6: CSV formulas -----------------------------------------------------------------------
 def test_csv_export_neutralises_formula_cells(studio_factory):
     studio = studio_factory()

@@ -44,3 +44,18 @@ def test_bad_story_requests_are_refused(studio_factory):
     with pytest.raises(ValidationError):
         run_story(studio, StoryRequest("ok", "dummy-llama", "dummy-sd", steps=20))
     assert studio.history.count() == 0
+
+
+def test_two_histories_on_one_data_dir_keep_their_own_story_files(studio_factory, tmp_path):
+    """Review finding: story ids repeat across databases; each story writes a folder of its
+    own and deleting one story never removes another history's story files."""
+    from studio.story import StoryRequest, run_story
+
+    first = studio_factory(data_dir=tmp_path / "d")
+    story = StoryRequest("two steps", "dummy-llama", "dummy-sd", steps=1, image_params={"steps": 1})
+    mine = run_story(first, story)
+    other = studio_factory(data_dir=tmp_path / "d", db_url=f"sqlite:///{tmp_path / 'other.db'}")
+    theirs = run_story(other, story)
+    assert mine.story_id == theirs.story_id and mine.html_path != theirs.html_path
+    other.history.delete([theirs.story_id])
+    assert Path(mine.html_path).is_file() and not Path(theirs.html_path).exists()
