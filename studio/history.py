@@ -15,6 +15,7 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, and_, cast,
@@ -122,6 +123,7 @@ class RunSummary(Base):
     runs: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)  # the sum over those runs
     last_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    params: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the single method's settings
 
     __table_args__ = (Index("ix_run_summaries_model", "model", "device", "single_method"),)
 
@@ -322,9 +324,9 @@ class HistoryStore:
 
     def delete(self, run_ids: Iterable[int], delete_files: bool = True) -> int:
         """Delete rows, their child rows (a story's stages), and their output files. Rows
-        go first: a crash in between leaves an orphan file, which the startup repair moves
-        to the trash, never a dangling row. Files are removed only inside the outputs
-        folder, whatever a row's path says."""
+        go first: a crash in between leaves a file no row points to, never a row without
+        its file. Files are removed only inside the outputs folder, whatever a row's path
+        says."""
         with self.sessions.begin() as session:
             ids = set(run_ids)
             frontier = set(ids)
@@ -332,16 +334,20 @@ class HistoryStore:
                 frontier = set(session.scalars(select(Run.id).where(Run.parent_id.in_(list(frontier))))) - ids
                 ids |= frontier
             rows = list(session.scalars(select(Run).where(Run.id.in_(list(ids)))))
-            doomed = [(row.id, row.modality, row.output_path) for row in rows]
             session.execute(delete(RunMethod).where(RunMethod.run_id.in_([row.id for row in rows])))
+            deleted = []
             for row in rows:
+                # only a row this transaction really deleted leaves the summaries: two
+                # deletes of one run at once must not subtract it twice
+                if not session.execute(delete(Run).where(Run.id == row.id)).rowcount:
+                    continue
+                deleted.append((row.id, row.modality, row.output_path))
                 if _summarised(row):
                     _add_to_summary(session, row, -1)
-                session.delete(row)
         if delete_files and self.outputs is not None:
-            for run_id, modality, stored in doomed:
+            for run_id, modality, stored in deleted:
                 self._delete_files(run_id, modality, stored)
-        return len(rows)
+        return len(deleted)
 
     def _delete_files(self, run_id: int, modality: str, stored: str | None) -> None:
         path = self.outputs.deletable(stored)
@@ -440,7 +446,7 @@ class HistoryStore:
         tried = RunSummary.__table__.alias("tried")
         base = RunSummary.__table__.alias("base")
         stmt = (
-            select(tried.c.single_method, tried.c.methods_key, tried.c.last_run_id, tried.c.runs,
+            select(tried.c.single_method, tried.c.methods_key, tried.c.params, tried.c.runs,
                    ((base.c.seconds / base.c.runs) / (tried.c.seconds / tried.c.runs)).label("ratio"))
             .join(base, and_(base.c.config_key == tried.c.config_key, base.c.methods_key == ""))
             .where(tried.c.model == model, tried.c.single_method.is_not(None), tried.c.runs > 0, base.c.runs > 0,
@@ -459,15 +465,18 @@ class HistoryStore:
         workloads run both ways. A method run with no comparable baseline is reported with
         ``pairs == 0`` so the UI can say "not enough data" rather than guess."""
         by_setting: dict[tuple[str, str], list] = {}
-        for name, setting, last_id, _runs, ratio in self._pair_ratios(model, device, method):
-            by_setting.setdefault((name, setting), []).append((ratio, last_id))
+        settings: dict[tuple[str, str], dict] = {}
+        for name, setting, params, _runs, ratio in self._pair_ratios(model, device, method):
+            by_setting.setdefault((name, setting), []).append(ratio)
+            settings[(name, setting)] = params or {}
         out: dict[str, dict[str, Any]] = {}
-        for (name, setting), pairs in by_setting.items():
-            if name in out and out[name]["pairs"] >= len(pairs):
+        # the setting measured on the most workloads; ties go to the same one every time
+        for (name, setting), ratios in sorted(by_setting.items(), key=lambda item: (-len(item[1]), item[0])):
+            if name in out:
                 continue
-            ratios = sorted(r for r, _ in pairs)
-            out[name] = {"speedup": _median(ratios), "min": ratios[0], "max": ratios[-1], "pairs": len(pairs),
-                         "example_run": max(i for _, i in pairs)}
+            ratios = sorted(ratios)
+            out[name] = {"speedup": _median(ratios), "min": ratios[0], "max": ratios[-1], "pairs": len(ratios),
+                         "params": settings[(name, setting)]}
         with self.sessions() as session:
             stmt = select(RunSummary.single_method).distinct().where(
                 RunSummary.model == model, RunSummary.device == device, RunSummary.runs > 0,
@@ -475,10 +484,6 @@ class HistoryStore:
             tried = session.scalars(stmt.where(RunSummary.single_method == method) if method else stmt)
             for name in tried:
                 out.setdefault(name, {"speedup": None, "pairs": 0})
-        for info in out.values():
-            if info.get("example_run"):
-                row = self.get(info["example_run"])
-                info["params"] = row.methods[0].get("params", {}) if row and row.methods else {}
         return out
 
     def trend(self, model: str, method: str, limit: int = 1000) -> list[dict[str, Any]]:
@@ -595,8 +600,9 @@ def _add_to_summary(session, row: Run, sign: int) -> None:
         return
     values = {"config_key": row.config_key, "methods_key": row.methods_key or "", "model": row.model,
               "device": row.device, "single_method": row.single_method, "runs": 1, "seconds": seconds,
-              "last_run_id": row.id}
-    dialect = session.bind.dialect.name
+              "last_run_id": row.id,
+              "params": (row.methods[0].get("params") or {}) if row.single_method and row.methods else None}
+    dialect = (getattr(session, "dialect", None) or session.get_bind().dialect).name
     if dialect in ("sqlite", "postgresql"):
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as upsert
@@ -635,7 +641,9 @@ def upgrade_schema(engine) -> None:
                     conn.execute(text(f"ALTER TABLE runs ALTER COLUMN {name} TYPE BIGINT"))
     for index in Run.__table__.indexes:
         index.create(engine, checkfirst=True)
-    _backfill_keys(engine)
+    with engine.connect() as conn:
+        summaries_kept = conn.execute(select(RunSummary.config_key).limit(1)).first() is not None
+    _backfill_keys(engine, add_to_summaries=summaries_kept)
     _build_summaries(engine)
     if engine.dialect.name == "postgresql":
         _trigram_indexes(engine)
@@ -672,10 +680,20 @@ def _build_summaries(engine) -> None:
         conn.execute(RunSummary.__table__.insert().from_select(
             ["config_key", "methods_key", "model", "device", "single_method", "runs", "seconds", "last_run_id"],
             grouped))
+        table = RunSummary.__table__
+        singles = conn.execute(select(table.c.config_key, table.c.methods_key, Run.methods).join(
+            Run, Run.id == table.c.last_run_id).where(table.c.single_method.is_not(None))).all()
+        for key, setting, methods in singles:  # the setting of each single-method summary
+            conn.execute(update(table).where(table.c.config_key == key, table.c.methods_key == setting).values(
+                params=(methods[0].get("params") or {}) if methods else {}))
 
 
-def _backfill_keys(engine, batch: int = 5000) -> None:
-    columns = (Run.id, Run.model, Run.prompt, Run.negative_prompt, Run.seed, Run.params, Run.methods, Run.device)
+def _backfill_keys(engine, batch: int = 5000, add_to_summaries: bool = False) -> None:
+    """Give rows written by an older version their comparison keys and run_methods rows;
+    ``add_to_summaries``: the summary table is already kept (rows an older version wrote
+    after an earlier upgrade), so count these rows in it too."""
+    columns = (Run.id, Run.model, Run.prompt, Run.negative_prompt, Run.seed, Run.params, Run.methods, Run.device,
+               Run.status, Run.total_seconds)
     filled = 0
     while True:
         with engine.begin() as conn:
@@ -684,11 +702,16 @@ def _backfill_keys(engine, batch: int = 5000) -> None:
                 break
             for row in rows:
                 methods = row.methods or []
-                conn.execute(update(Run).where(Run.id == row.id).values(
+                keys = SimpleNamespace(
+                    id=row.id, model=row.model, device=row.device, methods=methods, status=row.status,
+                    total_seconds=row.total_seconds, methods_key=methods_key(methods),
                     config_key=config_key(row.model, row.prompt or "", row.negative_prompt or "", row.seed or 0,
                                           row.params or {}, row.device),
-                    methods_key=methods_key(methods),
-                    single_method=methods[0].get("name") if len(methods) == 1 else None))
+                    single_method=methods[0].get("name") if len(methods) == 1 else None)
+                conn.execute(update(Run).where(Run.id == row.id).values(
+                    config_key=keys.config_key, methods_key=keys.methods_key, single_method=keys.single_method))
+                if add_to_summaries and _summarised(keys):
+                    _add_to_summary(conn, keys, +1)
                 if methods:
                     conn.execute(delete(RunMethod).where(RunMethod.run_id == row.id))
                     conn.execute(RunMethod.__table__.insert(), [

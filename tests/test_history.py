@@ -256,3 +256,54 @@ def test_capped_count_stops_after_the_cap(store):
         store.record_run(request(f"red {i}"), result())
     assert store.count(text="red") == 5 and store.count(cap=10, text="red") == 5
     assert store.count(cap=3, text="red") == 4  # above the cap: "more than 3"
+
+
+def test_hint_settings_come_from_the_summary_not_a_reused_run_id(store):
+    """Review finding: SQLite reuses the id of a deleted newest row; a hint must still name
+    its own method's settings."""
+    store.record_run(request("p"), timed_result(1.0))
+    store.record_run(request("p", methods=[("deepcache", {"interval": 3})]), timed_result(0.5))
+    newest = store.record_run(request("p", methods=[("deepcache", {"interval": 3})]), timed_result(0.5))
+    store.delete([newest], delete_files=False)
+    store.record_run(request("p", methods=[("tome", {"ratio": 0.25})]), timed_result(0.9))
+    assert store.method_speedups("m1", "cpu")["deepcache"]["params"] == {"interval": 3}
+
+
+def test_two_deletes_of_one_run_at_once_subtract_it_once(store):
+    import threading
+
+    base = store.record_run(request("p"), timed_result(1.0))
+    store.record_run(request("p"), timed_result(1.0))
+    store.record_run(request("p", methods=[("deepcache", {})]), timed_result(0.5))
+    barrier = threading.Barrier(4)
+
+    def delete():
+        barrier.wait()
+        store.delete([base], delete_files=False)
+
+    threads = [threading.Thread(target=delete) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    info = store.method_speedups("m1", "cpu")["deepcache"]
+    assert info["pairs"] == 1 and info["speedup"] == pytest.approx(2.0)  # one baseline left, counted once
+
+
+def test_rows_an_older_version_writes_after_the_upgrade_are_counted(tmp_path):
+    path = tmp_path / "h.db"
+    store = HistoryStore(sqlite_url(path))
+    store.record_run(request("p"), timed_result(2.0))
+    store.close()
+    conn = sqlite3.connect(path)  # an older studio, started on this file, writes rows without keys
+    conn.execute("""INSERT INTO runs (created_at, modality, model, prompt, negative_prompt, seed, params, methods,
+                    method_names, status, total_seconds, device, timings, method_stats, metrics, notes) VALUES
+                    ('2026-01-02 00:00:00', 'image', 'm1', 'p', 'blurry', 7, '{"steps": 4}',
+                    '[{"name": "deepcache", "params": {}}]', ',deepcache,', 'ok', 1.0, 'cpu', '{}', '{}', '{}', '[]')""")
+    conn.commit()
+    conn.close()
+    store = HistoryStore(sqlite_url(path))
+    try:
+        assert store.method_speedups("m1", "cpu")["deepcache"]["speedup"] == pytest.approx(2.0)
+    finally:
+        store.close()
