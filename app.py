@@ -173,7 +173,7 @@ def launch_options(args: argparse.Namespace, studio) -> dict:
     gr.set_static_paths(served)
     blocked = [str(p) for p in studio.history.database_files()] + [str((studio.data_dir / "trash").resolve())]
     return dict(server_name=args.host, server_port=args.port, share=args.share, **auth_launch_options(args),
-                show_error=True, allowed_paths=served, blocked_paths=blocked, footer_links=["api", "settings"],
+                show_error=False, allowed_paths=served, blocked_paths=blocked, footer_links=["api", "settings"],
                 css=STUDIO_CSS)
 
 

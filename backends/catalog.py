@@ -93,7 +93,7 @@ def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> st
     if entry is not None:
         if not entry.available:
             raise ModelLoadError(
-                f"bundled model '{model_id}' is missing from {ASSETS_DIR}; rebuild it with "
+                f"bundled model '{model_id}' is missing from the studio's assets folder; rebuild it with "
                 f"`python -m backends.tiny.train` or check out the assets folder"
             )
         return str(entry.path)
@@ -102,7 +102,9 @@ def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> st
     if looks_local:
         resolved = path.resolve()
         if allowed_roots is not None and not any(_inside(resolved, root) for root in allowed_roots):
-            raise ModelLoadError(f"local model folders must be inside {', '.join(map(str, allowed_roots))}")
+            # the allowed folder is named relative to the data dir: server paths stay on the server
+            raise ModelLoadError("local model folders must be inside the data dir's models/ folder "
+                                 "(or start the studio with --allow-local-models)")
         if not resolved.is_dir():
             raise ModelLoadError(f"no model folder at {model_id}")
         return str(resolved)

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import gc
 import math
+import os
 import sys
 
 from backends.params import default
@@ -42,7 +43,10 @@ def _assumed_size(request: Request) -> tuple[int, int, int, float]:
     from backends.catalog import find_bundled
 
     entry = find_bundled(request.model)
-    if entry is not None or request.model.startswith(("tiny-", "dummy-")):
+    # the test-only dummy models are registered names, never a hub id (owner/name) or a
+    # folder: anything else that merely starts with "tiny-" or "dummy-" is costed as a hub model
+    dummy = request.model.startswith("dummy-") and "/" not in request.model and not os.path.exists(request.model)
+    if entry is not None or dummy:
         height, width, frames, seconds = BUNDLED_SIZES[request.modality]
         if entry is not None and entry.default_size:
             height, width = entry.default_size

@@ -148,7 +148,14 @@ class Studio:
             message = ("out of memory: the run needed more memory than is available; caches were freed, "
                        "try a smaller size, fewer frames or fewer steps")
         else:
-            return self._keep(request, result, parent_id, metrics_fn)
+            try:
+                return self._keep(request, result, parent_id, metrics_fn)
+            except Exception as exc:  # disk full, folder gone: the run happened, so it gets its row
+                log.exception("could not keep the output of a finished run")
+                message = f"the run finished but its output could not be saved ({type(exc).__name__}); " \
+                          "check the free space of the data dir"
+                self._record_failure(request, message, parent_id)
+                raise StudioError(message) from exc
         # only an allocation failure gets here, outside the except block so that the
         # exception and its frames are gone before memory is collected
         release_memory(self.manager)

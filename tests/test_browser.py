@@ -198,7 +198,8 @@ def test_history_shows_runs_from_every_tab_when_opened(page, served):
     group = next(r.compare_group for r in studio.history.query(limit=10) if r.compare_group)
     open_tab(page, "History")  # no Refresh click: opening the tab reloads it
     table = wait_for_text(page, "history-table", group)
-    assert table.count(group) == 3
+    # every timed run of the comparison (3 configurations x Compare's default repeats)
+    assert table.count(group) == studio.history.count(compare_group=group) >= 3
     for modality in ("image", "video", "audio", "text", "story"):
         assert modality in table
     page.locator("#history-refresh").click()  # the tab's own button

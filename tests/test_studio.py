@@ -218,3 +218,16 @@ def test_compare_defaults_warm_up_interleave_and_report_ideal(studio_factory):
     row = report.table()[1]
     assert {"speedup_min", "speedup_max", "ideal_speedup", "efficiency"} <= set(row)
     assert studio.history.count(compare_group=report.group, status="ok") == 6
+
+
+def test_a_run_whose_output_cannot_be_saved_still_gets_its_row(studio_factory, monkeypatch):
+    studio = studio_factory()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(studio.outputs, "save", disk_full)
+    with pytest.raises(StudioError, match="could not be saved"):
+        studio.generate(image_request())
+    row = studio.history.query(limit=1)[0]
+    assert row.status == "failed" and "could not be saved" in row.error and "/" not in row.error

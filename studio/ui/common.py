@@ -197,6 +197,7 @@ def wire_model_change(studio, modality: str, model: gr.Dropdown, family: gr.Mark
     as a separate step, what history says of each method (``Studio.method_hints``). The page
     and the dropdown answer before any history is read; the hints arrive after."""
 
+    @user_errors
     def describe(model_id):
         if not model_id:
             return ["", *panel.visibility_for(None)]
@@ -212,8 +213,8 @@ def wire_model_change(studio, modality: str, model: gr.Dropdown, family: gr.Mark
         if model_id:
             try:
                 found = studio.method_hints(modality, model_id)
-            except StudioError:
-                found = {}
+            except Exception:  # hints are a help, never an error toast (the database may be away)
+                log.warning("method hints for %s unavailable", model_id, exc_info=True)
         return [gr.update(value=found.get(cls.spec.name, "")) for cls in panel.methods]
 
     describe_outputs, hint_outputs = [family, *panel.groups], list(panel.hints)

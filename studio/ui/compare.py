@@ -68,6 +68,7 @@ def build_compare_tab(studio) -> dict:
                 csv_file = gr.File(label="CSV")
                 html_file = gr.File(label="HTML report")
 
+    @user_errors
     def on_modality(m):
         choices = model_choices(studio, m)
         return gr.update(choices=choices, value=choices[0] if choices else None), json.dumps(default_params(m))

@@ -178,6 +178,7 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
 
     tab.extra["model_change"] = wire_model_change(studio, modality, model, family, panel)
 
+    @user_errors
     def on_model_input(model_id):
         """A model the user picked: set the controls to its recommended settings, where the
         catalog has them. Only on user input, so loading a preset keeps the preset's values."""

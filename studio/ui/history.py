@@ -79,6 +79,7 @@ def build_history_tab(studio) -> dict:
     for trigger in (refresh.click, page.submit, text.submit):
         trigger(load, inputs=filter_inputs, outputs=[table, summary], api_name=False)
 
+    @user_errors
     def pick(evt: gr.SelectData, frame):
         return int(frame.iloc[evt.index[0]]["id"])
 

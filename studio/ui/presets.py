@@ -44,6 +44,7 @@ def build_presets_tab(studio, tabs: dict, tabs_component: gr.Tabs) -> dict:
         return frame, message
 
     refresh.click(listing, outputs=[table, errors], api_name="presets_list")
+    @user_errors
     def pick(evt: gr.SelectData, frame):
         return str(frame.iloc[evt.index[0]]["name"])
 
