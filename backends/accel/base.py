@@ -12,13 +12,13 @@ definition. Methods that cannot run together share a ``slot`` ("dit-cache", "dec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Sequence, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, dataclass_transform
 
+from backends.plan import BaseHandle, DecodingPlan, DiffusionPlan, Handle, RunPlan
 from backends.types import MethodChoice, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,20 +165,39 @@ def check_combinable(spec: MethodSpec, earlier: Iterable[MethodSpec]) -> None:
 
 
 class Method:
-    """Base class: subclasses set ``spec`` and override what they need.
+    """Base class: subclasses set ``spec`` and implement ``attach``.
 
-    ``apply``/``remove`` patch the backend's model; ``prepare_call`` edits the keyword
-    arguments of the generation call (scheduler, steps, generate kwargs); ``stats``
-    reports what the method did in the last run; ``warnings`` says when a setting makes
-    the method pointless for this request, so the UI can say so.
+    ``attach(backend, plan)`` runs once per generation, after the backend built its run
+    plan: it edits the plan and patches the model as needed and returns a ``Handle``
+    (``backends.plan``) that holds this run's state and undoes the patches in ``remove``.
+
+    Methods not yet converted override the older hooks instead (``apply``/``remove`` on
+    the backend, ``prepare_call`` on a dict view of the plan, ``stats``, ``warnings``);
+    the default ``attach`` adapts them (``_LegacyHandle``).
     """
 
     spec: ClassVar[MethodSpec]
+    # attached before the others whatever the listed order: it edits what others read
+    # when they attach (the sampler: the scheduler and the step count)
+    attach_first: ClassVar[bool] = False
 
-    def __init__(self, **params: Any):
-        values = self.spec.validate(params)
-        self.config = self.spec.config(**values) if self.spec.config is not None else None
+    def __init__(self, config: MethodConfig | None = None, **params: Any):
+        if config is None:
+            values = self.spec.validate(params)
+            config = self.spec.config(**values) if self.spec.config is not None else None
+        self.config = config
 
+    def attach(self, backend: "Backend", plan: RunPlan) -> Handle:
+        self.apply(backend)
+        try:
+            call = _legacy_call(plan)
+            _absorb(plan, self.prepare_call(backend, call))
+        except BaseException:
+            self.remove(backend)
+            raise
+        return _LegacyHandle(self, backend, plan)
+
+    # -- the older hooks, adapted by ``attach`` ----------------------------------------
     def apply(self, backend: "Backend") -> None:
         pass
 
@@ -193,6 +212,55 @@ class Method:
 
     def warnings(self, backend: "Backend", call: dict[str, Any]) -> list[str]:
         return []
+
+
+_DIFFUSION_KEYS = ("num_inference_steps", "_callbacks", "_extra")
+_DECODING_FIELDS = ("input_ids", "max_new_tokens", "sampling", "decoder", "eos_token_ids", "pad_token_id",
+                    "attention_mask", "guidance_scale")
+
+
+def _legacy_call(plan: RunPlan) -> dict[str, Any]:
+    """The dict an unconverted method's ``prepare_call``/``warnings`` expects."""
+    if isinstance(plan, DiffusionPlan):
+        return {**plan.kwargs, "num_inference_steps": plan.steps, "_callbacks": list(plan.callbacks),
+                "_extra": plan.extra}
+    if isinstance(plan, DecodingPlan):
+        return {**{name: getattr(plan, name) for name in _DECODING_FIELDS}, "generate_kwargs": dict(plan.kwargs),
+                "_extra": plan.extra}
+    return {**plan.kwargs, "_extra": plan.extra}
+
+
+def _absorb(plan: RunPlan, call: dict[str, Any]) -> None:
+    """Write an unconverted method's edited dict back into ``plan``."""
+    call = dict(call)
+    plan.extra = call.pop("_extra", plan.extra)
+    if isinstance(plan, DiffusionPlan):
+        plan.steps = call.pop("num_inference_steps")
+        plan.callbacks = list(call.pop("_callbacks"))
+    elif isinstance(plan, DecodingPlan):
+        for name in _DECODING_FIELDS:
+            setattr(plan, name, call.pop(name))
+        call = call.pop("generate_kwargs")
+    plan.kwargs = call
+
+
+class _LegacyHandle(BaseHandle):
+    """A handle over a method that still keeps its run state on itself."""
+
+    def __init__(self, method: Method, backend: "Backend", plan: RunPlan):
+        self.method, self.backend, self.plan = method, backend, plan
+
+    def remove(self) -> None:
+        self.method.remove(self.backend)
+
+    def stats(self) -> dict[str, Any]:
+        return self.method.stats()
+
+    def warnings(self) -> list[str]:
+        return self.method.warnings(self.backend, _legacy_call(self.plan))
+
+    def skipped_evals(self) -> int:
+        return int(self.method.stats().get("skipped_evals", 0) or 0)
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -243,20 +311,6 @@ def instantiate(choices: Sequence[MethodChoice], modality: str, family: str | No
         seen[spec.name] = spec
         methods.append(cls(**choice.params))
     return methods
-
-
-@contextlib.contextmanager
-def applied(backend: "Backend", methods: Sequence[Method]) -> Iterator[list[Method]]:
-    """Apply ``methods`` in order and remove them in reverse order, whatever happens."""
-    done: list[Method] = []
-    try:
-        for method in methods:
-            method.apply(backend)
-            done.append(method)
-        yield list(methods)
-    finally:
-        for method in reversed(done):
-            method.remove(backend)
 
 
 # Importing this module imports its package first, whose ``__init__`` imports every method

@@ -49,6 +49,7 @@ class SamplerMethod(Method):
         lossless=False,
         config=SamplerConfig,
     )
+    attach_first = True  # the other methods read the scheduler and the step count it sets
 
     def apply(self, backend) -> None:
         self._saved = backend.pipe.scheduler
