@@ -113,6 +113,31 @@ class BaseHandle:
         return 0
 
 
+class RunHandle(BaseHandle):
+    """A handle that undoes what its method did, in reverse order: ``on_remove`` registers
+    each undo step as the patch is made; ``undo_on_error`` wraps the setup, so a failed
+    attach leaves nothing behind. ``plan`` is the run's plan, final once every method has
+    attached (what ``warnings`` reads)."""
+
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        self._undo = contextlib.ExitStack()
+
+    def on_remove(self, undo: Callable[..., Any], *args: Any) -> None:
+        self._undo.callback(undo, *args)
+
+    def remove(self) -> None:
+        self._undo.close()
+
+    @contextlib.contextmanager
+    def undo_on_error(self) -> Iterator["RunHandle"]:
+        try:
+            yield self
+        except BaseException:
+            self.remove()
+            raise
+
+
 class Attachable(Protocol):
     def attach(self, backend: Any, plan: RunPlan) -> Handle: ...
 
