@@ -112,10 +112,6 @@ class DiffusionBackend(Backend):
             passes = 2 if scale > 1 and not self.uses_embedded_guidance else 1
         return Guidance(scale=scale, passes=passes, batched=self.cfg_batched)
 
-    def cfg_passes(self, call: dict[str, Any]) -> int:
-        """Denoiser passes per step of a legacy call dict (unconverted methods only)."""
-        return self.guidance_plan(call).passes
-
     def base_plan(self, request: Request) -> DiffusionPlan:
         params = request.params
         kwargs: dict[str, Any] = {"prompt": request.prompt, "generator": seeded_generator(request.seed)}

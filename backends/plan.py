@@ -117,11 +117,14 @@ class RunHandle(BaseHandle):
     """A handle that undoes what its method did, in reverse order: ``on_remove`` registers
     each undo step as the patch is made; ``undo_on_error`` wraps the setup, so a failed
     attach leaves nothing behind. ``plan`` is the run's plan, final once every method has
-    attached (what ``warnings`` reads)."""
+    attached: ``notes(plan)`` (the warnings) reads it then. ``stats`` and ``skipped``
+    report the run's figures, read when the run is over."""
 
-    def __init__(self, plan: RunPlan):
+    def __init__(self, plan: RunPlan, stats: Callable[[], dict[str, Any]] | None = None,
+                 notes: Callable[[Any], list[str]] | None = None, skipped: Callable[[], int] | None = None):
         self.plan = plan
         self._undo = contextlib.ExitStack()
+        self._stats, self._notes, self._skipped = stats, notes, skipped
 
     def on_remove(self, undo: Callable[..., Any], *args: Any) -> None:
         self._undo.callback(undo, *args)
@@ -136,6 +139,15 @@ class RunHandle(BaseHandle):
         except BaseException:
             self.remove()
             raise
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats() if self._stats is not None else {}
+
+    def warnings(self) -> list[str]:
+        return self._notes(self.plan) if self._notes is not None else []
+
+    def skipped_evals(self) -> int:
+        return self._skipped() if self._skipped is not None else 0
 
 
 class Attachable(Protocol):

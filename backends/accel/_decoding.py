@@ -124,18 +124,10 @@ def set_decoder(plan: DecodingPlan, decoder: Decoder, method: str) -> None:
 
 class DecodingHandle(RunHandle):
     """One run of a decoding method: the plan's token and forward counts (``decoding_stats``)
-    plus the method's own figures (``own_stats``), and ``notes`` read off the final plan."""
-
-    def __init__(self, plan: DecodingPlan, own_stats: Callable[[], dict[str, Any]] = dict,
-                 notes: Callable[[DecodingPlan], list[str]] = lambda plan: []):
-        super().__init__(plan)
-        self.own_stats, self.notes = own_stats, notes
+    before the method's own figures."""
 
     def stats(self) -> dict[str, Any]:
-        return {**decoding_stats(self.plan.extra), **self.own_stats()}
-
-    def warnings(self) -> list[str]:
-        return self.notes(self.plan)
+        return {**decoding_stats(self.plan.extra), **super().stats()}
 
 
 def decoding_stats(extra: dict[str, Any]) -> dict[str, Any]:

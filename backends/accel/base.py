@@ -1,8 +1,9 @@
 """The method framework: typed parameter configs, a registry, and reversible application.
 
-A method is a small object that patches a loaded backend in ``apply`` and restores it
-exactly in ``remove``. Backends apply the methods of a request around one run, so
-toggling a method never reloads the model and a run without methods is the baseline.
+A method attaches to a loaded backend and the run plan it built, once per run, and its
+handle restores the model exactly on ``remove``. Backends attach the methods of a request
+around one run, so toggling a method never reloads the model and a run without methods is
+the baseline.
 
 A method's parameters are one frozen ``*Config`` dataclass whose ``param(...)`` fields
 carry the default, range, choices, help and the paper's setting: the UI controls, the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, dataclass_transform
 
-from backends.plan import BaseHandle, DecodingPlan, DiffusionPlan, Handle, RunPlan
+from backends.plan import Handle, RunPlan
 from backends.types import MethodChoice, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -168,12 +169,10 @@ class Method:
     """Base class: subclasses set ``spec`` and implement ``attach``.
 
     ``attach(backend, plan)`` runs once per generation, after the backend built its run
-    plan: it edits the plan and patches the model as needed and returns a ``Handle``
-    (``backends.plan``) that holds this run's state and undoes the patches in ``remove``.
-
-    Methods not yet converted override the older hooks instead (``apply``/``remove`` on
-    the backend, ``prepare_call`` on a dict view of the plan, ``stats``, ``warnings``);
-    the default ``attach`` adapts them (``_LegacyHandle``).
+    plan (``backends.plan``): it edits the plan and patches the model as needed, and
+    returns a ``Handle`` that holds this run's state, reports its ``stats``, ``warnings``
+    (when a setting makes the method pointless for this request) and ``skipped_evals``,
+    and undoes every patch in ``remove``. The method object itself keeps no run state.
     """
 
     spec: ClassVar[MethodSpec]
@@ -188,79 +187,7 @@ class Method:
         self.config = config
 
     def attach(self, backend: "Backend", plan: RunPlan) -> Handle:
-        self.apply(backend)
-        try:
-            call = _legacy_call(plan)
-            _absorb(plan, self.prepare_call(backend, call))
-        except BaseException:
-            self.remove(backend)
-            raise
-        return _LegacyHandle(self, backend, plan)
-
-    # -- the older hooks, adapted by ``attach`` ----------------------------------------
-    def apply(self, backend: "Backend") -> None:
-        pass
-
-    def remove(self, backend: "Backend") -> None:
-        pass
-
-    def prepare_call(self, backend: "Backend", call: dict[str, Any]) -> dict[str, Any]:
-        return call
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    def warnings(self, backend: "Backend", call: dict[str, Any]) -> list[str]:
-        return []
-
-
-_DIFFUSION_KEYS = ("num_inference_steps", "_callbacks", "_extra")
-_DECODING_FIELDS = ("input_ids", "max_new_tokens", "sampling", "decoder", "eos_token_ids", "pad_token_id",
-                    "attention_mask", "guidance_scale")
-
-
-def _legacy_call(plan: RunPlan) -> dict[str, Any]:
-    """The dict an unconverted method's ``prepare_call``/``warnings`` expects."""
-    if isinstance(plan, DiffusionPlan):
-        return {**plan.kwargs, "num_inference_steps": plan.steps, "_callbacks": list(plan.callbacks),
-                "_extra": plan.extra}
-    if isinstance(plan, DecodingPlan):
-        return {**{name: getattr(plan, name) for name in _DECODING_FIELDS}, "generate_kwargs": dict(plan.kwargs),
-                "_extra": plan.extra}
-    return {**plan.kwargs, "_extra": plan.extra}
-
-
-def _absorb(plan: RunPlan, call: dict[str, Any]) -> None:
-    """Write an unconverted method's edited dict back into ``plan``."""
-    call = dict(call)
-    plan.extra = call.pop("_extra", plan.extra)
-    if isinstance(plan, DiffusionPlan):
-        plan.steps = call.pop("num_inference_steps")
-        plan.callbacks = list(call.pop("_callbacks"))
-    elif isinstance(plan, DecodingPlan):
-        for name in _DECODING_FIELDS:
-            setattr(plan, name, call.pop(name))
-        call = call.pop("generate_kwargs")
-    plan.kwargs = call
-
-
-class _LegacyHandle(BaseHandle):
-    """A handle over a method that still keeps its run state on itself."""
-
-    def __init__(self, method: Method, backend: "Backend", plan: RunPlan):
-        self.method, self.backend, self.plan = method, backend, plan
-
-    def remove(self) -> None:
-        self.method.remove(self.backend)
-
-    def stats(self) -> dict[str, Any]:
-        return self.method.stats()
-
-    def warnings(self) -> list[str]:
-        return self.method.warnings(self.backend, _legacy_call(self.plan))
-
-    def skipped_evals(self) -> int:
-        return int(self.method.stats().get("skipped_evals", 0) or 0)
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, type[Method]] = {}

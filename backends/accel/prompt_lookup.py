@@ -15,8 +15,6 @@ candidate mode. It pays on repetitive audio, where the codec writes the same col
 
 from __future__ import annotations
 
-from typing import Any
-
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel._codec_decoding import CodecHandle, ngram_proposer, verify_loop
 from backends.accel._decoding import DecodingHandle, require_greedy, set_decoder
