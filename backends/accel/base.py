@@ -150,6 +150,10 @@ class MethodSpec:
                                   f"it takes {sorted(known) or 'none'}")
         return {p.name: p.coerce(params.get(p.name, p.default)) for p in self.params}
 
+    def build(self, values: dict[str, Any]) -> MethodConfig | None:
+        """The ``*Config`` of values ``validate`` returned."""
+        return self.config(**values) if self.config is not None else None
+
     def describe(self) -> dict[str, Any]:
         """Everything a listing or a doc page shows about the method, as JSON-ready data."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
@@ -182,8 +186,9 @@ class Method:
 
     def __init__(self, config: MethodConfig | None = None, **params: Any):
         if config is None:
-            values = self.spec.validate(params)
-            config = self.spec.config(**values) if self.spec.config is not None else None
+            config = self.spec.build(self.spec.validate(params))
+        elif not isinstance(config, self.spec.config or ()):
+            raise TypeError(f"method {self.spec.name!r} got a {type(config).__name__}")
         self.config = config
 
     def attach(self, backend: "Backend", plan: RunPlan) -> Handle:
@@ -236,7 +241,8 @@ def instantiate(choices: Sequence[MethodChoice], modality: str, family: str | No
             )
         check_combinable(spec, seen.values())
         seen[spec.name] = spec
-        methods.append(cls(**choice.params))
+        # a choice validated upstream carries its Config: not validated a second time
+        methods.append(cls(config=choice.config) if choice.config is not None else cls(**choice.params))
     return methods
 
 

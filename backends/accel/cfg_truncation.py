@@ -81,7 +81,7 @@ class CFGTruncationHandle(RunHandle):
     def __init__(self, plan: DiffusionPlan, cut: int, fraction: float):
         super().__init__(plan)
         self.cut, self.fraction, self.step, self.skipped = cut, fraction, 0, 0
-        self.cond: Any = None
+        self.cond: tuple[int, Any] | None = None  # (step, output) of the last conditional pass
 
     def on_step(self, step: int) -> None:
         self.step = step
@@ -90,13 +90,14 @@ class CFGTruncationHandle(RunHandle):
         guidance = self.plan.guidance
 
         def forward(*args, **kwargs):
-            # the plan names the branch of each call: no assumption on the order of the passes
-            if guidance.branch == UNCOND and self.step >= self.cut and self.cond is not None:
+            # the plan names the branch of each call: no assumption on the order of the passes;
+            # an unconditional pass is answered only by this step's conditional output
+            if guidance.branch == UNCOND and self.step >= self.cut and self.cond and self.cond[0] == self.step:
                 self.skipped += 1
-                return self.cond
+                return self.cond[1]
             out = original(*args, **kwargs)
             if guidance.branch == COND:
-                self.cond = out
+                self.cond = (self.step, out)
             return out
 
         return forward
