@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from backends.image import DiffusionBackend
+from backends.plan import DiffusionPlan
 from backends.types import Request
 
 LENGTH_ARGS = ("audio_length_in_s", "audio_end_in_s")
@@ -50,16 +51,16 @@ class AudioBackend(DiffusionBackend):
                 return int(rate)
         return 16000
 
-    def build_call(self, request: Request) -> dict[str, Any]:
-        call = self.base_call(request)
+    def build_plan(self, request: Request) -> DiffusionPlan:
+        plan = self.base_plan(request)
         seconds = request.params.get("seconds")
         if seconds:
             arg = next((a for a in LENGTH_ARGS if a in self.call_params), None)
             if arg:
-                call[arg] = float(seconds)
+                plan.kwargs[arg] = float(seconds)
         if "output_type" in self.call_params:
-            call["output_type"] = "np"
-        return call
+            plan.kwargs["output_type"] = "np"
+        return plan
 
     def extract_output(self, output: Any) -> tuple[np.ndarray, int]:
         audio = np.asarray(output.audios[0], dtype=np.float32)

@@ -8,8 +8,8 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from backends.accel.base import applied, instantiate
 from backends.control import CancelToken
+from backends.plan import Handle, RunPlan, attached
 from backends.timing import EvalCounter, PeakMemory, StageTimer
 from backends.catalog import resolve_source
 from backends.types import ModelLoadError, Request, Result, StudioError, ValidationError
@@ -30,10 +30,10 @@ def module_bytes(*modules: Any) -> int:
 class Backend:
     """A loaded model plus everything needed to run a ``Request`` on it.
 
-    Subclasses implement ``build_call`` (request -> call kwargs), ``generate`` (run the
-    call, timing its stages) and set ``family`` (what kind of network it is, which
-    decides which acceleration methods apply). ``run`` is the same for every modality:
-    it validates methods, applies them, measures, and removes them again.
+    Subclasses implement ``build_plan`` (request -> a typed ``RunPlan``), ``generate``
+    (run the plan, timing its stages) and set ``family`` (what kind of network it is,
+    which decides which acceleration methods apply). ``run`` is the same for every
+    modality: it builds the plan, attaches the methods, measures, and removes them.
     """
 
     modality: ClassVar[str] = ""
@@ -54,10 +54,10 @@ class Backend:
     def memory_bytes(self) -> int:
         return 0
 
-    def build_call(self, request: Request) -> dict[str, Any]:
+    def build_plan(self, request: Request) -> RunPlan:
         raise NotImplementedError
 
-    def generate(self, call: dict[str, Any], timer: StageTimer, progress: ProgressFn | None) -> Any:
+    def generate(self, plan: Any, timer: StageTimer, progress: ProgressFn | None) -> Any:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -73,7 +73,7 @@ class Backend:
         passes; the methods are removed as on any other exit, so the next run is normal."""
         if request.modality != self.modality:
             raise ValidationError(f"a {request.modality} request was sent to a {self.modality} model")
-        methods = instantiate(request.methods, self.modality, self.family)
+        methods = _instantiate(request, self.family)
         with self.lock:
             if cancel is not None:
                 cancel.start()  # the time limit counts from here, not from the queue
@@ -81,38 +81,38 @@ class Backend:
                 if progress is not None:
                     progress = cancel.guard(progress)
             timer = StageTimer(self.device)
-            with applied(self, methods), _stop_hook(self.denoiser, cancel):
-                call = self.build_call(request)
-                for method in methods:
-                    call = method.prepare_call(self, call)
-                notes = [note for method in methods for note in method.warnings(self, call)]
+            plan = self.build_plan(request)
+            # plan editors (the sampler) attach first, so the others read the final plan
+            order = sorted(range(len(methods)), key=lambda i: not methods[i].attach_first)
+            with attached(self, plan, [methods[i] for i in order]) as in_order, _stop_hook(self.denoiser, cancel):
+                handles: list[Handle] = [in_order[order.index(i)] for i in range(len(methods))]
+                notes = [note for handle in handles for note in handle.warnings()]
                 with PeakMemory(self.device) as memory, EvalCounter(self.denoiser) as evals:
                     with timer.stage("total"):
-                        output = self.generate(call, timer, progress)
+                        output = self.generate(plan, timer, progress)
+        method_stats = {m.spec.name: h.stats() for m, h in zip(methods, handles)}  # after removal, as before
+        skipped = sum(h.skipped_evals() for h in handles)
         timings = timer.as_dict()
-        method_stats = {m.spec.name: m.stats() for m in methods}
         return Result(
             output=output,
             timings=timings,
             total_seconds=timings.get("total", 0.0),
             peak_memory_bytes=memory.peak_bytes,
-            model_evals=evaluations_run(evals.count, method_stats),
+            model_evals=max(0, evals.count - skipped),
             method_stats=method_stats,
             notes=notes,
             device=str(self.device),
-            extra=call.get("_extra", {}),
+            extra=plan.extra,
         )
 
 
-def evaluations_run(calls: int, method_stats: dict[str, dict[str, Any]]) -> int:
-    """Denoiser calls minus those a method answered without running the network.
+def _instantiate(request: Request, family: str) -> list[Any]:
+    """The request's methods, checked against this backend's modality, family and slots.
+    Imported here, when a run needs it: the method registry imports every method module,
+    which this module must not depend on."""
+    from backends.accel.base import instantiate
 
-    Every method that can answer a whole call from a cache (TeaCache, AdaCache, MagCache,
-    a block cache spanning every block, CFG truncation's dropped unconditional pass)
-    reports those calls as ``skipped_evals`` in its stats; partial calls (DeepCache's
-    shallow branch, a block span, cached attention layers) ran the network and count."""
-    skipped = sum(int(stats.get("skipped_evals", 0) or 0) for stats in method_stats.values())
-    return max(0, calls - skipped)
+    return instantiate(request.methods, request.modality, family)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,8 @@
 
 The model writes EnCodec codes token by token and the codec decodes them to a waveform,
 so the accelerations that apply are the decoding ones of the text work, not the
-diffusion caches. Same decoding seam as ``backends.text``: ``build_call`` gives a dict,
-methods edit it, and ``decoder`` (None = transformers' ``generate``) may replace the loop
+diffusion caches. Same decoding seam as ``backends.text``: ``build_plan`` gives a
+``DecodingPlan``, methods edit it, and ``decoder`` (None = transformers' ``generate``) may replace the loop
 with one of ``backends.accel._codec_decoding``'s, e.g. speculative decoding with a
 smaller model of the same family.
 """
@@ -23,6 +23,7 @@ from backends.accel._codec_decoding import CodecSession, greedy_loop
 from backends.accel._decoding import Sampling
 from backends.base import DraftingBackend, ProgressFn
 from backends.catalog import local_model_type
+from backends.plan import DecodingPlan
 from backends.timing import StageTimer
 from backends.types import Request
 
@@ -90,7 +91,7 @@ class CodecLMBackend(DraftingBackend):
         enc = self.model.config.audio_encoder
         return float(getattr(enc, "frame_rate", None) or enc.sampling_rate / float(np.prod(enc.upsampling_ratios)))
 
-    def build_call(self, request: Request) -> dict[str, Any]:
+    def build_plan(self, request: Request) -> DecodingPlan:
         params = request.params
         seconds = float(params.get("seconds") or DEFAULT_SECONDS)
         num_codebooks = int(self.model.decoder.num_codebooks)
@@ -100,20 +101,15 @@ class CodecLMBackend(DraftingBackend):
         guidance = params.get("guidance")
         guidance = float(guidance if guidance is not None else (self.model.generation_config.guidance_scale or 3.0))
         inputs = self.processor(text=[request.prompt], padding=True, return_tensors="pt")
-        return {
-            "input_ids": inputs["input_ids"].to(self.device),
-            "attention_mask": inputs["attention_mask"].to(self.device),
-            "guidance_scale": guidance,
-            "max_new_tokens": max_new_tokens,
-            "sampling": Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
-                                 top_k=int(params.get("top_k") or 0), seed=int(request.seed)),
-            "generate_kwargs": {},
-            "decoder": None,
-            "_extra": {},
-        }
+        return DecodingPlan(
+            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device),
+            guidance_scale=guidance, max_new_tokens=max_new_tokens, seed=int(request.seed),
+            sampling=Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
+                              top_k=int(params.get("top_k") or 0), seed=int(request.seed)),
+        )
 
-    def generate(self, call: dict[str, Any], timer: StageTimer, progress: ProgressFn | None) -> tuple[np.ndarray, int]:
-        total = call["max_new_tokens"] + 1
+    def generate(self, plan: DecodingPlan, timer: StageTimer, progress: ProgressFn | None) -> tuple[np.ndarray, int]:
+        total = plan.max_new_tokens + 1
 
         def on_progress(length: int) -> bool:
             if progress is not None:
@@ -122,28 +118,28 @@ class CodecLMBackend(DraftingBackend):
 
         start = time.perf_counter()
         with torch.inference_mode():
-            if call["decoder"] is None:
-                codes = self._hf_generate(call, on_progress)
+            if plan.decoder is None:
+                codes = self._hf_generate(plan, on_progress)
             else:
-                codes = call["decoder"](self, call, on_progress)
+                codes = plan.decoder(self, plan, on_progress)
             timer.seconds["generate"] += time.perf_counter() - start
             with timer.stage("codec"):
                 audio = self.decode_codes(codes)
         wave = audio[0].float().cpu().numpy()
         wave = wave[0] if wave.shape[0] == 1 else wave.T  # mono -> (n,), stereo -> (n, 2)
-        call["_extra"].update(frames=int(codes.shape[-1]), positions=call["max_new_tokens"],
+        plan.extra.update(frames=int(codes.shape[-1]), positions=plan.max_new_tokens,
                               audio_seconds=round(wave.shape[0] / self.sample_rate, 3),
                               output_codes=codes[0, 0].tolist())
         return np.ascontiguousarray(wave, dtype=np.float32), self.sample_rate
 
-    def session(self, model: Any, call: dict[str, Any]) -> CodecSession:
-        """A decoding session for ``model`` (the target or a draft) on this call's prompt."""
-        return CodecSession(model, call["input_ids"], call["attention_mask"], call["guidance_scale"],
-                            max_length=call["max_new_tokens"] + 1)
+    def session(self, model: Any, plan: DecodingPlan) -> CodecSession:
+        """A decoding session for ``model`` (the target or a draft) on this plan's prompt."""
+        return CodecSession(model, plan.input_ids, plan.attention_mask, plan.guidance_scale,
+                            max_length=plan.max_new_tokens + 1)
 
-    def plain_codes(self, call: dict[str, Any]) -> torch.Tensor:
+    def plain_codes(self, plan: DecodingPlan) -> torch.Tensor:
         """Greedy codes from our own loop (what the fast loops are checked against)."""
-        session = self.session(self.model, call)
+        session = self.session(self.model, plan)
         return session.codes(greedy_loop(session))
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -172,16 +168,16 @@ class CodecLMBackend(DraftingBackend):
         finally:
             del codec.decode
 
-    def _hf_generate(self, call: dict[str, Any], on_progress=None) -> torch.Tensor:
+    def _hf_generate(self, plan: DecodingPlan, on_progress=None) -> torch.Tensor:
         from transformers import GenerationConfig
 
-        sampling: Sampling = call["sampling"]
-        kwargs = dict(call["generate_kwargs"])
+        sampling: Sampling = plan.sampling
+        kwargs = dict(plan.kwargs)
         probe = GenerationConfig()
         settings = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(probe, k)}
         gen = self.model.generation_config
         config = GenerationConfig(
-            max_new_tokens=call["max_new_tokens"], do_sample=sampling.do_sample, guidance_scale=call["guidance_scale"],
+            max_new_tokens=plan.max_new_tokens, do_sample=sampling.do_sample, guidance_scale=plan.guidance_scale,
             decoder_start_token_id=gen.decoder_start_token_id, pad_token_id=gen.pad_token_id,
             bos_token_id=gen.bos_token_id, **settings,
         )
@@ -189,7 +185,7 @@ class CodecLMBackend(DraftingBackend):
             config.temperature, config.top_k = sampling.temperature, sampling.top_k or None
             torch.manual_seed(sampling.seed)
         # MusicGen's generate streams only the start column: count decoder forwards instead
-        length, total = [1], call["max_new_tokens"] + 1
+        length, total = [1], plan.max_new_tokens + 1
 
         def step(*_args) -> None:
             length[0] += 1
@@ -199,7 +195,7 @@ class CodecLMBackend(DraftingBackend):
         handle = self.model.decoder.register_forward_pre_hook(step)
         try:
             with self._codes_from_generate() as captured:
-                self.model.generate(input_ids=call["input_ids"], attention_mask=call["attention_mask"],
+                self.model.generate(input_ids=plan.input_ids, attention_mask=plan.attention_mask,
                                     generation_config=config, **kwargs)
         finally:
             handle.remove()

@@ -9,6 +9,7 @@ import torch
 
 from backends.base import Backend, ProgressFn, module_bytes
 from backends.params import default
+from backends.plan import DiffusionPlan, Guidance, tracking_branches
 from backends.timing import StageTimer, timed_method
 from backends.types import Request
 
@@ -100,48 +101,52 @@ class DiffusionBackend(Backend):
             kwargs["negative_prompt"] = negative_prompt or None
         return kwargs
 
-    def cfg_passes(self, call: dict[str, Any]) -> int:
-        """Denoiser passes per step the guidance costs (2 with CFG, 1 without)."""
-        if "true_cfg_scale" in call:
-            return 2 if call["true_cfg_scale"] > 1 else 1
-        return 2 if call.get("guidance_scale", 0) > 1 and not self.uses_embedded_guidance else 1
+    def guidance_plan(self, kwargs: dict[str, Any]) -> Guidance:
+        """How many denoiser passes per step the guidance costs (2 with CFG, 1 without),
+        and whether they run as one batch or as separate, branch-marked calls."""
+        if "true_cfg_scale" in kwargs:
+            scale = float(kwargs["true_cfg_scale"])
+            passes = 2 if scale > 1 else 1
+        else:
+            scale = float(kwargs.get("guidance_scale", 0))
+            passes = 2 if scale > 1 and not self.uses_embedded_guidance else 1
+        return Guidance(scale=scale, passes=passes, batched=self.cfg_batched)
 
-    def base_call(self, request: Request) -> dict[str, Any]:
+    def base_plan(self, request: Request) -> DiffusionPlan:
         params = request.params
-        call: dict[str, Any] = {
-            "prompt": request.prompt,
-            "num_inference_steps": int(params.get("steps", default(self.modality, "steps"))),
-            "generator": seeded_generator(request.seed),
-            "_callbacks": [],
-            "_extra": {},
-        }
-        call.update(self.guidance_kwargs(float(params.get("guidance", default(self.modality, "guidance"))),
-                                         request.negative_prompt))
+        kwargs: dict[str, Any] = {"prompt": request.prompt, "generator": seeded_generator(request.seed)}
+        kwargs.update(self.guidance_kwargs(float(params.get("guidance", default(self.modality, "guidance"))),
+                                           request.negative_prompt))
         tokenizer = getattr(self.pipe, "tokenizer_2", None)
         if "max_sequence_length" in self.call_params and tokenizer is not None:
-            call["max_sequence_length"] = min(512, int(getattr(tokenizer, "model_max_length", 512)))
-        return call
+            kwargs["max_sequence_length"] = min(512, int(getattr(tokenizer, "model_max_length", 512)))
+        return DiffusionPlan(kwargs=kwargs, steps=int(params.get("steps", default(self.modality, "steps"))),
+                             guidance=self.guidance_plan(kwargs))
 
-    def generate(self, call: dict[str, Any], timer: StageTimer, progress: ProgressFn | None) -> Any:
-        call = dict(call)
-        callbacks = call.pop("_callbacks", [])
-        call.pop("_extra", None)
-        steps = call["num_inference_steps"]
+    def pipeline_kwargs(self, plan: DiffusionPlan, progress: ProgressFn | None = None) -> dict[str, Any]:
+        """The pipeline call of ``plan``: its kwargs, the step count and one step-end
+        callback running the plan's callbacks in order, then the progress report."""
+        kwargs = {**plan.kwargs, "num_inference_steps": plan.steps}
+        callbacks, steps = list(plan.callbacks), plan.steps
         tensor_inputs = sorted({name for cb in callbacks for name in getattr(cb, "tensor_inputs", ())})
 
-        def on_step_end(pipe, step, timestep, kwargs):
+        def on_step_end(pipe, step, timestep, tensors):
             out: dict[str, Any] = {}
             for cb in callbacks:
-                out.update(cb(pipe, step, timestep, {**kwargs, **out}) or {})
+                out.update(cb(pipe, step, timestep, {**tensors, **out}) or {})
             if progress is not None:
                 progress(step + 1, steps, "denoise")
             return out
 
         if callbacks or progress is not None:
-            call["callback_on_step_end"] = on_step_end
-            call["callback_on_step_end_tensor_inputs"] = tensor_inputs
-        with self._timed_stages(timer):
-            output = self.pipe(**call)
+            kwargs["callback_on_step_end"] = on_step_end
+            kwargs["callback_on_step_end_tensor_inputs"] = tensor_inputs
+        return kwargs
+
+    def generate(self, plan: DiffusionPlan, timer: StageTimer, progress: ProgressFn | None) -> Any:
+        kwargs = self.pipeline_kwargs(plan, progress)
+        with self._timed_stages(timer), tracking_branches(self.denoiser, plan.guidance):
+            output = self.pipe(**kwargs)
         timer.seconds["denoise"] = max(
             0.0, timer.seconds["total_pipe"] - timer.seconds.get("encode", 0.0) - timer.seconds.get("decode", 0.0)
         )
@@ -182,13 +187,13 @@ class ImageBackend(DiffusionBackend):
         sample = getattr(pipe, "default_sample_size", 64)
         return sample * scale, sample * scale
 
-    def build_call(self, request: Request) -> dict[str, Any]:
-        call = self.base_call(request)
+    def build_plan(self, request: Request) -> DiffusionPlan:
+        plan = self.base_plan(request)
         default_h, default_w = self.default_size()
-        call["height"] = int(request.params.get("height") or default_h)
-        call["width"] = int(request.params.get("width") or default_w)
-        call["output_type"] = "pil"
-        return call
+        plan.kwargs["height"] = int(request.params.get("height") or default_h)
+        plan.kwargs["width"] = int(request.params.get("width") or default_w)
+        plan.kwargs["output_type"] = "pil"
+        return plan
 
     def extract_output(self, output: Any) -> Any:
         return output.images[0]

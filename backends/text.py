@@ -2,10 +2,10 @@
 
 The decoding seam
 -----------------
-``build_call`` turns a request into a plain dict, and acceleration methods edit that
-dict in ``prepare_call``. Two keys decide how tokens are produced:
+``build_plan`` turns a request into a ``DecodingPlan`` (``backends/plan.py``) that the
+methods edit when they attach. Two fields decide how tokens are produced:
 
-``generate_kwargs``
+``kwargs``
     Keyword arguments for transformers' ``model.generate`` on top of a fresh
     ``GenerationConfig`` (so a model's own generation_config.json never changes what
     "plain greedy" means). Library-backed methods only add keys here:
@@ -40,6 +40,7 @@ from backends.accel._decoding import DecodeState, Sampling
 from backends.base import DraftingBackend, ProgressFn
 from backends.catalog import find_bundled
 from backends.params import default
+from backends.plan import DecodingPlan
 from backends.timing import StageTimer
 from backends.types import Request, ValidationError
 
@@ -128,7 +129,7 @@ class TextBackend(DraftingBackend):
             raise ValidationError("the prompt encodes to no tokens")
         return ids.to(self.device)
 
-    def build_call(self, request: Request) -> dict[str, Any]:
+    def build_plan(self, request: Request) -> DecodingPlan:
         params = request.params
         max_new_tokens = int(params.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         temperature = float(params.get("temperature") or 0.0)
@@ -146,35 +147,27 @@ class TextBackend(DraftingBackend):
         generate_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
         if do_sample:
             generate_kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-        return {
-            "input_ids": input_ids,
-            "max_new_tokens": max_new_tokens,
-            "sampling": sampling,
-            "eos_token_ids": eos,
-            "pad_token_id": pad,
-            "generate_kwargs": generate_kwargs,
-            "decoder": None,
-            "_extra": {},
-        }
+        return DecodingPlan(kwargs=generate_kwargs, seed=int(request.seed), input_ids=input_ids,
+                            max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos, pad_token_id=pad)
 
-    def generate(self, call: dict[str, Any], timer: StageTimer, progress: ProgressFn | None) -> str:
-        input_ids = call["input_ids"]
-        max_new = call["max_new_tokens"]
+    def generate(self, plan: DecodingPlan, timer: StageTimer, progress: ProgressFn | None) -> str:
+        input_ids = plan.input_ids
+        max_new = plan.max_new_tokens
 
         def on_tokens(tokens: list[int]) -> None:
             if progress is not None:
                 progress(len(tokens), max_new, self.tokenizer.decode(tokens, skip_special_tokens=True))
 
-        state = DecodeState(max_new, set(call["eos_token_ids"]), call["sampling"], on_tokens)
+        state = DecodeState(max_new, set(plan.eos_token_ids), plan.sampling, on_tokens)
         forwards = [0]
         handle = self.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
         try:
             with torch.inference_mode():
                 state.start = time.perf_counter()
-                if call["decoder"] is None:
-                    tokens = self._hf_generate(call, state)
+                if plan.decoder is None:
+                    tokens = self._hf_generate(plan, state)
                 else:
-                    call["decoder"](self, input_ids, state)
+                    plan.decoder(self, input_ids, state)
                     tokens = state.tokens
                 end = time.perf_counter()
         finally:
@@ -183,8 +176,7 @@ class TextBackend(DraftingBackend):
         timer.seconds["prefill"] += ttft
         timer.seconds["decode"] += end - state.start - ttft
         n = len(tokens)
-        extra = call["_extra"]
-        extra.update(
+        plan.extra.update(
             prompt_tokens=int(input_ids.shape[-1]),
             tokens_generated=n,
             output_token_ids=tokens,
@@ -195,23 +187,23 @@ class TextBackend(DraftingBackend):
         )
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _hf_generate(self, call: dict[str, Any], state: DecodeState) -> list[int]:
+    def _hf_generate(self, plan: DecodingPlan, state: DecodeState) -> list[int]:
         from transformers import GenerationConfig
 
-        input_ids = call["input_ids"]
-        kwargs = dict(call["generate_kwargs"])
+        input_ids = plan.input_ids
+        kwargs = dict(plan.kwargs)
         probe = GenerationConfig()
         # generation settings go into a fresh config (the model's generation_config.json must
         # not change what plain greedy means); objects (assistant_model, tokenizers) stay kwargs
         settings = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(probe, k)}
         config = GenerationConfig(
-            eos_token_id=call["eos_token_ids"] or None,
-            pad_token_id=call["pad_token_id"],
+            eos_token_id=plan.eos_token_ids or None,
+            pad_token_id=plan.pad_token_id,
             bos_token_id=getattr(self.model.generation_config, "bos_token_id", None),
             **settings,
         )
         if config.do_sample:
-            torch.manual_seed(call["sampling"].seed)  # generate samples from the global RNG
+            torch.manual_seed(plan.sampling.seed)  # generate samples from the global RNG
         out = self.model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),

@@ -17,6 +17,7 @@ import torch
 from backends.base import Backend, ProgressFn, module_bytes
 from backends.catalog import local_model_type
 from backends.timing import StageTimer
+from backends.plan import RunPlan
 from backends.types import Request
 
 TTS_TYPES = ("vits", "bark", "speecht5", "fastspeech2_conformer", "seamless_m4t", "seamless_m4t_v2")
@@ -66,16 +67,16 @@ class TTSBackend(Backend):
             info.update(arch=type(self.pipe.model).__name__, sample_rate=self.pipe.sampling_rate)
         return info
 
-    def build_call(self, request: Request) -> dict[str, Any]:
-        return {"text": request.prompt, "seed": int(request.seed), "forward_params": {}, "_extra": {}}
+    def build_plan(self, request: Request) -> RunPlan:
+        return RunPlan(kwargs={"text_inputs": request.prompt}, seed=int(request.seed))
 
-    def generate(self, call: dict[str, Any], timer: StageTimer, progress: ProgressFn | None) -> tuple[np.ndarray, int]:
-        torch.manual_seed(call["seed"])  # VITS samples its durations and noise from the global RNG
+    def generate(self, plan: RunPlan, timer: StageTimer, progress: ProgressFn | None) -> tuple[np.ndarray, int]:
+        torch.manual_seed(plan.seed)  # VITS samples its durations and noise from the global RNG
         with timer.stage("synthesis"), torch.inference_mode():
-            out = self.pipe(call["text"], forward_params=call["forward_params"] or None)
+            out = self.pipe(**plan.kwargs)
         if progress is not None:
             progress(1, 1, "synthesis")
         audio = np.asarray(out["audio"], dtype=np.float32)
         audio = audio[0] if audio.ndim == 2 and audio.shape[0] == 1 else (audio.T if audio.ndim == 2 else audio)
-        call["_extra"]["audio_seconds"] = round(audio.shape[0] / out["sampling_rate"], 3)
+        plan.extra["audio_seconds"] = round(audio.shape[0] / out["sampling_rate"], 3)
         return np.ascontiguousarray(audio), int(out["sampling_rate"])

@@ -43,6 +43,9 @@ class MethodChoice:
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    # the method's validated ``*Config``, set where the request is validated, so a run
+    # builds the method from it instead of checking the same parameters again
+    config: Any = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params)}

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from backends.image import DiffusionBackend
+from backends.plan import DiffusionPlan
 from backends.types import Request
 
 
@@ -30,13 +31,13 @@ class VideoBackend(DiffusionBackend):
             return cls(model_id, pipe.to(device), device, dtype)
         return super().from_pretrained(model_id, source, device, dtype)
 
-    def build_call(self, request: Request) -> dict[str, Any]:
-        call = self.base_call(request)
+    def build_plan(self, request: Request) -> DiffusionPlan:
+        plan = self.base_plan(request)
         for key, arg in (("height", "height"), ("width", "width"), ("frames", "num_frames")):
             if request.params.get(key) and arg in self.call_params:
-                call[arg] = int(request.params[key])
-        call["output_type"] = "pil"
-        return call
+                plan.kwargs[arg] = int(request.params[key])
+        plan.kwargs["output_type"] = "pil"
+        return plan
 
     def extract_output(self, output: Any) -> list:
         frames = output.frames[0]

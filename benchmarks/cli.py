@@ -158,8 +158,8 @@ def codec_figures(results, baseline) -> dict[str, Any]:
 def codec_forward_ms(backend, model, context: int = 100, new_positions: int = 1, repeats: int = 20) -> float:
     """Median cost of one codec-LM forward of ``new_positions`` positions (with CFG, as
     decoding runs it) on a ``context``-position cache, rewound after every timed forward."""
-    call = backend.build_call(Request("audio", backend.model_id, "a calm piano melody", seed=0, params={"seconds": 1.0}))
-    call["max_new_tokens"] = context + new_positions + 8
+    call = backend.build_plan(Request("audio", backend.model_id, "a calm piano melody", seed=0, params={"seconds": 1.0}))
+    call.max_new_tokens = context + new_positions + 8
     vocab, k = model.decoder.config.vocab_size, model.decoder.num_codebooks
     gen = torch.Generator().manual_seed(0)
     session = backend.session(model, call)
@@ -291,8 +291,7 @@ def studio_overhead(manager: BackendManager, model: str, prompts: list[str], par
             d = s = 0.0
             for i, prompt in enumerate(prompts):
                 request = Request("image", model, prompt, seed=seed + i, params=params)
-                call = backend.build_call(request)
-                call.pop("_callbacks"), call.pop("_extra")
+                call = backend.pipeline_kwargs(backend.build_plan(request))
                 start = time.perf_counter()
                 backend.pipe(**call)
                 d += time.perf_counter() - start

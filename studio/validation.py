@@ -241,7 +241,8 @@ def validate_methods(modality: str, methods: Any) -> list[MethodChoice]:
             raise ValidationError(f"method '{spec.name}' does not apply to {modality} generation")
         check_combinable(spec, [registry[earlier.name].spec for earlier in out])
         params = check_method_params(spec, choice.params)
-        out.append(MethodChoice(spec.name, spec.validate(params)))
+        values = spec.validate(params)
+        out.append(MethodChoice(spec.name, values, config=spec.build(values)))
     return out
 
 

@@ -274,9 +274,13 @@ def test_compile_inductor_is_lossless_and_reversible():
     assert diff.max() <= 1
 
 
-def test_step_count_changed_by_a_later_method_is_reported(flux):
+def test_the_sampler_sets_the_step_count_before_other_methods_read_it(flux):
+    """The sampler attaches first whatever the listed order (main configured mag_cache for
+    the request's steps and warned "list the sampler before mag_cache")."""
     result = flux.run(make_request(flux, [("mag_cache", {}), ("sampler", {"steps": 4})]))
-    assert any("list the sampler before mag_cache" in note for note in result.notes), result.notes
+    assert not any("configured for" in note for note in result.notes), result.notes
+    other_order = flux.run(make_request(flux, [("sampler", {"steps": 4}), ("mag_cache", {})]))
+    assert np.array_equal(pixels(result), pixels(other_order))
     teacache_last = flux.run(make_request(flux, [("teacache", {"threshold": 2.0}), ("sampler", {"steps": 4})]))
     stats = teacache_last.method_stats["teacache"]
     assert stats["computed_steps"] == 2 and stats["skipped_steps"] == 2  # first and (real) last step computed
@@ -314,3 +318,32 @@ def test_guidance_methods_on_a_pipeline_with_separate_cfg_passes():
     assert any("separate passes" in n for n in cached.notes)
     again = backend.run(request)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base.output, again.output))
+
+
+@pytest.mark.parametrize("order", [("cond", "uncond"), ("uncond", "cond"), ("cond", "uncond", "cond")],
+                         ids=["cond-first", "uncond-first", "extra-cond-call"])
+def test_cfg_truncation_follows_the_branch_the_plan_names(order):
+    """Separate CFG passes in any order: after the cut, an unconditional pass is answered with
+    the same step's conditional output, never another step's or another branch's (main
+    counted calls and assumed cond, uncond alternate)."""
+    from backends.accel.cfg_truncation import CFGTruncationHandle
+    from backends.plan import DiffusionPlan, Guidance
+
+    plan = DiffusionPlan(steps=4, guidance=Guidance(scale=4.0, passes=2, batched=False))
+    handle = CFGTruncationHandle(plan, cut=2, fraction=0.5)
+    ran = []
+    forward = handle.reuse_cond(lambda x: ran.append(x) or x)
+    answers = {}
+    for step in range(4):
+        handle.on_step(step)
+        for i, branch in enumerate(order):
+            plan.guidance.branch = branch
+            answers[step, branch, i] = forward(f"{branch}{step}.{i}")
+    for (step, branch, i), answer in answers.items():
+        if branch == "cond" or step < 2 or order[0] == "uncond":
+            assert answer == f"{branch}{step}.{i}"  # computed
+        else:
+            last_cond = max(j for j, b in enumerate(order[:i]) if b == "cond")
+            assert answer == f"cond{step}.{last_cond}"  # this step's conditional output
+    expected_skips = 0 if order[0] == "uncond" else 2
+    assert handle.skipped_evals() == expected_skips == 8 + 4 * (len(order) - 2) - len(ran)

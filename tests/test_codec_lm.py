@@ -28,37 +28,37 @@ def request(prompt: str, seconds: float = 0.05, methods=(), **params) -> Request
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_own_greedy_loop_matches_transformers_generate(codec, prompt):
-    call = codec.build_call(request(prompt))
+    plan = codec.build_plan(request(prompt))
     with torch.inference_mode():
-        reference = codec._hf_generate(call)
-        ours = codec.plain_codes(call)
+        reference = codec._hf_generate(plan)
+        ours = codec.plain_codes(plan)
     assert reference.shape == ours.shape == (1, 1, 4, 25)  # 0.05 s at 500 frames/s
     assert torch.equal(reference, ours)
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 7])
 def test_speculative_loop_is_exact_and_saves_forwards_with_a_good_draft(codec, gamma):
-    call = codec.build_call(request(PROMPTS[0], seconds=0.08))
+    plan = codec.build_plan(request(PROMPTS[0], seconds=0.08))
     with torch.inference_mode():
-        expected = codec.plain_codes(call)
+        expected = codec.plain_codes(plan)
         # the paired random draft: nothing is accepted, the output must still be exact
-        target, draft = codec.session(codec.model, call), codec.session(codec.drafts["dummy-musicgen-draft"][0], call)
+        target, draft = codec.session(codec.model, plan), codec.session(codec.drafts["dummy-musicgen-draft"][0], plan)
         columns, stats = speculative_loop(target, draft, gamma)
         assert torch.equal(target.codes(columns), expected)
         assert stats["accepted_positions"] < stats["proposed_positions"]
         # the target as its own draft: every proposal is accepted, ~gamma+1 positions per forward
-        target, same = codec.session(codec.model, call), codec.session(codec.model, call)
+        target, same = codec.session(codec.model, plan), codec.session(codec.model, plan)
         columns, stats = speculative_loop(target, same, gamma)
     assert torch.equal(target.codes(columns), expected)
     assert stats["accepted_positions"] == stats["proposed_positions"] > 0
-    positions = call["max_new_tokens"]
+    positions = plan.max_new_tokens
     assert target.forwards == pytest.approx(positions / (gamma + 1), abs=1)
 
 
 def test_delay_pattern_forces_the_staggered_start(codec):
-    call = codec.build_call(request(PROMPTS[1]))
+    plan = codec.build_plan(request(PROMPTS[1]))
     with torch.inference_mode():
-        session = CodecSession(codec.model, call["input_ids"], call["attention_mask"], 3.0, call["max_new_tokens"] + 1)
+        session = CodecSession(codec.model, plan.input_ids, plan.attention_mask, 3.0, plan.max_new_tokens + 1)
         columns = greedy_loop(session)
     seq = torch.stack(columns, dim=1)
     for k in range(4):  # codebook k starts k positions late and ends K-1-k early
@@ -133,15 +133,15 @@ def test_text_to_speech_model_through_the_studio(studio_factory, tmp_path):
 def test_prompt_lookup_over_codes_is_exact_and_accepts_on_repetitive_audio(codec):
     from backends.accel._codec_decoding import ngram_proposer, verify_loop
 
-    call = codec.build_call(request(PROMPTS[1], seconds=0.2))  # 100 frames
+    plan = codec.build_plan(request(PROMPTS[1], seconds=0.2))  # 100 frames
     with torch.inference_mode():
-        expected = codec.plain_codes(call)
+        expected = codec.plain_codes(plan)
         for n in (1, 3):
-            target = codec.session(codec.model, call)
+            target = codec.session(codec.model, plan)
             columns, stats = verify_loop(target, ngram_proposer(target, n), 6)
             assert torch.equal(target.codes(columns), expected)
     # even a random tiny codec LM repeats a few columns: the lookup must find and accept some
-    assert stats["accepted_positions"] > 0 and target.forwards < call["max_new_tokens"]
+    assert stats["accepted_positions"] > 0 and target.forwards < plan.max_new_tokens
     result = codec.run(request(PROMPTS[1], seconds=0.2, methods=[("prompt_lookup", {"num_tokens": 6})]))
     assert result.extra["output_codes"] == expected[0, 0].tolist()
     assert result.method_stats["prompt_lookup"]["positions_per_target_forward"] > 1.0
@@ -150,5 +150,5 @@ def test_prompt_lookup_over_codes_is_exact_and_accepts_on_repetitive_audio(codec
 def test_progress_is_reported_per_position(codec):
     seen = []
     codec.run(request(PROMPTS[0]), progress=lambda done, total, stage: seen.append((done, total, stage)))
-    call = codec.build_call(request(PROMPTS[0]))
-    assert seen and seen[-1][0] == seen[-1][1] == call["max_new_tokens"] + 1 and seen[-1][2] == "decode"
+    plan = codec.build_plan(request(PROMPTS[0]))
+    assert seen and seen[-1][0] == seen[-1][1] == plan.max_new_tokens + 1 and seen[-1][2] == "decode"

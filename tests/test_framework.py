@@ -199,3 +199,48 @@ def test_a_method_failing_mid_apply_still_unwinds(sd):
     with pytest.raises(ValidationError):
         sd.run(request.replace(methods=[MethodChoice("cfg_truncation"), MethodChoice("deepcache", {"branch": 3})]))
     assert np.array_equal(before, np.asarray(sd.run(request).output))
+
+
+def test_method_parameters_are_validated_once_per_request(sd, monkeypatch):
+    """validate_request checks a method's parameters and builds its Config; the run uses
+    that Config instead of validating the same parameters again (main validated them twice)."""
+    from studio.validation import validate_request
+
+    calls = []
+    original = MethodSpec.validate
+
+    def counting(spec, params):
+        calls.append(spec.name)
+        return original(spec, params)
+
+    monkeypatch.setattr(MethodSpec, "validate", counting)
+    request = validate_request(Request("image", sd.model_id, "a red circle", seed=0, params={"steps": 3},
+                                       methods=[MethodChoice("deepcache", {"interval": 2})]))
+    result = sd.run(request)
+    assert calls == ["deepcache"]
+    assert result.method_stats["deepcache"]["shallow_steps"] == 1
+
+
+def test_the_runner_removes_attached_methods_when_a_later_attach_fails(sd):
+    """A method whose attach fails leaves the model as it was: the ones attached before it
+    are removed, and the next run is the bit-identical baseline."""
+    request = Request("image", sd.model_id, "a red circle", seed=0, params={"steps": 3})
+    base = sd.run(request)
+    with pytest.raises(ValidationError):
+        sd.run(request.replace(methods=[MethodChoice("tome"), MethodChoice("deepcache", {"branch": 3})]))
+    assert "forward" not in vars(sd.denoiser)
+    assert np.array_equal(np.asarray(sd.run(request).output), np.asarray(base.output))
+
+
+def test_backend_base_imports_no_method_module():
+    """backends/base.py depends on the plan and runner only; the registry (which imports
+    every method module) is looked up when a run needs it."""
+    import ast
+    import inspect
+
+    import backends.base
+
+    tree = ast.parse(inspect.getsource(backends.base))
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    modules = [node.module if isinstance(node, ast.ImportFrom) else node.names[0].name for node in top_level]
+    assert not any(m and m.startswith("backends.accel") for m in modules), modules

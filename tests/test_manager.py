@@ -6,6 +6,7 @@ import torch
 
 from backends.base import Backend
 from backends.manager import BackendManager, pick_device
+from backends.plan import RunPlan
 from backends.types import ModelLoadError, Request
 
 
@@ -21,10 +22,10 @@ class FakeBackend(Backend):
     def memory_bytes(self):
         return self.size
 
-    def build_call(self, request):
-        return {"_extra": {}}
+    def build_plan(self, request):
+        return RunPlan()
 
-    def generate(self, call, timer, progress):
+    def generate(self, plan, timer, progress):
         self.log.append(("enter", self.model_id, threading.get_ident()))
         for step in range(3):
             time.sleep(0.01)

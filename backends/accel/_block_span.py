@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from backends.accel._eval_cost import EvalCostMeter
+from backends.accel._eval_cost import EvalCostMeter, cost_stats
+from backends.plan import RunHandle
 from backends.types import ValidationError
 
 SPAN_HEAD_HOOK = "fastgen_span_head"
@@ -231,6 +232,17 @@ def step_stats(calls: dict[str, list[bool]], whole_stack: bool = True) -> dict[s
         "branches": len(calls),
         "cache_hit_rate": round(skipped / total, 3) if total else 0.0,
     }
+
+
+def span_handle(plan: Any, cache: SpanCache, own_stats, notes, whole_stack: bool = True) -> RunHandle:
+    """The run handle of a span cache: step figures (``step_stats``) and the measured full vs
+    partial costs, then the method's own figures; removing it unhooks the span."""
+    def stats() -> dict[str, Any]:
+        return {**step_stats(cache.calls, whole_stack), **cost_stats(cache.costs), **own_stats()}
+
+    handle = RunHandle(plan, stats, notes, lambda: step_stats(cache.calls, whole_stack)["skipped_evals"])
+    handle.on_remove(cache.remove)
+    return handle
 
 
 def invalidate_registries(module: torch.nn.Module) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from backends.accel._decoding import crop_cache
+from backends.plan import DecodingPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -219,3 +220,15 @@ def speculative_loop(target: CodecSession, draft: CodecSession, gamma: int,
     """Speculative decoding with a draft codec LM (see ``verify_loop``)."""
     columns, stats = verify_loop(target, draft_proposer(target, draft), gamma, on_progress)
     return columns, dict(stats, draft_forwards=draft.forwards)
+
+
+class CodecHandle(RunHandle):
+    """One run of a codec-LM decoding loop: its stats are the loop's own figures."""
+
+    def __init__(self, plan: DecodingPlan, **extra_stats: Any):
+        super().__init__(plan)
+        self.codec_stats: dict[str, Any] = {}
+        self.extra_stats = extra_stats
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.codec_stats, **self.extra_stats}

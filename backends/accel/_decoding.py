@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from backends.plan import DecodingPlan, RunHandle
 from backends.types import ValidationError
 
 Decoder = Callable[[Any, torch.Tensor, "DecodeState"], None]
@@ -107,18 +108,26 @@ def accept_greedy(drafts: list[int], greedy: list[int]) -> list[int]:
     return accepted
 
 
-def require_greedy(call: dict[str, Any], method: str) -> None:
-    if call["sampling"].do_sample:
+def require_greedy(plan: DecodingPlan, method: str) -> None:
+    if plan.sampling.do_sample:
         raise ValidationError(
             f"{method} is implemented for greedy decoding only (temperature 0, do_sample off); "
             "it would not preserve the sampling distribution"
         )
 
 
-def set_decoder(call: dict[str, Any], decoder: Decoder, method: str) -> dict[str, Any]:
-    if call.get("decoder") is not None:
+def set_decoder(plan: DecodingPlan, decoder: Decoder, method: str) -> None:
+    if plan.decoder is not None:
         raise ValidationError(f"{method} replaces the decoding loop, and another method already did")
-    return {**call, "decoder": decoder}
+    plan.decoder = decoder
+
+
+class DecodingHandle(RunHandle):
+    """One run of a decoding method: the plan's token and forward counts (``decoding_stats``)
+    before the method's own figures."""
+
+    def stats(self) -> dict[str, Any]:
+        return {**decoding_stats(self.plan.extra), **super().stats()}
 
 
 def decoding_stats(extra: dict[str, Any]) -> dict[str, Any]:

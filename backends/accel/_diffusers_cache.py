@@ -3,7 +3,7 @@
 Each method file only says which ``*Config`` it builds from its parameters; this module
 does the rest, identically for all of them:
 
-- ``prepare_call`` enables the cache (configs may need the step count of the call);
+- ``attach`` enables the cache (configs may need the plan's step count); the handle's
   ``remove`` disables it and takes off what diffusers leaves behind (the bound class
   ``forward`` stored back as an instance attribute, empty hook registries), so the model
   is exactly as before;
@@ -26,6 +26,7 @@ import torch
 from backends.accel._block_span import invalidate_registries, restore_forward
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel.base import Method
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -132,9 +133,9 @@ def _branch_swapper(hooks: list[Any]):
 
 
 class DiffusersCacheMethod(Method):
-    """Subclasses set ``spec`` and implement ``make_config(backend, call)``; set
-    ``per_branch_hooks`` to the diffusers hook names whose single ``state`` must be kept
-    per CFG branch."""
+    """Subclasses set ``spec`` and implement ``make_config(backend, plan)`` (and optionally
+    ``notes(backend, plan)``, the warnings); set ``per_branch_hooks`` to the diffusers hook
+    names whose single ``state`` must be kept per CFG branch."""
 
     per_branch_hooks: ClassVar[tuple[str, ...]] = ()
     # True when the cache answers whole denoiser calls (MagCache, FirstBlockCache past the
@@ -142,83 +143,85 @@ class DiffusersCacheMethod(Method):
     # caches (PAB, FasterCache, TaylorSeer) still run the feed-forwards of every block.
     skips_whole_calls: ClassVar[bool] = False
 
-    def make_config(self, backend, call: dict[str, Any]) -> Any:
+    def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]) -> Any:
+        """The diffusers cache config for this run; ``stats``: figures of the run so far
+        (a calibration...), reported with the handle's stats."""
         raise NotImplementedError
 
-    def apply(self, backend) -> None:
-        self.denoiser = require_cache_support(backend, self.spec.name)
-        self.enabled = False
-        self.counter = AttentionCounter(self.denoiser)
+    def notes(self, backend, plan: DiffusionPlan) -> list[str]:
+        return []
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        if self.enabled:
-            return call
-        self.configured_steps = call.get("num_inference_steps")
-        config = self.make_config(backend, call)  # may run a calibration pass: not this run's work
+    def whole_call_skips(self) -> bool:
+        return self.skips_whole_calls
+
+    def attach(self, backend, plan: DiffusionPlan) -> "DiffusersCacheHandle":
+        handle = DiffusersCacheHandle(self, backend, plan)
+        with handle.undo_on_error():
+            handle.enable()
+        return handle
+
+
+class DiffusersCacheHandle(RunHandle):
+    """One run of a diffusers cache: enabled at attach, disabled (and every trace of it
+    taken off) at remove; counts what the attention modules computed meanwhile."""
+
+    def __init__(self, method: DiffusersCacheMethod, backend, plan: DiffusionPlan):
+        super().__init__(plan)
+        self.method, self.backend = method, backend
+        self.denoiser = require_cache_support(backend, method.spec.name)
+        self.counter = AttentionCounter(self.denoiser)
+        self.on_remove(self.counter.remove)
+        self.run_stats: dict[str, Any] = {}
+
+    def enable(self) -> None:
+        config = self.method.make_config(self.backend, self.plan, self.run_stats)  # may calibrate: not timed
         self.counter.reset()
-        modules = list(self.denoiser.modules())
-        self._before = [(m, vars(m).get("forward"), hasattr(m, "_diffusers_hook")) for m in modules]
+        before = [(m, vars(m).get("forward"), hasattr(m, "_diffusers_hook")) for m in self.denoiser.modules()]
         self.denoiser.enable_cache(config)
-        self.enabled = True
+        self.on_remove(self._disable, before)
         self._keep_branches_apart()
-        return call
 
     def _keep_branches_apart(self) -> None:
-        if not self.per_branch_hooks:
+        if not self.method.per_branch_hooks:
             return
         hooks = []
         for module in self.denoiser.modules():
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None:
-                hooks += [h for name, h in registry.hooks.items() if name in self.per_branch_hooks]
+                hooks += [h for name, h in registry.hooks.items() if name in self.method.per_branch_hooks]
         if hooks:
             # _set_cache_context hands the context to every StateManager attribute of a
             # stateful hook; riding on the first hook is enough to see every switch.
             hooks[0]._fastgen_branches = _branch_swapper(hooks)
 
-    def remove(self, backend) -> None:
-        self.counter.remove()
-        if not self.enabled:
-            return
+    def _disable(self, before) -> None:
         self.denoiser.disable_cache()
-        self.enabled = False
-        for module, forward, had_registry in self._before:
+        for module, forward, had_registry in before:
             restore_forward(module, forward)
             registry = getattr(module, "_diffusers_hook", None)
             if not had_registry and registry is not None and not registry.hooks:
                 del module._diffusers_hook
         invalidate_registries(self.denoiser)
 
-    def step_mismatch(self, call: dict[str, Any]) -> list[str]:
-        """Configs built from the step count go stale if a later method changes it."""
-        steps = call.get("num_inference_steps")
-        configured = getattr(self, "configured_steps", steps)
-        if configured != steps:
-            return [f"{self.spec.name} was configured for {configured} steps but the run has {steps}: "
-                    f"list the sampler before {self.spec.name}"]
-        return []
-
-    def whole_call_skips(self) -> bool:
-        return self.skips_whole_calls
+    def skipped_evals(self) -> int:
+        return self.counter.stats()["skipped_calls"] if self.method.whole_call_skips() else 0
 
     def stats(self) -> dict[str, Any]:
-        counter = getattr(self, "counter", None)
-        if counter is None:
-            return {}
-        stats = counter.stats()
-        stats["skipped_evals"] = stats["skipped_calls"] if self.whole_call_skips() else 0
-        return stats
+        return {**self.counter.stats(), "skipped_evals": self.skipped_evals(), **self.run_stats}
 
-    @staticmethod
-    def current_timestep(backend):
-        """For configs that need ``current_timestep_callback``: the pipeline's timestep now
-        (0-1000 scale), or a value outside every skip range when the pipeline has none."""
-        pipe = backend.pipe
+    def warnings(self) -> list[str]:
+        return self.method.notes(self.backend, self.plan)
 
-        def current() -> float:
-            t = getattr(pipe, "current_timestep", None)
-            if t is None:
-                return -1e9
-            return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
 
-        return current
+def current_timestep(backend):
+    """For configs that need ``current_timestep_callback``: the pipeline's timestep now
+    (0-1000 scale), or a value outside every skip range when the pipeline has none."""
+    pipe = backend.pipe
+
+    def current() -> float:
+        t = getattr(pipe, "current_timestep", None)
+        if t is None:
+            return -1e9
+        return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+
+    return current

@@ -47,9 +47,3 @@ class StepCallback:
         if self.on_step is not None:
             self.on_step(self.step)
         return {}
-
-
-def add_callback(call: dict[str, Any], callback: Any) -> dict[str, Any]:
-    call = dict(call)
-    call["_callbacks"] = [*call.get("_callbacks", []), callback]
-    return call

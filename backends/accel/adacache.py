@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel._eval_cost import cost_stats
+from backends.accel._block_span import SpanCache, block_lists, span_handle
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 # (relative change per step, steps to reuse the cache after a computed step), ascending:
@@ -148,40 +148,28 @@ class AdaCacheMethod(Method):
         slots=("dit-cache",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
         if not block_lists(denoiser):
             raise ValidationError(f"adacache found no transformer block list in {type(denoiser).__name__}")
-        self.denoiser = denoiser
-        self.calls: dict[str, list[bool]] = {}
-        self.cache = self.grid_hook = self.schedule = None
+        # the always-computed last step needs the plan's step count
+        cache, schedule, grid_hook = apply_adacache(denoiser, replace(self.config, num_steps=plan.steps),
+                                                    pipe=getattr(backend, "pipe", None))
+        handle = span_handle(plan, cache, lambda: self.schedule_stats(schedule), self.notes)
+        handle.on_remove(grid_hook.remove)
+        return handle
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        if self.cache is None:  # hooked here: the always-computed last step needs the step count
-            config = replace(self.config, num_steps=call["num_inference_steps"])
-            self.cache, self.schedule, self.grid_hook = apply_adacache(
-                self.denoiser, config, pipe=getattr(backend, "pipe", None))
-            self.calls, self.costs = self.cache.calls, self.cache.costs
-        return call
+    @staticmethod
+    def schedule_stats(schedule) -> dict[str, Any]:
+        return {
+            "reuse_plan": schedule.reuse_plan,
+            "mean_change_rate": round(sum(schedule.rates) / len(schedule.rates), 4) if schedule.rates else None,
+            "mean_motion": round(sum(schedule.motions) / len(schedule.motions), 4) if schedule.motions else None,
+            "frames": schedule.frames,
+        }
 
-    def remove(self, backend) -> None:
-        if self.cache is not None:
-            self.cache.remove()
-            self.grid_hook.remove()
-            self.cache = self.grid_hook = None
-
-    def stats(self) -> dict[str, Any]:
-        stats = {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
-        schedule = getattr(self, "schedule", None)
-        if schedule is not None:
-            stats["reuse_plan"] = schedule.reuse_plan
-            stats["mean_change_rate"] = round(sum(schedule.rates) / len(schedule.rates), 4) if schedule.rates else None
-            stats["mean_motion"] = round(sum(schedule.motions) / len(schedule.motions), 4) if schedule.motions else None
-            stats["frames"] = schedule.frames
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
-        steps = call["num_inference_steps"]
+    def notes(self, plan: DiffusionPlan) -> list[str]:
+        steps = plan.steps
         if steps <= self.config.warmup_steps + 2:
             return [f"adacache at {steps} steps: the warm-up, the first measurement and the last step are "
                     "always computed, so little or nothing can be reused"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
@@ -51,7 +52,7 @@ class AttentionBackendMethod(Method):
         slots=("attention",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
         name = self.config.backend
@@ -65,32 +66,22 @@ class AttentionBackendMethod(Method):
         if name in GPU_BACKENDS and backend.device.type != "cuda":
             raise ValidationError(f"attention backend '{name}' needs a CUDA GPU; this model runs on "
                                   f"{backend.device.type}. On CPU use one of {list(CPU_BACKENDS)}")
-        self._saved = ([(p, p._attention_backend) for p in processors], _AttentionBackendRegistry._active_backend)
+        handle = RunHandle(plan, lambda: {"backend": name, "processors": len(processors),
+                                          "lossless": name not in LOSSY_BACKENDS},
+                           lambda _plan: self.notes(backend))
+        # reset_attention_backend() would leave diffusers' global active backend changed:
+        # put back each processor's own choice and the global one.
+        handle.on_remove(_AttentionBackendRegistry.set_active_backend, _AttentionBackendRegistry._active_backend)
+        for processor in processors:
+            handle.on_remove(setattr, processor, "_attention_backend", processor._attention_backend)
         try:
             denoiser.set_attention_backend(name)
         except (RuntimeError, ValueError) as exc:
-            self.remove(backend)
+            handle.remove()
             raise ValidationError(f"attention backend '{name}' is not usable here: {exc}") from None
-        self.processors = len(processors)
+        return handle
 
-    def remove(self, backend) -> None:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        saved = getattr(self, "_saved", None)
-        if saved is None:
-            return
-        # reset_attention_backend() would leave diffusers' global active backend changed:
-        # put back each processor's own choice and the global one.
-        for processor, value in saved[0]:
-            processor._attention_backend = value
-        _AttentionBackendRegistry.set_active_backend(saved[1])
-        self._saved = None
-
-    def stats(self) -> dict[str, Any]:
-        return {"backend": self.config.backend, "processors": getattr(self, "processors", 0),
-                "lossless": self.config.backend not in LOSSY_BACKENDS}
-
-    def warnings(self, backend, call) -> list[str]:
+    def notes(self, backend) -> list[str]:
         if self.config.backend == "flex" and backend.device.type == "cpu":
             return ["FlexAttention without torch.compile materializes the full score matrix: "
                     "slower than native on CPU"]

@@ -1,8 +1,9 @@
 """The method framework: typed parameter configs, a registry, and reversible application.
 
-A method is a small object that patches a loaded backend in ``apply`` and restores it
-exactly in ``remove``. Backends apply the methods of a request around one run, so
-toggling a method never reloads the model and a run without methods is the baseline.
+A method attaches to a loaded backend and the run plan it built, once per run, and its
+handle restores the model exactly on ``remove``. Backends attach the methods of a request
+around one run, so toggling a method never reloads the model and a run without methods is
+the baseline.
 
 A method's parameters are one frozen ``*Config`` dataclass whose ``param(...)`` fields
 carry the default, range, choices, help and the paper's setting: the UI controls, the
@@ -12,13 +13,13 @@ definition. Methods that cannot run together share a ``slot`` ("dit-cache", "dec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Sequence, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, dataclass_transform
 
+from backends.plan import Handle, RunPlan
 from backends.types import MethodChoice, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,6 +150,10 @@ class MethodSpec:
                                   f"it takes {sorted(known) or 'none'}")
         return {p.name: p.coerce(params.get(p.name, p.default)) for p in self.params}
 
+    def build(self, values: dict[str, Any]) -> MethodConfig | None:
+        """The ``*Config`` of values ``validate`` returned."""
+        return self.config(**values) if self.config is not None else None
+
     def describe(self) -> dict[str, Any]:
         """Everything a listing or a doc page shows about the method, as JSON-ready data."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
@@ -165,34 +170,29 @@ def check_combinable(spec: MethodSpec, earlier: Iterable[MethodSpec]) -> None:
 
 
 class Method:
-    """Base class: subclasses set ``spec`` and override what they need.
+    """Base class: subclasses set ``spec`` and implement ``attach``.
 
-    ``apply``/``remove`` patch the backend's model; ``prepare_call`` edits the keyword
-    arguments of the generation call (scheduler, steps, generate kwargs); ``stats``
-    reports what the method did in the last run; ``warnings`` says when a setting makes
-    the method pointless for this request, so the UI can say so.
+    ``attach(backend, plan)`` runs once per generation, after the backend built its run
+    plan (``backends.plan``): it edits the plan and patches the model as needed, and
+    returns a ``Handle`` that holds this run's state, reports its ``stats``, ``warnings``
+    (when a setting makes the method pointless for this request) and ``skipped_evals``,
+    and undoes every patch in ``remove``. The method object itself keeps no run state.
     """
 
     spec: ClassVar[MethodSpec]
+    # attached before the others whatever the listed order: it edits what others read
+    # when they attach (the sampler: the scheduler and the step count)
+    attach_first: ClassVar[bool] = False
 
-    def __init__(self, **params: Any):
-        values = self.spec.validate(params)
-        self.config = self.spec.config(**values) if self.spec.config is not None else None
+    def __init__(self, config: MethodConfig | None = None, **params: Any):
+        if config is None:
+            config = self.spec.build(self.spec.validate(params))
+        elif not isinstance(config, self.spec.config or ()):
+            raise TypeError(f"method {self.spec.name!r} got a {type(config).__name__}")
+        self.config = config
 
-    def apply(self, backend: "Backend") -> None:
-        pass
-
-    def remove(self, backend: "Backend") -> None:
-        pass
-
-    def prepare_call(self, backend: "Backend", call: dict[str, Any]) -> dict[str, Any]:
-        return call
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    def warnings(self, backend: "Backend", call: dict[str, Any]) -> list[str]:
-        return []
+    def attach(self, backend: "Backend", plan: RunPlan) -> Handle:
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -241,22 +241,9 @@ def instantiate(choices: Sequence[MethodChoice], modality: str, family: str | No
             )
         check_combinable(spec, seen.values())
         seen[spec.name] = spec
-        methods.append(cls(**choice.params))
+        # a choice validated upstream carries its Config: not validated a second time
+        methods.append(cls(config=choice.config) if choice.config is not None else cls(**choice.params))
     return methods
-
-
-@contextlib.contextmanager
-def applied(backend: "Backend", methods: Sequence[Method]) -> Iterator[list[Method]]:
-    """Apply ``methods`` in order and remove them in reverse order, whatever happens."""
-    done: list[Method] = []
-    try:
-        for method in methods:
-            method.apply(backend)
-            done.append(method)
-        yield list(methods)
-    finally:
-        for method in reversed(done):
-            method.remove(backend)
 
 
 # Importing this module imports its package first, whose ``__init__`` imports every method

@@ -17,6 +17,7 @@ from typing import Any
 from backends.accel._block_span import SpanCache, block_lists, step_stats
 from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -70,34 +71,34 @@ class BlockCacheMethod(Method):
         slots=("dit-cache",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
-        self.total_blocks = len(block_lists(denoiser))
-        if not self.total_blocks:
+        total_blocks = len(block_lists(denoiser))
+        if not total_blocks:
             raise ValidationError(f"block_cache found no transformer block list in {type(denoiser).__name__}")
-        self.span_blocks = len(span_of(list(range(self.total_blocks)), self.config.num_blocks, self.config.position))
-        self.cache = apply_block_cache(denoiser, self.config)
-        self.calls, self.costs = self.cache.calls, self.cache.costs
+        span = len(span_of(list(range(total_blocks)), self.config.num_blocks, self.config.position))
+        cache = apply_block_cache(denoiser, self.config)
 
-    def remove(self, backend) -> None:
-        self.cache.remove()
+        def stats() -> dict[str, Any]:
+            steps = step_stats(cache.calls, whole_stack=span == total_blocks)
+            return {
+                "full_steps": steps["computed_steps"],
+                "cached_steps": steps["skipped_steps"],
+                "span_blocks": span,
+                "blocks_skipped": steps["skipped_calls"] * span,
+                "skipped_evals": steps["skipped_evals"],
+                "branches": steps["branches"],
+                "cache_hit_rate": steps["cache_hit_rate"],
+                **cost_stats(cache.costs),
+            }
 
-    def stats(self) -> dict[str, Any]:
-        span = getattr(self, "span_blocks", 0)
-        steps = step_stats(getattr(self, "calls", {}), whole_stack=span == getattr(self, "total_blocks", -1))
-        return {
-            "full_steps": steps["computed_steps"],
-            "cached_steps": steps["skipped_steps"],
-            "span_blocks": span,
-            "blocks_skipped": steps["skipped_calls"] * span,
-            "skipped_evals": steps["skipped_evals"],
-            "branches": steps["branches"],
-            "cache_hit_rate": steps["cache_hit_rate"],
-            **cost_stats(getattr(self, "costs", None)),
-        }
+        handle = RunHandle(plan, stats, lambda plan: self.notes(plan, total_blocks),
+                           lambda: stats()["skipped_evals"])
+        handle.on_remove(cache.remove)
+        return handle
 
-    def warnings(self, backend, call) -> list[str]:
-        steps = call["num_inference_steps"]
+    def notes(self, plan: DiffusionPlan, total: int) -> list[str]:
+        steps = plan.steps
         config = self.config
         notes = []
         if config.interval <= 1:
@@ -106,7 +107,6 @@ class BlockCacheMethod(Method):
             notes.append(f"block_cache: all {steps} steps are warm-up steps, nothing is reused")
         elif not any(not is_full_step(s, config) for s in range(steps)):
             notes.append(f"block_cache at {steps} steps with interval {config.interval} reuses no step")
-        total = len(block_lists(backend.denoiser)) if backend.denoiser is not None else 0
         if config.num_blocks > total > 0:
             notes.append(f"block_cache: the model has {total} blocks, so the span is all of them")
         return notes

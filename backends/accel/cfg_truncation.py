@@ -4,10 +4,11 @@ Late steps refine detail that guidance barely changes, so dropping the unconditi
 pass there halves their cost (Kynkäänniemi et al. 2024, "Applying guidance in a limited
 interval"; the "dynamic CFG" recipe of the diffusers docs).
 
-Two pipeline shapes are handled: batched CFG (SD, SDXL, PixArt: one call on
-[uncond, cond]) by switching guidance off from the step-end callback, and separate
-passes (FLUX true CFG, Wan) by answering the unconditional call with the conditional
-output, which makes ``uncond + s * (cond - uncond)`` exactly ``cond`` without running it.
+Pipelines that gate CFG per step (SD, SDXL, PixArt with one call on [uncond, cond]; Wan
+with separate passes) have guidance switched off from the step-end callback; true-CFG
+pipelines (FLUX) have the unconditional call answered with the conditional output, which
+makes ``uncond + s * (cond - uncond)`` exactly ``cond`` without running it. The plan says
+which branch each denoiser call is (the pipeline's own ``cache_context`` marks).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from backends.accel._patch import ForwardPatch, add_callback
+from backends.accel._patch import ForwardPatch, StepCallback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import COND, UNCOND, DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 BATCHED_CFG_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
@@ -25,12 +27,12 @@ BATCHED_CFG_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
 class _TruncateBatchedCFG:
     """Step-end callback: at the cut, guidance off and the embeddings cut to the cond half."""
 
-    def __init__(self, method: "CFGTruncationMethod", cut: int, tensor_inputs: tuple[str, ...]):
-        self.method, self.cut, self.tensor_inputs = method, cut, tensor_inputs
+    def __init__(self, handle: "CFGTruncationHandle", tensor_inputs: tuple[str, ...]):
+        self.handle, self.tensor_inputs = handle, tensor_inputs
 
     def __call__(self, pipe, step, timestep, kwargs) -> dict[str, Any]:
-        self.method.step = step + 1
-        if self.method.step != self.cut:
+        self.handle.step = step + 1
+        if self.handle.step != self.handle.cut:
             return {}
         pipe._guidance_scale = 0.0
         return {name: kwargs[name].chunk(2)[-1] for name in self.tensor_inputs if name in kwargs}
@@ -55,65 +57,61 @@ class CFGTruncationMethod(Method):
         slots=("guidance",),
     )
 
-    def apply(self, backend) -> None:
-        self.step = 0
-        self.skipped_passes = 0
-        self._patch = None
-
-    def remove(self, backend) -> None:
-        if self._patch is not None:
-            self._patch.remove()
-            self._patch = None
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        steps = call["num_inference_steps"]
-        self.cut = max(1, math.ceil(self.config.fraction * steps))
-        self.steps = steps
-        if backend.cfg_passes(call) < 2 or self.cut >= steps:
-            return call
+    def attach(self, backend, plan: DiffusionPlan) -> "CFGTruncationHandle":
+        handle = CFGTruncationHandle(plan, max(1, math.ceil(self.config.fraction * plan.steps)), self.config.fraction)
+        if plan.guidance.passes < 2 or handle.cut >= plan.steps:
+            return handle  # nothing to drop: the warnings say so
         pipe = backend.pipe
-        if backend.cfg_batched and hasattr(type(pipe), "do_classifier_free_guidance"):
-            inputs = tuple(n for n in BATCHED_CFG_INPUTS if n in getattr(pipe, "_callback_tensor_inputs", ()))
-            return add_callback(call, _TruncateBatchedCFG(self, self.cut, inputs))
-        if hasattr(type(pipe), "do_classifier_free_guidance"):  # separate passes gated per step (Wan)
-            return add_callback(call, _TruncateBatchedCFG(self, self.cut, ()))
-        if "true_cfg_scale" in call:
-            self._separate = True
-            return add_callback(call, self._count_step)
-        raise ValidationError("CFG truncation does not know how this pipeline applies guidance")
+        if hasattr(type(pipe), "do_classifier_free_guidance"):  # the pipeline gates CFG per step
+            inputs = BATCHED_CFG_INPUTS if plan.guidance.batched else ()  # (Wan: separate passes, gated)
+            inputs = tuple(n for n in inputs if n in getattr(pipe, "_callback_tensor_inputs", ()))
+            plan.callbacks.append(_TruncateBatchedCFG(handle, inputs))
+        elif plan.guidance.separate:  # FLUX true CFG: answer the uncond pass with the cond output
+            plan.callbacks.append(StepCallback(handle.on_step))
+            with handle.undo_on_error():
+                handle.on_remove(ForwardPatch(pipe.transformer, handle.reuse_cond).remove)
+        else:
+            raise ValidationError("CFG truncation does not know how this pipeline applies guidance")
+        return handle
 
-    def _count_step(self, pipe, step, timestep, kwargs):
-        self.step = step + 1
-        if self.step == self.cut and self._patch is None:
-            self._patch = ForwardPatch(pipe.transformer, self._reuse_cond)
-        return {}
 
-    _count_step.tensor_inputs = ()  # type: ignore[attr-defined]
+class CFGTruncationHandle(RunHandle):
+    """One run: the step reached, the cut, and the unconditional passes answered."""
 
-    def _reuse_cond(self, original):
-        calls = {"n": 0, "cond": None}
+    def __init__(self, plan: DiffusionPlan, cut: int, fraction: float):
+        super().__init__(plan)
+        self.cut, self.fraction, self.step, self.skipped = cut, fraction, 0, 0
+        self.cond: tuple[int, Any] | None = None  # (step, output) of the last conditional pass
+
+    def on_step(self, step: int) -> None:
+        self.step = step
+
+    def reuse_cond(self, original):
+        guidance = self.plan.guidance
 
         def forward(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] % 2 == 1:  # FLUX order per step: cond first, then uncond
-                calls["cond"] = original(*args, **kwargs)
-                return calls["cond"]
-            self.skipped_passes += 1
-            return calls["cond"]
+            # the plan names the branch of each call: no assumption on the order of the passes;
+            # an unconditional pass is answered only by this step's conditional output
+            if guidance.branch == UNCOND and self.step >= self.cut and self.cond and self.cond[0] == self.step:
+                self.skipped += 1
+                return self.cond[1]
+            out = original(*args, **kwargs)
+            if guidance.branch == COND:
+                self.cond = (self.step, out)
+            return out
 
         return forward
 
-    def stats(self) -> dict[str, Any]:
-        guided = min(getattr(self, "cut", 0), getattr(self, "steps", 0))
-        return {
-            "guided_steps": guided,
-            "unguided_steps": getattr(self, "steps", 0) - guided,
-            "skipped_evals": self.skipped_passes,
-        }
+    def skipped_evals(self) -> int:
+        return self.skipped
 
-    def warnings(self, backend, call) -> list[str]:
-        if backend.cfg_passes(call) < 2:
+    def stats(self) -> dict[str, Any]:
+        guided = min(self.cut, self.plan.steps)
+        return {"guided_steps": guided, "unguided_steps": self.plan.steps - guided, "skipped_evals": self.skipped}
+
+    def warnings(self) -> list[str]:
+        if self.plan.guidance.passes < 2:
             return ["CFG truncation does nothing here: guidance is off (scale <= 1), so there is no second pass to drop"]
-        if self.cut >= call["num_inference_steps"]:
-            return [f"CFG truncation does nothing at fraction {self.config.fraction}: every step keeps guidance"]
+        if self.cut >= self.plan.steps:
+            return [f"CFG truncation does nothing at fraction {self.fraction}: every step keeps guidance"]
         return []

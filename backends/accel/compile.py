@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -47,7 +48,7 @@ class CompileMethod(Method):
         config=CompileConfig,
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
         if denoiser is None:
             raise ValidationError("compile: this backend has no denoiser to compile")
@@ -60,24 +61,14 @@ class CompileMethod(Method):
         repeated = set(getattr(denoiser, "_repeated_blocks", None) or ())
         targets = [m for m in denoiser.modules() if type(m).__name__ in repeated] \
             if self.config.scope == "regional" else []
-        self.scope = "regional" if targets else "full"
+        scope = "regional" if targets else "full"
         targets = targets or [denoiser]
-        # Module.compile sets _compiled_call_impl; keeping the previous values is the undo.
-        self._saved = [(m, m._compiled_call_impl) for m in targets]
-        for module in targets:
-            module.compile(**kwargs)
-        self.compiled = len(targets)
-
-    def remove(self, backend) -> None:
-        for module, previous in getattr(self, "_saved", []):
-            module._compiled_call_impl = previous
-        self._saved = []
-
-    def stats(self) -> dict[str, Any]:
-        return {"scope": getattr(self, "scope", None), "compiled_modules": getattr(self, "compiled", 0)}
-
-    def warnings(self, backend, call) -> list[str]:
         notes = []
         if backend.device.type == "cpu" and self.config.compiler == "inductor":
             notes.append("compile on CPU: the first run with this shape compiles C++ kernels and can take minutes")
-        return notes
+        handle = RunHandle(plan, lambda: {"scope": scope, "compiled_modules": len(targets)}, lambda _plan: notes)
+        for module in targets:
+            # Module.compile sets _compiled_call_impl; putting the previous value back is the undo.
+            handle.on_remove(setattr, module, "_compiled_call_impl", module._compiled_call_impl)
+            module.compile(**kwargs)
+        return handle

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from backends.accel._eval_cost import EvalCostMeter, cost_stats
-from backends.accel._patch import ForwardPatch, StepCallback, add_callback
+from backends.accel._patch import ForwardPatch, StepCallback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -30,9 +31,6 @@ class DeepCacheState:
     cached: torch.Tensor | None = None
     full_steps: int = 0
     shallow_steps: int = 0
-
-    def reset(self) -> None:
-        self.cached, self.full_steps, self.shallow_steps = None, 0, 0
 
 
 def shallow_forward(unet, branch: int, cached: torch.Tensor, sample, timestep, encoder_hidden_states,
@@ -100,61 +98,54 @@ class DeepCacheMethod(Method):
         config=DeepCacheConfig,
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         unet = backend.pipe.unet
         if not hasattr(unet, "get_time_embed") or len(unet.up_blocks) < 2:
             raise ValidationError("DeepCache needs a diffusers UNet2DConditionModel with at least two levels")
         if self.config.branch >= len(unet.up_blocks) - 1:
             raise ValidationError(f"DeepCache branch must be below {len(unet.up_blocks) - 1} for this UNet")
-        self.state = DeepCacheState()
-        self.counter = StepCallback()
-        self._unet = unet
-        self.costs = EvalCostMeter(unet)  # full vs shallow call costs, for the ideal speedup
-        branch = self.config.branch
+        state, counter, interval, branch = DeepCacheState(), StepCallback(), self.config.interval, self.config.branch
+        plan.callbacks.append(counter)
         target = unet.up_blocks[len(unet.up_blocks) - branch - 1]
-        self._hook = None
 
         def capture(_module, args, kwargs):
-            self.state.cached = kwargs.get("hidden_states", args[0] if args else None)
+            state.cached = kwargs.get("hidden_states", args[0] if args else None)
 
         def make_forward(original):
             def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
-                full = self.state.cached is None or self.counter.step % self.config.interval == 0
-                if full:
-                    self.state.full_steps += 1
+                if state.cached is None or counter.step % interval == 0:
+                    state.full_steps += 1
                     handle = target.register_forward_pre_hook(capture, with_kwargs=True)
                     try:
                         return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
                     finally:
                         handle.remove()
-                self.state.shallow_steps += 1
-                self.costs.mark_partial()
-                return shallow_forward(unet, branch, self.state.cached, sample, timestep, encoder_hidden_states,
+                state.shallow_steps += 1
+                costs.mark_partial()
+                return shallow_forward(unet, branch, state.cached, sample, timestep, encoder_hidden_states,
                                        *args, **kwargs)
 
             return forward
 
-        self._patch = ForwardPatch(unet, make_forward)
+        costs = EvalCostMeter(unet)  # full vs shallow call costs, for the ideal speedup
+        handle = RunHandle(plan, lambda: self.run_stats(state, costs), self.notes)
+        handle.on_remove(costs.remove)
+        with handle.undo_on_error():
+            handle.on_remove(ForwardPatch(unet, make_forward).remove)
+        return handle
 
-    def remove(self, backend) -> None:
-        self._patch.remove()
-        self.costs.remove()
-        self.state.cached = None
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        return add_callback(call, self.counter)
-
-    def stats(self) -> dict[str, Any]:
-        total = self.state.full_steps + self.state.shallow_steps
+    @staticmethod
+    def run_stats(state: DeepCacheState, costs: EvalCostMeter) -> dict[str, Any]:
+        total = state.full_steps + state.shallow_steps
         return {
-            "full_steps": self.state.full_steps,
-            "shallow_steps": self.state.shallow_steps,
-            "cache_hit_rate": round(self.state.shallow_steps / total, 3) if total else 0.0,
-            **cost_stats(getattr(self, "costs", None)),
+            "full_steps": state.full_steps,
+            "shallow_steps": state.shallow_steps,
+            "cache_hit_rate": round(state.shallow_steps / total, 3) if total else 0.0,
+            **cost_stats(costs),
         }
 
-    def warnings(self, backend, call) -> list[str]:
-        steps = call["num_inference_steps"]
+    def notes(self, plan: DiffusionPlan) -> list[str]:
+        steps = plan.steps
         if self.config.interval <= 1:
             return ["DeepCache with interval 1 recomputes every step: it cannot speed anything up"]
         if steps <= self.config.interval:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel._diffusers_cache import DiffusersCacheMethod, current_timestep
 from backends.accel.base import MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan
 
 
 class FasterCacheConfig(MethodConfig):
@@ -30,9 +31,9 @@ class FasterCacheConfig(MethodConfig):
                          help="weight of the low/high-frequency CFG difference (paper: 1.1)")
 
 
-def batches_cfg(backend, call: dict[str, Any]) -> bool:
+def batches_cfg(plan: DiffusionPlan) -> bool:
     """True when cond and uncond go through the denoiser as one batch."""
-    return backend.cfg_passes(call) == 2 and backend.cfg_batched
+    return plan.guidance.passes == 2 and plan.guidance.batched
 
 
 @register
@@ -52,7 +53,7 @@ class FasterCacheMethod(DiffusersCacheMethod):
     )
     per_branch_hooks = ("faster_cache_block", "faster_cache_denoiser")
 
-    def make_config(self, backend, call: dict[str, Any]):
+    def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]):
         from diffusers import hooks
 
         c = self.config
@@ -64,15 +65,15 @@ class FasterCacheMethod(DiffusersCacheMethod):
             alpha_low_frequency=c.alpha, alpha_high_frequency=c.alpha,
             attention_weight_callback=lambda _module: 0.5,
             tensor_format="BCFHW" if backend.modality == "video" else "BCHW",
-            is_guidance_distilled=not batches_cfg(backend, call),
-            current_timestep_callback=self.current_timestep(backend),
+            is_guidance_distilled=not batches_cfg(plan),
+            current_timestep_callback=current_timestep(backend),
         )
 
-    def warnings(self, backend, call) -> list[str]:
+    def notes(self, backend, plan: DiffusionPlan) -> list[str]:
         notes = []
-        if self.config.spatial_skip <= 1 and (self.config.uncond_skip <= 1 or not batches_cfg(backend, call)):
+        if self.config.spatial_skip <= 1 and (self.config.uncond_skip <= 1 or not batches_cfg(plan)):
             notes.append("faster_cache with spatial_skip 1 and no CFG-Cache reuses nothing")
-        if backend.cfg_passes(call) == 2 and not batches_cfg(backend, call):
+        if plan.guidance.passes == 2 and not batches_cfg(plan):
             notes.append("faster_cache: this pipeline runs CFG as separate passes, so CFG-Cache is off "
                          "(only the attention cache runs)")
         return notes

@@ -12,6 +12,7 @@ from typing import Any
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod
 from backends.accel.base import MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan
 
 
 class FirstBlockCacheConfig(MethodConfig):
@@ -35,14 +36,14 @@ class FirstBlockCacheMethod(DiffusersCacheMethod):
         slots=("dit-cache",),
     )
 
-    def make_config(self, backend, call: dict[str, Any]):
+    def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]):
         from diffusers import hooks
 
         return hooks.FirstBlockCacheConfig(threshold=self.config.threshold)
 
-    def warnings(self, backend, call) -> list[str]:
+    def notes(self, backend, plan: DiffusionPlan) -> list[str]:
         if self.config.threshold <= 0:
             return ["first_block_cache with threshold 0 never skips: no speed-up"]
-        if call["num_inference_steps"] < 2:
+        if plan.steps < 2:
             return ["first_block_cache needs at least 2 steps to reuse anything"]
         return []

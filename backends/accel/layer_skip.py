@@ -25,8 +25,9 @@ import torch
 
 from backends.accel._patch import ForwardPatch
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel._decoding import (DecodeState, accept_greedy, crop_cache, decoding_stats, require_greedy,
+from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, require_greedy,
                                       set_decoder)
+from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
 
@@ -135,50 +136,28 @@ class LayerSkipMethod(Method):
         slots=("decoder",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
+        require_greedy(plan, "layer skipping")
         layers = decoder_layers(backend.model)
         c = self.config
-        self.skipped = choose_layers(len(layers), c.skip_ratio, c.skip_from, c.skip_to)
-        self.state = LayerSkipState()
-        self._extra: dict[str, Any] = {}
-        self._patches = []
-        state = self.state
+        skipped = choose_layers(len(layers), c.skip_ratio, c.skip_from, c.skip_to)
+        s = LayerSkipState()
 
         def make_forward(original):
             def forward(hidden_states, *args, **kwargs):
-                if state.drafting:
+                if s.drafting:
                     return hidden_states
                 return original(hidden_states, *args, **kwargs)
 
             return forward
 
-        for i in self.skipped:
-            self._patches.append(ForwardPatch(layers[i], make_forward))
-
-    def remove(self, backend) -> None:
-        for patch in reversed(self._patches):
-            patch.remove()
-        self._patches = []
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        require_greedy(call, "layer skipping")
-        self._extra = call["_extra"]
-        self.state.reset()
-
-        def decoder(backend, input_ids, state):
-            layer_skip_decode(backend, input_ids, state, self.state, self.config.draft_tokens, self.skipped,
-                              self.config.draft_confidence)
-
-        return set_decoder(call, decoder, "layer skipping")
-
-    def stats(self) -> dict[str, Any]:
-        stats = decoding_stats(self._extra)
-        s = self.state
-        stats.update(skipped_layers=list(self.skipped), draft_rounds=s.rounds, drafted=s.drafted,
-                     acceptance_rate=round(s.accepted / s.drafted, 3) if s.drafted else 0.0)
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
-        if not self.skipped:
-            return ["no layer is skipped: the draft is the full model, which only adds work"]
-        return []
+        set_decoder(plan, lambda b, ids, state: layer_skip_decode(b, ids, state, s, c.draft_tokens, skipped,
+                                                                  c.draft_confidence), "layer skipping")
+        notes = [] if skipped else ["no layer is skipped: the draft is the full model, which only adds work"]
+        handle = DecodingHandle(plan, lambda: dict(
+            skipped_layers=list(skipped), draft_rounds=s.rounds, drafted=s.drafted,
+            acceptance_rate=round(s.accepted / s.drafted, 3) if s.drafted else 0.0), lambda _plan: notes)
+        with handle.undo_on_error():
+            for i in skipped:
+                handle.on_remove(ForwardPatch(layers[i], make_forward).remove)
+        return handle

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel._decoding import DecodeState, decoding_stats, require_greedy, set_decoder
+from backends.accel._decoding import DecodeState, DecodingHandle, require_greedy, set_decoder
+from backends.plan import DecodingPlan
 
 
 class LookaheadConfig(MethodConfig):
@@ -243,31 +244,21 @@ class LookaheadMethod(Method):
                       "about as much as a narrow one",
     )
 
-    def apply(self, backend) -> None:
-        self.state = LookaheadState()
-        self._extra: dict[str, Any] = {}
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
+        require_greedy(plan, "lookahead decoding")
+        run = LookaheadState()
+        set_decoder(plan, lambda b, ids, state: lookahead_decode(b, ids, state, self.config, run),
+                    "lookahead decoding")
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        require_greedy(call, "lookahead decoding")
-        self._extra = call["_extra"]
-        self.state.reset()
+        def stats() -> dict[str, Any]:
+            own = {"pool_ngrams": run.pool_size, "accepted_from_pool": run.pool_hits, "lookahead_steps": run.steps}
+            if run.steps > 1:  # what one forward costs depends on its width: benchmarks time this one
+                own["mean_forward_width"] = round(run.forward_tokens / (run.steps - 1), 2)
+            return own
 
-        def decoder(backend, input_ids, state):
-            lookahead_decode(backend, input_ids, state, self.config, self.state)
-
-        return set_decoder(call, decoder, "lookahead decoding")
-
-    def stats(self) -> dict[str, Any]:
-        stats = decoding_stats(self._extra)
-        stats.update(pool_ngrams=self.state.pool_size, accepted_from_pool=self.state.pool_hits,
-                     lookahead_steps=self.state.steps)
-        if self.state.steps > 1:  # what one forward costs depends on its width: benchmarks time this one
-            stats["mean_forward_width"] = round(self.state.forward_tokens / (self.state.steps - 1), 2)
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
+        notes = []
         q = 1 + (self.config.ngram - 1) * (self.config.window + self.config.branches)
         if q > 40:
-            return [f"lookahead forwards are {q} tokens wide; on CPU such forwards cost well over 2x a "
-                    "one-token forward, so the speed-up needs more than ~2.5 accepted tokens per step"]
-        return []
+            notes = [f"lookahead forwards are {q} tokens wide; on CPU such forwards cost well over 2x a "
+                     "one-token forward, so the speed-up needs more than ~2.5 accepted tokens per step"]
+        return DecodingHandle(plan, stats, lambda _plan: notes)

@@ -18,6 +18,7 @@ and later runs reuse the stored curve. The implementation is diffusers' own
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from backends.accel._block_span import block_lists, block_metadata
 from backends.accel._diffusers_cache import DiffusersCacheMethod
 from backends.accel.base import MethodConfig, MethodSpec, param, register
+from backends.plan import UNCOND, DiffusionPlan, tracking_branches
 from backends.types import ValidationError
 
 
@@ -40,26 +42,23 @@ class MagCacheConfig(MethodConfig):
                              "pays one extra untimed pass) or the published FLUX.1 curve")
 
 
-def calibrate_mag_ratios(backend, call: dict[str, Any]) -> list[float]:
-    """Run the call once (decoding skipped, its own copy of the generator) and record, for the
+def calibrate_mag_ratios(backend, plan: DiffusionPlan) -> list[float]:
+    """Run the plan once (decoding skipped, its own copy of the generator) and record, for the
     first CFG branch, ``mean_tokens(|r_t| / |r_{t-1}|)`` of the block stack's residual."""
     denoiser = backend.denoiser
     blocks = [block for _, block in block_lists(denoiser)]
     if not blocks:
         raise ValidationError(f"mag_cache found no transformer block list in {type(denoiser).__name__}")
     head_meta, tail_meta = block_metadata(blocks[0], "mag_cache"), block_metadata(blocks[-1], "mag_cache")
-    passes = backend.cfg_passes(call)
-    seen = {"calls": 0, "input": None, "previous": None}
+    guidance = replace(plan.guidance, branch=None)  # this pass's own branch marks
+    seen = {"input": None, "previous": None}
     ratios: list[float] = []
-
-    def count(*_args):
-        seen["calls"] += 1
 
     def head(_module, args, kwargs):
         seen["input"] = head_meta._get_parameter_from_args_kwargs(head_meta.hidden_states_argument_name, args, kwargs)
 
     def tail(_module, _args, _kwargs, output):
-        if (seen["calls"] - 1) % passes:  # only the first branch (cond) of each step
+        if guidance.branch == UNCOND:  # the conditional branch only (the whole batch when batched)
             return
         out = output[tail_meta.return_hidden_states_index] if isinstance(output, tuple) else output
         residual = (out[:, -seen["input"].shape[1]:] - seen["input"]).float()
@@ -71,17 +70,16 @@ def calibrate_mag_ratios(backend, call: dict[str, Any]) -> list[float]:
             ratios.append((norm / (prev_norm + 1e-8)).mean().item())
         seen["previous"] = residual
 
-    run = {k: v for k, v in call.items() if not k.startswith("_")}
-    generator = call.get("generator")
+    run = {**plan.kwargs, "num_inference_steps": plan.steps}
+    generator = plan.kwargs.get("generator")
     if isinstance(generator, torch.Generator):
         run["generator"] = torch.Generator(generator.device).set_state(generator.get_state())
     if "output_type" in backend.call_params:
         run["output_type"] = "latent"
-    handles = [denoiser.register_forward_pre_hook(count),
-               blocks[0].register_forward_pre_hook(head, with_kwargs=True),
+    handles = [blocks[0].register_forward_pre_hook(head, with_kwargs=True),
                blocks[-1].register_forward_hook(tail, with_kwargs=True)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tracking_branches(denoiser, guidance):
             backend.pipe(**run)
     finally:
         for handle in handles:
@@ -107,33 +105,28 @@ class MagCacheMethod(DiffusersCacheMethod):
     calibrated: ClassVar[dict[tuple, list[float]]] = {}
     skips_whole_calls = True
 
-    def make_config(self, backend, call: dict[str, Any]):
+    def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]):
         from diffusers import hooks
 
-        steps = call["num_inference_steps"]
-        self.calibrated_now = False
+        steps = plan.steps
+        stats["calibrated_this_run"] = False
         if self.config.ratios == "flux":
             from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
             ratios = FLUX_MAG_RATIOS
         else:
-            key = (backend.model_id, id(backend.denoiser), steps, call.get("height"), call.get("width"),
-                   type(backend.pipe.scheduler).__name__, backend.cfg_passes(call))
+            key = (backend.model_id, id(backend.denoiser), steps, plan.kwargs.get("height"), plan.kwargs.get("width"),
+                   type(backend.pipe.scheduler).__name__, plan.guidance.passes)
             if key not in self.calibrated:
-                self.calibrated[key] = calibrate_mag_ratios(backend, call)
-                self.calibrated_now = True
+                self.calibrated[key] = calibrate_mag_ratios(backend, plan)
+                stats["calibrated_this_run"] = True
             ratios = self.calibrated[key]
         return hooks.MagCacheConfig(threshold=self.config.threshold, max_skip_steps=self.config.max_skip_steps,
                                     retention_ratio=self.config.retention_ratio, num_inference_steps=steps,
                                     mag_ratios=list(ratios))
 
-    def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "calibrated_this_run": getattr(self, "calibrated_now", False)}
-
-    def warnings(self, backend, call) -> list[str]:
-        steps = call["num_inference_steps"]
-        if self.step_mismatch(call):
-            return self.step_mismatch(call)
+    def notes(self, backend, plan: DiffusionPlan) -> list[str]:
+        steps = plan.steps
         if self.config.threshold <= 0:
             return ["mag_cache with threshold 0 never skips: no speed-up"]
         if int(self.config.retention_ratio * steps + 0.5) >= steps - 1:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.accel._diffusers_cache import DiffusersCacheMethod
+from backends.accel._diffusers_cache import DiffusersCacheMethod, current_timestep
 from backends.accel.base import MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan
 from backends.types import ValidationError
 
 
@@ -45,7 +46,7 @@ class PABMethod(DiffusersCacheMethod):
     )
     per_branch_hooks = ("pyramid_attention_broadcast",)
 
-    def make_config(self, backend, call: dict[str, Any]):
+    def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]):
         from diffusers.hooks import PyramidAttentionBroadcastConfig
 
         c = self.config
@@ -58,15 +59,15 @@ class PABMethod(DiffusersCacheMethod):
             cross_attention_block_skip_range=c.cross_skip or None,
             spatial_attention_timestep_skip_range=window, temporal_attention_timestep_skip_range=window,
             cross_attention_timestep_skip_range=window,
-            current_timestep_callback=self.current_timestep(backend),
+            current_timestep_callback=current_timestep(backend),
         )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan):
         if max(self.config.spatial_skip, self.config.temporal_skip, self.config.cross_skip) <= 1:
             raise ValidationError("pab needs at least one skip range above 1 (spatial, temporal or cross)")
-        super().apply(backend)
+        return super().attach(backend, plan)
 
-    def warnings(self, backend, call) -> list[str]:
-        if call["num_inference_steps"] < 3:
+    def notes(self, backend, plan: DiffusionPlan) -> list[str]:
+        if plan.steps < 3:
             return ["pab reuses attention only between computed calls: with fewer than 3 steps it saves little"]
         return []

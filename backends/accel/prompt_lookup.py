@@ -15,11 +15,10 @@ candidate mode. It pays on repetitive audio, where the codec writes the same col
 
 from __future__ import annotations
 
-from typing import Any
-
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel._codec_decoding import ngram_proposer, verify_loop
-from backends.accel._decoding import decoding_stats, require_greedy, set_decoder
+from backends.accel._codec_decoding import CodecHandle, ngram_proposer, verify_loop
+from backends.accel._decoding import DecodingHandle, require_greedy, set_decoder
+from backends.plan import DecodingPlan
 
 
 class PromptLookupConfig(MethodConfig):
@@ -44,38 +43,24 @@ class PromptLookupMethod(Method):
         slots=("decoder",),
     )
 
-    def apply(self, backend) -> None:
-        self._extra: dict[str, Any] = {}
-        self.codec = backend.family == "codec-lm"
-        self._codec_stats: dict[str, int] = {}
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
+        if backend.family == "codec-lm":
+            return self._attach_codec(plan)
+        plan.kwargs.update(prompt_lookup_num_tokens=self.config.num_tokens,
+                           max_matching_ngram_size=self.config.max_matching_ngram_size)
+        return DecodingHandle(plan, notes=lambda plan: [
+            "prompt lookup with sampling keeps the distribution but accepts far fewer tokens than greedy"
+        ] if plan.sampling.do_sample else [])
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        self._extra = call["_extra"]
-        if self.codec:
-            return self._codec_call(call)
-        kwargs = dict(call["generate_kwargs"], prompt_lookup_num_tokens=self.config.num_tokens,
-                      max_matching_ngram_size=self.config.max_matching_ngram_size)
-        return {**call, "generate_kwargs": kwargs}
+    def _attach_codec(self, plan: DecodingPlan) -> "CodecHandle":
+        require_greedy(plan, "prompt lookup over audio codes")
+        handle = CodecHandle(plan)
 
-    def _codec_call(self, call: dict[str, Any]) -> dict[str, Any]:
-        require_greedy(call, "prompt lookup over audio codes")
-
-        def decode(backend, call, on_progress):
-            target = backend.session(backend.model, call)
+        def decode(backend, plan, on_progress):
+            target = backend.session(backend.model, plan)
             propose = ngram_proposer(target, self.config.max_matching_ngram_size)
-            columns, self._codec_stats = verify_loop(target, propose, self.config.num_tokens, on_progress)
+            columns, handle.codec_stats = verify_loop(target, propose, self.config.num_tokens, on_progress)
             return target.codes(columns)
 
-        return set_decoder(call, decode, "prompt_lookup")
-
-    def stats(self) -> dict[str, Any]:
-        if self.codec:
-            return dict(self._codec_stats)
-        return decoding_stats(self._extra)
-
-    def warnings(self, backend, call) -> list[str]:
-        if self.codec:
-            return []
-        if call["sampling"].do_sample:
-            return ["prompt lookup with sampling keeps the distribution but accepts far fewer tokens than greedy"]
-        return []
+        set_decoder(plan, decode, "prompt_lookup")
+        return handle

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 SCHEDULERS = {
@@ -49,12 +50,14 @@ class SamplerMethod(Method):
         lossless=False,
         config=SamplerConfig,
     )
+    attach_first = True  # the other methods read the scheduler and the step count it sets
 
-    def apply(self, backend) -> None:
-        self._saved = backend.pipe.scheduler
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
+        handle = RunHandle(plan)
+        plan.steps = self.config.steps
         name = self.config.scheduler
         if name == "keep":
-            return
+            return handle
         import diffusers
 
         table = FLOW_SCHEDULERS if is_flow_matching(backend.base_scheduler) else SCHEDULERS
@@ -63,11 +66,6 @@ class SamplerMethod(Method):
         if name == "lcm" and "lcm" not in backend.model_id.lower():
             raise ValidationError("the LCM sampler needs an LCM-distilled model (or LCM-LoRA); this model is not one")
         cls_name, overrides = table[name]
-        cls = getattr(diffusers, cls_name)
-        backend.pipe.scheduler = cls.from_config(backend.base_scheduler.config, **overrides)
-
-    def remove(self, backend) -> None:
-        backend.pipe.scheduler = self._saved
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        return {**call, "num_inference_steps": self.config.steps}
+        handle.on_remove(setattr, backend.pipe, "scheduler", backend.pipe.scheduler)
+        backend.pipe.scheduler = getattr(diffusers, cls_name).from_config(backend.base_scheduler.config, **overrides)
+        return handle

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel._decoding import DecodeState, decoding_stats, set_decoder
+from backends.accel._decoding import DecodeState, DecodingHandle, set_decoder
+from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
 
@@ -105,32 +106,19 @@ class SinkCacheMethod(Method):
         slots=("decoder",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         rotary = getattr(getattr(backend.model, "model", None), "rotary_emb", None)
         if rotary is None:
             raise ValidationError("the attention-sink cache needs a RoPE decoder (model.model.rotary_emb)")
-        self.state = SinkState()
-        self._extra: dict[str, Any] = {}
+        s, sinks, window = SinkState(), self.config.num_sink_tokens, self.config.window_length
+        set_decoder(plan, lambda b, ids, state: sink_decode(b, ids, state, sinks, window, s),
+                    "the attention-sink cache")
+        return DecodingHandle(plan, lambda: dict(
+            evicted_tokens=s.evicted_tokens, evictions=s.evictions, max_cache_len=s.max_cache_len,
+            lossless_this_run=s.evicted_tokens == 0), self.notes)
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        self._extra = call["_extra"]
-        self.state.reset()
-        sinks, window = self.config.num_sink_tokens, self.config.window_length
-
-        def decoder(backend, input_ids, state):
-            sink_decode(backend, input_ids, state, sinks, window, self.state)
-
-        return set_decoder(call, decoder, "the attention-sink cache")
-
-    def stats(self) -> dict[str, Any]:
-        stats = decoding_stats(self._extra)
-        stats.update(evicted_tokens=self.state.evicted_tokens, evictions=self.state.evictions,
-                     max_cache_len=self.state.max_cache_len,
-                     lossless_this_run=self.state.evicted_tokens == 0)
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
-        total = int(call["input_ids"].shape[-1]) + call["max_new_tokens"]
+    def notes(self, plan: DecodingPlan) -> list[str]:
+        total = int(plan.input_ids.shape[-1]) + plan.max_new_tokens
         budget = self.config.num_sink_tokens + self.config.window_length
         if total <= budget:
             return [f"prompt + output ({total} tokens) fit in sinks + window ({budget}): nothing is evicted, "

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel._decoding import DecodeState, decoding_stats, set_decoder
+from backends.accel._decoding import DecodeState, DecodingHandle, set_decoder
+from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
 
@@ -140,34 +141,21 @@ class SnapKVMethod(Method):
         slots=("decoder",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         layers = getattr(getattr(backend.model, "model", None), "layers", None)
         if layers is None or not all(hasattr(layer.self_attn, "q_proj") for layer in layers):
             raise ValidationError("SnapKV needs a Llama-style decoder (model.layers[i].self_attn.q_proj)")
         if self.config.kernel % 2 == 0:
             raise ValidationError("SnapKV pooling kernel must be odd")
-        self.state = SnapKVState()
-        self._extra: dict[str, Any] = {}
+        c, s = self.config, SnapKVState()
+        set_decoder(plan, lambda b, ids, state: snapkv_decode(b, ids, state, c.budget, c.window, c.kernel, s),
+                    "SnapKV")
+        return DecodingHandle(plan, lambda: dict(
+            prompt_tokens=s.prompt_tokens, kept_prompt_tokens=s.kept_tokens, compressed=s.compressed,
+            kept_fraction=round(s.kept_tokens / s.prompt_tokens, 3) if s.prompt_tokens else 1.0), self.notes)
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        self._extra = call["_extra"]
-        self.state.reset()
-        c = self.config
-
-        def decoder(backend, input_ids, state):
-            snapkv_decode(backend, input_ids, state, c.budget, c.window, c.kernel, self.state)
-
-        return set_decoder(call, decoder, "SnapKV")
-
-    def stats(self) -> dict[str, Any]:
-        stats = decoding_stats(self._extra)
-        s = self.state
-        stats.update(prompt_tokens=s.prompt_tokens, kept_prompt_tokens=s.kept_tokens, compressed=s.compressed,
-                     kept_fraction=round(s.kept_tokens / s.prompt_tokens, 3) if s.prompt_tokens else 1.0)
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
-        length = int(call["input_ids"].shape[-1])
+    def notes(self, plan: DecodingPlan) -> list[str]:
+        length = int(plan.input_ids.shape[-1])
         if length <= self.config.budget + self.config.window:
             return [f"the prompt ({length} tokens) fits in budget + window: SnapKV keeps everything, no saving"]
         return [f"SnapKV keeps {self.config.budget + self.config.window} of {length} prompt positions per "

@@ -29,9 +29,10 @@ import torch
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.catalog import bundled
-from backends.accel._codec_decoding import check_same_codec, speculative_loop
-from backends.accel._decoding import (DecodeState, accept_greedy, crop_cache, decoding_stats, require_greedy,
-                                      set_decoder)
+from backends.accel._codec_decoding import CodecHandle, check_same_codec, speculative_loop
+from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, decoding_stats,
+                                      require_greedy, set_decoder)
+from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
@@ -136,95 +137,75 @@ class SpeculativeMethod(Method):
         slots=("decoder",),
     )
 
-    def apply(self, backend) -> None:
-        self._extra: dict[str, Any] = {}
-        self._handle = None
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle | CodecHandle:
         draft_id = backend.draft_id if self.config.draft == "auto" else self.config.draft
         if not draft_id:
             raise ValidationError(
                 f"model '{backend.model_id}' has no paired draft model; choose one in the method's 'draft' setting"
             )
-        self.draft_id = draft_id
-        self.draft, self.draft_tokenizer = backend.get_draft(draft_id)
-        self.codec = backend.family == "codec-lm"
-        self._saved = {}
-        if self.codec:
-            check_same_codec(backend.model, self.draft, draft_id)
-            self._codec_stats: dict[str, int] = {}
-            return
-        self.same_vocab = True
+        draft, draft_tokenizer = backend.get_draft(draft_id)
+        gamma = self.config.num_assistant_tokens
+        if backend.family == "codec-lm":
+            check_same_codec(backend.model, draft, draft_id)
+            require_greedy(plan, "speculative decoding of audio codes")
+            handle = CodecHandle(plan, draft=draft_id)
+
+            def decode(backend, plan, on_progress):
+                target, drafting = backend.session(backend.model, plan), backend.session(draft, plan)
+                columns, handle.codec_stats = speculative_loop(target, drafting, gamma, on_progress)
+                return target.codes(columns)
+
+            set_decoder(plan, decode, "speculative")
+            return handle
+        same_vocab = True
         try:
-            check_same_vocab(backend.tokenizer, backend.model, self.draft_tokenizer, self.draft, draft_id)
+            check_same_vocab(backend.tokenizer, backend.model, draft_tokenizer, draft, draft_id)
         except ValidationError:
             if not self.config.universal:
                 raise
-            self.same_vocab = False
-        generation = self.draft.generation_config
+            same_vocab = False
+        forwards = [0]
+
+        def stats() -> dict[str, Any]:
+            own: dict[str, Any] = {"draft": draft_id, "draft_forwards": forwards[0], "universal": not same_vocab}
+            if forwards[0]:
+                accepted = decoding_stats(plan.extra)["accepted_draft_tokens"]
+                own["acceptance_rate"] = round(min(1.0, accepted / forwards[0]), 3)
+            return own
+
+        handle = DecodingHandle(plan, stats, lambda _plan: self.notes(backend, draft, draft_id, same_vocab))
+        with handle.undo_on_error():
+            self._configure_draft(handle, draft)
+            hook = draft.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+            handle.on_remove(hook.remove)
+            if same_vocab and not plan.sampling.do_sample:  # greedy: our lean loop
+                confidence, schedule = self.config.confidence_threshold, self.config.schedule
+                set_decoder(plan, lambda b, ids, st: greedy_speculative_decode(b, ids, st, draft, gamma, confidence,
+                                                                               schedule), "speculative")
+            else:
+                plan.kwargs["assistant_model"] = draft
+                if not same_vocab:
+                    plan.kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=draft_tokenizer)
+        return handle
+
+    def _configure_draft(self, handle: DecodingHandle, draft) -> None:
+        """Set the draft's assisted-generation settings for this run; put them back on remove."""
+        generation = draft.generation_config
         names = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-        self._saved = {n: getattr(generation, n, None) for n in names}
+        saved = {n: getattr(generation, n, None) for n in names}
+        handle.on_remove(lambda: [setattr(generation, n, v) for n, v in saved.items()])
         generation.num_assistant_tokens = self.config.num_assistant_tokens
         generation.num_assistant_tokens_schedule = SCHEDULES[self.config.schedule]
         # 0.0, not None: transformers fills None with its default (0.4), which would stop drafts early
         generation.assistant_confidence_threshold = self.config.confidence_threshold
-        self.draft_forwards = 0
 
-        def count(*_args):
-            self.draft_forwards += 1
-
-        self._handle = self.draft.register_forward_pre_hook(count)
-
-    def remove(self, backend) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-        for name, value in self._saved.items():
-            setattr(self.draft.generation_config, name, value)
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        self._extra = call["_extra"]
-        self.draft_forwards = 0
-        if self.codec:
-            return self._codec_call(backend, call)
-        if self.same_vocab and not call["sampling"].do_sample:  # greedy: our lean loop
-            draft, gamma = self.draft, self.config.num_assistant_tokens
-            confidence, schedule = self.config.confidence_threshold, self.config.schedule
-            return set_decoder(
-                call, lambda b, ids, st: greedy_speculative_decode(b, ids, st, draft, gamma, confidence, schedule),
-                "speculative")
-        kwargs = dict(call["generate_kwargs"], assistant_model=self.draft)
-        if not self.same_vocab:
-            kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=self.draft_tokenizer)
-        return {**call, "generate_kwargs": kwargs}
-
-    def _codec_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        require_greedy(call, "speculative decoding of audio codes")
-        gamma = self.config.num_assistant_tokens
-
-        def decode(backend, call, on_progress):
-            target, draft = backend.session(backend.model, call), backend.session(self.draft, call)
-            columns, self._codec_stats = speculative_loop(target, draft, gamma, on_progress)
-            return target.codes(columns)
-
-        return set_decoder(call, decode, "speculative")
-
-    def stats(self) -> dict[str, Any]:
-        if self.codec:
-            return dict(self._codec_stats, draft=self.draft_id)
-        stats = decoding_stats(self._extra)
-        stats.update(draft=self.draft_id, draft_forwards=self.draft_forwards,
-                     universal=not self.same_vocab)
-        if self.draft_forwards:
-            stats["acceptance_rate"] = round(min(1.0, stats["accepted_draft_tokens"] / self.draft_forwards), 3)
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
+    def notes(self, backend, draft, draft_id: str, same_vocab: bool) -> list[str]:
         notes = []
-        if self.codec:
-            return notes
-        if not self.same_vocab:
-            notes.append(f"draft '{self.draft_id}' has a different tokenizer: universal assisted decoding "
+        if not same_vocab:
+            notes.append(f"draft '{draft_id}' has a different tokenizer: universal assisted decoding "
                          "re-tokenizes every draft through text (slower)")
         target_layers = getattr(backend.model.config, "num_hidden_layers", 0)
-        draft_layers = getattr(self.draft.config, "num_hidden_layers", 0)
+        draft_layers = getattr(draft.config, "num_hidden_layers", 0)
         if target_layers and draft_layers and draft_layers * 3 > target_layers:
             notes.append(f"the draft has {draft_layers} layers for the target's {target_layers}: on CPU a forward "
                          "costs about the same per layer, so a draft this deep rarely pays")

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from backends.accel._patch import StepCallback, add_callback
+from backends.accel._patch import StepCallback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -39,10 +40,6 @@ class STAState:
     pairs_computed: int = 0  # (query, key) token pairs over all self-attention calls
     pairs_dense: int = 0
     grids: set = field(default_factory=set)
-
-    def reset(self) -> None:
-        self.grid, self.sta_calls, self.full_calls = None, 0, 0
-        self.pairs_computed, self.pairs_dense, self.grids = 0, 0, set()
 
 
 def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -60,10 +57,11 @@ class STAWanAttnProcessor:
     """Wan self-attention with sliding tile attention; anything else (a mask, text keys,
     a token count that is not the grid, the dense steps) goes to the original processor."""
 
-    def __init__(self, original: Any, state: STAState, method: "STAMethod"):
+    def __init__(self, original: Any, state: STAState, method: "STAMethod", counter: StepCallback):
         self.original = original
         self.state = state
         self.method = method
+        self.counter = counter
 
     def __getattr__(self, name: str) -> Any:  # _attention_backend, _parallel_config, ...
         original = self.__dict__.get("original")
@@ -79,7 +77,7 @@ class STAWanAttnProcessor:
         grid = state.grid
         batch, tokens = hidden_states.shape[:2]
         use_sta = (encoder_hidden_states is None and attention_mask is None and not kwargs and grid is not None
-                   and tokens == math.prod(grid) and self.method.counter.step >= config.full_attention_steps)
+                   and tokens == math.prod(grid) and self.counter.step >= config.full_attention_steps)
         pairs = batch * attn.heads * tokens * tokens
         state.pairs_dense += pairs
         if not use_sta:
@@ -151,7 +149,7 @@ class STAMethod(Method):
     def window(self) -> tuple[int, int, int]:
         return self.config.window_t, self.config.window_h, self.config.window_w
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
         modules = self_attention_modules(denoiser) if denoiser is not None else []
         if not modules:
@@ -162,37 +160,24 @@ class STAMethod(Method):
             raise ValidationError("STA needs a transformer with a 3-D patch_size (t, h, w)")
         if any(isinstance(m.processor, torch.nn.Module) for m in modules):
             raise ValidationError("STA cannot replace an attention processor that holds weights")
-        self.state = STAState()
-        self.counter = StepCallback()
-        self._patch_size = tuple(int(p) for p in patch)
-        self._saved = [(m, m.processor) for m in modules]
-        for module, original in self._saved:
-            module.set_processor(STAWanAttnProcessor(original, self.state, self))
-        self._hook = denoiser.register_forward_pre_hook(self._record_grid, with_kwargs=True)
+        state, counter, patch_size = STAState(), StepCallback(), tuple(int(p) for p in patch)
+        plan.callbacks.append(counter)
 
-    def _record_grid(self, _module, args, kwargs) -> None:
-        latent = kwargs.get("hidden_states", args[0] if args else None)
-        if latent is None or latent.ndim != 5:
-            self.state.grid = None
-            return
-        self.state.grid = tuple(s // p for s, p in zip(latent.shape[2:], self._patch_size))
+        def record_grid(_module, args, kwargs) -> None:
+            latent = kwargs.get("hidden_states", args[0] if args else None)
+            state.grid = None if latent is None or latent.ndim != 5 else \
+                tuple(s // p for s, p in zip(latent.shape[2:], patch_size))
 
-    def remove(self, backend) -> None:
-        self._hook.remove()
-        for module, original in self._saved:
-            module.set_processor(original)
-        self._saved = []
-        self.state.grid = None
+        handle = RunHandle(plan, lambda: self.run_stats(state), self.notes)
+        for module in modules:
+            handle.on_remove(module.set_processor, module.processor)
+            module.set_processor(STAWanAttnProcessor(module.processor, state, self, counter))
+        handle.on_remove(denoiser.register_forward_pre_hook(record_grid, with_kwargs=True).remove)
+        return handle
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        self.state.reset()
-        self.counter.step = 0
-        return add_callback(call, self.counter)
-
-    def stats(self) -> dict[str, Any]:
+    def run_stats(self, state: STAState) -> dict[str, Any]:
         from kernels.sta import kept_fraction
 
-        state = self.state
         grids = sorted(state.grids)
         return {
             "sta_calls": state.sta_calls,
@@ -204,8 +189,8 @@ class STAMethod(Method):
             "pairs_fraction": round(state.pairs_computed / state.pairs_dense, 4) if state.pairs_dense else 1.0,
         }
 
-    def warnings(self, backend, call) -> list[str]:
-        steps = call.get("num_inference_steps", 0)
+    def notes(self, plan: DiffusionPlan) -> list[str]:
+        steps = plan.steps
         if self.config.full_attention_steps >= steps:
             return [f"STA keeps dense attention for the first {self.config.full_attention_steps} steps and "
                     f"this run has {steps}: it never applies"]

@@ -13,10 +13,9 @@ and needs a working C++ compiler. On CUDA, compile + static cache is the classic
 
 from __future__ import annotations
 
-from typing import Any
-
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel._decoding import decoding_stats
+from backends.accel._decoding import DecodingHandle
+from backends.plan import DecodingPlan
 
 
 class StaticCacheConfig(MethodConfig):
@@ -38,28 +37,17 @@ class StaticCacheMethod(Method):
         slots=("decoder",),
     )
 
-    def apply(self, backend) -> None:
-        self._extra: dict[str, Any] = {}
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        self._extra = call["_extra"]
-        kwargs = dict(call["generate_kwargs"], cache_implementation="static")
+    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
+        plan.kwargs["cache_implementation"] = "static"
         if self.config.compile:
             from transformers.generation.configuration_utils import CompileConfig
 
             compile_config = CompileConfig()
             compile_config._compile_all_devices = True  # transformers compiles on CUDA/XPU only by default
-            kwargs.update(compile_config=compile_config, disable_compile=False)
+            plan.kwargs.update(compile_config=compile_config, disable_compile=False)
         else:
-            kwargs["disable_compile"] = True
-        return {**call, "generate_kwargs": kwargs}
-
-    def stats(self) -> dict[str, Any]:
-        stats = decoding_stats(self._extra)
-        stats["compiled"] = bool(self.config.compile)
-        return stats
-
-    def warnings(self, backend, call) -> list[str]:
+            plan.kwargs["disable_compile"] = True
+        notes = []
         if self.config.compile and backend.device.type == "cpu":
-            return ["torch.compile on CPU: the first run compiles for tens of seconds (C++ inductor backend)"]
-        return []
+            notes = ["torch.compile on CPU: the first run compiles for tens of seconds (C++ inductor backend)"]
+        return DecodingHandle(plan, lambda: {"compiled": bool(self.config.compile)}, lambda _plan: notes)

@@ -24,6 +24,7 @@ from typing import Any
 
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sampler import is_flow_matching
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 
@@ -92,32 +93,20 @@ class SwaySamplingMethod(Method):
         config=SwaySamplingConfig,
     )
 
-    def apply(self, backend) -> None:
-        check_scheduler(backend.pipe.scheduler)
-        self._scheduler = None
-        self._patch: _SwaySetTimesteps | None = None
-
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        # Patched here, after every method's apply: a sampler swap listed before or after
-        # this method has already put its scheduler in place.
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
+        # the sampler attaches first, so this patches the scheduler the run will use
         scheduler = backend.pipe.scheduler
         check_scheduler(scheduler)
-        self._scheduler = scheduler
-        self._patch = _SwaySetTimesteps(scheduler.set_timesteps, self.config.coefficient)
-        scheduler.set_timesteps = self._patch
-        return {k: v for k, v in call.items() if k not in ("sigmas", "timesteps")}
+        patch = _SwaySetTimesteps(scheduler.set_timesteps, self.config.coefficient)
+        handle = RunHandle(plan, lambda: {"first_sigmas": [round(s, 4) for s in patch.last_sigmas[:4]]}
+                           if patch.last_sigmas else {}, self.notes)
+        scheduler.set_timesteps = patch
+        handle.on_remove(delattr, scheduler, "set_timesteps")  # the class method is in force again
+        plan.kwargs.pop("sigmas", None)
+        plan.kwargs.pop("timesteps", None)
+        return handle
 
-    def remove(self, backend) -> None:
-        self._last_sigmas = self._patch.last_sigmas if self._patch is not None else []
-        if self._scheduler is not None and vars(self._scheduler).get("set_timesteps") is self._patch:
-            del self._scheduler.set_timesteps  # the class method is in force again
-        self._scheduler, self._patch = None, None
-
-    def stats(self) -> dict[str, Any]:
-        sigmas = self._patch.last_sigmas if getattr(self, "_patch", None) else getattr(self, "_last_sigmas", [])
-        return {"first_sigmas": [round(s, 4) for s in sigmas[:4]]} if sigmas else {}
-
-    def warnings(self, backend, call) -> list[str]:
+    def notes(self, plan: DiffusionPlan) -> list[str]:
         if self.config.coefficient == 0:
             return ["sway sampling with coefficient 0 is the plain uniform grid: it changes nothing"]
         return []

@@ -15,6 +15,7 @@ import torch
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod
 from backends.accel.base import MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan
 
 
 class TaylorSeerConfig(MethodConfig):
@@ -45,10 +46,10 @@ class TaylorSeerMethod(DiffusersCacheMethod):
         slots=("dit-cache",),
     )
 
-    def make_config(self, backend, call: dict[str, Any]):
+    def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]):
         from diffusers.hooks import TaylorSeerCacheConfig
 
-        dtype = next(self.denoiser.parameters()).dtype
+        dtype = next(backend.denoiser.parameters()).dtype
         return TaylorSeerCacheConfig(
             cache_interval=self.config.interval, disable_cache_before_step=self.config.warmup_steps,
             max_order=self.config.max_order, use_lite_mode=self.config.lite,
@@ -58,8 +59,8 @@ class TaylorSeerMethod(DiffusersCacheMethod):
     def whole_call_skips(self) -> bool:
         return self.config.lite  # Lite skips every block; the full mode forecasts attention only
 
-    def warnings(self, backend, call) -> list[str]:
-        steps = call["num_inference_steps"]
+    def notes(self, backend, plan: DiffusionPlan) -> list[str]:
+        steps = plan.steps
         if self.config.interval <= 1:
             return ["taylorseer with interval 1 computes every step: no speed-up"]
         if steps <= self.config.warmup_steps + 1:

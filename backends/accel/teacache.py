@@ -13,13 +13,12 @@ computed. Each CFG branch (cond / uncond) keeps its own accumulator and residual
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 
-from backends.accel._block_span import SpanCache, block_lists, block_metadata, step_stats
-from backends.accel._eval_cost import cost_stats
+from backends.accel._block_span import SpanCache, block_lists, block_metadata, span_handle
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 # Published rescaling polynomial for FLUX.1 (TeaCache4FLUX), highest power first.
@@ -116,37 +115,22 @@ class TeaCacheMethod(Method):
         slots=("dit-cache",),
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
         if not block_lists(denoiser):
             raise ValidationError(f"teacache found no transformer block list in {type(denoiser).__name__}")
         choice = self.config.rescale
         if choice == "auto":
             choice = "flux" if type(denoiser).__name__.startswith("Flux") else "none"
-        self.coefficients = FLUX_COEFFICIENTS if choice == "flux" else ()
-        self.denoiser = denoiser
-        self.calls: dict[str, list[bool]] = {}
-        self.cache = None
+        coefficients = FLUX_COEFFICIENTS if choice == "flux" else ()
+        # the last step (always computed) needs the plan's step count
+        config = replace(self.config, coefficients=coefficients, num_steps=plan.steps)
+        cache = apply_teacache(denoiser, config, pipe=backend.pipe)
+        return span_handle(plan, cache, lambda: {}, self.notes)
 
-    def prepare_call(self, backend, call: dict[str, Any]) -> dict[str, Any]:
-        # Hooked here, not in apply, because the last step (always computed) needs the step count.
-        if self.cache is None:
-            config = replace(self.config, coefficients=self.coefficients, num_steps=call["num_inference_steps"])
-            self.cache = apply_teacache(self.denoiser, config, pipe=backend.pipe)
-            self.calls, self.costs = self.cache.calls, self.cache.costs
-        return call
-
-    def remove(self, backend) -> None:
-        if self.cache is not None:
-            self.cache.remove()
-            self.cache = None
-
-    def stats(self) -> dict[str, Any]:
-        return {**step_stats(getattr(self, "calls", {})), **cost_stats(getattr(self, "costs", None))}
-
-    def warnings(self, backend, call) -> list[str]:
+    def notes(self, plan: DiffusionPlan) -> list[str]:
         if self.config.threshold <= 0:
             return ["teacache with threshold 0 recomputes every step: no speed-up"]
-        if call["num_inference_steps"] <= 2:
+        if plan.steps <= 2:
             return ["teacache always computes the first and last step: with 2 steps or fewer it skips nothing"]
         return []

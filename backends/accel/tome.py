@@ -21,6 +21,7 @@ import torch
 
 from backends.accel._patch import ForwardPatch
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
 MergeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -243,29 +244,23 @@ class ToMeMethod(Method):
         config=ToMeConfig,
     )
 
-    def apply(self, backend) -> None:
+    def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         unet = getattr(backend.pipe, "unet", None)
         if unet is None or not hasattr(unet, "down_blocks"):
             raise ValidationError("tome needs a diffusers UNet (UNet2DConditionModel-like) denoiser")
-        self.patch = apply_tome(unet, self.config)
+        patch = apply_tome(unet, self.config)
 
-    def remove(self, backend) -> None:
-        self.patch.remove()
+        def stats() -> dict[str, Any]:
+            s = patch.state
+            return {
+                "merged_blocks": len(patch.blocks),
+                "attention_calls": s.calls,
+                "tokens_before": s.tokens_before,
+                "tokens_after": s.tokens_after,
+                "token_ratio": round(s.tokens_after / s.tokens_before, 3) if s.tokens_before else 1.0,
+            }
 
-    def stats(self) -> dict[str, Any]:
-        patch = getattr(self, "patch", None)
-        if patch is None:
-            return {}
-        s = patch.state
-        return {
-            "merged_blocks": len(patch.blocks),
-            "attention_calls": s.calls,
-            "tokens_before": s.tokens_before,
-            "tokens_after": s.tokens_after,
-            "token_ratio": round(s.tokens_after / s.tokens_before, 3) if s.tokens_before else 1.0,
-        }
-
-    def warnings(self, backend, call) -> list[str]:
-        if self.config.ratio <= 0:
-            return ["tome with ratio 0 merges no tokens: no speed-up"]
-        return []
+        notes = ["tome with ratio 0 merges no tokens: no speed-up"] if self.config.ratio <= 0 else []
+        handle = RunHandle(plan, stats, lambda _plan: notes)
+        handle.on_remove(patch.remove)
+        return handle
