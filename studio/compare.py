@@ -7,14 +7,14 @@ parameter sweeps and ``python -m benchmarks --methods``.
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import statistics
 import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import pandas as pd
 
 from backends.accel.base import get_method
 from backends.types import MethodChoice, Request, ValidationError
@@ -201,14 +201,14 @@ class CompareReport:
     def table(self) -> list[dict[str, Any]]:
         return [row.table_row() for row in self.rows]
 
-    def to_csv(self) -> str:
+    def frame(self) -> pd.DataFrame:
+        """The comparison table as a DataFrame: one row per configuration, every column any
+        row has (absent values empty)."""
         table = self.table()
-        columns = list(dict.fromkeys(k for row in table for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-        return buffer.getvalue()
+        return pd.DataFrame(table, columns=list(dict.fromkeys(k for row in table for k in row)))
+
+    def to_csv(self) -> str:
+        return self.frame().to_csv(index=False)
 
     def pareto(self) -> list[str]:
         """Configurations no other one beats on both speed and quality."""
@@ -223,12 +223,7 @@ class CompareReport:
         return front
 
     def to_html(self, images: dict[str, str] | None = None) -> str:
-        table = self.table()
-        columns = list(dict.fromkeys(k for row in table for k in row))
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>" for row in table
-        )
+        rows = self.frame().to_html(index=False, escape=True, na_rep="", border=0)
         pictures = "".join(
             f'<figure><img src="{src}" width="160"><figcaption>{html.escape(label)}</figcaption></figure>'
             for label, src in (images or {}).items()
@@ -238,7 +233,7 @@ class CompareReport:
             "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}figure{display:inline-block}</style>"
             f"</head><body><h1>{html.escape(self.model)} ({self.modality})</h1><p>compare group {self.group}; "
             f"Pareto front: {html.escape(', '.join(self.pareto()))}</p><div>{pictures}</div>"
-            f"<table><tr>{head}</tr>{body}</table></body></html>"
+            f"{rows}</body></html>"
         )
 
 

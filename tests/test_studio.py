@@ -1,5 +1,7 @@
 """The Studio service: validation, outputs + history rows, failures, repair, compare."""
 
+import csv
+import io
 import threading
 from pathlib import Path
 
@@ -125,8 +127,10 @@ def test_compare_runs_baseline_then_configs_in_one_group(studio_factory, monkeyp
     assert groups == {report.group}
     assert studio.history.count(compare_group=report.group, status="ok") == 6
     assert any("deepcache" in s for s in seen)
-    assert "speedup" in report.to_csv().splitlines()[0]
-    assert "<table>" in report.to_html()
+    exported = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert [r["config"] for r in exported] == [r.label for r in report.rows] and "speedup" in exported[0]
+    page = report.to_html()
+    assert page.count("<tr") == len(report.rows) + 1 and "deepcache(interval=2)" in page  # header + one a row
     front = report.pareto()  # the exact baseline and the fastest run are never beaten on both counts
     assert "baseline" in front and "deepcache(interval=2)" in front and "deepcache(branch=3)" not in front
 

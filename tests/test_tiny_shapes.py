@@ -107,3 +107,19 @@ def test_bundled_image_models_follow_colour_position_and_background(folder):
     scores = score_images(pipe(ADHERENCE_PROMPTS, **kwargs).images, ADHERENCE_PROMPTS)
     assert scores["color"] >= 0.75 and scores["position"] >= 0.75 and scores["background"] >= 0.875, scores
     assert scores["all"] >= 0.25, scores  # all four right by chance: 1/96
+
+
+def test_recipes_noise_with_the_schedulers_own_formulas():
+    """The image and audio recipes noise with ``scheduler.add_noise`` and take the
+    v-prediction target from ``get_velocity``: the same numbers the shipped models were
+    trained with (sqrt(a) x0 + sqrt(1 - a) noise, sqrt(a) noise - sqrt(1 - a) x0)."""
+    import torch
+
+    from backends.tiny.image_models import make_ddim_scheduler
+
+    sched = make_ddim_scheduler()
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(sched.add_noise(x0, noise, t), a.sqrt() * x0 + (1 - a).sqrt() * noise, atol=1e-6)
+    assert torch.allclose(sched.get_velocity(x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0, atol=1e-6)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from backends.plan import DecodingPlan, RunHandle
 from backends.types import ValidationError
@@ -34,24 +35,24 @@ class Sampling:
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
 
+    @property
+    def warpers(self) -> LogitsProcessorList:
+        """transformers' own temperature, top-k and top-p warpers, in ``generate``'s order."""
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(max(self.temperature, 1e-5))])
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(int(self.top_k)))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(float(self.top_p)))
+        return warpers
+
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """Next token ids for ``logits`` of shape (..., vocab)."""
         if not self.do_sample:
             return logits.argmax(dim=-1)
-        logits = logits.float() / max(self.temperature, 1e-5)
-        if self.top_k and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            ordered, order = torch.sort(logits, dim=-1, descending=False)
-            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-            drop_sorted = cumulative <= 1 - self.top_p
-            drop_sorted[..., -1:] = False
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1]).cpu()
-        picked = torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        warped = self.warpers(None, flat)  # these warpers read only the scores, not the input ids
+        probs = warped.softmax(dim=-1).cpu()
+        picked = torch.multinomial(probs, 1, generator=self.generator).reshape(logits.shape[:-1])
         return picked.to(logits.device)
 
 

@@ -191,7 +191,6 @@ def train_audio_main(argv: list[str] | None = None) -> int:
     x_pool, prompts = spectrogram_pool(n_pool, cfg.seed)
     print(f"pool of {len(x_pool)} spectrograms in {time.time() - t0:.0f}s, mean {x_pool.mean():.3f} "
           f"std {x_pool.std():.3f}", flush=True)
-    acp = sched.alphas_cumprod
 
     unet.to(memory_format=torch.channels_last)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
@@ -212,9 +211,8 @@ def train_audio_main(argv: list[str] | None = None) -> int:
         cond = text(_ids(tok, drop_prompts([prompts[i] for i in idx], rng, cfg.p_uncond)))[0]
         t = torch.randint(0, 1000, (cfg.batch_size,))
         noise = torch.randn_like(x0)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        xt = sched.add_noise(x0, noise, t)  # sqrt(a) x0 + sqrt(1 - a) noise
+        v = sched.get_velocity(x0, noise, t)  # the v-prediction target
         pred = unet(unet_input(xt).contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, v)
         opt.zero_grad(set_to_none=True)

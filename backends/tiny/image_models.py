@@ -429,7 +429,6 @@ def train_unet_main(argv: list[str] | None = None) -> int:
     n_pool = cfg.pool_size if cfg.minutes >= 2 else 512
     z, prompts = encode_pool(vae, n_pool, seed=cfg.seed, cache=_pool_cache(args.vae, n_pool, cfg.seed))
     print(f"encoded {len(z)} latents in {time.time() - t0:.0f}s, std {z.std():.3f}", flush=True)
-    acp = sched.alphas_cumprod
 
     unet.to(memory_format=torch.channels_last)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
@@ -448,9 +447,8 @@ def train_unet_main(argv: list[str] | None = None) -> int:
         cond = text(_clip_ids(tok, drop_prompts([prompts[i] for i in idx], rng, cfg.p_uncond)))[0]
         t = torch.randint(0, 1000, (cfg.batch_size,))
         noise = torch.randn_like(x0)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        xt = sched.add_noise(x0, noise, t)  # sqrt(a) x0 + sqrt(1 - a) noise
+        v = sched.get_velocity(x0, noise, t)  # the v-prediction target
         pred = unet(xt.contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, v)
         opt.zero_grad(set_to_none=True)
