@@ -248,12 +248,31 @@ def test_faster_cache_conflicts_with_cfg_truncation(flux):
 def test_methods_that_patch_the_same_model_combine(request, methods, backend_name):
     """Methods that are allowed together stack their patches and unwind them exactly, in
     either order, and each still does its work."""
-    backend = request.getfixturevalue(backend_name)
+    check_combination(request.getfixturevalue(backend_name), methods)
+
+
+# the statistic that shows a method did its work, from the single-method cases above
+WORK_EVIDENCE = {name: key for name, _, key, _ in UNET_CASES + DIT_CASES if key not in ("evals", "tokens")}
+WORK_EVIDENCE["cfg_truncation"] = "unguided_steps"
+
+
+def check_combination(backend, methods):
     _, result = run_with(backend, methods)
     for name, _ in methods:
         stats = result.method_stats[name]
-        assert any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in stats.values()), \
-            (name, stats)
+        if name == "tome":
+            assert 0 < stats["tokens_after"] < stats["tokens_before"], (name, stats)
+        else:
+            assert stats[WORK_EVIDENCE[name]] > 0, (name, stats)
+
+
+def test_a_teacache_that_never_skips_fails_the_combined_test(flux, monkeypatch):
+    """The combined test looks at each method's own work, not at any counter above zero."""
+    import backends.accel.teacache as teacache
+
+    monkeypatch.setattr(teacache, "rescale", lambda value, coefficients: 1e9)
+    with pytest.raises(AssertionError, match="teacache"):
+        check_combination(flux, [("cfg_truncation", {"fraction": 0.5}), ("teacache", {})])
 
 
 @pytest.mark.slow
