@@ -164,7 +164,7 @@ def test_compare_and_history_through_the_api(served):
     assert "Compare group" in summary and len(gallery) == 4
     rows = table["data"]
     assert [r[0] for r in rows] == ["baseline", "deepcache(interval=2)", "sampler(steps=2)", "cfg_truncation"]
-    assert open(csv_path).read().startswith("config,") and "<table>" in open(html_path).read()
+    assert open(csv_path).read().startswith("config,") and "</table>" in open(html_path).read()
     group = summary.split("`")[1]
     grouped = studio.history.query(compare_group=group)
     assert len(grouped) == 4
