@@ -102,8 +102,10 @@ def llm_plan_prompt(request: str, steps: int) -> str:
             f"formatted as: Step N: <one sentence> | Image: <a short picture description>")
 
 
-def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
-    """Plan, write and draw a story; every stage is a history run under one parent row."""
+def run_story(studio, story: StoryRequest, progress=None, cancel=None) -> StoryResult:
+    """Plan, write and draw a story; every stage is a history run under one parent row.
+    ``cancel`` (a CancelToken) stops the stage in progress at its next step; the story is
+    then recorded as cancelled (or timeout) like any run."""
     if not story.request.strip():
         raise ValidationError("the story request is empty: say what the story or how-to is about")
     if not 1 <= story.steps <= 8:
@@ -116,7 +118,7 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
     timings = {"plan": 0.0, "text": 0.0, "images": 0.0}
     try:
         t0 = time.perf_counter()
-        plan = plan_steps(studio, story, story_id)
+        plan = plan_steps(studio, story, story_id, cancel)
         timings["plan"] = time.perf_counter() - t0
         out_steps = []
         for i, (step_text, image_prompt) in enumerate(plan):
@@ -125,12 +127,12 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
             step = StoryStep(i + 1, step_text, image_prompt)
             text_request = Request("text", story.text_model, step_prompt(step_text), seed=story.seed,
                                    params={"max_new_tokens": story.max_new_tokens}, methods=story.text_methods)
-            text_outcome = studio.generate(text_request, parent_id=story_id)
+            text_outcome = studio.generate(text_request, parent_id=story_id, cancel=cancel)
             step.text = f"{step_text}\n\n{text_outcome.result.output.strip()}"
             step.text_run_id, step.text_seconds = text_outcome.run_id, text_outcome.result.total_seconds
             image_request = Request("image", story.image_model, image_prompt, seed=story.seed,
                                     params=story.image_params, methods=story.image_methods)
-            image_outcome = studio.generate(image_request, parent_id=story_id)
+            image_outcome = studio.generate(image_request, parent_id=story_id, cancel=cancel)
             step.image_run_id, step.image_path = image_outcome.run_id, image_outcome.result.output_path
             step.image_seconds = image_outcome.result.total_seconds
             timings["text"] += step.text_seconds
@@ -139,8 +141,8 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
         timings["total"] = time.perf_counter() - started
         html_path, md_path = export_story(studio.outputs.new_story_folder(story_id), story.request, out_steps,
                                           studio.outputs)
-    except StudioError as exc:
-        studio.history.finish_run(story_id, status="failed", error=str(exc),
+    except StudioError as exc:  # a cancelled or timed-out stage carries its own status
+        studio.history.finish_run(story_id, status=getattr(exc, "status", "failed"), error=str(exc),
                                   timings={**timings, "total": time.perf_counter() - started})
         raise
     studio.history.finish_run(story_id, status="ok", timings=timings, output_path=studio.outputs.relative(html_path),
@@ -148,14 +150,14 @@ def run_story(studio, story: StoryRequest, progress=None) -> StoryResult:
     return StoryResult(story_id, story.request, out_steps, timings, str(html_path), str(md_path))
 
 
-def plan_steps(studio, story: StoryRequest, story_id: int) -> list[tuple[str, str]]:
+def plan_steps(studio, story: StoryRequest, story_id: int, cancel=None) -> list[tuple[str, str]]:
     """An LLM plan when the text model can follow instructions, else the template."""
     described = studio.describe_model("text", story.text_model)
     if described.get("chat_template"):
         outcome = studio.generate(Request("text", story.text_model, llm_plan_prompt(story.request, story.steps),
                                           seed=story.seed, params={"max_new_tokens": min(2048, 64 * story.steps),
                                                                    "chat_template": True}),
-                                  parent_id=story_id)
+                                  parent_id=story_id, cancel=cancel)
         plan = parse_llm_plan(outcome.result.output, story.steps)
         if len(plan) == story.steps:
             return plan

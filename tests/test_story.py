@@ -59,3 +59,47 @@ def test_two_histories_on_one_data_dir_keep_their_own_story_files(studio_factory
     assert mine.story_id == theirs.story_id and mine.html_path != theirs.html_path
     other.history.delete([theirs.story_id])
     assert Path(mine.html_path).is_file() and not Path(theirs.html_path).exists()
+
+
+def test_a_cancelled_story_stops_and_is_recorded_as_cancelled(studio_factory):
+    """Trust issue: Cancel in every tab, the Story tab included: a token set while a stage
+    runs stops that stage at its next step, and the story row says cancelled."""
+    import threading
+
+    from backends.control import CancelToken, RunCancelled
+
+    studio = studio_factory()
+    token, started, cancelled = CancelToken(), threading.Event(), threading.Event()
+
+    def progress(done, total, stage):
+        started.set()
+        cancelled.wait(30)  # the story goes on only once the other thread has cancelled: no race
+
+    def cancel_from_another_thread():
+        started.wait(30)
+        token.cancel("test")
+        cancelled.set()
+
+    story = StoryRequest("a 3-step how-to: circles", "dummy-llama", "dummy-sd", steps=3, image_params={"steps": 2})
+    canceller = threading.Thread(target=cancel_from_another_thread)
+    canceller.start()
+    with pytest.raises(RunCancelled):
+        run_story(studio, story, progress=progress, cancel=token)
+    canceller.join()
+    parent = next(r for r in studio.history.query(limit=20) if r.modality == "story")
+    assert parent.status == "cancelled"
+    children = studio.history.children(parent.id)
+    assert [c.status for c in children] == ["cancelled"]  # the first stage stopped, nothing ran after it
+
+
+def test_the_story_tab_has_a_cancel_that_stops_its_run(tmp_path):
+    from gradio_client import Client
+
+    from conftest import ServedApp
+
+    served = ServedApp(["--dummy-models", "--data-dir", str(tmp_path), "--device", "cpu"])
+    try:
+        client = Client(served.url, verbose=False)
+        assert "/story_cancel" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    finally:
+        served.close()
