@@ -90,9 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps or cpu")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="runs at once per generate endpoint (a model is still used by one run at a time)")
-    parser.add_argument("--threads", type=int, default=default_threads(), metavar="N",
+    threads = default_threads()
+    parser.add_argument("--threads", type=int, default=threads, metavar="N",
                         help="torch CPU threads for generation (default: one less than the CPU count, at least 1, "
-                        f"here {default_threads()}: leaves the web server a core; on a busy small machine more "
+                        f"here {threads}: leaves the web server a core; on a busy small machine more "
                         "threads than free cores make generation several times slower)")
     parser.add_argument("--memory-budget-gb", type=float, help="unload least recently used models above this")
     parser.add_argument("--dummy-models", action="store_true",

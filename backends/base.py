@@ -8,13 +8,12 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from backends.control import CancelToken
+from backends.control import CancelToken, ProgressFn
 from backends.plan import Handle, RunPlan, attached
 from backends.timing import EvalCounter, PeakMemory, StageTimer
 from backends.catalog import resolve_source
 from backends.types import ModelLoadError, Request, Result, StudioError, ValidationError
 
-ProgressFn = Callable[[int, int, str], None]
 
 
 def module_bytes(*modules: Any) -> int:

@@ -78,9 +78,13 @@ class ModalityParam:
         multiple = int(self.step) if self.kind is int and self.step > 1 else None
         return Range(self.kind, self.low, self.high, multiple, self.noun or self.name)
 
+    def leaves_to_model(self, value: Any) -> bool:
+        """None, or 0 where 0 means the model's default: the request leaves it to the model."""
+        return value is None or (self.zero_means_default and value == 0 and not isinstance(value, bool))
+
     def check(self, value: Any) -> Any:
         """The value as this parameter's type, or ValidationError; None = leave it to the model."""
-        if value is None or (self.zero_means_default and value == 0 and not isinstance(value, bool)):
+        if self.leaves_to_model(value):
             return None
         if self.kind is bool:
             if not isinstance(value, bool):
@@ -160,7 +164,7 @@ def request_params(modality: str, values: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for spec in MODALITY_PARAMS[modality]:
         value = values.get(spec.name)
-        if value is None or (spec.zero_means_default and value == 0 and not isinstance(value, bool)):
+        if spec.leaves_to_model(value):
             continue
         out[spec.name] = value
     return out

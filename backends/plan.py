@@ -95,25 +95,7 @@ class Handle(Protocol):
     def skipped_evals(self) -> int: ...
 
 
-class BaseHandle:
-    """Defaults for a handle: nothing to undo, report or warn about."""
-
-    def remove(self) -> None:
-        pass
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-    def warnings(self) -> list[str]:
-        return []
-
-    def skipped_evals(self) -> int:
-        """Denoiser calls this method answered without running the network (whole calls
-        from a cache, a dropped guidance pass); partial calls ran the network and count."""
-        return 0
-
-
-class RunHandle(BaseHandle):
+class RunHandle:
     """A handle that undoes what its method did, in reverse order: ``on_remove`` registers
     each undo step as the patch is made; ``undo_on_error`` wraps the setup, so a failed
     attach leaves nothing behind. ``plan`` is the run's plan, final once every method has

@@ -409,7 +409,10 @@ class HistoryStore:
         as they are (shown as a missing file, never read)."""
         changed = 0
         with self.sessions.begin() as session:
-            rows = session.execute(select(Run.id, Run.output_path).where(Run.output_path.is_not(None))).all()
+            # rows written since paths became relative start with "outputs/": skipped in SQL,
+            # so a large history costs nothing here at each start-up
+            rows = session.execute(select(Run.id, Run.output_path).where(
+                Run.output_path.is_not(None), ~Run.output_path.startswith(outputs.root.name + "/"))).all()
             for run_id, stored in rows:
                 if not os.path.isabs(stored):
                     continue

@@ -34,7 +34,7 @@ class OutputStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.root.parent
-        self._cached_real_root: Path | None = None
+        self.real_root = self.root.resolve()  # resolved once: each resolve() costs system calls
 
     def new_path(self, modality: str, suffix: str | None = None) -> Path:
         day = self.root / datetime.now().strftime("%Y-%m-%d")
@@ -46,7 +46,7 @@ class OutputStore:
         """The form a row stores: relative to the data dir, with forward slashes. A path
         outside the outputs folder is refused (ValueError): rows never point elsewhere."""
         real = Path(path).resolve()
-        rel = real.relative_to(self.root.resolve())  # raises ValueError outside the root
+        rel = real.relative_to(self.real_root)  # raises ValueError outside the root
         return (Path(self.root.name) / rel).as_posix()
 
     def resolve(self, stored: str | os.PathLike | None) -> Path | None:
@@ -59,7 +59,7 @@ class OutputStore:
             path = self.data_dir / path
         try:
             real = path.resolve()
-            real.relative_to(self._real_root())
+            real.relative_to(self.real_root)
         except (ValueError, OSError, RuntimeError):
             return None
         return real
@@ -71,7 +71,7 @@ class OutputStore:
         real = self.resolve(stored)
         if real is None:
             return None
-        lexical = os.path.normpath(os.path.join(str(self._real_root().parent), str(stored)))
+        lexical = os.path.normpath(os.path.join(str(self.real_root.parent), str(stored)))
         return real if lexical == str(real) and not os.path.islink(lexical) else None
 
     def new_story_folder(self, story_id: int) -> Path:
@@ -85,7 +85,7 @@ class OutputStore:
         """The folder a story row's own story.html lies in, when it is a story folder inside
         outputs/ (so deleting a story removes its files and nobody else's)."""
         page = self.resolve(stored)
-        if page is None or page.parent.parent != self._real_root() / STORIES:
+        if page is None or page.parent.parent != self.real_root / STORIES:
             return None
         return page.parent
 
@@ -171,14 +171,10 @@ class OutputStore:
         return path
 
     # -- upkeep ------------------------------------------------------------------------
-    def files(self) -> list[Path]:
-        """Every regular file under the root (symlinks, to files or folders, are not ours
-        and are neither followed nor touched)."""
-        return [Path(path) for path in self._walk()]
-
     def _walk(self) -> list[str]:
-        """``files()`` as strings, from one ``os.scandir`` walk: no system call per file, and
-        no Path objects, which cost more than the walk for 100,000 outputs."""
+        """Every regular file under the root, as strings, from one ``os.scandir`` walk (no
+        system call per file, no Path objects: they cost more than the walk for 100,000
+        outputs). Symlinks, to files or folders, are not ours: never followed or touched."""
         found, folders = [], [str(self.root)]
         while folders:
             with os.scandir(folders.pop()) as entries:
@@ -193,14 +189,14 @@ class OutputStore:
         """Every file's real path -> its path under the root. No symlink is followed below
         the root, so a file's real path is the root's real path joined with its relative
         path: no ``resolve()`` (several system calls) per file."""
-        real_root, root = str(self._real_root()), str(self.root)
+        real_root, root = str(self.real_root), str(self.root)
         return {real_root + path[len(root):]: path for path in self._walk()}
 
     def resolve_many(self, stored: Iterable[str], real_files: dict[str, str]) -> set[str]:
         """The real paths (strings) of the stored paths whose file is present, for a whole
         history: a plain ``outputs/...`` path is joined to the root's real path and looked
         up in ``real_files`` (no system call); anything unusual goes through ``resolve``."""
-        real_root = str(self._real_root())
+        real_root = str(self.real_root)
         prefix = self.root.name + "/"
         present = set()
         for path in stored:
@@ -213,25 +209,18 @@ class OutputStore:
                 present.add(candidate)
         return present
 
-    def _real_root(self) -> Path:
-        """The root's real path, resolved once (resolving costs a system call per component)."""
-        if self._cached_real_root is None:
-            self._cached_real_root = self.root.resolve()
-        return self._cached_real_root
-
     def owned_folders(self, referenced: Iterable[str]) -> set[str]:
         """A story row points at its story.html; the whole story folder (story.md, the
         step images) belongs to it. Real paths, as strings."""
-        stories = str(self._real_root() / STORIES)
+        stories = str(self.real_root / STORIES)
         return {os.path.dirname(p) for p in referenced if os.path.dirname(os.path.dirname(p)) == stories}
 
-    def orphans(self, referenced: Iterable[str], real_files: dict[str, str] | None = None) -> list[Path]:
-        """Files under the root that no history row points to (left by a crash).
-        ``referenced`` holds real paths as strings (``resolve_many``); ``real_files`` is
-        ``real_files()`` when the caller already walked the folder."""
+    def orphans(self, referenced: Iterable[str], real_files: dict[str, str]) -> list[Path]:
+        """Files under the root that no history row points to. ``referenced`` holds real
+        paths as strings (``resolve_many``); ``real_files`` is the one walk of the folder
+        (``real_files()``)."""
         referenced = set(referenced)
         folders = self.owned_folders(referenced)
-        real_files = self.real_files() if real_files is None else real_files
         return [
             Path(path) for real, path in real_files.items()
             if os.path.basename(path).startswith(".tmp-")

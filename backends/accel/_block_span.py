@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from backends.accel._eval_cost import EvalCostMeter, cost_stats
+from backends.accel._eval_cost import EvalCostMeter
 from backends.plan import RunHandle
 from backends.types import ValidationError
 
@@ -238,7 +238,7 @@ def span_handle(plan: Any, cache: SpanCache, own_stats, notes, whole_stack: bool
     """The run handle of a span cache: step figures (``step_stats``) and the measured full vs
     partial costs, then the method's own figures; removing it unhooks the span."""
     def stats() -> dict[str, Any]:
-        return {**step_stats(cache.calls, whole_stack), **cost_stats(cache.costs), **own_stats()}
+        return {**step_stats(cache.calls, whole_stack), **cache.costs.stats(), **own_stats()}
 
     handle = RunHandle(plan, stats, notes, lambda: step_stats(cache.calls, whole_stack)["skipped_evals"])
     handle.on_remove(cache.remove)

@@ -6,6 +6,7 @@ backend (``backends.accel`` is imported while ``backends.base`` loads).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,7 +36,7 @@ class Sampling:
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
 
-    @property
+    @functools.cached_property
     def warpers(self) -> LogitsProcessorList:
         """transformers' own temperature, top-k and top-p warpers, in ``generate``'s order."""
         warpers = LogitsProcessorList([TemperatureLogitsWarper(max(self.temperature, 1e-5))])

@@ -203,11 +203,13 @@ class DiffusersCacheHandle(RunHandle):
                 del module._diffusers_hook
         invalidate_registries(self.denoiser)
 
-    def skipped_evals(self) -> int:
-        return self.counter.stats()["skipped_calls"] if self.method.whole_call_skips() else 0
+    def skipped_evals(self, counts: dict[str, Any] | None = None) -> int:
+        counts = self.counter.stats() if counts is None else counts
+        return counts["skipped_calls"] if self.method.whole_call_skips() else 0
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counter.stats(), "skipped_evals": self.skipped_evals(), **self.run_stats}
+        counts = self.counter.stats()  # once: the skip count is read from the same numbers
+        return {**counts, "skipped_evals": self.skipped_evals(counts), **self.run_stats}
 
     def warnings(self) -> list[str]:
         return self.method.notes(self.backend, self.plan)

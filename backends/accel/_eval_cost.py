@@ -130,6 +130,3 @@ class EvalCostMeter:
         }
 
 
-def cost_stats(meter: EvalCostMeter | None) -> dict[str, Any]:
-    """``meter.stats()``, or nothing for a method that never ran a call."""
-    return meter.stats() if meter is not None else {}

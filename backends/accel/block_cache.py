@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from backends.accel._block_span import SpanCache, block_lists, step_stats
-from backends.accel._eval_cost import cost_stats
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
@@ -89,11 +88,11 @@ class BlockCacheMethod(Method):
                 "skipped_evals": steps["skipped_evals"],
                 "branches": steps["branches"],
                 "cache_hit_rate": steps["cache_hit_rate"],
-                **cost_stats(cache.costs),
+                **cache.costs.stats(),
             }
 
         handle = RunHandle(plan, stats, lambda plan: self.notes(plan, total_blocks),
-                           lambda: stats()["skipped_evals"])
+                           lambda: step_stats(cache.calls, whole_stack=span == total_blocks)["skipped_evals"])
         handle.on_remove(cache.remove)
         return handle
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from backends.accel._eval_cost import EvalCostMeter, cost_stats
+from backends.accel._eval_cost import EvalCostMeter
 from backends.accel._patch import ForwardPatch, StepCallback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
@@ -141,7 +141,7 @@ class DeepCacheMethod(Method):
             "full_steps": state.full_steps,
             "shallow_steps": state.shallow_steps,
             "cache_hit_rate": round(state.shallow_steps / total, 3) if total else 0.0,
-            **cost_stats(costs),
+            **costs.stats(),
         }
 
     def notes(self, plan: DiffusionPlan) -> list[str]:

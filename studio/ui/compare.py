@@ -15,7 +15,7 @@ from backends.types import MODALITIES, Request, ValidationError
 from studio.compare import parse_configs, parse_values, run_compare, sweep_configs
 from studio.plots import speed_quality_figure, stages_figure, text_diff_html
 from studio.ui.common import model_choices, progress_adapter, user_errors
-from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
+from studio.ui.runs import Progress, SessionRuns, run_with_token
 
 
 def default_params(modality: str) -> dict:
@@ -174,7 +174,7 @@ def build_compare_tab(studio) -> dict:
                                                 repeats], outputs=outputs, api_name="sweep", concurrency_id="compare")
 
     def do_cancel(request: gr.Request):
-        runs.cancel(session_key(request))
+        runs.cancel_session(request)
         return "Cancelled. The runs already made are in History under their compare group."
 
     cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event], api_name="compare_cancel",

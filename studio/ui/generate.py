@@ -15,7 +15,7 @@ from backends.types import Request
 from studio.plots import audio_figure, frame_strip
 from studio.presets import Preset
 from studio.ui.common import AccelPanel, accel_panel, format_result, model_dropdown, progress_adapter, user_errors, wire_model_change
-from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
+from studio.ui.runs import Progress, SessionRuns, run_with_token
 
 
 def param_control(spec: ModalityParam, modality: str, value: Any) -> gr.components.Component:
@@ -162,9 +162,6 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
             shown.append(frame_strip(outcome.result.output))
         yield shown
 
-    def cancel_runs(request: gr.Request):
-        runs.cancel(session_key(request))
-
     events = [
         # the named endpoint /generate_{modality} (studio.ui.endpoints) takes named parameters;
         # the button's own event, positional over every control, is not part of the API
@@ -173,7 +170,7 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
         prompt.submit(generate, inputs=tab.request_inputs, outputs=outputs, api_name=False,
                       concurrency_id=f"generate_{modality}"),
     ]
-    cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False,
+    cancel.click(runs.cancel_session, inputs=None, outputs=None, cancels=events, queue=False,
                  api_name=f"cancel_{modality}")
 
     tab.extra["model_change"] = wire_model_change(studio, modality, model, family, panel)

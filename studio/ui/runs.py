@@ -16,6 +16,8 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
+import gradio as gr
+
 from backends.control import CancelToken
 
 HEARTBEAT_S = 0.5  # how often a waiting handler yields, so a close reaches it promptly
@@ -47,6 +49,10 @@ class SessionRuns:
                 tokens.discard(token)
                 if not tokens:
                     del self._tokens[key]
+
+    def cancel_session(self, request: gr.Request) -> None:
+        """A Cancel button's handler: stop the runs of the clicking session (``gr.Request``)."""
+        self.cancel(session_key(request))
 
     def cancel(self, key: str, reason: str = "cancelled by the user") -> int:
         with self._lock:

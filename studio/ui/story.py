@@ -6,7 +6,7 @@ import gradio as gr
 
 from studio.story import StoryRequest, run_story, story_fragment
 from studio.ui.common import accel_panel, model_dropdown, user_errors
-from studio.ui.runs import Progress, SessionRuns, run_with_token, session_key
+from studio.ui.runs import Progress, SessionRuns, run_with_token
 
 
 def build_story_tab(studio) -> None:
@@ -70,7 +70,4 @@ def build_story_tab(studio) -> None:
                                         *image_panel.inputs],
                            outputs=[info, page, html_file, md_file], api_name="story")]
 
-    def cancel_runs(request: gr.Request):
-        runs.cancel(session_key(request))
-
-    cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False, api_name="story_cancel")
+    cancel.click(runs.cancel_session, inputs=None, outputs=None, cancels=events, queue=False, api_name="story_cancel")

@@ -10,7 +10,7 @@ from backends.params import controls_for
 from studio.presets import Preset
 from studio.ui.common import accel_panel, format_result, model_dropdown, user_errors, wire_model_change
 from studio.ui.generate import GenerationTab, param_control, stream_generation
-from studio.ui.runs import Progress, SessionRuns, session_key
+from studio.ui.runs import Progress, SessionRuns
 
 # Ends inside the function body, not after a newline: after "def f(n):\n" the bundled code
 # model reads a finished signature and starts a new ``def``; here it goes on with the body.
@@ -78,10 +78,7 @@ def build_text_tab(studio) -> GenerationTab:
     events = [button.click(generate, inputs=tab.request_inputs, outputs=[output, info], api_name=False,
                            concurrency_id="generate_text")]
 
-    def cancel_runs(request: gr.Request):
-        runs.cancel(session_key(request))
-
-    cancel.click(cancel_runs, inputs=None, outputs=None, cancels=events, queue=False, api_name="cancel_text")
+    cancel.click(runs.cancel_session, inputs=None, outputs=None, cancels=events, queue=False, api_name="cancel_text")
 
     tab.extra["model_change"] = wire_model_change(studio, "text", model, family, panel)
 
