@@ -31,7 +31,10 @@ def api_run(studio, request_json) -> dict:
     try:
         outcome = studio.generate(parse_request_json(request_json))
         result = outcome.result
-        return {"run_id": outcome.run_id, "output_path": result.output_path,
+        # the path as History stores it (``outputs/...``, relative to the data dir): a
+        # reply never reveals where the server keeps its files
+        stored = studio.outputs.relative(result.output_path) if result.output_path else None
+        return {"run_id": outcome.run_id, "output_path": stored,
                 "output": result.output if isinstance(result.output, str) else None, **result.summary()}
     except StudioError as exc:
         raise gr.Error(one_line(str(exc)), print_exception=False) from None
