@@ -80,6 +80,7 @@ DIT_CASES = [
     ("adacache", {"scale": 3.0}, "skipped_steps", True),
     ("first_block_cache", {"threshold": 0.3}, "attention_skipped", True),
     ("taylorseer", {"interval": 2, "warmup_steps": 2}, "skipped_calls", True),
+    ("cg_taylor", {"threshold": 0.3}, "skipped_calls", True),
     ("mag_cache", {"threshold": 0.06}, "skipped_calls", True),
     ("pab", {}, "attention_skipped", True),
     ("faster_cache", {}, "attention_skipped", True),
@@ -220,7 +221,7 @@ def test_gpu_attention_backend_refused_on_cpu(flux):
 
 
 DIT_CACHES = sorted(name for name, cls in all_methods().items() if "dit-cache" in cls.spec.slots)
-assert len(DIT_CACHES) == 8  # the exact pairs are checked in test_framework.py
+assert len(DIT_CACHES) == 9  # the exact pairs are checked in test_framework.py
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(DIT_CACHES, 2)))
@@ -413,3 +414,35 @@ def test_a_flow_solver_keeps_the_models_sigma_shift(solver):
     swapped = getattr(diffusers, cls_name).from_config(base.config, **overrides, **flow_shift_of(base))
     swapped.set_timesteps(10)
     assert np.allclose(swapped.sigmas[:4].numpy(), base.sigmas[:4].numpy(), atol=0.04), (swapped.sigmas, base.sigmas)
+
+
+def test_taylor_series_forecasts_a_polynomial_of_its_order_exactly():
+    """CG-Taylor's forecasts: divided differences over the computed steps extrapolate a
+    polynomial of the configured order exactly (steps need not be evenly spaced), also on a
+    (hidden, encoder) pair with an absent encoder part."""
+    from backends.accel.cg_taylor import TaylorSeries
+
+    def value(step):
+        return torch.full((2, 3), 1.0 + 2.0 * step), None
+
+    series = TaylorSeries(order=1)
+    assert not series.ready
+    for step in (0, 1, 4):
+        series.update(step, value(step))
+    hidden, encoder = series.forecast(7)
+    assert series.ready and encoder is None and torch.allclose(hidden, value(7)[0])
+    constant = TaylorSeries(order=0)
+    constant.update(2, torch.ones(3))
+    assert torch.equal(constant.forecast(9), torch.ones(3))  # order 0: plain reuse
+
+
+def test_cg_taylor_forecasts_only_when_the_first_block_forecast_is_accurate(flux):
+    """Threshold 0 never forecasts (bit-identical to the baseline); a loose threshold
+    forecasts, at most ``max_skips`` steps in a row, never the warm-up or the last step."""
+    base = baseline(flux)
+    strict = flux.run(make_request(flux, [("cg_taylor", {"threshold": 0.0})]))
+    assert strict.method_stats["cg_taylor"]["skipped_calls"] == 0
+    assert np.array_equal(pixels(base), pixels(strict))
+    loose = flux.run(make_request(flux, [("cg_taylor", {"threshold": 1.0, "max_skips": 1, "warmup_steps": 2})]))
+    stats = loose.method_stats["cg_taylor"]
+    assert 0 < stats["skipped_steps"] <= (STEPS - 2 - 1 + 1) // 2, stats
