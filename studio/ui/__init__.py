@@ -60,6 +60,7 @@ EXAMPLES: dict[str, list[str]] = {
 STUDIO_CSS = """
 #image-output img, #history-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #compare-gallery img { image-rendering: pixelated; }
+#compare-slider img, #compare-diff img { image-rendering: pixelated; }
 """
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys
