@@ -133,7 +133,7 @@ def timeline_figure(rows, title: str = "what each configuration computed, per de
               interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xlabel("denoising step")
-    ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 20)))
+    ax.set_xticks(range(0, matrix.shape[1], max(1, -(-matrix.shape[1] // 12))))
     ax.set_title(title, fontsize=9)
     colors = _kind_colormap().colors
     ax.legend(handles=[Patch(color=colors[2], label="computed"), Patch(color=colors[1], label="partial"),

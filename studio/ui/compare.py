@@ -182,13 +182,13 @@ def build_compare_tab(studio) -> dict:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
         others = [r.label for r in report.rows[1:] if r.outputs]
         picked = others[0] if others else None
-        return (text, gallery, "".join(html_parts), evidence.compact_table(report), report.frame(),
-                speed_quality_figure(report), stages_figure(report), str(csv_path), str(html_path),
+        return (text, gallery, "".join(html_parts), evidence.compact_table(report), speed_quality_figure(report),
+                stages_figure(report), str(csv_path), str(html_path), report.frame(),
                 timeline_view(report), report, gr.update(choices=others, value=picked),
                 *row_views(report, picked, 0))
 
-    outputs = [summary, gallery, texts, table, table_full, scatter, stages, csv_file, html_file, timeline,
-               report_state, row_pick, slider, diff_image, blocks_image]
+    outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file,  # the first, as before
+               table_full, timeline, report_state, row_pick, slider, diff_image, blocks_image]
     grid_outputs = [*outputs, grid_image]
     drift_outputs = [*outputs, drift_image, drift_table]
 
