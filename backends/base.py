@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 
 from backends.control import CancelToken, ProgressFn
-from backends.plan import Handle, RunPlan, attached
+from backends.plan import DiffusionPlan, Handle, RunPlan, attached
 from backends.timing import EvalCounter, PeakMemory, StageTimer
 from backends.catalog import resolve_source
 from backends.types import ModelLoadError, Request, Result, StudioError, ValidationError
@@ -102,7 +102,7 @@ class Backend:
             notes=notes,
             device=str(self.device),
             extra=plan.extra,
-            timeline=evals.records,
+            timeline=evals.records if isinstance(plan, DiffusionPlan) else [],  # steps: denoiser calls
         )
 
 

@@ -216,3 +216,15 @@ def test_lookahead_reports_tokens_per_step(manager):
     plain = manager.get("text", "dummy-llama").run(Request("text", "dummy-llama", "for i", "", 0,
                                                            {"max_new_tokens": 4}))
     assert "tokens_per_step" not in plain.extra  # transformers' generate: no per-step figures
+
+
+def test_text_rows_show_tokens_per_step_not_denoising_steps(manager):
+    from studio.plots import draft_length_figure
+
+    result = manager.get("text", "dummy-llama").run(
+        Request("text", "dummy-llama", "for i in", "", 0, {"max_new_tokens": 6}, [MethodChoice("lookahead")]))
+    assert result.timeline == []  # LM forwards are not denoising steps
+    row = CompareRow("lookahead", [], extra=result.extra)
+    assert evidence.draft_lengths(row) == result.extra["tokens_per_step"]
+    assert draft_length_figure([CompareRow("baseline", []), row]) is not None
+    assert draft_length_figure([CompareRow("baseline", [])]) is None

@@ -79,7 +79,7 @@ def build_compare_tab(studio) -> dict:
             gallery = gr.Gallery(label="Outputs", columns=4, height=320, elem_id="compare-gallery")
             texts = gr.HTML("", elem_id="compare-texts")
     table = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table", elem_classes=["fg-compact-table"],
-                         label="Comparison (speedup: median of paired ratios, min–max)")
+                         label="Comparison")
     with gr.Accordion("Full table (every figure)", open=False):
         table_full = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table-full")
     timeline = gr.Image(label="Timeline: computed / partial / reused per step", type="pil", interactive=False,
