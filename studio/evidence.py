@@ -106,19 +106,23 @@ def first_difference(a: list[Any], b: list[Any]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def first_difference_html(baseline: str, other: str,
-                          tokenize: Callable[[str], list[str]] | None = None) -> str:
+def first_difference_html(baseline: str | list[str], other: str | list[str],
+                          tokenize: Callable[[str], list[str]] | None = None,
+                          keys: tuple[list[Any], list[Any]] | None = None) -> str:
     """``other`` against ``baseline``: the common prefix plain, the first differing token
-    marked with its position (and the baseline's token there), the rest dimmed. Tokens from
-    ``tokenize`` (the model's tokenizer, as strings that join back to the text) or
-    whitespace-separated words. Everything is HTML-escaped."""
+    marked with its position (and the baseline's token there), the rest dimmed. Texts are
+    split by ``tokenize`` (pieces that join back to the text) or into whitespace-separated
+    words; lists are taken as the pieces already (the model's tokens, decoded one by one),
+    compared by ``keys`` (their token ids) when given. Everything is HTML-escaped."""
+    words = tokenize is None and isinstance(baseline, str)
     tokenize = tokenize or whitespace_tokens
-    a, b = tokenize(baseline), tokenize(other)
-    unit = "token" if tokenize is not whitespace_tokens else "word"
-    at = first_difference(a, b)
+    a = baseline if isinstance(baseline, list) else tokenize(baseline)
+    b = other if isinstance(other, list) else tokenize(other)
+    unit = "word" if words else "token"
+    at = first_difference(*(keys or (a, b)))
     if at is None:
         return f"<div class='fg-tokens'><p><b>identical to the baseline</b> ({len(b)} {unit}s)</p>" \
-               f"<pre>{html.escape(''.join(b))}</pre></div>"
+               f"<pre style='white-space:pre-wrap'>{html.escape(''.join(b))}</pre></div>"
     expected = html.escape(a[at]) if at < len(a) else "(end)"
     got = html.escape(b[at]) if at < len(b) else "(end)"
     head = f"<p>first difference at {unit} <b>{at}</b>: baseline <code>{expected}</code>, here <code>{got}</code></p>"
@@ -137,6 +141,18 @@ def tokenizer_pieces(tokenizer: Any) -> Callable[[str], list[str]] | None:
         return [tokenizer.decode([t]) for t in tokenizer.encode(text, add_special_tokens=False)]
 
     return pieces
+
+
+def text_difference_html(baseline: CompareRow, row: CompareRow, tokenizer: Any = None) -> str:
+    """A text row against the baseline: by the token ids the model generated, decoded one by
+    one, when both rows kept them and the tokenizer is at hand; else by re-tokenizing the
+    texts with it; else by words."""
+    ids_a, ids_b = baseline.extra.get("output_token_ids"), row.extra.get("output_token_ids")
+    if tokenizer is not None and ids_a is not None and ids_b is not None:
+        decode = tokenizer.decode
+        return first_difference_html([decode([t]) for t in ids_a], [decode([t]) for t in ids_b],
+                                     keys=(list(ids_a), list(ids_b)))
+    return first_difference_html(baseline.outputs[0], row.outputs[0], tokenizer_pieces(tokenizer))
 
 
 # -- the XYZ grid ------------------------------------------------------------------------
@@ -254,7 +270,7 @@ def primary_metric(modality: str) -> str:
 QUALITY_HEADERS = {"psnr": "PSNR dB", "token_agreement": "agree", "lsd": "LSD dB"}
 
 
-def compact_table(report: CompareReport) -> "pd.DataFrame":
+def compact_table(report: CompareReport) -> Any:
     """The table that fits a 1400 px screen: configuration, speedup (min-max), the main
     quality figure, prompt adherence, peak memory, evaluations, notes. Short headers; the
     full table (every figure) is ``report.frame()``."""

@@ -1,9 +1,7 @@
-"""Figures for a comparison: speed vs quality (Pareto front marked), time per stage."""
+"""Figures for a comparison: speed vs quality (Pareto front marked), time per stage, and the
+evidence views (timeline, |difference|, XYZ grid, seed drift)."""
 
 from __future__ import annotations
-
-import difflib
-import html
 
 import matplotlib
 import numpy as np
@@ -51,20 +49,6 @@ def stages_figure(report: CompareReport):
     ax.set_title("time per stage")
     fig.tight_layout()
     return fig
-
-
-def text_diff_html(baseline: str, other: str) -> str:
-    """Words that differ from the baseline, highlighted (insertions green, deletions red)."""
-    a, b = baseline.split(" "), other.split(" ")
-    out = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        if op == "equal":
-            out.append(html.escape(" ".join(a[i1:i2])))
-        if op in ("delete", "replace"):
-            out.append(f"<del style='background:#fdd'>{html.escape(' '.join(a[i1:i2]))}</del>")
-        if op in ("insert", "replace"):
-            out.append(f"<ins style='background:#dfd'>{html.escape(' '.join(b[j1:j2]))}</ins>")
-    return "<pre style='white-space:pre-wrap'>" + " ".join(out) + "</pre>"
 
 
 def audio_figure(waveform, sample_rate: int):
@@ -128,7 +112,7 @@ def timeline_figure(rows, title: str = "what each configuration computed, per de
     labels, matrix = timeline_matrix(rows)
     if not labels or matrix.shape[1] == 0:
         return None
-    fig, ax = plt.subplots(figsize=(min(12, 3 + 0.22 * matrix.shape[1]), 0.9 + 0.32 * len(labels)), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(7.0, min(12.0, 3 + 0.22 * matrix.shape[1])), 0.9 + 0.32 * len(labels)), dpi=100)
     ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap=_kind_colormap(), vmin=0, vmax=2,
               interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -146,7 +130,7 @@ def timeline_figure(rows, title: str = "what each configuration computed, per de
 def block_timeline_figure(blocks: list[str], label: str):
     """One configuration per block (or attention layer): rows = blocks, columns = steps."""
     grid = np.array([[int(c) * 2 for c in step] for step in blocks], dtype=float).T
-    fig, ax = plt.subplots(figsize=(min(12, 3 + 0.22 * grid.shape[1]), 1.0 + 0.22 * grid.shape[0]), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(12.0, 3 + 0.22 * grid.shape[1])), 1.0 + 0.22 * grid.shape[0]), dpi=100)
     ax.imshow(grid, aspect="auto", cmap=_kind_colormap(), vmin=0, vmax=2, interpolation="nearest")
     ax.set_ylabel("block / attention layer")
     ax.set_xlabel("denoising step")

@@ -228,3 +228,18 @@ def test_text_rows_show_tokens_per_step_not_denoising_steps(manager):
     assert evidence.draft_lengths(row) == result.extra["tokens_per_step"]
     assert draft_length_figure([CompareRow("baseline", []), row]) is not None
     assert draft_length_figure([CompareRow("baseline", [])]) is None
+
+
+def test_text_rows_compared_by_the_generated_token_ids():
+    from backends.tiny.dummy import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
+    ids = tokenizer.encode("a red circle at top", add_special_tokens=False)
+    changed = ids[:2] + [tokenizer.encode(" blue", add_special_tokens=False)[0]] + ids[3:]
+    base = CompareRow("baseline", [], outputs=[tokenizer.decode(ids)], extra={"output_token_ids": ids})
+    row = CompareRow("x", [], outputs=[tokenizer.decode(changed)], extra={"output_token_ids": changed})
+    page = evidence.text_difference_html(base, row, tokenizer)
+    assert "first difference at token <b>2</b>" in page
+    words = evidence.text_difference_html(base, row)  # no tokenizer at hand: words
+    assert "first difference at word" in words
+    assert "identical" in evidence.text_difference_html(base, base, tokenizer)

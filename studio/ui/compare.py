@@ -78,25 +78,25 @@ def build_compare_tab(studio) -> dict:
             summary = gr.Markdown("")
             gallery = gr.Gallery(label="Outputs", columns=4, height=320, elem_id="compare-gallery")
             texts = gr.HTML("", elem_id="compare-texts")
-    table = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table", elem_classes=["fg-compact-table"],
-                         label="Comparison")
+    table = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table", label="Comparison")
     with gr.Accordion("Full table (every figure)", open=False):
         table_full = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table-full")
-    timeline = gr.Image(label="Timeline: computed / partial / reused per step", type="pil", interactive=False,
-                        elem_id="compare-timeline", visible=False)
+    timeline = gr.Image(label="Timeline: computed / partial / reused per step", type="pil", format="png",
+                        interactive=False, elem_id="compare-timeline", visible=False)
     with gr.Row():
         row_pick = gr.Dropdown([], label="Row to inspect against the baseline", elem_id="compare-row")
         frame_pick = gr.Number(0, precision=0, minimum=0, label="Frame (video)", elem_id="compare-frame")
     with gr.Row():
-        slider = gr.ImageSlider(label="A/B: baseline | row", type="pil", interactive=False, elem_id="compare-slider",
-                                visible=False)
-        diff_image = gr.Image(label="|difference| vs baseline", type="pil", interactive=False,
+        slider = gr.ImageSlider(label="A/B: baseline | row", type="pil", format="png", interactive=False,
+                                elem_id="compare-slider", visible=False)
+        diff_image = gr.Image(label="|difference| vs baseline", type="pil", format="png", interactive=False,
                               elem_id="compare-diff", visible=False)
-    blocks_image = gr.Image(label="Per block", type="pil", interactive=False, elem_id="compare-blocks",
+    blocks_image = gr.Image(label="Per block", type="pil", format="png", interactive=False, elem_id="compare-blocks",
                             visible=False)
-    grid_image = gr.Image(label="XYZ grid", type="pil", interactive=False, elem_id="compare-grid", visible=False)
+    grid_image = gr.Image(label="XYZ grid", type="pil", format="png", interactive=False, elem_id="compare-grid",
+                          visible=False)
     with gr.Row():
-        drift_image = gr.Image(label="Seed drift", type="pil", interactive=False, elem_id="compare-drift",
+        drift_image = gr.Image(label="Seed drift", type="pil", format="png", interactive=False, elem_id="compare-drift",
                                visible=False)
         drift_table = gr.Dataframe(interactive=False, elem_id="compare-drift-table", visible=False)
     with gr.Row():
@@ -152,8 +152,7 @@ def build_compare_tab(studio) -> dict:
 
     def present(report):
         images, gallery, html_parts = [], [], []
-        baseline_text = report.rows[0].outputs[0] if report.rows[0].outputs else ""
-        pieces = evidence.tokenizer_pieces(evidence.loaded_tokenizer(studio.manager, report.model))
+        tokenizer = evidence.loaded_tokenizer(studio.manager, report.model) if report.modality == "text" else None
         for row in report.rows:
             for out, path in zip(row.outputs[:1], row.output_paths[:1] or [None]):
                 if report.modality == "image":
@@ -162,9 +161,9 @@ def build_compare_tab(studio) -> dict:
                 elif report.modality == "video":
                     images.append((out[0], row.label))
                     gallery.append((out[0], row.label))
-                elif report.modality == "text" and row is not report.rows[0]:
+                elif report.modality == "text" and row is not report.rows[0] and report.rows[0].outputs:
                     html_parts.append(f"<h4>{html.escape(row.label)}</h4>"
-                                      + evidence.first_difference_html(baseline_text, out, pieces))
+                                      + evidence.text_difference_html(report.rows[0], row, tokenizer))
         csv_path = studio.exports.new_file(f"compare-{report.group}.csv")  # one pruned folder, no temp dirs
         csv_path.write_text(report.to_csv(), encoding="utf-8")
         embedded = {}
@@ -305,6 +304,7 @@ def build_compare_tab(studio) -> dict:
         runs.cancel_session(request)
         return "Cancelled. The runs already made are in History under their compare group."
 
-    cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event, grid_event, drift_event], api_name="compare_cancel",
+    cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event, grid_event, drift_event],
+                 api_name="compare_cancel",
                  queue=False)
     return {"model": model}
