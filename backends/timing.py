@@ -79,12 +79,14 @@ _SEVERITY = {COMPUTED: 0, PARTIAL: 1, REUSED: 2}
 
 class CallRecord(NamedTuple):
     """One forward of the counted module: its CFG branch (None: one call for every branch,
-    or no guidance), what it computed, and, where the method knows them, its blocks
-    (one character per block or attention layer: '1' computed, '0' answered from a cache)."""
+    or no guidance), what it computed, where the method knows them its blocks (one
+    character per block or attention layer: '1' computed, '0' answered from a cache), and
+    its batch size (a batched-CFG call that dropped the unconditional half is smaller)."""
 
     branch: str | None
     kind: str = COMPUTED
     blocks: str | None = None
+    batch: int | None = None
 
 
 _ACTIVE_COUNTER: contextvars.ContextVar["EvalCounter | None"] = contextvars.ContextVar("fastgen_eval_counter",
@@ -119,13 +121,15 @@ class EvalCounter:
         self._handle = None
         self._token = None
 
-    def _hook(self, *_args) -> None:
+    def _hook(self, _module, args, kwargs) -> None:
         self.count += 1
-        self.records.append(CallRecord(self._branch() if self._branch is not None else None))
+        tensor = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+        self.records.append(CallRecord(self._branch() if self._branch is not None else None,
+                                       batch=int(tensor.shape[0]) if tensor is not None else None))
 
     def __enter__(self) -> "EvalCounter":
         if self.module is not None:
-            self._handle = self.module.register_forward_pre_hook(self._hook)
+            self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
         self._token = _ACTIVE_COUNTER.set(self)
         return self
 

@@ -16,36 +16,47 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends.timing import COMPUTED, PARTIAL, REUSED
+from backends.timing import COMPUTED, PARTIAL, REUSED, CallRecord
 from backends.types import MethodChoice, ValidationError
-from studio.compare import CompareConfig, CompareReport, CompareRow, format_config, parse_values
+from studio.compare import CompareConfig, CompareReport, CompareRow, parse_values
 
 KIND_LEVEL = {COMPUTED: 2, PARTIAL: 1, REUSED: 0}  # the timeline heatmap's colour index
-KIND_NAMES = {COMPUTED: "computed", PARTIAL: "partial", REUSED: "reused"}
 NO_BRANCH = "all"  # calls that carry every CFG branch at once (batched), or no guidance
 MAX_GRID_CELLS = 25
 
 
 # -- the per-step timeline ---------------------------------------------------------------
-def step_timeline(records: list[Any]) -> dict[str, str]:
+def step_timeline(records: list[CallRecord]) -> dict[str, str]:
     """Per CFG branch, one character per denoising step (``F`` computed, ``P`` partial,
-    ``R`` reused): the calls of a branch in order, the i-th call being step i."""
-    out: dict[str, str] = {}
+    ``R`` reused): the calls of a branch in order, the i-th call being step i. A call no
+    method marked but smaller than the branch's largest batch (batched CFG without its
+    unconditional half, CFG truncation past its cut) ran part of the work: partial."""
+    out: dict[str, list[CallRecord]] = {}
     for record in records:
-        branch = record[0] or NO_BRANCH
-        out[branch] = out.get(branch, "") + record[1]
-    return out
+        out.setdefault(record.branch or NO_BRANCH, []).append(record)
+    return {branch: "".join(_kind(r, calls) for r in calls) for branch, calls in out.items()}
 
 
-def block_timeline(records: list[Any], branch: str | None = None) -> list[str] | None:
+def _kind(record: CallRecord, calls: list[CallRecord]) -> str:
+    largest = max((c.batch for c in calls if c.batch), default=None)
+    if record.kind == COMPUTED and record.batch and largest and record.batch < largest:
+        return PARTIAL
+    return record.kind
+
+
+def block_timeline(records: list[CallRecord], branch: str | None = None) -> list[str] | None:
     """Per step of ``branch`` (the first one by default), one character per block or
     attention layer, ``1`` computed and ``0`` answered from a cache; None when no call of
     the run said which blocks it ran (the method does not work per block)."""
-    chosen = [r for r in records if (r[0] or NO_BRANCH) == (branch or (records[0][0] or NO_BRANCH))] if records else []
-    width = max((len(r[2]) for r in chosen if r[2]), default=0)
+    if not records:
+        return None
+    branch = branch or records[0].branch or NO_BRANCH
+    chosen = [r for r in records if (r.branch or NO_BRANCH) == branch]
+    width = max((len(r.blocks) for r in chosen if r.blocks), default=0)
     if not width:
         return None
-    return [(r[2] if r[2] and len(r[2]) == width else ("0" if r[1] == REUSED else "1") * width) for r in chosen]
+    return [r.blocks if r.blocks and len(r.blocks) == width else ("0" if r.kind == REUSED else "1") * width
+            for r in chosen]
 
 
 def timeline_matrix(rows: list[CompareRow]) -> tuple[list[str], np.ndarray]:
@@ -226,15 +237,10 @@ def cell_caption(row: CompareRow | None, modality: str) -> str:
 
 
 def grid_rows(report: CompareReport, grid: list[list[CompareConfig]]) -> list[list[CompareRow | None]]:
-    """The report's rows laid out as the grid (a configuration equal to the baseline, every
-    parameter at its default, is the baseline row)."""
+    """The report's rows laid out as the grid (None for a cell the comparison did not
+    reach: cancelled)."""
     by_label = {row.label: row for row in report.rows}
-    base = report.rows[0]
-    out = []
-    for line in grid:
-        out.append([by_label.get(cell.label) or (base if cell.is_baseline or format_config(cell.methods) == "baseline"
-                                                 else None) for cell in line])
-    return out
+    return [[by_label.get(cell.label) for cell in line] for line in grid]
 
 
 # -- seeds -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from backends.timing import CallRecord
 from backends.types import MethodChoice, Request, ValidationError
 from studio import evidence
 from studio.compare import CompareReport, CompareRow, parse_configs, run_compare
@@ -64,10 +65,17 @@ def test_block_cache_timeline_per_branch_and_per_block(manager):
     assert evidence.step_timeline(whole.timeline)["cond"] == "FFRFR"  # the whole stack answered from the cache
 
 
+def test_cfg_truncation_shows_the_steps_without_the_unconditional_half(manager):
+    result = run(manager, "dummy-sd", [MethodChoice("cfg_truncation", {"fraction": 0.5})], steps=6)
+    assert evidence.step_timeline(result.timeline) == {evidence.NO_BRANCH: "FFFPPP"}  # batch 2 -> 1 past the cut
+    truncated = run(manager, "dummy-flux", [MethodChoice("cfg_truncation", {"fraction": 0.5})], steps=4)
+    assert evidence.step_timeline(truncated.timeline) == {"cond": "FFFF", "uncond": "FFRR"}  # true CFG: answered
+
+
 def test_timeline_figure_rows_and_columns():
-    rows = [CompareRow("baseline", [], timeline=[(None, "F")] * 4),
-            CompareRow("deepcache", [], timeline=[(None, k) for k in "FPPF"]),
-            CompareRow("flux", [], timeline=[("cond", "F"), ("uncond", "R")] * 3)]
+    rows = [CompareRow("baseline", [], timeline=[CallRecord(None, "F")] * 4),
+            CompareRow("deepcache", [], timeline=[CallRecord(None, k) for k in "FPPF"]),
+            CompareRow("flux", [], timeline=[CallRecord("cond", "F"), CallRecord("uncond", "R")] * 3)]
     labels, matrix = evidence.timeline_matrix(rows)
     assert labels == ["baseline", "deepcache", "flux [cond]", "flux [uncond]"]
     assert matrix.shape == (4, 4)

@@ -66,6 +66,7 @@ STUDIO_CSS = """
 #compare-table th, #compare-table td, #compare-table-full th, #compare-table-full td { white-space: nowrap; }
 #compare-table th *, #compare-table-full th * { white-space: nowrap; word-break: keep-all; }
 #compare-table-full .table-wrap { overflow-x: auto; }
+#compare-table td:last-child { white-space: normal; min-width: 18em; }  /* notes: the one column that wraps */
 """
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys

@@ -78,7 +78,7 @@ def build_compare_tab(studio) -> dict:
             summary = gr.Markdown("")
             gallery = gr.Gallery(label="Outputs", columns=4, height=320, elem_id="compare-gallery")
             texts = gr.HTML("", elem_id="compare-texts")
-    table = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table", label="Comparison")
+    table = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-table", label="Comparison")
     with gr.Accordion("Full table (every figure)", open=False):
         table_full = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table-full")
     timeline = gr.Image(label="Timeline: computed / partial / reused per step", type="pil", format="png",
