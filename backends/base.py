@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 
 from backends.control import CancelToken, ProgressFn
-from backends.plan import Handle, RunPlan, attached
+from backends.plan import DiffusionPlan, Handle, RunPlan, attached
 from backends.timing import EvalCounter, PeakMemory, StageTimer
 from backends.catalog import resolve_source
 from backends.types import ModelLoadError, Request, Result, StudioError, ValidationError
@@ -86,7 +86,7 @@ class Backend:
             with attached(self, plan, [methods[i] for i in order]) as in_order, _stop_hook(self.denoiser, cancel):
                 handles: list[Handle] = [in_order[order.index(i)] for i in range(len(methods))]
                 notes = [note for handle in handles for note in handle.warnings()]
-                with PeakMemory(self.device) as memory, EvalCounter(self.denoiser) as evals:
+                with PeakMemory(self.device) as memory, EvalCounter(self.denoiser, _branch_of(plan)) as evals:
                     with timer.stage("total"):
                         output = self.generate(plan, timer, progress)
         method_stats = {m.spec.name: h.stats() for m, h in zip(methods, handles)}  # after removal, as before
@@ -102,7 +102,14 @@ class Backend:
             notes=notes,
             device=str(self.device),
             extra=plan.extra,
+            timeline=evals.records if isinstance(plan, DiffusionPlan) else [],  # steps: denoiser calls
         )
+
+
+def _branch_of(plan: RunPlan) -> Callable[[], str | None]:
+    """The CFG branch of the denoiser call now running (plans without guidance: None)."""
+    guidance = getattr(plan, "guidance", None)
+    return lambda: getattr(guidance, "branch", None)
 
 
 def _instantiate(request: Request, family: str) -> list[Any]:

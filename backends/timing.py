@@ -7,11 +7,12 @@ a stage would be charged for the kernels of the one before it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import resource
 import sys
 import time
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -71,26 +72,74 @@ class PeakMemory:
             self.peak_bytes = _rss_high_water_bytes()
 
 
-class EvalCounter:
-    """Counts forward calls of a module (the denoiser, the LM) with a removable hook."""
+# What one denoiser call did, for the evidence timeline (studio/evidence.py):
+COMPUTED, PARTIAL, REUSED = "F", "P", "R"  # the whole network / part of it / an answer from a cache
+_SEVERITY = {COMPUTED: 0, PARTIAL: 1, REUSED: 2}
 
-    def __init__(self, module: torch.nn.Module | None):
+
+class CallRecord(NamedTuple):
+    """One forward of the counted module: its CFG branch (None: one call for every branch,
+    or no guidance), what it computed, where the method knows them its blocks (one
+    character per block or attention layer: '1' computed, '0' answered from a cache), and
+    its batch size (a batched-CFG call that dropped the unconditional half is smaller)."""
+
+    branch: str | None
+    kind: str = COMPUTED
+    blocks: str | None = None
+    batch: int | None = None
+
+
+_ACTIVE_COUNTER: contextvars.ContextVar["EvalCounter | None"] = contextvars.ContextVar("fastgen_eval_counter",
+                                                                                       default=None)
+
+
+def mark_call(kind: str, blocks: str | None = None) -> None:
+    """File the denoiser call in progress (or just finished) as ``kind``; a no-op outside a
+    counted run (a calibration pass, a warm-up outside ``Backend.run``). The one place a
+    method says what a call computed: ``EvalCostMeter`` and the span cache call it, so no
+    method file keeps a timeline of its own. A call keeps the strongest mark it got."""
+    counter = _ACTIVE_COUNTER.get()
+    if counter is None or not counter.records:
+        return
+    last = counter.records[-1]
+    if _SEVERITY[kind] >= _SEVERITY[last.kind]:
+        last = last._replace(kind=kind)
+    if blocks is not None:
+        last = last._replace(blocks=blocks)
+    counter.records[-1] = last
+
+
+class EvalCounter:
+    """Counts forward calls of a module (the denoiser, the LM) with a removable hook, and
+    keeps one ``CallRecord`` per call (``branch``: the CFG branch the call belongs to)."""
+
+    def __init__(self, module: torch.nn.Module | None, branch: Callable[[], str | None] | None = None):
         self.module = module
         self.count = 0
+        self.records: list[CallRecord] = []
+        self._branch = branch
         self._handle = None
+        self._token = None
 
-    def _hook(self, *_args) -> None:
+    def _hook(self, _module, args, kwargs) -> None:
         self.count += 1
+        tensor = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+        self.records.append(CallRecord(self._branch() if self._branch is not None else None,
+                                       batch=int(tensor.shape[0]) if tensor is not None else None))
 
     def __enter__(self) -> "EvalCounter":
         if self.module is not None:
-            self._handle = self.module.register_forward_pre_hook(self._hook)
+            self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._token = _ACTIVE_COUNTER.set(self)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._token is not None:
+            _ACTIVE_COUNTER.reset(self._token)
+            self._token = None
 
 
 @contextlib.contextmanager

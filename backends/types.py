@@ -142,6 +142,8 @@ class Result:
     worker: str = "local"
     output_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # one ``backends.timing.CallRecord`` per model call: what it computed, per CFG branch
+    timeline: list[Any] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe description without the output itself."""

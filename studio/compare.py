@@ -20,7 +20,8 @@ from backends.accel.base import get_method
 from backends.types import MethodChoice, Request, ValidationError
 from backends.accel._eval_cost import run_ideal
 from studio import metrics
-from studio.measure import Cancelled, Measurement, Timed, measure, summarize  # noqa: F401  (Cancelled: re-exported)
+from studio.measure import (Cancelled, ConfigRuns, Measurement, Timed, measure, paired_ratios,  # noqa: F401
+                            summarize)  # (Cancelled: re-exported)
 
 
 @dataclass
@@ -165,6 +166,12 @@ class CompareRow:
     output_paths: list[str] = field(default_factory=list)
     device: str = ""
     worker: str = ""
+    # evidence (studio/evidence.py): the last run's per-call records, its extra fields, and
+    # per seed (in the order of the seeds) the quality vs the baseline and the speedup
+    timeline: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    seed_quality: list[dict[str, float]] = field(default_factory=list)
+    seed_speedups: list[float | None] = field(default_factory=list)
 
     def table_row(self) -> dict[str, Any]:
         row = {
@@ -305,6 +312,7 @@ def run_compare(
         if base.outputs and row.outputs and len(base.outputs) == len(row.outputs):
             per_seed_quality = [metrics.quality(request.modality, b, out) for b, out in zip(base.outputs, row.outputs)]
             row.quality = {k: float(statistics.mean(q[k] for q in per_seed_quality)) for k in per_seed_quality[0]}
+            row.seed_quality = per_seed_quality
         if row.outputs:
             row.task = metrics.task_score(request.modality, request.model, row.outputs,
                                           [request.prompt] * len(row.outputs))
@@ -330,6 +338,8 @@ def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict
             row.outputs = [o.result.output for o in outcomes]
             row.output_paths = [o.result.output_path for o in outcomes]
             row.model_evals, row.stats, row.notes = last.model_evals, last.method_stats, last.notes
+            row.timeline, row.extra = list(last.timeline), dict(last.extra)
+            row.seed_speedups = seed_speedups(measured.runs[0], runs, len(outcomes))
             row.device, row.worker = last.device, last.worker
             row.peak_memory_mb = max(o.result.peak_memory_bytes for o in kept[runs.index]) / 2**20
             row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in outcomes) for k in last.timings}
@@ -341,3 +351,14 @@ def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict
         rows.append(row)
     return rows
 
+
+
+def seed_speedups(base: ConfigRuns, runs: ConfigRuns, cases: int) -> list[float | None]:
+    """Per case (seed), the median of the paired ratios of that seed alone: how the speedup
+    drifts from seed to seed, from the same measurement as the row's speedup."""
+    out = []
+    for case in range(cases):
+        ratios = paired_ratios(ConfigRuns(base.index, [t for t in base.trials if t.case == case]),
+                               ConfigRuns(runs.index, [t for t in runs.trials if t.case == case]))
+        out.append(statistics.median(ratios) if ratios else None)
+    return out

@@ -160,13 +160,15 @@ def test_auth_protects_pages_and_api(tmp_path):
 def test_compare_and_history_through_the_api(served):
     url, studio = served
     client = Client(url, verbose=False)
-    summary, gallery, _texts, table, _scatter, _stages, csv_path, html_path = client.predict(
+    summary, gallery, _texts, table, _scatter, _stages, csv_path, html_path, *evidence_views = client.predict(
         "image", "dummy-sd", "a red circle", "", "0", '{"steps": 3, "guidance": 4}',
         "deepcache(interval=2)\nsampler(steps=2)\ncfg_truncation(fraction=0.5)", False, 1, api_name="/compare")
     assert "Compare group" in summary and len(gallery) == 4
     rows = table["data"]
     assert [r[0] for r in rows] == ["baseline", "deepcache(interval=2)", "sampler(steps=2)", "cfg_truncation"]
     assert open(csv_path).read().startswith("config,") and "</table>" in open(html_path).read()
+    full_table, timeline = evidence_views[:2]
+    assert "ideal_speedup" in full_table["headers"] and timeline  # every figure; the per-step timeline image
     group = summary.split("`")[1]
     grouped = studio.history.query(compare_group=group)
     assert len(grouped) == 4

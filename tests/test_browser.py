@@ -187,6 +187,9 @@ def test_three_way_comparison(page, served):
     page.locator("#compare-run").click()
     table = wait_for_text(page, "compare-table", "speedup")
     assert "baseline" in table and "deepcache" in table
+    page.wait_for_selector("#compare-timeline img", state="visible")  # what each row computed, per step
+    page.wait_for_selector("#compare-slider img", state="visible")  # A/B: the baseline vs the first row
+    page.wait_for_selector("#compare-diff img", state="visible")
     no_error_toast(page)
     shot(page, "6-compare")
     groups = {r.compare_group for r in studio.history.query(limit=10) if r.compare_group}

@@ -182,6 +182,11 @@ class SpanCache:
         # a reused call (the check, the blocks outside the span) is a partial evaluation
         self.costs = EvalCostMeter(denoiser)
         self.manager = _branch_state_manager(_base_state())
+        # for the timeline: which of the denoiser's blocks a reused call leaves out ('0')
+        in_span = {id(block) for block in blocks}
+        every_block = [block for _, block in block_lists(denoiser)] or blocks
+        self._reused_blocks = "".join("0" if id(block) in in_span else "1" for block in every_block)
+        self._whole_stack = "1" not in self._reused_blocks
         hook_cls = _make_hooks()
         self._previous = [vars(block).get("forward") for block in blocks]
         self._had_registry = [hasattr(block, "_diffusers_hook") for block in blocks]
@@ -197,8 +202,9 @@ class SpanCache:
 
     def _record(self, branch: str, reused: bool) -> None:
         self.calls.setdefault(branch, []).append(reused)
-        if reused:
-            self.costs.mark_partial()
+        if reused:  # the span's blocks were not run: the whole stack reused, or the rest computed
+            mark = self.costs.mark_reused if self._whole_stack else self.costs.mark_partial
+            mark(self._reused_blocks)
 
     def branches(self) -> dict[str, Any]:
         return self.manager.branches()

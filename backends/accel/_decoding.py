@@ -69,6 +69,7 @@ class DecodeState:
     start: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished: bool = False
+    per_step: list[int] = field(default_factory=list)  # tokens kept per emit (per verification forward)
 
     @property
     def remaining(self) -> int:
@@ -85,6 +86,7 @@ class DecodeState:
             taken.append(int(token))
             if int(token) in self.eos_token_ids or len(self.tokens) + len(taken) >= self.max_new_tokens:
                 self.finished = True
+        self.per_step.append(len(taken))
         self.record(taken)
         return self.finished
 

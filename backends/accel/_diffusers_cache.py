@@ -49,33 +49,45 @@ class AttentionCounter:
     """Counts, per denoiser call, how many attention modules really computed (a hook on the
     first Linear inside each one: a cached attention or a skipped block never reaches it)."""
 
-    def __init__(self, denoiser: torch.nn.Module):
+    def __init__(self, denoiser: torch.nn.Module, whole_calls: bool = False):
         from diffusers.hooks._common import _ATTENTION_CLASSES
 
         self.handles = []
         self.per_call: list[int] = []
         self.computed = 0
+        self.whole_calls = whole_calls  # a call with no attention computed was answered whole
+        self._layers: list[str] = []  # per attention layer of the call in progress: '1' computed
         modules = [m for m in denoiser.modules() if isinstance(m, _ATTENTION_CLASSES)]
         for module in modules:
             leaf = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
             if leaf is not None:
-                self.handles.append(leaf.register_forward_hook(self._count))
+                self.handles.append(leaf.register_forward_hook(self._counter_for(len(self.handles))))
         self.num_attention = len(self.handles)
         self.handles.append(denoiser.register_forward_pre_hook(self._start))
         self.handles.append(denoiser.register_forward_hook(self._end))
         # registered after _end, so a call with a cached layer is filed as partial in time
         self.costs = EvalCostMeter(denoiser)
 
-    def _count(self, *_args) -> None:
-        self.computed += 1
+    def _counter_for(self, index: int):
+        def count(*_args) -> None:
+            self.computed += 1
+            if index < len(self._layers):
+                self._layers[index] = "1"
+
+        return count
 
     def _start(self, *_args) -> None:
         self._at_start = self.computed
+        self._layers = ["0"] * self.num_attention
 
     def _end(self, *_args) -> None:
         self.per_call.append(self.computed - self._at_start)
         if self.per_call[-1] < self.num_attention:
-            self.costs.mark_partial()
+            layers = "".join(self._layers)
+            if self.whole_calls and self.per_call[-1] == 0:
+                self.costs.mark_reused(layers)
+            else:
+                self.costs.mark_partial(layers)
 
     def reset(self) -> None:
         self.per_call, self.computed = [], 0
@@ -169,7 +181,7 @@ class DiffusersCacheHandle(RunHandle):
         super().__init__(plan)
         self.method, self.backend = method, backend
         self.denoiser = require_cache_support(backend, method.spec.name)
-        self.counter = AttentionCounter(self.denoiser)
+        self.counter = AttentionCounter(self.denoiser, whole_calls=method.whole_call_skips())
         self.on_remove(self.counter.remove)
         self.run_stats: dict[str, Any] = {}
 

@@ -15,7 +15,9 @@ stats also carry the seconds spent in those calls, so the measurement engine can
 the ideal to the whole run (Amdahl: text encoding, VAE decoding and the scheduler are not
 denoiser calls and are not sped up) and report efficiency = measured / ideal.
 
-One meter per run, shared by every method that skips (no per-method timing code).
+One meter per run, shared by every method that skips (no per-method timing code). Its
+marks also go to the run's call records (``backends.timing.mark_call``): the per-step
+timeline of what each call computed, partially computed or reused.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from backends.timing import synchronize
+from backends.timing import PARTIAL, REUSED, mark_call, synchronize
 
 
 def ideal_speedup(full_calls: int, partial_calls: int, full_cost: float, partial_cost: float) -> float | None:
@@ -89,8 +91,17 @@ class EvalCostMeter:
         self._start: float | None = None
         self._handles = [module.register_forward_pre_hook(self._begin), module.register_forward_hook(self._end)]
 
-    def mark_partial(self) -> None:
+    def mark_partial(self, blocks: str | None = None) -> None:
+        """The call in progress ran part of the network (DeepCache's shallow branch, the
+        blocks outside a cached span); ``blocks``: which blocks computed ('1') or not ('0')."""
         self._partial = True
+        mark_call(PARTIAL, blocks)
+
+    def mark_reused(self, blocks: str | None = None) -> None:
+        """The call in progress was answered from a cache (what ran is the cheap check
+        deciding so): partial in time, reused in the timeline."""
+        self._partial = True
+        mark_call(REUSED, blocks)
 
     def _begin(self, *_args) -> None:
         synchronize(self.device)

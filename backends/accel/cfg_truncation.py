@@ -20,6 +20,7 @@ from backends.accel._patch import ForwardPatch, StepCallback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import COND, UNCOND, DiffusionPlan, RunHandle
 from backends.types import ValidationError
+from backends.timing import REUSED, mark_call
 
 BATCHED_CFG_INPUTS = ("prompt_embeds", "add_text_embeds", "add_time_ids")
 
@@ -94,6 +95,7 @@ class CFGTruncationHandle(RunHandle):
             # an unconditional pass is answered only by this step's conditional output
             if guidance.branch == UNCOND and self.step >= self.cut and self.cond and self.cond[0] == self.step:
                 self.skipped += 1
+                mark_call(REUSED)  # the timeline shows the uncond pass answered
                 return self.cond[1]
             out = original(*args, **kwargs)
             if guidance.branch == COND:

@@ -63,6 +63,13 @@ EXAMPLES: dict[str, list[str]] = {
 STUDIO_CSS = """
 #image-output img, #history-image img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #compare-gallery img { image-rendering: pixelated; }
+#compare-slider img, #compare-diff img { image-rendering: pixelated; }
+/* Compare tables: one line per header and cell (no letter-by-letter wrapping); the full
+   table scrolls sideways instead of squeezing its columns. */
+#compare-table th, #compare-table td, #compare-table-full th, #compare-table-full td { white-space: nowrap; }
+#compare-table th *, #compare-table-full th * { white-space: nowrap; word-break: keep-all; }
+#compare-table-full .table-wrap { overflow-x: auto; }
+#compare-table td:last-child { white-space: normal; min-width: 18em; }  /* notes: the one column that wraps */
 """
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys

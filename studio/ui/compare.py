@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 
@@ -12,8 +13,10 @@ import pandas as pd
 from backends.accel.base import all_methods
 from backends.params import controls_for
 from backends.types import MODALITIES, Request, ValidationError
-from studio.compare import parse_configs, parse_values, run_compare, sweep_configs
-from studio.plots import speed_quality_figure, stages_figure, text_diff_html
+from studio import evidence
+from studio.compare import parse_config, parse_configs, parse_values, run_compare, sweep_configs
+from studio.plots import (block_timeline_figure, difference_figure, draft_length_figure, figure_image, grid_figure,
+                          seed_drift_figure, speed_quality_figure, stages_figure, timeline_figure)
 from studio.ui.common import model_choices, progress_adapter, user_errors
 from studio.ui.runs import Progress, SessionRuns, run_with_token
 
@@ -56,17 +59,53 @@ def build_compare_tab(studio) -> dict:
                     sweep_param = gr.Textbox(label="Parameter", placeholder="interval")
                     sweep_values = gr.Textbox(label="Values", placeholder="2, 3, 4, 5  or  4..50:6")
                 sweep = gr.Button("Run sweep")
+            with gr.Accordion("XYZ grid: two parameters, every combination", open=False):
+                with gr.Row():
+                    grid_x = gr.Textbox(label="X: method.parameter", placeholder="deepcache.interval",
+                                        elem_id="compare-grid-x")
+                    grid_x_values = gr.Textbox(label="X values", placeholder="2, 3, 4", elem_id="compare-grid-xv")
+                with gr.Row():
+                    grid_y = gr.Textbox(label="Y: method.parameter", placeholder="sampler.steps",
+                                        elem_id="compare-grid-y")
+                    grid_y_values = gr.Textbox(label="Y values", placeholder="6, 8", elem_id="compare-grid-yv")
+                grid_run = gr.Button("Run grid", elem_id="compare-grid-run")
+            with gr.Accordion("Seed drift: one configuration over several seeds", open=False):
+                drift_config = gr.Textbox(label="Configuration", placeholder="deepcache(interval=3)",
+                                          elem_id="compare-drift-config")
+                drift_seeds = gr.Textbox(value="0, 1, 2, 3", label="Seeds", elem_id="compare-drift-seeds")
+                drift_run = gr.Button("Run over seeds", elem_id="compare-drift-run")
         with gr.Column(scale=4):
             summary = gr.Markdown("")
             gallery = gr.Gallery(label="Outputs", columns=4, height=320, elem_id="compare-gallery")
-            texts = gr.HTML("")
-            table = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-table")
-            with gr.Row():
-                scatter = gr.Plot(label="Speed vs quality")
-                stages = gr.Plot(label="Time per stage")
-            with gr.Row():
-                csv_file = gr.File(label="CSV")
-                html_file = gr.File(label="HTML report")
+            texts = gr.HTML("", elem_id="compare-texts")
+    table = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-table", label="Comparison")
+    with gr.Accordion("Full table (every figure)", open=False):
+        table_full = gr.Dataframe(interactive=False, wrap=False, elem_id="compare-table-full")
+    timeline = gr.Image(label="Timeline: computed / partial / reused per step", type="pil", format="png",
+                        interactive=False, elem_id="compare-timeline", visible=False)
+    with gr.Row():
+        row_pick = gr.Dropdown([], label="Row to inspect against the baseline", elem_id="compare-row")
+        frame_pick = gr.Number(0, precision=0, minimum=0, label="Frame (video)", elem_id="compare-frame")
+    with gr.Row():
+        slider = gr.ImageSlider(label="A/B: baseline | row", type="pil", format="png", interactive=False,
+                                elem_id="compare-slider", visible=False)
+        diff_image = gr.Image(label="|difference| vs baseline", type="pil", format="png", interactive=False,
+                              elem_id="compare-diff", visible=False)
+    blocks_image = gr.Image(label="Per block", type="pil", format="png", interactive=False, elem_id="compare-blocks",
+                            visible=False)
+    grid_image = gr.Image(label="XYZ grid", type="pil", format="png", interactive=False, elem_id="compare-grid",
+                          visible=False)
+    with gr.Row():
+        drift_image = gr.Image(label="Seed drift", type="pil", format="png", interactive=False, elem_id="compare-drift",
+                               visible=False)
+        drift_table = gr.Dataframe(interactive=False, elem_id="compare-drift-table", visible=False)
+    with gr.Row():
+        scatter = gr.Plot(label="Speed vs quality")
+        stages = gr.Plot(label="Time per stage")
+    with gr.Row():
+        csv_file = gr.File(label="CSV")
+        html_file = gr.File(label="HTML report")
+    report_state = gr.State(None)
 
     @user_errors
     def on_modality(m):
@@ -88,10 +127,32 @@ def build_compare_tab(studio) -> dict:
             raise ValidationError(f"parameters are not valid JSON: {exc}") from None
         return Request(modality, model or "", prompt or "", negative or "", seed_list[0], param_values), seed_list
 
+    def row_views(report, label, frame):
+        """The A/B slider, the |difference| heatmap and the per-block timeline of one row."""
+        hidden = gr.update(visible=False, value=None)
+        row = next((r for r in report.rows if r.label == label), None) if report else None
+        if row is None or not row.outputs:
+            return hidden, hidden, hidden
+        blocks = evidence.block_timeline(row.timeline)
+        blocks_view = (gr.update(visible=True, value=figure_image(block_timeline_figure(blocks, row.label)))
+                       if blocks else hidden)
+        base = report.rows[0]
+        if report.modality not in ("image", "video") or not base.outputs:
+            return hidden, hidden, blocks_view
+        a = evidence.first_frame(base.outputs[0], int(frame or 0))
+        b = evidence.first_frame(row.outputs[0], int(frame or 0))
+        diff = figure_image(difference_figure(evidence.abs_difference(a, b), row.label))
+        return (gr.update(visible=True, value=(a.convert("RGB"), b.convert("RGB"))),
+                gr.update(visible=True, value=diff), blocks_view)
+
+    def timeline_view(report):
+        fig = (draft_length_figure(report.rows) if report.modality == "text"
+               else timeline_figure(report.rows))
+        return gr.update(visible=True, value=figure_image(fig)) if fig is not None else gr.update(visible=False)
+
     def present(report):
-        table_rows = report.table()
         images, gallery, html_parts = [], [], []
-        baseline_text = report.rows[0].outputs[0] if report.rows[0].outputs else ""
+        tokenizer = evidence.loaded_tokenizer(studio.manager, report.model) if report.modality == "text" else None
         for row in report.rows:
             for out, path in zip(row.outputs[:1], row.output_paths[:1] or [None]):
                 if report.modality == "image":
@@ -100,8 +161,9 @@ def build_compare_tab(studio) -> dict:
                 elif report.modality == "video":
                     images.append((out[0], row.label))
                     gallery.append((out[0], row.label))
-                elif report.modality == "text":
-                    html_parts.append(f"<h4>{row.label}</h4>" + text_diff_html(baseline_text, out))
+                elif report.modality == "text" and row is not report.rows[0] and report.rows[0].outputs:
+                    html_parts.append(f"<h4>{html.escape(row.label)}</h4>"
+                                      + evidence.text_difference_html(report.rows[0], row, tokenizer))
         csv_path = studio.exports.new_file(f"compare-{report.group}.csv")  # one pruned folder, no temp dirs
         csv_path.write_text(report.to_csv(), encoding="utf-8")
         embedded = {}
@@ -117,32 +179,39 @@ def build_compare_tab(studio) -> dict:
                 "measured cost of a full vs a partial evaluation; efficiency = speedup / ideal")
         if failed:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
-        return (text, gallery, "".join(html_parts), pd.DataFrame(table_rows),
-                speed_quality_figure(report), stages_figure(report), str(csv_path), str(html_path))
+        others = [r.label for r in report.rows[1:] if r.outputs]
+        picked = others[0] if others else None
+        return (text, gallery, "".join(html_parts), evidence.compact_table(report), speed_quality_figure(report),
+                stages_figure(report), str(csv_path), str(html_path), report.frame(),
+                timeline_view(report), report, gr.update(choices=others, value=picked),
+                *row_views(report, picked, 0))
 
-    outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file]
+    outputs = [summary, gallery, texts, table, scatter, stages, csv_file, html_file,  # the first, as before
+               table_full, timeline, report_state, row_pick, slider, diff_image, blocks_image]
+    grid_outputs = [*outputs, grid_image]
+    drift_outputs = [*outputs, drift_image, drift_table]
 
     def workers() -> int:  # fan out over Ray workers when there are several
         return len(getattr(studio.executor, "workers", ())) or 1
 
     runs = SessionRuns()  # this tab's comparisons in flight, per session, for its Cancel button
 
-    def stream_compare(request, progress, base, configs, seed_list, repeats, warmup):
+    def stream_compare(request, progress, base, configs, seed_list, repeats, warmup, shown=None, finish=present):
         """Run the comparison in a worker thread, yielding while it goes (``studio.ui.runs``):
         Cancel stops the run in progress and the ones after it; the runs already made stay in
-        History under the compare group."""
+        History under the compare group. ``finish`` turns the report into ``shown``'s values."""
         report_progress = progress_adapter(progress)
 
         def work(token, on_progress):
             return run_compare(studio, base, configs, repeats=int(repeats), warmup=bool(warmup), seeds=seed_list,
                                progress=on_progress, cancel=token, parallel=workers())
 
-        unchanged = [gr.update() for _ in outputs]
+        unchanged = [gr.update() for _ in (shown or outputs)]
         for item in run_with_token(runs, request, work):
             if isinstance(item, Progress):
                 report_progress(item.done, item.total, item.stage)
             elif item is not None:  # the report, last
-                yield present(item)
+                yield finish(item)
                 return
             yield unchanged
 
@@ -173,10 +242,69 @@ def build_compare_tab(studio) -> dict:
     sweep_event = sweep.click(do_sweep, inputs=[*inputs, configs, sweep_method, sweep_param, sweep_values, warmup,
                                                 repeats], outputs=outputs, api_name="sweep", concurrency_id="compare")
 
+    @user_errors
+    def do_grid(request: gr.Request, progress=gr.Progress(), *values):
+        (modality, model, prompt, negative, seeds, params, configs, x_name, x_values, y_name, y_values, warmup,
+         repeats) = values
+        base, seed_list = make_request(modality, model, prompt, negative, seeds, params)
+        x_axis, y_axis = evidence.parse_axis(x_name, x_values), evidence.parse_axis(y_name, y_values)
+        first = parse_configs(configs or "")
+        grid = evidence.grid_configs(first[0].methods if first else [], x_axis, y_axis)
+
+        def finish(report):
+            cells = evidence.grid_rows(report, grid)
+            pictures = [[evidence.first_frame(c.outputs[0]) if c and c.outputs and report.modality in ("image", "video")
+                         else None for c in line] for line in cells]
+            captions = [[evidence.cell_caption(c, report.modality) for c in line] for line in cells]
+            figure = grid_figure(pictures, captions, x_axis.name, x_axis.values, y_axis.name, y_axis.values)
+            return (*present(report), gr.update(visible=True, value=figure_image(figure)))
+
+        cells = [cell for line in grid for cell in line]
+        yield from stream_compare(request, progress, base, cells, seed_list, repeats, warmup, grid_outputs, finish)
+
+    grid_event = grid_run.click(do_grid, inputs=[*inputs, configs, grid_x, grid_x_values, grid_y, grid_y_values,
+                                                 warmup, repeats], outputs=grid_outputs, api_name="compare_grid",
+                                concurrency_id="compare")
+
+    @user_errors
+    def do_drift(request: gr.Request, progress=gr.Progress(), *values):
+        modality, model, prompt, negative, params, config_text, seeds_text, warmup, repeats = values
+        base, seed_list = make_request(modality, model, prompt, negative, seeds_text, params)
+        config = parse_config(config_text or "")
+        if config.is_baseline:
+            raise ValidationError("name one configuration to run over the seeds (the baseline runs anyway)")
+
+        def finish(report):
+            row = next((r for r in report.rows[1:] if r.outputs), None)
+            if row is None:
+                return (*present(report), gr.update(visible=False), gr.update(visible=False))
+            metric = evidence.primary_metric(report.modality)
+            entries = evidence.seed_drift(row, seed_list, metric)
+            figure = figure_image(seed_drift_figure(entries, metric, row.label))
+            table_rows = pd.DataFrame(evidence.drift_table(entries, metric))
+            return (*present(report), gr.update(visible=True, value=figure),
+                    gr.update(visible=True, value=table_rows))
+
+        yield from stream_compare(request, progress, base, [config], seed_list, repeats, warmup, drift_outputs,
+                                  finish)
+
+    drift_event = drift_run.click(do_drift, inputs=[modality, model, prompt, negative, params, drift_config,
+                                                    drift_seeds, warmup, repeats], outputs=drift_outputs,
+                                  api_name="compare_seeds", concurrency_id="compare")
+
+    @user_errors
+    def on_row(report, label, frame):
+        return row_views(report, label, frame)
+
+    for trigger in (row_pick.change, frame_pick.change):
+        trigger(on_row, inputs=[report_state, row_pick, frame_pick], outputs=[slider, diff_image, blocks_image],
+                api_name=False)
+
     def do_cancel(request: gr.Request):
         runs.cancel_session(request)
         return "Cancelled. The runs already made are in History under their compare group."
 
-    cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event], api_name="compare_cancel",
+    cancel.click(do_cancel, outputs=[summary], cancels=[compare_event, sweep_event, grid_event, drift_event],
+                 api_name="compare_cancel",
                  queue=False)
     return {"model": model}
