@@ -117,6 +117,9 @@ def build_compare_tab(studio) -> dict:
                 "measured cost of a full vs a partial evaluation; efficiency = speedup / ideal")
         if failed:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
+        flagged = [(r.label, f["message"]) for r in report.rows for f in r.findings]  # studio.detectors
+        if flagged:
+            text += "\n\n" + "\n".join(f"- ⚠️ `{label}`: {message}" for label, message in flagged)
         return (text, gallery, "".join(html_parts), pd.DataFrame(table_rows),
                 speed_quality_figure(report), stages_figure(report), str(csv_path), str(html_path))
 
