@@ -50,7 +50,7 @@ calibration() {  # TeaCache with the model's own fitted curve vs without, thresh
   $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 4 --steps 25 --guidance 5 \
     --calibrate-teacache 3 --methods "teacache(threshold=0.2, rescale=flux),teacache(threshold=0.15, rescale=calibrated),teacache(threshold=0.4, rescale=flux),teacache(threshold=0.33, rescale=calibrated)" \
     --json "$OUT/calibration-tiny-flux-shapes.json"
-  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 4 \
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 3 --prompts 4 \
     --params '{"steps": 25, "guidance": 3.0}' --calibrate-teacache 3 \
     --methods "teacache(threshold=0.15, rescale=none),teacache(threshold=0.07, rescale=calibrated),teacache(threshold=0.5, rescale=none),teacache(threshold=0.15, rescale=calibrated)" \
     --json "$OUT/calibration-tiny-video-shapes.json"
