@@ -152,7 +152,8 @@ def calibration_hint(history, model: str, method: str) -> str:
             f"{newest.get('created_at')} on `{newest.get('device')}`): {used}.")
 
 
-def curve_points(record: dict[str, Any], samples: int = 50) -> tuple[list[float], list[float], list[float], list[float]]:
+def curve_points(record: dict[str, Any], samples: int = 50) -> tuple[list[float], list[float], list[float],
+                                                                    list[float]]:
     """The measured (input change, output change) points of a rescale fit and the fitted
     polynomial sampled over their range, for the plot."""
     import numpy as np

@@ -184,6 +184,11 @@ def test_run_calibration_stores_it_and_the_hints_say_so(studio_factory):
     assert len(xs) == len(ys) == 20 and len(grid) == len(fitted) == 50
     with pytest.raises(ValidationError):
         calibration.run_calibration(studio, "image", MODEL, "mag_cache", calibration.CURVE)
+    ratios = calibration.run_calibration(studio, "image", MODEL, "mag_cache", calibration.RATIOS, prompts=1,
+                                         prompt_texts=["a red circle"], params=PARAMS)
+    assert len(ratios["ratios"]) == PARAMS["steps"]
+    used = studio.generate(flux_request(methods=[{"name": "mag_cache"}])).result.method_stats["mag_cache"]
+    assert used["calibration_id"] == ratios["id"] and not used["calibrated_this_run"]
     with pytest.raises(ValidationError):
         calibration.parse_goal("teacache", "fast")
     assert calibration.parse_goal("first_block_cache", "40%") == 0.4
@@ -202,3 +207,18 @@ def test_calibration_panel_builds_and_lists(studio_factory):
     assert list(listing["method"]) == ["teacache"]
     assert panel["on_method"]("first_block_cache")["value"] == "target skip rate"
     assert panel["on_method"]("teacache")["value"] == calibration.CURVE
+
+
+def test_report_pairs_uncalibrated_and_calibrated_rows():
+    from benchmarks.report import calibration_table
+
+    def row(method, psnr, speedup, evals):
+        return {"method": method, "params": [{"name": "teacache"}] if method != "baseline" else [],
+                "quality": {"psnr": psnr, "ssim": 0.9}, "speedup": speedup, "speedup_min": speedup,
+                "speedup_max": speedup, "model_evals": evals}
+
+    data = {"meta": {"model": "m", "calibration": {"r2": 0.5}},
+            "rows": [row("baseline", 100.0, 1.0, 50), row("plain", 30.0, 2.0, 20), row("fitted", 30.2, 2.5, 15)]}
+    [line] = calibration_table([data]).splitlines()[2:]
+    assert "`plain`" in line and "`fitted`" in line and "30 / 50" in line and "35 / 50" in line
+    assert "+0.20" in line and "**1.25**" in line

@@ -28,7 +28,6 @@ the studio to keep.
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -177,7 +176,7 @@ def record_mag_ratios(backend, requests: Sequence[Request]) -> dict[str, Any]:
     return {"kind": RATIOS, "ratios": ratios, "settings": settings, "prompts": len(requests)}
 
 
-def skip_rate(method: str, stats: dict[str, Any]) -> float:
+def skip_rate(stats: dict[str, Any]) -> float:
     """Share of the denoiser calls a method answered in whole or in part from its cache
     (the cost meter's partial evaluations; TeaCache and FirstBlockCache meter both)."""
     full, partial = stats.get("evals_full", 0) or 0, stats.get("evals_partial", 0) or 0
@@ -195,7 +194,7 @@ def measured_skip_rate(backend, requests: Sequence[Request], method: str, params
     for request in requests:
         choice = MethodChoice(method, values, config=spec.build(values), calibrations=list(calibrations or []))
         result = backend.run(request.replace(methods=[choice]))
-        rates.append(skip_rate(method, result.method_stats.get(method, {})))
+        rates.append(skip_rate(result.method_stats.get(method, {})))
     return float(statistics.mean(rates))
 
 
@@ -233,8 +232,5 @@ def choose_threshold(backend, requests: Sequence[Request], method: str, target: 
 def calibration_requests(modality: str, model: str, prompts: Sequence[str], params: dict[str, Any] | None = None,
                          seed: int = 0) -> list[Request]:
     """The calibration runs: one request per prompt, seeds ``seed``, ``seed + 1``..."""
-    return [Request(modality, model, prompt, seed=seed + i, params=dict(params or {})) for i, prompt in enumerate(prompts)]
-
-
-def with_calibrations(choice: MethodChoice, records: list[dict[str, Any]]) -> MethodChoice:
-    return replace(choice, calibrations=list(records))
+    return [Request(modality, model, prompt, seed=seed + i, params=dict(params or {}))
+            for i, prompt in enumerate(prompts)]

@@ -94,7 +94,8 @@ def build_calibration_panel(studio) -> dict:
 
 def summary(method: str, record: dict) -> str:
     lines = [f"**Stored calibration #{record['id']}** for `{method}`: {calibration.describe(record)}",
-             f"Settings: {calibration.settings_text(record.get('settings') or {})} · {record.get('prompts')} prompt(s)"]
+             f"Settings: {calibration.settings_text(record.get('settings') or {})} · "
+             f"{record.get('prompts')} prompt(s)"]
     if record.get("kind") == "rescale":
         terms = ", ".join(f"{c:.4g}" for c in record["coefficients"])
         lines.append(f"Polynomial (highest power first): [{terms}]; TeaCache uses it with rescale=auto or calibrated.")
