@@ -205,6 +205,12 @@ def test_calibration_panel_builds_and_lists(studio_factory):
         panel = build_calibration_panel(studio)
     listing = panel["listing"](MODEL)
     assert list(listing["method"]) == ["teacache"]
+    text, figure, table = panel["start"]("image", MODEL, "teacache", calibration.CURVE, 0.5, 1, PARAMS["steps"],
+                                         "a red circle")
+    assert "Stored calibration" in text and "Polynomial" in text and figure is not None
+    assert len(table) == 2 and "R²" in table["calibration"][0]  # the new fit first
+    with pytest.raises(gr.Error, match="no stored calibration #99"):
+        panel["delete"](MODEL, 99)
     assert panel["on_method"]("first_block_cache")["value"] == "target skip rate"
     assert panel["on_method"]("teacache")["value"] == calibration.CURVE
 
