@@ -55,6 +55,23 @@ def test_stored_calibrations_survive_a_restart(studio_factory, db_kind, tmp_path
     assert [r["id"] for r in again.history.calibrations(MODEL)] == [saved]
 
 
+@pytest.mark.parametrize("db_kind", DB_KINDS)
+def test_an_older_database_gets_the_calibrations_table(studio_factory, db_kind, tmp_path):
+    from sqlalchemy import inspect
+
+    from studio.history import CalibrationRow
+
+    studio = studio_factory(data_dir=tmp_path / "d")
+    CalibrationRow.__table__.drop(studio.history.engine)  # a database from before calibrations
+    assert "calibrations" not in inspect(studio.history.engine).get_table_names()
+    studio.close()
+    again = studio_factory(data_dir=tmp_path / "d").history
+    assert "calibrations" in inspect(again.engine).get_table_names()
+    assert again.calibrations(MODEL) == []
+    again.save_calibration(MODEL, "teacache", curve([1, 2, 3, 4, 5]), "cpu")
+    assert len(again.calibrations(MODEL)) == 1
+
+
 # -- the TeaCache fit --------------------------------------------------------------------
 
 def test_rescale_curve_is_fitted_from_the_models_own_changes(studio_factory):
