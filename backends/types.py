@@ -46,6 +46,10 @@ class MethodChoice:
     # the method's validated ``*Config``, set where the request is validated, so a run
     # builds the method from it instead of checking the same parameters again
     config: Any = field(default=None, compare=False, repr=False)
+    # stored calibrations of this method for the request's model (records of
+    # ``backends.accel._calibration``), set by the studio after validation; the method picks
+    # the one matching its run plan. Not part of the request's identity or its history row.
+    calibrations: list[dict[str, Any]] = field(default_factory=list, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params)}
@@ -144,6 +148,9 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
     # one ``backends.timing.CallRecord`` per model call: what it computed, per CFG branch
     timeline: list[Any] = field(default_factory=list)
+    # what the studio's detectors found wrong with this run ({key, message} each:
+    # skipped nothing, NaN/Inf, blank output; ``studio.detectors``)
+    findings: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe description without the output itself."""
@@ -156,6 +163,7 @@ class Result:
                     "model_evals": self.model_evals,
                     "method_stats": self.method_stats,
                     "notes": self.notes,
+                    "findings": self.findings,
                     "device": self.device,
                     "worker": self.worker,
                 },

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from backends.accel.base import get_method
 from backends.manager import BackendManager
 from backends.types import Request
 from benchmarks.prompts import default_prompts
-from studio import metrics
+from studio import detectors, metrics
 from backends.accel._eval_cost import run_ideal
 from studio.compare import CompareConfig, _split_top_level, parse_config
 from studio.measure import Timed, measure, summarize
@@ -62,12 +63,17 @@ def lossless_flag(config: CompareConfig) -> bool | None:
 
 def run_benchmark(manager: BackendManager, modality: str, model: str, configs: list[CompareConfig],
                   prompts: list[str], params: dict, repeats: int, seed: int, warmup: bool = True,
-                  log=print) -> list[dict[str, Any]]:
+                  log=print, calibrations: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """Every configuration on every prompt through ``studio.measure`` (the engine Compare
     uses): a warm-up run each, runs interleaved per prompt, speedup = median of the paired
-    ratios with their range, and the ideal speedup and efficiency of caching methods."""
+    ratios with their range, and the ideal speedup and efficiency of caching methods.
+    ``calibrations``: per method name, calibration records handed to that method in every
+    configuration (as the studio hands over its stored ones)."""
     backend = manager.get(modality, model)
     configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
+    calibrations = calibrations or {}
+    configs = [CompareConfig(c.label, [replace(m, calibrations=list(calibrations.get(m.name, [])))
+                                       for m in c.methods]) for c in configs]
     requests = [[Request(modality, model, p, seed=seed + i, params=params, methods=c.methods)
                  for i, p in enumerate(prompts)] for c in configs]
 
@@ -114,6 +120,10 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
             "model_evals": sum(r.model_evals for r in results),
             "method_stats": results[0].method_stats,
             "device": results[0].device,
+            # studio.detectors: skipped nothing, identical to the baseline and slower, NaN/Inf, blank
+            "findings": detectors.as_dicts(detectors.compared_findings(
+                modality, [r.output for r in results], results[0].method_stats, baselines=base_out,
+                speedup=speed.median, lossless=lossless_flag(c), is_baseline=not c.methods)),
         }
         if modality == "text":
             row.update(text_figures(results, base_out))
@@ -309,6 +319,23 @@ def studio_overhead(manager: BackendManager, model: str, prompts: list[str], par
             "overhead_pct": round(100 * (through / direct - 1), 2), "quality": {}, "lossless": True}
 
 
+def fit_teacache(manager: BackendManager, args, params: dict, log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """TeaCache's rescale curve for ``args.model`` fitted on ``args.calibrate_teacache``
+    prompts that are not the measured ones; the record for the methods and a summary."""
+    from backends.accel._calibration import calibration_requests, fit_rescale_curve
+
+    texts = default_prompts(args.modality, args.calibrate_teacache, args.prompt_kind, seed=101)
+    start = time.perf_counter()
+    record = fit_rescale_curve(manager.get(args.modality, args.model),
+                               calibration_requests(args.modality, args.model, texts, params))
+    log(f"teacache rescale curve fitted on {len(texts)} prompt(s) in {time.perf_counter() - start:.1f}s: "
+        f"{[round(c, 4) for c in record['coefficients']]}")
+    summary = {"method": "teacache", "prompts": texts, "coefficients": record["coefficients"],
+               "settings": record["settings"], "points": len(record["points"][0]), "r2": record["r2"],
+               "seconds": round(time.perf_counter() - start, 2)}
+    return [record], summary
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
     extra_keys = [k for k in ("ideal_speedup", "efficiency", "tokens_per_target_forward",
@@ -325,6 +352,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(" | ".join(str(v).ljust(w) for v, w in zip(line, widths)))
         if i == 0:
             print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        for finding in r.get("findings") or []:
+            print(f"! {r['method']}: {finding['message']}")
 
 
 def _fmt(value) -> str:
@@ -354,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead", action="store_true", help="measure the studio's own overhead instead")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--calibrate-teacache", type=int, default=0, metavar="N",
+                        help="first fit TeaCache's rescale curve for this model on N calibration prompts (seed 101, "
+                             "not the measured ones) and hand it to every teacache configuration "
+                             "(rescale=calibrated or auto uses it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -366,11 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     params = build_params(args)
     prompts = default_prompts(args.modality, args.prompts, args.prompt_kind, args.seed)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    meta_calibration = None
     if args.overhead:
         rows = [studio_overhead(manager, args.model, prompts, params, args.repeats, args.seed, log)]
     else:
+        calibrations: dict[str, list[dict[str, Any]]] = {}
+        if args.calibrate_teacache:
+            calibrations["teacache"], meta_calibration = fit_teacache(manager, args, params, log)
         rows = run_benchmark(manager, args.modality, args.model, parse_methods(args.methods), prompts, params,
-                             args.repeats, args.seed, warmup=not args.no_warmup, log=log)
+                             args.repeats, args.seed, warmup=not args.no_warmup, log=log, calibrations=calibrations)
     meta_costs = None
     if args.modality == "text" and not args.overhead:
         meta_costs = speculation_costs(manager.get("text", args.model), rows)
@@ -383,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)}
     if meta_costs:
         meta["forward_costs"] = meta_costs
+    if meta_calibration:
+        meta["calibration"] = meta_calibration
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

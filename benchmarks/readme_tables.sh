@@ -46,7 +46,16 @@ ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs
     --json "$OUT/ideal-tiny-flux-shapes.json"
   $PY -m benchmarks.compare_check --json "$OUT/compare-check-tiny-sd-shapes.json" || true
 }
-# ./readme_tables.sh [text|image|video|audio|ideal ...]: the named series only (default: all,
+calibration() {  # TeaCache with the model's own fitted curve vs without, thresholds picked for matching PSNR
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 4 --steps 25 --guidance 5 \
+    --calibrate-teacache 3 --methods "teacache(threshold=0.2, rescale=flux),teacache(threshold=0.15, rescale=calibrated),teacache(threshold=0.4, rescale=flux),teacache(threshold=0.33, rescale=calibrated)" \
+    --json "$OUT/calibration-tiny-flux-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 3 --prompts 4 \
+    --params '{"steps": 25, "guidance": 3.0}' --calibrate-teacache 3 \
+    --methods "teacache(threshold=0.15, rescale=none),teacache(threshold=0.07, rescale=calibrated),teacache(threshold=0.5, rescale=none),teacache(threshold=0.15, rescale=calibrated)" \
+    --json "$OUT/calibration-tiny-video-shapes.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -56,3 +65,4 @@ for ((i = 0; i < ${#series[@]}; i += 2)); do
 done
 $PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead}-*.json
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
+$PY -m benchmarks.report --calibration "$OUT"/calibration-*.json

@@ -53,6 +53,31 @@ def ideal_table(files: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(files: list[dict]) -> str:
+    """Calibrated vs uncalibrated TeaCache at matched quality: each result file holds pairs
+    of configurations in order (uncalibrated, calibrated), thresholds chosen so their PSNRs
+    match; one line per pair with both speedups, PSNRs, SSIMs and the denoiser evaluations
+    skipped over all prompts (the baseline's minus the row's), and the R² of the model's
+    fitted curve."""
+    header = ["model", "curve R²", "uncalibrated", "PSNR", "SSIM", "speedup", "skipped", "calibrated", "PSNR",
+              "SSIM", "speedup", "skipped", "ΔPSNR dB", "calibrated / uncalibrated"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for data in files:
+        rows = [r for r in data["rows"] if r["params"]]
+        base_evals = next(r["model_evals"] for r in data["rows"] if not r["params"])
+        r2 = data["meta"].get("calibration", {}).get("r2")
+        for plain, fitted in zip(rows[::2], rows[1::2]):
+            cells = [f"`{data['meta']['model']}`", _fmt(r2)]
+            for r in (plain, fitted):
+                cells += [f"`{r['method']}`", f"{r['quality']['psnr']:.2f}", f"{r['quality']['ssim']:.3f}",
+                          f"**{r['speedup']:.2f}x** ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
+                          f"{base_evals - r['model_evals']} / {base_evals}"]
+            cells += [f"{fitted['quality']['psnr'] - plain['quality']['psnr']:+.2f}",
+                      f"**{fitted['speedup'] / plain['speedup']:.2f}**"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -65,6 +90,9 @@ def _fmt(value) -> str:
 
 def main(argv=None) -> int:
     names = list(argv if argv is not None else sys.argv[1:])
+    if names[:1] == ["--calibration"]:  # calibrated vs uncalibrated TeaCache at matched PSNR
+        print(calibration_table([json.loads(Path(name).read_text()) for name in names[1:]]))
+        return 0
     if names[:1] == ["--ideal"]:  # the caching methods' measured vs ideal speedup, one table
         print(ideal_table([json.loads(Path(name).read_text()) for name in names[1:]]))
         return 0

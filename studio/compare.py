@@ -19,7 +19,7 @@ import pandas as pd
 from backends.accel.base import get_method
 from backends.types import MethodChoice, Request, ValidationError
 from backends.accel._eval_cost import run_ideal
-from studio import metrics
+from studio import detectors, metrics
 from studio.measure import (Cancelled, ConfigRuns, Measurement, Timed, measure, paired_ratios,  # noqa: F401
                             summarize)  # (Cancelled: re-exported)
 
@@ -172,6 +172,7 @@ class CompareRow:
     extra: dict[str, Any] = field(default_factory=dict)
     seed_quality: list[dict[str, float]] = field(default_factory=list)
     seed_speedups: list[float | None] = field(default_factory=list)
+    findings: list[dict[str, str]] = field(default_factory=list)  # studio.detectors: {key, message}
 
     def table_row(self) -> dict[str, Any]:
         row = {
@@ -191,6 +192,8 @@ class CompareRow:
         row["device"] = self.device
         row["worker"] = self.worker
         row["error"] = self.error or ""
+        row["findings"] = detectors.as_text(self.findings)
+        row["finding_keys"] = ",".join(f["key"] for f in self.findings)
         return row
 
 
@@ -316,9 +319,21 @@ def run_compare(
         if row.outputs:
             row.task = metrics.task_score(request.modality, request.model, row.outputs,
                                           [request.prompt] * len(row.outputs))
+        row.findings = row_findings(request.modality, row, base)
         for run_id in row.run_ids:
             studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})
     return CompareReport(group, request.modality, request.model, rows)
+
+
+def row_findings(modality: str, row: CompareRow, base: CompareRow) -> list[dict[str, str]]:
+    """What the detectors find in a row: skipped nothing, NaN/Inf, blank, and (against the
+    baseline row) bit-identical output without a speed-up."""
+    if row.error or not row.outputs:
+        return []
+    lossless = all(get_method(m.name).spec.lossless is True for m in row.methods) if row.methods else None
+    found = detectors.compared_findings(modality, row.outputs, row.stats, baselines=base.outputs,
+                                        speedup=row.speedup, lossless=lossless, is_baseline=row is base)
+    return detectors.as_dicts(found)
 
 
 def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict[int, list[Any]]) -> list[CompareRow]:

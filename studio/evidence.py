@@ -290,7 +290,7 @@ def compact_table(report: CompareReport) -> Any:
             speed += f" ({row.speedup_min:.2f}–{row.speedup_max:.2f})"
         quality = row.quality.get(metric)
         adherence = (row.task or {}).get("all")
-        notes = [f"error: {row.error}"] if row.error else list(row.notes)
+        notes = [f"error: {row.error}"] if row.error else [*row.notes, *(f"⚠️ {f['message']}" for f in row.findings)]
         lines.append({
             "config": row.label,
             "speedup": speed,

@@ -160,6 +160,35 @@ class PresetRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
 
 
+class CalibrationRow(Base):
+    """One stored calibration of a method for a model (``backends.accel._calibration``):
+    a TeaCache rescale curve, MagCache ratios or a threshold for a target skip rate, with
+    the run settings it was made at (``settings``, hashed in ``settings_key`` so one
+    setting keeps one row per kind), the device and the date. A new table: ``create_all``
+    adds it to an older database."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    model: Mapped[str] = mapped_column(String(512))
+    method: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))  # rescale | ratios | threshold
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    settings_key: Mapped[str] = mapped_column(String(40))
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    __table_args__ = (Index("ix_calibrations_model", "model", "method", "kind", "settings_key"),)
+
+    def to_record(self) -> dict[str, Any]:
+        """The record a method reads (``MethodChoice.calibrations``): its data plus the
+        id, kind, settings, device and date."""
+        return {**(self.data or {}), "id": self.id, "kind": self.kind, "method": self.method, "model": self.model,
+                "settings": self.settings or {}, "device": self.device,
+                "created_at": self.created_at.isoformat(timespec="seconds") if self.created_at else None}
+
+
 def _display_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
@@ -533,6 +562,42 @@ class HistoryStore:
             if row is None:
                 return False
             row.name = new
+            return True
+
+    # -- calibrations ------------------------------------------------------------------
+    def save_calibration(self, model: str, method: str, record: dict[str, Any], device: str | None) -> int:
+        """Keep ``record`` (a dict with ``kind``, ``settings`` and its data); it replaces an
+        earlier calibration of the same model, method, kind and settings."""
+        kind, settings = str(record["kind"]), dict(record.get("settings") or {})
+        data = _json_safe({k: v for k, v in record.items() if k not in ("kind", "settings", "id", "created_at",
+                                                                        "device", "model", "method")})
+        key = _digest(settings)
+        with self.sessions.begin() as session:
+            session.execute(delete(CalibrationRow).where(
+                CalibrationRow.model == model, CalibrationRow.method == method, CalibrationRow.kind == kind,
+                CalibrationRow.settings_key == key))
+            row = CalibrationRow(model=model, method=method, kind=kind, settings=_json_safe(settings),
+                                 settings_key=key, data=data, device=device)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def calibrations(self, model: str | None = None, method: str | None = None) -> list[dict[str, Any]]:
+        """Stored calibrations as records, newest first (all models when ``model`` is None)."""
+        stmt = select(CalibrationRow).order_by(CalibrationRow.created_at.desc(), CalibrationRow.id.desc())
+        if model is not None:
+            stmt = stmt.where(CalibrationRow.model == model)
+        if method is not None:
+            stmt = stmt.where(CalibrationRow.method == method)
+        with self.sessions() as session:
+            return [row.to_record() for row in session.scalars(stmt)]
+
+    def delete_calibration(self, calibration_id: int) -> bool:
+        with self.sessions.begin() as session:
+            row = session.get(CalibrationRow, int(calibration_id))
+            if row is None:
+                return False
+            session.delete(row)
             return True
 
     def delete_preset(self, name: str) -> bool:

@@ -210,3 +210,19 @@ def seed_drift_figure(entries, metric: str, label: str):
     fig.suptitle(f"{label}: spread over seeds", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def calibration_curve_figure(xs: list[float], ys: list[float], grid: list[float], fitted: list[float]):
+    """TeaCache calibration: the measured (input change, output change) pairs per step and
+    the fitted rescale polynomial."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.scatter(xs, ys, s=12, alpha=0.6, label="measured steps")
+    if grid:
+        ax.plot(grid, fitted, c="tab:red", lw=1.5, label="fitted polynomial (degree 4)")
+    ax.set_xlabel("relative L1 change of the modulated input")
+    ax.set_ylabel("relative L1 change of the block-stack residual")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("TeaCache rescale curve")
+    fig.tight_layout()
+    return fig

@@ -20,6 +20,8 @@ from backends.control import CancelToken, RunCancelled, is_allocation_failure
 from backends.executor import LocalExecutor
 from backends.manager import BackendManager
 from backends.types import OutOfMemoryError, Request, Result, StudioError, ValidationError
+from studio.calibration import CALIBRATABLE, calibration_hint, keep_run_calibrations, with_stored_calibrations
+from studio.detectors import as_dicts, run_findings
 from studio.history import HistoryStore, sqlite_url
 from studio.limits import DEFAULT_MAX_COST, DEFAULT_TIME_LIMIT_S, check_cost, release_memory
 from studio.outputs import ExportFolder, OutputStore
@@ -125,6 +127,7 @@ class Studio:
         its own token under it, carrying the studio's time limit (recorded as ``timeout``)."""
         request = validate_request(request)
         check_cost(request, self.max_cost)
+        request = with_stored_calibrations(self.history, request)
         token = CancelToken(self.time_limit_s, parent=cancel)
         try:
             result = self.executor.run(request, progress, cancel=token)
@@ -167,14 +170,23 @@ class Studio:
         cost limit, time limit and cancel as ``generate``, but no file and no history row."""
         request = validate_request(request)
         check_cost(request, self.max_cost)
-        return self.executor.run(request, None, cancel=CancelToken(self.time_limit_s, parent=cancel))
+        request = with_stored_calibrations(self.history, request)
+        result = self.executor.run(request, None, cancel=CancelToken(self.time_limit_s, parent=cancel))
+        keep_run_calibrations(self.history, request, result)
+        return result
 
     def _keep(self, request: Request, result: Result, parent_id: int | None, metrics_fn) -> RunOutcome:
-        """Save the output file and write the run's row (no row, no file)."""
+        """Save the output file and write the run's row (no row, no file). Before: a
+        calibration the run measured is kept, and the run's own findings (skipped nothing,
+        NaN/Inf, blank; ``studio.detectors``) go on the result and into its metrics."""
+        keep_run_calibrations(self.history, request, result)
+        result.findings = as_dicts(run_findings(request.modality, result.output, result.method_stats))
         fps = int(request.params.get("fps", 8))
         path = self.outputs.save(request.modality, result.output, fps=fps)
         result.output_path = str(path)
         metrics = metrics_fn(result) if metrics_fn else {}
+        if result.findings:
+            metrics = {**metrics, "findings": result.findings}
         try:  # the row keeps the path relative to the data dir: the data dir can move
             run_id = self.history.record_run(
                 request, result, status="ok", output_path=self.outputs.relative(path), metrics=metrics,
@@ -214,6 +226,11 @@ class Studio:
             if info is None:
                 continue
             hints[cls.spec.name] = format_hint(info, device)
+        for name in CALIBRATABLE:  # a stored calibration, and whether the method uses it by itself
+            line = calibration_hint(self.history, model, name) if any(
+                cls.spec.name == name for cls in methods_for(modality)) else ""
+            if line:
+                hints[name] = f"{hints[name]}\n\n{line}" if name in hints else line
         return hints
 
     # -- upkeep ------------------------------------------------------------------------

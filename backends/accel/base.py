@@ -183,6 +183,9 @@ class Method:
     # attached before the others whatever the listed order: it edits what others read
     # when they attach (the sampler: the scheduler and the step count)
     attach_first: ClassVar[bool] = False
+    # stored calibrations for this run's model (``backends.accel._calibration``), handed
+    # over by ``instantiate`` from the request's ``MethodChoice``; empty when none
+    calibrations: Sequence[dict[str, Any]] = ()
 
     def __init__(self, config: MethodConfig | None = None, **params: Any):
         if config is None:
@@ -242,7 +245,9 @@ def instantiate(choices: Sequence[MethodChoice], modality: str, family: str | No
         check_combinable(spec, seen.values())
         seen[spec.name] = spec
         # a choice validated upstream carries its Config: not validated a second time
-        methods.append(cls(config=choice.config) if choice.config is not None else cls(**choice.params))
+        method = cls(config=choice.config) if choice.config is not None else cls(**choice.params)
+        method.calibrations = list(choice.calibrations)
+        methods.append(method)
     return methods
 
 

@@ -12,7 +12,9 @@ The ratios must be calibrated per checkpoint and schedule. ``ratios="flux"`` use
 published FLUX.1 curve (diffusers ``FLUX_MAG_RATIOS``, interpolated to the step count);
 ``ratios="calibrate"`` (default) measures them: the first run for a given model, step
 count, size and scheduler runs one extra, untimed pass without skipping to record them,
-and later runs reuse the stored curve. The implementation is diffusers' own
+and later runs reuse the curve: in this process, and, through the studio, after a
+restart (the run reports the curve in its stats, the studio keeps it in its calibration
+store and hands it back with later requests, ``backends.accel._calibration``). The implementation is diffusers' own
 (``transformer.enable_cache``).
 """
 
@@ -24,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from backends.accel._block_span import block_lists, block_metadata
+from backends.accel._calibration import RATIOS, matching_calibration, plan_settings
 from backends.accel._diffusers_cache import DiffusersCacheMethod
 from backends.accel.base import MethodConfig, MethodSpec, param, register
 from backends.plan import UNCOND, DiffusionPlan, tracking_branches
@@ -115,15 +118,27 @@ class MagCacheMethod(DiffusersCacheMethod):
 
             ratios = FLUX_MAG_RATIOS
         else:
-            key = (backend.model_id, id(backend.denoiser), steps, plan.kwargs.get("height"), plan.kwargs.get("width"),
-                   type(backend.pipe.scheduler).__name__, plan.guidance.passes)
-            if key not in self.calibrated:
-                self.calibrated[key] = calibrate_mag_ratios(backend, plan)
-                stats["calibrated_this_run"] = True
-            ratios = self.calibrated[key]
+            ratios = self.calibrated_ratios(backend, plan, stats)
         return hooks.MagCacheConfig(threshold=self.config.threshold, max_skip_steps=self.config.max_skip_steps,
                                     retention_ratio=self.config.retention_ratio, num_inference_steps=steps,
                                     mag_ratios=list(ratios))
+
+    def calibrated_ratios(self, backend, plan: DiffusionPlan, stats: dict[str, Any]) -> list[float]:
+        """This model's ratios for this plan: a stored calibration with the same settings
+        (handed over with the request), else one measured earlier in this process, else a
+        calibration pass now, reported in ``stats["calibration"]`` for the studio to keep."""
+        settings = plan_settings(backend, plan)
+        stored = matching_calibration(self.calibrations, RATIOS, settings)
+        if stored is not None and len(stored["ratios"]) == plan.steps:
+            stats["calibration_id"] = stored.get("id")
+            return [float(r) for r in stored["ratios"]]
+        key = (backend.model_id, id(backend.denoiser), *settings.values())
+        if key not in self.calibrated:
+            self.calibrated[key] = calibrate_mag_ratios(backend, plan)
+            stats["calibrated_this_run"] = True
+            stats["calibration"] = {"kind": RATIOS, "ratios": list(self.calibrated[key]), "settings": settings,
+                                    "prompts": 1}
+        return self.calibrated[key]
 
     def notes(self, backend, plan: DiffusionPlan) -> list[str]:
         steps = plan.steps

@@ -8,6 +8,11 @@ polynomial fitted per model, and while the sum stays under ``threshold`` it answ
 step with ``input + residual`` of the last computed step; when the sum crosses the
 threshold it computes the step and resets the sum. The first and last steps are always
 computed. Each CFG branch (cond / uncond) keeps its own accumulator and residual.
+
+The published polynomial fits FLUX.1 only; for any other model ``rescale="calibrated"``
+(or ``"auto"`` once one is stored) uses the model's own fit, made by TeaCache's procedure
+in ``backends.accel._calibration.fit_rescale_curve`` and handed to the method with the
+request (``Method.calibrations``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from backends.accel._block_span import SpanCache, block_lists, block_metadata, span_handle
+from backends.accel._calibration import RESCALE, matching_calibration, plan_settings
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
@@ -36,9 +42,10 @@ class TeaCacheConfig(MethodConfig):
                                   "0.6 ≈ 2x, 0.8 ≈ 2.25x (paper); higher = faster and rougher")
     coefficients: tuple[float, ...] = FLUX_COEFFICIENTS
     num_steps: int = 0
-    rescale: str = param("auto", choices=("auto", "flux", "none"),
-                         help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), or "
-                              "auto (FLUX fit for FLUX transformers, none otherwise)")
+    rescale: str = param("auto", choices=("auto", "flux", "none", "calibrated"),
+                         help="rescaling polynomial: the published FLUX.1 fit, none (raw relative L1), this "
+                              "model's own fit (calibrated: made in the Calibrate tab), or auto (the model's "
+                              "own fit when one is stored, else the FLUX fit for FLUX transformers, else none)")
 
 
 def rescale(value: float, coefficients: tuple[float, ...]) -> float:
@@ -119,14 +126,31 @@ class TeaCacheMethod(Method):
         denoiser = backend.denoiser
         if not block_lists(denoiser):
             raise ValidationError(f"teacache found no transformer block list in {type(denoiser).__name__}")
-        choice = self.config.rescale
-        if choice == "auto":
-            choice = "flux" if type(denoiser).__name__.startswith("Flux") else "none"
-        coefficients = FLUX_COEFFICIENTS if choice == "flux" else ()
+        choice, coefficients, fitted = self.pick_rescale(backend, plan)
         # the last step (always computed) needs the plan's step count
         config = replace(self.config, coefficients=coefficients, num_steps=plan.steps)
         cache = apply_teacache(denoiser, config, pipe=backend.pipe)
-        return span_handle(plan, cache, lambda: {}, self.notes)
+        own = {"rescale": choice}
+        if fitted is not None:
+            own["calibration_id"] = fitted.get("id")
+            own["calibration_settings"] = "same" if fitted.get("settings") == plan_settings(backend, plan) else "other"
+        return span_handle(plan, cache, lambda: dict(own), self.notes)
+
+    def pick_rescale(self, backend, plan: DiffusionPlan) -> tuple[str, tuple[float, ...], dict | None]:
+        """(what was used, its coefficients, the calibration record or None). ``auto``
+        prefers this model's own fit (for these settings, else the newest one) over the
+        FLUX fit; a request or preset can still force ``flux`` or ``none``."""
+        choice = self.config.rescale
+        fitted = None
+        if choice in ("auto", "calibrated"):
+            fitted = matching_calibration(self.calibrations, RESCALE, plan_settings(backend, plan), exact=False)
+            if fitted is not None:
+                return "calibrated", tuple(float(c) for c in fitted["coefficients"]), fitted
+            if choice == "calibrated":
+                raise ValidationError("teacache rescale=calibrated: this model has no stored calibration; "
+                                      "fit one in the Calibrate tab, or use rescale=auto")
+            choice = "flux" if type(backend.denoiser).__name__.startswith("Flux") else "none"
+        return choice, (FLUX_COEFFICIENTS if choice == "flux" else ()), None
 
     def notes(self, plan: DiffusionPlan) -> list[str]:
         if self.config.threshold <= 0:

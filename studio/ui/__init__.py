@@ -9,6 +9,7 @@ import gradio as gr
 
 from backends.types import StudioError
 from studio.validation import parse_request_json
+from studio.ui.calibration import build_calibration_panel
 from studio.ui.compare import build_compare_tab
 from studio.ui.endpoints import register_generation_endpoints
 from studio.ui.generate import build_generation_tab
@@ -97,6 +98,8 @@ def build_app(studio) -> gr.Blocks:
                 build_story_tab(studio)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(studio)
+            with gr.Tab("Calibrate", id="calibrate"):
+                build_calibration_panel(studio)
             with gr.Tab("History", id="history") as history_tab:
                 history = build_history_tab(studio)
             with gr.Tab("Presets", id="presets"):

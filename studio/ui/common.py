@@ -175,6 +175,8 @@ def format_result(result, run_id: int | None) -> str:
             lines.append(f"- {key.replace('_', ' ')}: {value}")
     for note in result.notes:
         lines.append(f"> ⚠️ {note}")
+    for finding in result.findings:  # studio.detectors: skipped nothing, NaN/Inf, blank output
+        lines.append(f"> ⚠️ {finding['message']}")
     return "\n\n".join(lines)
 
 

@@ -179,6 +179,9 @@ def build_compare_tab(studio) -> dict:
                 "measured cost of a full vs a partial evaluation; efficiency = speedup / ideal")
         if failed:
             text += "\n\n" + "\n".join(f"- ❌ `{r.label}`: {r.error}" for r in failed)
+        flagged = [(r.label, f["message"]) for r in report.rows for f in r.findings]  # studio.detectors
+        if flagged:
+            text += "\n\n" + "\n".join(f"- ⚠️ `{label}`: {message}" for label, message in flagged)
         others = [r.label for r in report.rows[1:] if r.outputs]
         picked = others[0] if others else None
         return (text, gallery, "".join(html_parts), evidence.compact_table(report), speed_quality_figure(report),
