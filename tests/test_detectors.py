@@ -147,3 +147,28 @@ def test_a_single_run_carries_its_findings(video_studio):
     plain = video_studio.generate(Request("video", "tiny-video-shapes", "a blue square growing on black",
                                           params=params))
     assert plain.result.findings == [] and "findings" not in plain.result.summary()["method_stats"]
+
+
+def test_the_blank_image_of_too_few_steps_on_an_unseen_prompt_is_flagged():
+    """Issue 17, item 5: on tiny-flux-shapes, "a yellow square at top left on white" with
+    seed 7 and 12 flow-Euler steps comes out white (a faint noise, std ~1.4); 25 steps draw
+    the square. The detector the Studio runs on every result says so; the 25-step run has no finding."""
+    from backends.manager import BackendManager
+    from backends.types import MethodChoice, Request
+
+    manager = BackendManager(device="cpu")
+    try:
+        backend = manager.get("image", "tiny-flux-shapes")
+    except Exception:
+        pytest.skip("assets/tiny-flux-shapes not available")
+    try:
+        def run(steps):
+            return backend.run(Request("image", "tiny-flux-shapes", "a yellow square at top left on white", seed=7,
+                                       params={"steps": 25, "guidance": 5.0},
+                                       methods=[MethodChoice("sampler", {"steps": steps})]))
+
+        few, enough = run(12), run(25)
+        assert [f.key for f in detectors.run_findings("image", few.output, few.method_stats)] == [BLANK]
+        assert detectors.run_findings("image", enough.output, enough.method_stats) == []
+    finally:
+        manager.unload_all()
