@@ -71,6 +71,7 @@ UNET_CASES = [
     ("cfg_truncation", {"fraction": 0.5}, "unguided_steps", True),
     ("deepcache", {"interval": 3}, "shallow_steps", True),
     ("tome", {"ratio": 0.5}, "tokens", True),
+    ("int8_attention", {"kernel": "torch"}, "int8_calls", True),
 ]
 DIT_CASES = [
     ("sampler", {"steps": 4}, "evals", True),
@@ -85,6 +86,7 @@ DIT_CASES = [
     ("faster_cache", {}, "attention_skipped", True),
     ("attention_backend", {"backend": "_native_math"}, "processors", False),
     ("compile", {"compiler": "eager"}, "compiled_modules", False),  # inductor: see the slow test below
+    ("int8_attention", {"kernel": "torch"}, "int8_calls", True),
 ]
 
 
