@@ -123,6 +123,15 @@ def test_triton_bf16_and_no_smoothing(interpreted_triton):
         torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("n_q,n_k,dim,block_q,block_k", CASES[:2])
+def test_fused_sdpa_path_matches_reference(n_q, n_k, dim, block_q, block_k):
+    q, k, v = _qkv(n_q, n_k, dim, key_offset=2.0)
+    ref = int8_attention(q, k, v, block_q, block_k, backend="torch")
+    out = int8_attention(q, k, v, block_q, block_k, backend="sdpa")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert not torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
 def test_bad_arguments_are_refused():
     q, k, v = _qkv(10, 10, 8)
     with pytest.raises(ValueError, match="block sizes"):
@@ -131,7 +140,7 @@ def test_bad_arguments_are_refused():
         int8_attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="dim"):
         int8_attention(q, k[..., :4], v)
-    assert kernel.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert kernel.resolve_backend("auto", torch.device("cpu")) == "sdpa"
 
 
 # ------------------------------------------------------------------- the method
@@ -159,9 +168,10 @@ def test_int8_attention_on_tiny_flux_is_close_and_removes_exactly(tiny_flux):
 
     processors = [m.processor for m in _attention_modules(tiny_flux)]
     baseline = np.asarray(tiny_flux.run(_image_request()).output)
-    result = tiny_flux.run(_image_request([("int8_attention", {"kernel": "torch"})]))
+    result = tiny_flux.run(_image_request([("int8_attention", {})]))
     stats = result.method_stats["int8_attention"]
     assert stats["int8_calls"] > 0 and stats["fallback_calls"] == 0 and stats["processors"] == len(processors)
+    assert stats["kernel"] == "sdpa"
     quality = psnr(baseline, np.asarray(result.output))
     assert 30 < quality < PSNR_IDENTICAL, quality  # changed, slightly
     assert [m.processor for m in _attention_modules(tiny_flux)] == processors  # the very same objects

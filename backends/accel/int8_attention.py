@@ -16,16 +16,17 @@ parallel config) go to the original function and are counted as ``fallback_calls
 
 Backends:
 
-- ``torch``: the reference (``int8_attention_torch``). On CPU it is **not faster** than
-  PyTorch's SDPA: the int8 dot runs as a float32 matmul (exact, see the kernel module) and
-  the quantization adds work; this path shows what the quantization costs in quality.
+- ``sdpa``: the CPU path: the int8 Q and K (with their block scales) dequantized and
+  handed to PyTorch's fused SDPA. It is **not faster** than plain SDPA on CPU (the same
+  float32 attention plus the quantization); it shows what int8 Q·K costs in quality.
+- ``torch``: the exact-integer reference (``int8_attention_torch``), unfused: slow.
 - ``triton``: our kernel (int8 ``tl.dot``, online softmax), CUDA only.
 - ``sage``: the ``sageattention`` package through diffusers' ``sage`` attention backend
   (the same mechanism as the ``attention_backend`` method): SageAttention's own CUDA
   kernels, the paper's ~2.1x over FlashAttention2. Needs a CUDA GPU with the package
   installed and half-precision weights; this code path exists but is not tested here
   (the machines running the tests have no GPU).
-- ``auto``: sage when on CUDA and ``sageattention`` imports, else triton on CUDA, else torch.
+- ``auto``: sage when on CUDA and ``sageattention`` imports, else triton on CUDA, else sdpa.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from backends.accel.base import Method, MethodConfig, MethodSpec, param, registe
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
-KERNELS = ("auto", "torch", "triton", "sage")
+KERNELS = ("auto", "sdpa", "torch", "triton", "sage")
 
 
 @dataclass
@@ -151,7 +152,7 @@ def resolve_kernel(name: str, device: torch.device) -> str:
 
     cuda = device.type == "cuda"
     if name == "auto":
-        return "sage" if cuda and sage_installed() else "triton" if cuda and triton_available() else "torch"
+        return "sage" if cuda and sage_installed() else "triton" if cuda and triton_available() else "sdpa"
     if name in ("sage", "triton") and not cuda:
         raise ValidationError(f"int8 attention kernel '{name}' needs a CUDA GPU; this model runs on "
                               f"{device.type}. Use kernel 'torch' (or 'auto') here")
@@ -171,8 +172,9 @@ class Int8AttentionConfig(MethodConfig):
                                       "unchanged, shrinks the int8 error; paper: on)")
     kernel: str = param("auto", choices=KERNELS,
                         help="auto = sageattention's CUDA kernels when installed on a GPU, else our triton "
-                             "kernel on a GPU, else the torch reference; torch = reference (CPU; not faster "
-                             "than SDPA there); triton = our kernel (GPU); sage = the sageattention package "
+                             "kernel on a GPU, else sdpa; sdpa = int8 Q/K dequantized into PyTorch's fused "
+                             "attention (CPU; not faster than plain SDPA there); torch = the exact-integer "
+                             "reference (slow); triton = our kernel (GPU); sage = the sageattention package "
                              "through diffusers' 'sage' backend (GPU)")
 
 
@@ -232,7 +234,7 @@ class Int8AttentionMethod(Method):
         }
 
     def notes(self, kernel: str) -> list[str]:
-        if kernel == "torch":
-            return ["on CPU int8 attention runs the torch reference: it shows the quality cost of int8 Q·K, "
-                    "not a speedup (CPU BLAS has no int8 matmul; the gain needs GPU int8 kernels)"]
+        if kernel in ("sdpa", "torch"):
+            return ["on CPU int8 attention shows the quality cost of int8 Q·K, not a speedup: it runs PyTorch's "
+                    "float attention on the int8 values (the gain needs int8 GPU kernels)"]
         return []
