@@ -46,7 +46,16 @@ ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs
     --json "$OUT/ideal-tiny-flux-shapes.json"
   $PY -m benchmarks.compare_check --json "$OUT/compare-check-tiny-sd-shapes.json" || true
 }
-# ./readme_tables.sh [text|image|video|audio|ideal ...]: the named series only (default: all,
+quant() {  # int8 attention and the quantized KV cache (README "Quantization: attention and KV cache")
+  $PY -m benchmarks.int8_attention --tokens 4096 --repeats 5 --threads 1 --real tiny-video-shapes \
+    --json "$OUT/int8-attention-micro.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 3 \
+    --methods "int8_attention,int8_attention(smooth_k=false)" --json "$OUT/int8-attention-video-tiny-video-shapes.json"
+  $PY -m benchmarks.kv_quant --windows 2 --speed-tokens 0 --threads 1 --json "$OUT/kvquant-tiny-code-llama.json"
+  $PY -m benchmarks.kv_quant --skip-perplexity --speed-tokens 448 --threads 1 \
+    --json "$OUT/kvquant-decode-speed-tiny-code-llama.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|quant ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too

@@ -213,3 +213,22 @@ def _attention_modules(backend):
     from backends.accel.int8_attention import attention_modules
 
     return attention_modules(backend.denoiser)
+
+
+def test_auto_picks_sage_only_where_diffusers_sage_backend_can_run(tiny_flux, monkeypatch):
+    """The GPU choice, decided without a GPU: sage needs the package, CUDA, half precision
+    and dispatched processors (FLUX yes, the UNet's SDPA processors no)."""
+    from backends.accel import int8_attention as method
+    from backends.tiny.dummy import dummy_sd_pipeline
+
+    cuda, flux = torch.device("cuda"), tiny_flux.denoiser
+    monkeypatch.setattr(method, "sage_installed", lambda: True)
+    monkeypatch.setattr(kernel, "triton_available", lambda: True)
+    assert method.resolve_kernel("auto", cuda, flux, torch.bfloat16) == "sage"
+    assert method.resolve_kernel("auto", cuda, flux, torch.float32) == "triton"
+    assert method.resolve_kernel("auto", cuda, dummy_sd_pipeline().unet, torch.float16) == "triton"
+    assert method.resolve_kernel("auto", torch.device("cpu"), flux, torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(method, "sage_installed", lambda: False)
+    assert method.resolve_kernel("auto", cuda, flux, torch.bfloat16) == "triton"
+    with pytest.raises(ValidationError, match="needs the sageattention package"):
+        method.resolve_kernel("sage", cuda, flux, torch.bfloat16)

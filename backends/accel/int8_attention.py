@@ -26,7 +26,9 @@ Backends:
   kernels, the paper's ~2.1x over FlashAttention2. Needs a CUDA GPU with the package
   installed and half-precision weights; this code path exists but is not tested here
   (the machines running the tests have no GPU).
-- ``auto``: sage when on CUDA and ``sageattention`` imports, else triton on CUDA, else sdpa.
+- ``auto``: sage on CUDA when ``sageattention`` imports, the model runs in half precision
+  and its processors go through the dispatcher (FLUX, Wan; not the UNet), else triton on
+  CUDA, else sdpa.
 """
 
 from __future__ import annotations
@@ -146,13 +148,22 @@ def sage_installed() -> bool:
     return importlib.util.find_spec("sageattention") is not None
 
 
-def resolve_kernel(name: str, device: torch.device) -> str:
+def sage_fits(denoiser: Any, dtype: torch.dtype) -> bool:
+    """diffusers' sage backend takes half-precision tensors from dispatched processors."""
+    from backends.accel.attention_backend import dispatched_processors
+
+    return dtype in (torch.float16, torch.bfloat16) and bool(dispatched_processors(denoiser))
+
+
+def resolve_kernel(name: str, device: torch.device, denoiser: Any = None, dtype: torch.dtype = torch.float32) -> str:
     """The kernel a run uses; a one-line ValidationError when it cannot run here."""
     from kernels.int8_attention import triton_available
 
     cuda = device.type == "cuda"
     if name == "auto":
-        return "sage" if cuda and sage_installed() else "triton" if cuda and triton_available() else "sdpa"
+        if cuda and sage_installed() and denoiser is not None and sage_fits(denoiser, dtype):
+            return "sage"
+        return "triton" if cuda and triton_available() else "sdpa"
     if name in ("sage", "triton") and not cuda:
         raise ValidationError(f"int8 attention kernel '{name}' needs a CUDA GPU; this model runs on "
                               f"{device.type}. Use kernel 'torch' (or 'auto') here")
@@ -196,7 +207,8 @@ class Int8AttentionMethod(Method):
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
-        kernel = resolve_kernel(self.config.kernel, backend.device)
+        dtype = next(denoiser.parameters()).dtype if denoiser is not None else torch.float32
+        kernel = resolve_kernel(self.config.kernel, backend.device, denoiser, dtype)
         if kernel == "sage":
             return self._attach_sage(backend, plan)
         modules = [m for m in attention_modules(denoiser) if rebindable(m.processor)] if denoiser is not None else []
