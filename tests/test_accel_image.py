@@ -245,8 +245,10 @@ def test_faster_cache_conflicts_with_cfg_truncation(flux):
     ([("teacache", {}), ("cfg_truncation", {"fraction": 0.5})], "flux"),
     ([("pab", {}), ("cfg_truncation", {"fraction": 0.5})], "flux"),
     ([("block_cache", {}), ("attention_backend", {"backend": "_native_math"})], "flux"),
+    ([("tome", {}), ("int8_attention", {})], "sd"),
+    ([("block_cache", {}), ("int8_attention", {})], "flux"),
 ], ids=["deepcache+tome", "tome+cfg_truncation", "cfg_truncation+teacache", "teacache+cfg_truncation",
-        "pab+cfg_truncation", "block_cache+attention_backend"])
+        "pab+cfg_truncation", "block_cache+attention_backend", "tome+int8_attention", "block_cache+int8_attention"])
 def test_methods_that_patch_the_same_model_combine(request, methods, backend_name):
     """Methods that are allowed together stack their patches and unwind them exactly, in
     either order, and each still does its work."""
