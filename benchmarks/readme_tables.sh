@@ -55,7 +55,16 @@ calibration() {  # TeaCache with the model's own fitted curve vs without, thresh
     --methods "teacache(threshold=0.15, rescale=none),teacache(threshold=0.07, rescale=calibrated),teacache(threshold=0.5, rescale=none),teacache(threshold=0.15, rescale=calibrated)" \
     --json "$OUT/calibration-tiny-video-shapes.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration ...]: the named series only (default: all,
+quant() {  # int8 attention and the quantized KV cache (README "Quantization: attention and KV cache")
+  $PY -m benchmarks.int8_attention --tokens 4096 --repeats 5 --threads 1 --real tiny-video-shapes \
+    --json "$OUT/int8-attention-micro.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 3 \
+    --methods "int8_attention,int8_attention(smooth_k=false)" --json "$OUT/int8-attention-video-tiny-video-shapes.json"
+  $PY -m benchmarks.kv_quant --windows 2 --speed-tokens 0 --threads 1 --json "$OUT/kvquant-tiny-code-llama.json"
+  $PY -m benchmarks.kv_quant --skip-perplexity --speed-tokens 448 --threads 1 \
+    --json "$OUT/kvquant-decode-speed-tiny-code-llama.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too

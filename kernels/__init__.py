@@ -3,6 +3,7 @@ the test oracle. Triton is optional: kernels that need it import it lazily and t
 public functions pick another path when it is missing.
 
 - ``kernels.sta``: sliding tile attention for video DiTs (``sliding_tile_attention``).
+- ``kernels.int8_attention``: SageAttention's int8 Q·K attention (``int8_attention``).
 """
 
 from kernels.sta import kept_fraction, sliding_tile_attention

@@ -71,6 +71,7 @@ UNET_CASES = [
     ("cfg_truncation", {"fraction": 0.5}, "unguided_steps", True),
     ("deepcache", {"interval": 3}, "shallow_steps", True),
     ("tome", {"ratio": 0.5}, "tokens", True),
+    ("int8_attention", {"kernel": "torch"}, "int8_calls", True),
 ]
 DIT_CASES = [
     ("sampler", {"steps": 4}, "evals", True),
@@ -86,6 +87,7 @@ DIT_CASES = [
     ("faster_cache", {}, "attention_skipped", True),
     ("attention_backend", {"backend": "_native_math"}, "processors", False),
     ("compile", {"compiler": "eager"}, "compiled_modules", False),  # inductor: see the slow test below
+    ("int8_attention", {"kernel": "torch"}, "int8_calls", True),
 ]
 
 
@@ -244,8 +246,10 @@ def test_faster_cache_conflicts_with_cfg_truncation(flux):
     ([("teacache", {}), ("cfg_truncation", {"fraction": 0.5})], "flux"),
     ([("pab", {}), ("cfg_truncation", {"fraction": 0.5})], "flux"),
     ([("block_cache", {}), ("attention_backend", {"backend": "_native_math"})], "flux"),
+    ([("tome", {}), ("int8_attention", {})], "sd"),
+    ([("block_cache", {}), ("int8_attention", {})], "flux"),
 ], ids=["deepcache+tome", "tome+cfg_truncation", "cfg_truncation+teacache", "teacache+cfg_truncation",
-        "pab+cfg_truncation", "block_cache+attention_backend"])
+        "pab+cfg_truncation", "block_cache+attention_backend", "tome+int8_attention", "block_cache+int8_attention"])
 def test_methods_that_patch_the_same_model_combine(request, methods, backend_name):
     """Methods that are allowed together stack their patches and unwind them exactly, in
     either order, and each still does its work."""

@@ -89,6 +89,10 @@ prompt_lookup+sink_cache prompt_lookup+snapkv prompt_lookup+speculative prompt_l
 sink_cache+snapkv sink_cache+speculative sink_cache+static_cache snapkv+speculative snapkv+static_cache
 speculative+static_cache taylorseer+teacache
 """.split()}
+# Pairs added by methods that came after slots, by the slot they share.
+NEW_CONFLICTS = {("attention_backend", "int8_attention"), ("int8_attention", "sta")} | {
+    tuple(sorted(("kv_quant", other))) for other in
+    "layer_skip lookahead prompt_lookup sink_cache snapkv speculative static_cache".split()}
 
 
 def refused(a: MethodSpec, b: MethodSpec) -> bool:
@@ -114,7 +118,7 @@ def test_slots_refuse_exactly_the_pairs_the_old_conflict_lists_refused():
     assert len(OLD_CONFLICTS) == 51 and {n for pair in OLD_CONFLICTS for n in pair} <= set(specs)
     assert set(specs) == OLD_METHODS
     for a, b in itertools.combinations(sorted(specs), 2):
-        expected = (a, b) in OLD_CONFLICTS
+        expected = (a, b) in OLD_CONFLICTS | NEW_CONFLICTS
         assert refused(specs[a], specs[b]) == expected, (a, b)
         assert refused(specs[b], specs[a]) == expected, (b, a)
 
@@ -126,6 +130,8 @@ def test_a_newer_method_conflicts_exactly_with_the_methods_of_its_slots():
             shares = bool(set(specs[new].slots) & set(specs[other].slots))
             assert refused(specs[new], specs[other]) == shares, (new, other)
     assert "cg_taylor" in specs and refused(specs["cg_taylor"], specs["teacache"])
+    for a, b in NEW_CONFLICTS:  # the pairs written down when those methods were added
+        assert refused(specs[a], specs[b]) and refused(specs[b], specs[a]), (a, b)
 
 
 def test_request_validation_refuses_the_same_pairs_with_the_same_message():
