@@ -1,0 +1,1066 @@
+"""Auto-tune: the fastest method configuration that keeps a quality floor on prompts it
+was not tuned on.
+
+The prompt set is split once (deterministically) into a *tune* part and a *held-out*
+part. optuna searches method combinations and parameters on the tune prompts, two
+objectives (speedup up, quality up) with the floor as a constraint; every trial is one
+``studio.measure`` run of the baseline and the candidate, interleaved, speedup = median
+of paired ratios. Then the few fastest candidates that met the floor are measured again
+on the held-out prompts, in one interleaved run together with the model's shipped
+presets (and, if asked, each single method at its defaults), so their figures are
+comparable. The winner is the fastest candidate that also meets the floor there: a
+configuration that only fits the tune prompts (the blank image of ``sampler(steps=12)``
+on an unseen FLUX prompt) does not win.
+
+The study lives in optuna's RDB storage at the studio's own history database URL
+(SQLite or PostgreSQL), so a study of the same name resumes after a restart (trials
+already made are kept, not run again) and past studies can be listed. Every timed run
+goes through ``Studio.generate`` under a ``tune-...`` compare group, so it is in History.
+
+The search space (``SearchSpace``): per slot (``MethodSpec.slots``; a method without one
+is a slot of its own) none or one method, and that method's quality/speed parameters from
+its Config (int/float ranges with their step, bools, choices). Parameters that pick an
+implementation rather than trade speed for quality (an attention backend, a draft model,
+a calibration source) stay at their defaults. With the floor ``exact`` only lossless
+methods are searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import statistics
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from backends.accel._eval_cost import run_ideal
+from backends.accel.base import MethodSpec, Param, all_methods, get_method, methods_for
+from backends.catalog import find_bundled, recommended_params
+from backends.params import default as param_default
+from backends.types import MODALITIES, MethodChoice, Request, StudioError, ValidationError, shown
+from studio import metrics
+from studio.compare import format_config
+from studio.measure import Spread, Timed, measure, summarize
+
+log = logging.getLogger(__name__)
+
+STUDY_KIND = "fastgen-tune"  # the user attr that marks an optuna study as ours
+MAX_TRIALS = 500
+MAX_MINUTES = 24 * 60
+MAX_PROMPTS = 64
+MAX_REPEATS = 10
+
+# -- the quality floor --------------------------------------------------------------------
+
+# The metrics of the Compare table, per modality (``studio.metrics.quality``).
+QUALITY_METRICS = {"image": ("psnr", "ssim"), "video": ("psnr", "ssim"), "audio": ("lsd", "snr"),
+                   "text": ("exact_match", "token_agreement")}
+GRADED = ("image", "video", "audio")  # modalities whose bundled models have a task grader
+# The one quality number per modality the search maximises (the Compare plot's axis).
+PRIMARY = {"image": ("psnr", 1.0), "video": ("psnr", 1.0), "audio": ("lsd", -1.0), "text": ("token_agreement", 1.0)}
+_CLAUSE = re.compile(r"^([a-z_]+)\s*(>=|<=|>|<|=)?\s*([+-]?\d+(?:\.\d+)?)?\s*(%)?$")
+
+
+@dataclass(frozen=True)
+class FloorClause:
+    """One condition: ``metric op value`` (``exact`` alone: every output bit-identical)."""
+
+    metric: str
+    op: str = ""
+    value: float = 0.0
+
+    def violation(self, figures: Mapping[str, float]) -> float:
+        """<= 0 when met; otherwise how far off (optuna's constraint convention)."""
+        if self.metric == "exact":
+            return 0.0 if figures.get("exact", 0.0) >= 1.0 else 1.0
+        value = figures.get(self.metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return 1e6  # not measured (no grader output): never counts as met
+        if self.op in (">=", ">"):
+            gap = self.value - value
+            return gap if self.op == ">=" else (gap if gap > 0 else (1e-9 if gap == 0 else gap))
+        if self.op in ("<=", "<"):
+            gap = value - self.value
+            return gap if self.op == "<=" else (gap if gap > 0 else (1e-9 if gap == 0 else gap))
+        return abs(value - self.value)  # "="
+
+    def __str__(self) -> str:
+        return self.metric if self.metric == "exact" else f"{self.metric}{self.op}{self.value:g}"
+
+
+@dataclass(frozen=True)
+class QualityFloor:
+    clauses: tuple[FloorClause, ...]
+
+    @property
+    def exact(self) -> bool:
+        return any(c.metric == "exact" for c in self.clauses)
+
+    @property
+    def needs_grader(self) -> bool:
+        return any(c.metric == "adherence" or c.metric.startswith("task_") for c in self.clauses)
+
+    def violations(self, figures: Mapping[str, float]) -> list[float]:
+        return [c.violation(figures) for c in self.clauses]
+
+    def met(self, figures: Mapping[str, float]) -> bool:
+        return all(v <= 0 for v in self.violations(figures))
+
+    def __str__(self) -> str:
+        return ", ".join(str(c) for c in self.clauses)
+
+
+def parse_floor(text: str, modality: str) -> QualityFloor:
+    """``adherence>=-5, psnr>=28`` (also joined by `` and ``) -> a QualityFloor.
+
+    ``adherence``: the bundled classifier's ``task_all`` minus the baseline's, in
+    percentage points; ``task_<attr>``: that classifier score itself (0-1); ``exact``:
+    every output bit-identical to the baseline's; the Compare table's quality columns
+    (psnr, ssim / lsd, snr / exact_match, token_agreement) by name. Anything else is a
+    one-line ValidationError."""
+    if modality not in MODALITIES:
+        raise ValidationError(f"modality must be one of {list(MODALITIES)}")
+    if not isinstance(text, str) or not text.strip():
+        raise ValidationError("give a quality floor, e.g. 'adherence>=-5, psnr>=28' or 'exact'")
+    if len(text) > 300:
+        raise ValidationError("the quality floor is longer than 300 characters")
+    parts = [p.strip() for chunk in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE)
+             for p in chunk.split(",")]
+    clauses = [_parse_clause(part, modality) for part in parts if part]
+    if not clauses:
+        raise ValidationError("give a quality floor, e.g. 'adherence>=-5, psnr>=28' or 'exact'")
+    return QualityFloor(tuple(clauses))
+
+
+def floor_metrics(modality: str) -> list[str]:
+    names = ["exact", *QUALITY_METRICS[modality]]
+    return names + (["adherence", "task_all"] if modality in GRADED else [])
+
+
+def _parse_clause(part: str, modality: str) -> FloorClause:
+    match = _CLAUSE.match(part.strip().lower().replace(" ", ""))
+    if not match:
+        raise ValidationError(f"cannot read the floor condition {shown(part)}; write e.g. psnr>=28 or exact")
+    metric, op, value, percent = match.groups()
+    if metric == "perplexity":
+        raise ValidationError("the text backend does not report held-out perplexity, so a perplexity floor cannot "
+                              "be checked; use exact or token_agreement>=0.9")
+    known = floor_metrics(modality)
+    if metric == "exact":
+        if op or value:
+            raise ValidationError("'exact' takes no value: it means every output identical to the baseline's")
+        return FloorClause("exact")
+    graded = metric == "adherence" or metric.startswith("task_")
+    if metric not in known and not (graded and modality in GRADED):
+        other = [m for m, names in QUALITY_METRICS.items() if metric in names]
+        where = f"it is a {other[0]} metric; " if other else ""
+        raise ValidationError(f"unknown metric {shown(metric)} in the quality floor for {modality}: {where}"
+                              f"use {', '.join(known)}")
+    if not op or value is None:
+        raise ValidationError(f"the floor condition {shown(part)} needs a comparison and a number, e.g. {metric}>=28")
+    if percent:
+        raise ValidationError(f"'%' only applies to a perplexity floor; write {metric}{op}{value}")
+    return FloorClause(metric, op, float(value))
+
+
+# -- the request of a tune ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """What to tune. ``prompts`` empty: ``n_prompts`` bundled benchmark prompts
+    (``benchmarks.prompts``). ``trials`` / ``minutes``: the search budget (either or both;
+    the held-out confirmation runs after it). ``methods`` None: every method that applies
+    to the model, except the implementation switches in ``NOT_SEARCHED_BY_DEFAULT``.
+    ``split``: the fraction of prompts tuned on (the rest confirm). ``repeats``: timed
+    runs per prompt and configuration. ``confirm_top``: how many of the fastest feasible
+    configurations are confirmed. ``compare_singles``: also measure each allowed method at
+    its defaults in the confirmation (the benchmark table's rows)."""
+
+    modality: str
+    model: str
+    floor: str
+    prompts: tuple[str, ...] = ()
+    n_prompts: int = 8
+    prompt_kind: str = "mixed"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    trials: int | None = 20
+    minutes: float | None = None
+    methods: tuple[str, ...] | None = None
+    split: float = 0.5
+    repeats: int = 2
+    confirm_top: int = 3
+    compare_singles: bool = False
+    study: str | None = None
+    save_preset: bool = True
+
+    def checked(self) -> "TuneSpec":
+        """The spec with its values checked (ValidationError otherwise)."""
+        if self.modality not in MODALITIES:
+            raise ValidationError(f"modality must be one of {list(MODALITIES)}")
+        if not isinstance(self.model, str) or not self.model.strip() or len(self.model) > 512:
+            raise ValidationError("pick a model")
+        if self.trials is None and self.minutes is None:
+            raise ValidationError("give a budget: a number of trials, minutes, or both")
+        if self.trials is not None and not (isinstance(self.trials, int) and 1 <= self.trials <= MAX_TRIALS):
+            raise ValidationError(f"trials must be a whole number between 1 and {MAX_TRIALS}")
+        if self.minutes is not None and not (isinstance(self.minutes, (int, float)) and 0 < self.minutes <= MAX_MINUTES):
+            raise ValidationError(f"minutes must be between 0 and {MAX_MINUTES}")
+        if not 0.1 <= float(self.split) <= 0.9:
+            raise ValidationError("split must be between 0.1 and 0.9 (the fraction of prompts tuned on)")
+        if not 1 <= int(self.repeats) <= MAX_REPEATS:
+            raise ValidationError(f"repeats must be between 1 and {MAX_REPEATS}")
+        if not 1 <= int(self.confirm_top) <= 8:
+            raise ValidationError("confirm_top must be between 1 and 8")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ValidationError("seed must be a whole number between 0 and 2^31")
+        if len(self.prompts) > MAX_PROMPTS or not self.prompts and not 2 <= self.n_prompts <= MAX_PROMPTS:
+            raise ValidationError(f"use between 2 and {MAX_PROMPTS} prompts")
+        if any(not isinstance(p, str) or not p.strip() or len(p) > 4000 for p in self.prompts):
+            raise ValidationError("each prompt must be non-empty text of at most 4000 characters")
+        if self.study is not None and (not self.study.strip() or len(self.study) > 120):
+            raise ValidationError("a study name must be non-empty and at most 120 characters")
+        floor = parse_floor(self.floor, self.modality)
+        if floor.needs_grader:
+            entry = find_bundled(self.model)
+            if entry is None or entry.grader is None:
+                raise ValidationError(f"adherence needs a bundled model with a task grader; {shown(self.model)} has "
+                                      "none: use psnr, ssim, lsd or exact instead")
+        for name in self.methods or ():
+            get_method(name)  # an unknown name is a one-line error
+        return self
+
+    def quality_floor(self) -> QualityFloor:
+        return parse_floor(self.floor, self.modality)
+
+    def request_params(self) -> dict[str, Any]:
+        """The modality params every run of the tune uses: the model's recommended settings
+        under the user's."""
+        return {**recommended_params(self.model), **dict(self.params)}
+
+    def prompt_list(self) -> list[str]:
+        if self.prompts:
+            return list(self.prompts)
+        from benchmarks.prompts import default_prompts
+
+        return default_prompts(self.modality, self.n_prompts, self.prompt_kind, self.seed)
+
+    def fingerprint(self) -> str:
+        """What makes two tunes the same study (the budget and the name do not)."""
+        data = {"modality": self.modality, "model": self.model, "floor": str(self.quality_floor()),
+                "prompts": self.prompt_list(), "params": self.request_params(), "seed": self.seed,
+                "methods": sorted(self.methods) if self.methods else None, "split": self.split,
+                "repeats": self.repeats}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def study_name(self) -> str:
+        return self.study.strip() if self.study else f"{self.model} [{self.quality_floor()}] {self.fingerprint()}"
+
+
+SPEC_KEYS = {f.name for f in dataclasses.fields(TuneSpec)}
+
+
+def spec_from_dict(data: Any) -> TuneSpec:
+    """A TuneSpec from decoded JSON (the ``/tune`` endpoint): known keys only, plain types."""
+    if not isinstance(data, dict):
+        raise ValidationError("the tune request must be a JSON object {modality, model, floor, ...}")
+    unknown = sorted(str(k) for k in data if k not in SPEC_KEYS)
+    if unknown:
+        raise ValidationError(f"unknown tune key {shown(unknown[0])}; known: {', '.join(sorted(SPEC_KEYS))}")
+    for required in ("modality", "model", "floor"):
+        if required not in data:
+            raise ValidationError(f"the tune request has no '{required}'")
+    values = dict(data)
+    for key in ("prompts", "methods"):
+        if values.get(key) is not None:
+            if not isinstance(values[key], list) or not all(isinstance(v, str) for v in values[key]):
+                raise ValidationError(f"'{key}' must be a list of strings")
+            values[key] = tuple(values[key])
+    if key := next((k for k in ("modality", "model", "floor", "prompt_kind") if k in values
+                    and not isinstance(values[k], str)), None):
+        raise ValidationError(f"'{key}' must be a string")
+    if values.get("study") is not None and not isinstance(values["study"], str):
+        raise ValidationError("'study' must be a string")
+    if not isinstance(values.get("params", {}), dict):
+        raise ValidationError("'params' must be an object")
+    for key in ("n_prompts", "seed", "trials", "repeats", "confirm_top"):
+        if values.get(key) is not None and (isinstance(values[key], bool) or not isinstance(values[key], int)):
+            raise ValidationError(f"'{key}' must be a whole number")
+    for key in ("minutes", "split"):
+        if values.get(key) is not None and (isinstance(values[key], bool) or not isinstance(values[key], (int, float))):
+            raise ValidationError(f"'{key}' must be a number")
+    for key in ("compare_singles", "save_preset"):
+        if key in values and not isinstance(values[key], bool):
+            raise ValidationError(f"'{key}' must be true or false")
+    if values.get("methods") == ():
+        values["methods"] = None
+    return TuneSpec(**values).checked()
+
+
+# -- the search space --------------------------------------------------------------------
+
+# Methods left out unless named: they switch an implementation (compile takes minutes per
+# configuration on a CPU; an attention backend is the same maths), they do not trade
+# quality for speed.
+NOT_SEARCHED_BY_DEFAULT = ("compile", "attention_backend")
+# Parameters kept at their defaults: they pick an implementation or a data source.
+FIXED_PARAMS = {"sta": {"backend"}, "attention_backend": {"backend"}, "speculative": {"draft"},
+                "mag_cache": {"ratios"}, "teacache": {"rescale"}, "compile": {"scope", "mode", "compiler", "fullgraph"}}
+UNUSABLE_CHOICES = {("sampler", "scheduler"): {"lcm"}}  # LCM needs a distilled model
+NONE = "none"
+
+
+class Conflict(StudioError):
+    """The sampled methods cannot run together (slots); the trial is pruned."""
+
+
+@dataclass
+class SearchSpace:
+    """Per slot group, none or one method; per method, its searched parameters."""
+
+    groups: list[tuple[str, list[MethodSpec]]]
+    params: dict[str, list[Param]]
+    bounds: dict[tuple[str, str], tuple[float, float]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return [spec.name for _, specs in self.groups for spec in specs]
+
+    def suggest(self, trial) -> list[MethodChoice]:
+        """The configuration of one optuna trial (conditional: a method's parameters are
+        only sampled when it is chosen; a slot already taken by a two-slot method is skipped)."""
+        chosen: list[MethodChoice] = []
+        taken: set[str] = set()
+        for slot, specs in self.groups:
+            if slot in taken:
+                continue
+            name = trial.suggest_categorical(f"slot:{slot}", [NONE, *[s.name for s in specs]])
+            if name == NONE:
+                continue
+            spec = get_method(name).spec
+            if set(spec.slots) & taken:
+                raise Conflict(f"{name} shares a slot with a method already chosen")
+            taken |= set(spec.slots) | {slot}
+            values = {p.name: self._suggest_param(trial, name, p) for p in self.params[name]}
+            chosen.append(MethodChoice(name, spec.validate(values)))
+        return chosen
+
+    def _suggest_param(self, trial, method: str, p: Param) -> Any:
+        key = f"{method}.{p.name}"
+        if p.kind == "bool":
+            return trial.suggest_categorical(key, [False, True])
+        if p.kind == "choice":
+            banned = UNUSABLE_CHOICES.get((method, p.name), set())
+            return trial.suggest_categorical(key, [c for c in p.choices if c not in banned])
+        low, high = self.bounds[(method, p.name)]
+        if p.kind == "int":
+            step = int(p.step or 1)
+            use_log = step == 1 and low >= 1 and high / low >= 64
+            return trial.suggest_int(key, int(low), int(high), step=1 if use_log else step, log=use_log)
+        if p.step:
+            high = low + math.floor(round((high - low) / p.step, 6)) * p.step
+            return round(trial.suggest_float(key, low, high, step=p.step), 6)
+        return trial.suggest_float(key, low, high)
+
+    def single_defaults(self) -> list[list[MethodChoice]]:
+        """Each method alone at its defaults (a starting point, and a benchmark row)."""
+        return [[MethodChoice(name, get_method(name).spec.defaults())] for name in self.methods]
+
+    def trial_params(self, methods: list[MethodChoice]) -> dict[str, Any] | None:
+        """The optuna parameters that describe ``methods`` (to enqueue a known
+        configuration), or None when it lies outside this space."""
+        out: dict[str, Any] = {}
+        by_name = {m.name: m for m in methods}
+        if any(name not in self.params for name in by_name):
+            return None
+        taken: set[str] = set()
+        for slot, specs in self.groups:
+            if slot in taken:
+                continue
+            hit = [s for s in specs if s.name in by_name]
+            out[f"slot:{slot}"] = hit[0].name if hit else NONE
+            if hit:
+                taken |= set(hit[0].slots)
+                for p in self.params[hit[0].name]:
+                    value = by_name[hit[0].name].params.get(p.name, p.default)
+                    if p.kind in ("int", "float"):
+                        low, high = self.bounds[(hit[0].name, p.name)]
+                        if not low <= value <= high:
+                            return None
+                    out[f"{hit[0].name}.{p.name}"] = value
+        return out
+
+
+def build_space(modality: str, family: str | None, allowed: Sequence[str] | None, base_params: Mapping[str, Any],
+                exact: bool) -> SearchSpace:
+    """The search space for one model: the allowed methods that attach to it (the others
+    skipped with a note), grouped by slot."""
+    notes: list[str] = []
+    applicable = {cls.spec.name: cls.spec for cls in methods_for(modality, family)}
+    if allowed:
+        names = []
+        for name in dict.fromkeys(allowed):
+            spec = get_method(name).spec
+            if name not in applicable:
+                notes.append(f"{name} skipped: it does not apply to this model ({family or modality})")
+                continue
+            names.append(spec.name)
+    else:
+        names = [n for n in sorted(applicable) if n not in NOT_SEARCHED_BY_DEFAULT]
+        left = sorted(set(applicable) & set(NOT_SEARCHED_BY_DEFAULT))
+        if left:
+            notes.append(f"{', '.join(left)} not searched (implementation switches); name them to include them")
+    if exact:
+        lossy = [n for n in names if applicable[n].lossless is not True]
+        if lossy:
+            notes.append(f"floor 'exact': lossy methods left out ({', '.join(lossy)})")
+        names = [n for n in names if applicable[n].lossless is True]
+    steps = int(base_params.get("steps") or (param_default(modality, "steps") if modality != "text" else 0) or 0)
+    groups: dict[str, list[MethodSpec]] = {}
+    params: dict[str, list[Param]] = {}
+    bounds: dict[tuple[str, str], tuple[float, float]] = {}
+    for name in names:
+        spec = applicable[name]
+        groups.setdefault(spec.slots[0] if spec.slots else name, []).append(spec)
+        params[name] = []
+        for p in spec.params:
+            if p.name in FIXED_PARAMS.get(name, ()):
+                continue
+            if p.kind in ("int", "float"):
+                low, high = _bounds(name, p, steps)
+                if low >= high:
+                    continue  # one value only: nothing to search
+                bounds[(name, p.name)] = (low, high)
+            params[name].append(p)
+    # a method holding two slots is sampled first, so the slot it also takes is skipped after it
+    ordered = sorted(groups.items(), key=lambda item: -max(len(s.slots) for s in item[1]))
+    return SearchSpace(ordered, params, bounds, notes)
+
+
+def _bounds(method: str, p: Param, steps: int) -> tuple[float, float]:
+    low = p.min if p.min is not None else 0
+    high = p.max if p.max is not None else max(low, p.default) * 4
+    if method == "sampler" and p.name == "steps" and steps:
+        return max(low, math.ceil(steps / 5)), min(high, steps)  # fewer steps than the baseline's, not more
+    if p.name.endswith("_steps") and steps:
+        high = min(high, steps)
+    return low, high
+
+
+# -- running configurations ---------------------------------------------------------------
+
+def identical(modality: str, a: Any, b: Any) -> bool:
+    """Bit-identical outputs (the floor ``exact``)."""
+    if modality == "text":
+        return a == b
+    if modality == "audio":
+        return np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    if modality == "video":
+        return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+class StudioTuneRunner:
+    """What the tuner needs from a Studio: runs kept in History, the quality metrics,
+    the shipped presets, the preset library and the database URL optuna stores into.
+    A test passes its own object with the same methods (known speeds and qualities)."""
+
+    def __init__(self, studio):
+        self.studio = studio
+
+    @property
+    def device(self) -> str:
+        return str(self.studio.manager.device)
+
+    @property
+    def storage_url(self) -> str:
+        return self.studio.history.engine.url.render_as_string(hide_password=False)
+
+    @property
+    def parallel(self) -> int:
+        return len(getattr(self.studio.executor, "workers", ())) or 1
+
+    def family(self, modality: str, model: str) -> str | None:
+        return self.studio.describe_model(modality, model).get("family")
+
+    def run(self, request: Request, cancel) -> Timed:
+        result = self.studio.generate(request, cancel=cancel).result
+        return Timed(result.total_seconds, result.output, run_ideal(result.method_stats, result.total_seconds),
+                     result.device)
+
+    def warm(self, request: Request, cancel) -> None:
+        self.studio.warm_up(request, cancel=cancel)
+
+    def quality(self, modality: str, reference: Any, output: Any) -> dict[str, float]:
+        return {**metrics.quality(modality, reference, output), "exact": float(identical(modality, reference, output))}
+
+    def task(self, modality: str, model: str, outputs: list, prompts: list[str]) -> dict[str, float] | None:
+        return metrics.task_score(modality, model, outputs, prompts)
+
+    def shipped_presets(self, modality: str, model: str) -> list:
+        presets, _ = self.studio.presets.shipped()
+        return [p for p in presets if p.modality == modality and p.model == model]
+
+    def save_preset(self, preset) -> None:
+        self.studio.presets.save(preset)
+
+
+@dataclass
+class Measured:
+    """One configuration measured against the baseline on a set of prompts."""
+
+    label: str
+    methods: list[MethodChoice]
+    speedup: Spread | None = None
+    figures: dict[str, float] = field(default_factory=dict)  # quality means, exact, adherence, task_*
+    task: dict[str, float] | None = None
+    device: str = ""
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        s = self.speedup
+        return {"config": self.label, "methods": [m.to_dict() for m in self.methods],
+                "speedup": _r(s.median if s else None), "speedup_min": _r(s.low if s else None),
+                "speedup_max": _r(s.high if s else None), "pairs": s.pairs if s else 0,
+                "quality": {k: _r(v, 4) for k, v in self.figures.items()}, "device": self.device,
+                "error": self.error}
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), digits)
+
+
+@dataclass
+class Cases:
+    """Prompts with their seeds (seed + the prompt's index in the whole set)."""
+
+    prompts: list[str]
+    seeds: list[int]
+
+
+def split_prompts(prompts: list[str], fraction: float, seed: int) -> tuple[Cases, Cases]:
+    """A deterministic split: shuffled with ``seed``, the first ``fraction`` tuned on, the
+    rest held out; each prompt keeps the seed of its place in the original list."""
+    if len(prompts) < 2:
+        raise ValidationError("a tune needs at least 2 prompts: some to tune on, some held out")
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    n_tune = min(len(prompts) - 1, max(1, round(len(prompts) * fraction)))
+    pick = lambda idx: Cases([prompts[i] for i in idx], [seed + i for i in idx])  # noqa: E731
+    return pick(sorted(order[:n_tune])), pick(sorted(order[n_tune:]))
+
+
+class Measurer:
+    """Measures configurations on one prompt set through ``studio.measure``, interleaved
+    with the baseline; remembers the baseline's outputs and task score of each prompt set
+    (runs are deterministic: each later baseline run is checked against the first)."""
+
+    def __init__(self, runner, spec: TuneSpec, cancel, group_prefix: str):
+        self.runner, self.spec, self.cancel, self.prefix = runner, spec, cancel, group_prefix
+        self.params = spec.request_params()
+        self.baselines: dict[tuple, tuple[list[Any], dict | None]] = {}
+        self.nondeterministic = False
+
+    def measure(self, configs: list[tuple[str, list[MethodChoice]]], cases: Cases, tag: str,
+                progress: Callable[[int, int, str], None] | None = None) -> tuple[list[Measured], bool]:
+        """The baseline (index 0 of the answer) and each configuration; True when cancelled."""
+        group = _group_name(self.prefix, tag)
+        configs = [("baseline", []), *configs]
+        spec = self.spec
+
+        def request(config: int, case: int) -> Request:
+            return Request(spec.modality, spec.model, cases.prompts[case], seed=cases.seeds[case], params=self.params,
+                           methods=configs[config][1], compare_group=group)
+
+        warmed_base = tuple(cases.seeds) in self.baselines
+
+        def warm(config: int, case: int) -> None:
+            if config or not warmed_base:  # the baseline is warm after its first measurement
+                self.runner.warm(request(config, case), self.cancel)
+
+        measured = measure(len(configs), len(cases.prompts), lambda c, k: self.runner.run(request(c, k), self.cancel),
+                           repeats=spec.repeats, warm=warm, cancel=self.cancel, progress=progress,
+                           labels=[label for label, _ in configs], parallel=self.runner.parallel)
+        rows = [Measured(label, methods, error=runs.error) for (label, methods), runs in zip(configs, measured.runs)]
+        if measured.cancelled:
+            return rows, True
+        base_runs = measured.runs[0]
+        if base_runs.error or len(base_runs.last) < len(cases.prompts):
+            raise StudioError(f"the baseline failed: {base_runs.error or 'no output'}")
+        base_out = [base_runs.last[i] for i in range(len(cases.prompts))]
+        base_task = self._baseline(cases, base_out)
+        for row, runs, summary in zip(rows, measured.runs, summarize(measured)):
+            if row.error or len(runs.last) < len(cases.prompts):
+                row.error = row.error or "no output"
+                continue
+            outputs = [runs.last[i] for i in range(len(cases.prompts))]
+            row.speedup = summary.speedup
+            row.device = runs.trials[-1].device if runs.trials else ""
+            row.figures, row.task = self._figures(base_out, base_task, outputs, cases.prompts)
+        return rows, False
+
+    def _baseline(self, cases: Cases, outputs: list[Any]) -> dict | None:
+        key = tuple(cases.seeds)
+        if key not in self.baselines:
+            task = self.runner.task(self.spec.modality, self.spec.model, outputs, cases.prompts)
+            self.baselines[key] = (outputs, task)
+        reference, task = self.baselines[key]
+        if not all(self.runner.quality(self.spec.modality, a, b).get("exact") for a, b in zip(reference, outputs)):
+            self.nondeterministic = True
+        return task
+
+    def _figures(self, base_out, base_task, outputs, prompts) -> tuple[dict[str, float], dict | None]:
+        per_case = [self.runner.quality(self.spec.modality, b, o) for b, o in zip(base_out, outputs)]
+        figures = {k: float(statistics.mean(q[k] for q in per_case)) for k in per_case[0]}
+        figures["exact"] = float(min(q.get("exact", 0.0) for q in per_case))
+        task = self.runner.task(self.spec.modality, self.spec.model, outputs, prompts) if base_task else None
+        if task and base_task:
+            figures["adherence"] = 100.0 * (task["all"] - base_task["all"])
+            figures.update({f"task_{k}": float(v) for k, v in task.items() if k != "n"})
+        return figures, task
+
+
+def _group_name(prefix: str, tag: str) -> str:
+    """A compare group History can filter on (``[A-Za-z0-9_.-]{1,64}``)."""
+    return f"{prefix}-{tag}"[:64]
+
+
+# -- the result ----------------------------------------------------------------------------
+
+@dataclass
+class TrialRow:
+    number: int
+    config: str
+    methods: list[MethodChoice]
+    speedup: float | None
+    speedup_min: float | None
+    speedup_max: float | None
+    quality: dict[str, float]
+    feasible: bool
+    state: str = "COMPLETE"
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial": self.number, "config": self.config, "methods": [m.to_dict() for m in self.methods],
+                "speedup": _r(self.speedup), "speedup_min": _r(self.speedup_min), "speedup_max": _r(self.speedup_max),
+                "quality": {k: _r(v, 4) for k, v in self.quality.items()}, "feasible": self.feasible,
+                "state": self.state, "error": self.error}
+
+
+@dataclass
+class Confirmed:
+    """One configuration of the held-out confirmation."""
+
+    kind: str  # "tuned" | "shipped" | "single"
+    label: str  # the configuration string, or the preset's name
+    heldout: Measured
+    feasible: bool
+    tune: TrialRow | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "label": self.label, "config": self.heldout.label,
+                "feasible_heldout": self.feasible, "heldout": self.heldout.summary(),
+                "tune": self.tune.to_dict() if self.tune else None}
+
+
+@dataclass
+class TuneResult:
+    study: str
+    modality: str
+    model: str
+    floor: str
+    device: str
+    tune_prompts: list[str]
+    heldout_prompts: list[str]
+    trials: list[TrialRow] = field(default_factory=list)
+    pareto: list[TrialRow] = field(default_factory=list)
+    best_tune: TrialRow | None = None
+    confirmed: list[Confirmed] = field(default_factory=list)
+    winner: Confirmed | None = None
+    best_shipped: Confirmed | None = None
+    preset: str | None = None
+    notes: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    new_trials: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    primary: str = "psnr"
+
+    def to_dict(self) -> dict[str, Any]:
+        winner = self.winner
+        return {
+            "study": self.study, "modality": self.modality, "model": self.model, "floor": self.floor,
+            "device": self.device, "params": self.params, "quality_axis": self.primary,
+            "tune_prompts": self.tune_prompts, "heldout_prompts": self.heldout_prompts,
+            "trials": len(self.trials), "new_trials": self.new_trials, "cancelled": self.cancelled,
+            "pareto": [t.to_dict() for t in self.pareto],
+            "best_tune": self.best_tune.to_dict() if self.best_tune else None,
+            "confirmed": [c.to_dict() for c in self.confirmed],
+            "winner": winner_dict(winner, self.device) if winner else None,
+            "best_shipped": self.best_shipped.to_dict() if self.best_shipped else None,
+            "preset": self.preset, "notes": self.notes,
+        }
+
+
+def winner_dict(winner: Confirmed, device: str) -> dict[str, Any]:
+    """The winner as a script checks it: configuration, methods, tune and held-out figures."""
+    held = winner.heldout.summary()
+    tune = winner.tune.to_dict() if winner.tune else {}
+    return {"config": winner.heldout.label, "methods": held["methods"], "device": winner.heldout.device or device,
+            "tune": {"speedup": tune.get("speedup"), "speedup_min": tune.get("speedup_min"),
+                     "speedup_max": tune.get("speedup_max"), "quality": tune.get("quality", {})},
+            "heldout": {"speedup": held["speedup"], "speedup_min": held["speedup_min"],
+                        "speedup_max": held["speedup_max"], "quality": held["quality"]}}
+
+
+def pareto_front(rows: list[TrialRow], primary_sign: float, primary: str) -> list[TrialRow]:
+    """Trials no other trial beats on both speedup and the primary quality metric (one per
+    configuration)."""
+    scored = {}
+    for row in rows:
+        if row.speedup is None or primary not in row.quality:
+            continue
+        scored.setdefault(row.config, (row, row.speedup, primary_sign * row.quality[primary]))
+    front = []
+    for config, (row, speed, qual) in scored.items():
+        beaten = any(s >= speed and q >= qual and (s > speed or q > qual) for other, (_, s, q) in scored.items()
+                     if other != config)
+        if not beaten:
+            front.append(row)
+    return sorted(front, key=lambda r: -r.speedup)
+
+
+# -- optuna storage --------------------------------------------------------------------------
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines only
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def open_storage(url: str):
+    """optuna's RDB storage on the studio's database (its own tables beside History's)."""
+    optuna = _optuna()
+    kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as exc:
+        log.exception("cannot open optuna storage")
+        raise StudioError("cannot open the tune studies in the history database; the server log has the details") \
+            from exc
+
+
+def close_storage(storage) -> None:
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+def list_studies(url: str) -> list[dict[str, Any]]:
+    """The tune studies stored at ``url``: name, model, floor, trials, best held-out speedup."""
+    optuna = _optuna()
+    storage = open_storage(url)
+    try:
+        out = []
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            attrs = summary.user_attrs
+            if attrs.get("kind") != STUDY_KIND:
+                continue
+            out.append({"study": summary.study_name, "modality": attrs.get("modality"), "model": attrs.get("model"),
+                        "floor": attrs.get("floor"), "trials": summary.n_trials,
+                        "best_heldout_speedup": attrs.get("best_heldout_speedup"),
+                        "winner": attrs.get("winner"), "preset": attrs.get("preset"), "device": attrs.get("device"),
+                        "started": summary.datetime_start.isoformat(timespec="seconds")
+                        if summary.datetime_start else None})
+        return sorted(out, key=lambda s: s["started"] or "", reverse=True)
+    finally:
+        close_storage(storage)
+
+
+def _constraints(trial) -> list[float]:
+    return list(trial.user_attrs.get("constraints", [1.0]))
+
+
+def _set_constraints(trial, violations: list[float]) -> None:
+    """The floor as optuna constraints (<= 0: met), so the sampler steers to feasible
+    configurations: ``Trial.set_constraint`` on optuna 5, ``constraints_func`` before."""
+    if hasattr(trial, "set_constraint"):
+        for i, value in enumerate(violations):
+            trial.set_constraint(f"floor{i}", min(value, 1e6))
+
+
+def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_offset: int):
+    """A multi-objective TPE study (maximise speedup and quality), seeded for
+    reproducibility; an existing one of the same name is loaded (resumed)."""
+    optuna = _optuna()
+    legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
+    sampler = optuna.samplers.TPESampler(seed=spec.seed + seed_offset, **legacy,
+                                         n_startup_trials=max(4, min(10, (spec.trials or 40) // 4)))
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True,
+                                directions=["maximize", "maximize"])
+    attrs = study.user_attrs
+    if attrs.get("kind") not in (None, STUDY_KIND) or attrs.get("fingerprint") not in (None, spec.fingerprint()):
+        raise ValidationError(f"study {shown(name)} was made with other settings (model, prompts, floor or methods); "
+                              "pick another study name")
+    if not attrs:
+        for key, value in {"kind": STUDY_KIND, "fingerprint": spec.fingerprint(), "modality": spec.modality,
+                           "model": spec.model, "floor": str(floor)}.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def _row(trial, floor: QualityFloor) -> TrialRow:
+    attrs = trial.user_attrs
+    quality = attrs.get("quality", {})
+    methods = [MethodChoice.from_obj(m) for m in attrs.get("methods", [])]
+    return TrialRow(trial.number, attrs.get("config", "?"), methods, attrs.get("speedup"), attrs.get("speedup_min"),
+                    attrs.get("speedup_max"), quality, floor.met(quality) if quality else False,
+                    trial.state.name, attrs.get("error"))
+
+
+# -- the tune ----------------------------------------------------------------------------------
+
+def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str], None] | None = None,
+             cancel: Any = None) -> TuneResult:
+    """Search, confirm on held-out prompts, save the winner as a preset (see the module
+    docstring). ``cancel``: a CancelToken / threading.Event; a cancel keeps the trials made
+    so far in the study (the same study name resumes) and skips the confirmation."""
+    spec = spec.checked()
+    runner = studio_or_runner if hasattr(studio_or_runner, "storage_url") else StudioTuneRunner(studio_or_runner)
+    cancel = cancel if cancel is not None else threading.Event()
+    floor = spec.quality_floor()
+    primary, sign = PRIMARY[spec.modality]
+    tune_cases, heldout_cases = split_prompts(spec.prompt_list(), spec.split, spec.seed)
+    family = runner.family(spec.modality, spec.model)
+    space = build_space(spec.modality, family, spec.methods, spec.request_params(), floor.exact)
+    if not space.methods:
+        raise ValidationError("no allowed method applies to this model" + (f" ({'; '.join(space.notes)})"
+                                                                           if space.notes else ""))
+    name = spec.study_name()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.model)[:24] + "-" + spec.fingerprint()[:8]
+    result = TuneResult(name, spec.modality, spec.model, str(floor), runner.device, tune_cases.prompts,
+                        heldout_cases.prompts, notes=list(space.notes), params=spec.request_params(), primary=primary)
+    measurer = Measurer(runner, spec, cancel, f"tune-{slug}")
+    storage = open_storage(runner.storage_url)
+    try:
+        study = _load_study(storage, name, spec, floor, 0)
+        study = _search(study, storage, name, spec, floor, space, measurer, tune_cases, result, progress, cancel)
+        rows = [_row(t, floor) for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        result.trials = rows
+        result.pareto = pareto_front(rows, sign, primary)
+        feasible = sorted((r for r in rows if r.feasible and r.methods and r.speedup), key=lambda r: -r.speedup)
+        result.best_tune = feasible[0] if feasible else None
+        if measurer.nondeterministic:
+            result.notes.append("the baseline's outputs differed between runs of the same prompt and seed: quality "
+                                "figures are less reliable on this device")
+        if result.cancelled:
+            result.notes.append("cancelled: the trials made so far are kept in the study; run it again to resume")
+            return result
+        if not feasible:
+            result.notes.append("no configuration met the floor on the tune prompts; nothing to confirm")
+            return result
+        _confirm(runner, spec, floor, space, measurer, heldout_cases, feasible, result, progress)
+        if result.cancelled:
+            return result
+        _finish(runner, spec, study, result)
+        return result
+    finally:
+        close_storage(storage)
+
+
+def _search(study, storage, name, spec, floor, space, measurer, cases, result, progress, cancel):
+    """The optuna loop (ask/tell): each trial one measured configuration; a failed one is
+    recorded as failed and the search goes on; stops at the budget or a cancel."""
+    optuna = _optuna()
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:  # a process that died mid-trial left it running: it did not finish
+        if trial.state.name == "RUNNING":
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    if trials:  # resuming: a fresh seed so the sampler does not propose its first trials again
+        study = _load_study(storage, name, spec, floor, len(trials))
+    else:
+        for methods in _starting_points(spec, space, measurer.runner):
+            study.enqueue_trial(methods, skip_if_exists=True)
+    known = {t.user_attrs["config"]: t for t in study.get_trials(deepcopy=False)
+             if t.state.name == "COMPLETE" and "config" in t.user_attrs}
+    deadline = time.monotonic() + spec.minutes * 60 if spec.minutes else None
+    budget = spec.trials if spec.trials is not None else MAX_TRIALS
+    done = _counted(study)
+    while done < budget and not cancel.is_set() and (deadline is None or time.monotonic() < deadline):
+        trial = study.ask()
+        try:
+            methods = space.suggest(trial)
+        except (Conflict, ValidationError) as exc:
+            trial.set_user_attr("error", str(exc))
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            done += 1
+            continue
+        label = format_config(methods)
+        trial.set_user_attr("config", label)
+        trial.set_user_attr("methods", [m.to_dict() for m in methods])
+        stage = f"trial {done + 1}/{budget if spec.trials else '?'}: {label}"
+        if progress:
+            progress(done, budget, stage)
+        if label in known:  # the same configuration again: its measurement is reused, not repeated
+            _copy_trial(study, trial, known[label])
+            done += 1
+            result.new_trials += 1
+            continue
+        try:
+            rows, cancelled = measurer.measure([(label, methods)], cases, f"t{trial.number}",
+                                               _sub_progress(progress, done, budget, stage))
+        except StudioError as exc:
+            rows, cancelled = [Measured(label, methods, error=str(exc))] * 2, False
+        if cancelled:
+            trial.set_user_attr("cancelled", True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            result.cancelled = True
+            break
+        candidate = rows[1]
+        done += 1
+        result.new_trials += 1
+        if candidate.error or candidate.speedup is None:
+            trial.set_user_attr("error", candidate.error or "not measured")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        _record(trial, candidate, floor)
+        primary, sign = PRIMARY[spec.modality]
+        study.tell(trial, [candidate.speedup.median, sign * candidate.figures.get(primary, 0.0)])
+        known[label] = study.get_trials(deepcopy=False)[trial.number]
+    if cancel.is_set():
+        result.cancelled = True
+    return study
+
+
+def _sub_progress(progress, done: int, budget: int, stage: str):
+    if progress is None:
+        return None
+    return lambda _n, _total, label: progress(done, budget, f"{stage} · {label}")
+
+
+def _counted(study) -> int:
+    """Trials that used the budget: finished, failed or pruned, not cancelled ones."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.name in ("COMPLETE", "FAIL", "PRUNED") and not t.user_attrs.get("cancelled"))
+
+
+def _record(trial, measured: Measured, floor: QualityFloor) -> None:
+    s = measured.speedup
+    for key, value in {"speedup": s.median, "speedup_min": s.low, "speedup_max": s.high, "pairs": s.pairs,
+                       "quality": measured.figures, "device": measured.device,
+                       "constraints": floor.violations(measured.figures)}.items():
+        trial.set_user_attr(key, value)
+    _set_constraints(trial, floor.violations(measured.figures))
+
+
+def _copy_trial(study, trial, source) -> None:
+    for key, value in source.user_attrs.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("reused_from", source.number)
+    _set_constraints(trial, source.user_attrs.get("constraints", [1.0]))
+    study.tell(trial, list(source.values))
+
+
+def _starting_points(spec: TuneSpec, space: SearchSpace, runner) -> list[dict[str, Any]]:
+    """Known configurations tried first: the model's shipped presets and each method alone
+    at its defaults (at most a third of the trial budget)."""
+    configs = [p.methods for p in runner.shipped_presets(spec.modality, spec.model)] + space.single_defaults()
+    out = []
+    for methods in configs:
+        params = space.trial_params(methods)
+        if params is not None and params not in out:
+            out.append(params)
+    limit = min(max(2, (spec.trials or 30) // 3), spec.trials or 30)
+    return out[:limit]
+
+
+def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, progress) -> None:
+    """The top candidates, the shipped presets (and the single methods) on the held-out
+    prompts, in one interleaved measurement."""
+    picked: list[TrialRow] = []
+    for row in feasible:
+        if row.config not in {p.config for p in picked}:
+            picked.append(row)
+        if len(picked) == spec.confirm_top:
+            break
+    entries: list[tuple[str, str, list[MethodChoice], TrialRow | None]] = [
+        ("tuned", row.config, row.methods, row) for row in picked]
+    allowed = set(space.methods)
+    for preset in runner.shipped_presets(spec.modality, spec.model):
+        entries.append(("shipped", preset.name, preset.methods, None))
+    if spec.compare_singles:
+        entries += [("single", format_config(m), m, None) for m in space.single_defaults()]
+    configs: list[tuple[str, list[MethodChoice]]] = []
+    index: list[int] = []
+    for _kind, _label, methods, _row in entries:
+        label = format_config(methods)
+        if label not in [c[0] for c in configs]:
+            configs.append((label, methods))
+        index.append(1 + [c[0] for c in configs].index(label))
+    if progress:
+        progress(0, 1, f"confirming {len(configs)} configuration(s) on {len(cases.prompts)} held-out prompt(s)")
+    sub = (lambda n, total, label: progress(n, total, f"held-out: {label}")) if progress else None
+    rows, cancelled = measurer.measure(configs, cases, "heldout", sub)
+    if cancelled:
+        result.cancelled = True
+        result.notes.append("cancelled during the held-out confirmation")
+        return
+    for (kind, label, methods, row), at in zip(entries, index):
+        measured = rows[at]
+        ok = measured.error is None and measured.speedup is not None and floor.met(measured.figures)
+        result.confirmed.append(Confirmed(kind, label, measured, ok, row))
+    skipped = [c.label for c in result.confirmed if c.kind == "shipped" and not {m.name for m in c.heldout.methods}
+               <= allowed]
+    if skipped:
+        result.notes.append(f"shipped preset(s) {', '.join(skipped)} use methods outside the allowed list; "
+                            "measured for reference")
+    fastest = lambda kind: max((c for c in result.confirmed if c.kind == kind and c.feasible),  # noqa: E731
+                               key=lambda c: c.heldout.speedup.median, default=None)
+    result.winner = fastest("tuned")
+    result.best_shipped = fastest("shipped")
+    if result.winner is None:
+        result.notes.append("none of the confirmed configurations met the floor on the held-out prompts")
+
+
+def describe_winner(result: TuneResult, spec: TuneSpec) -> str:
+    """The saved preset's description: what was measured, where, and how."""
+    w = result.winner
+    held, q = w.heldout.speedup, w.heldout.figures
+    parts = [f"held-out speedup {held.median:.2f}x (min {held.low:.2f}-max {held.high:.2f}x) on "
+             f"{len(result.heldout_prompts)} prompt(s)"]
+    parts += [f"{k} {q[k]:.3f}" for k in QUALITY_METRICS[spec.modality] if k in q]
+    if "adherence" in q:
+        parts.append(f"adherence {q['adherence']:+.1f} pts vs baseline")
+    if w.tune and w.tune.speedup:
+        parts.append(f"tune prompts {w.tune.speedup:.2f}x")
+    return (f"Auto-tuned for the floor '{result.floor}' (study '{result.study}', {len(result.trials)} trials): "
+            + ", ".join(parts) + f"; measured on {w.heldout.device or result.device}.")
+
+
+def _finish(runner, spec: TuneSpec, study, result: TuneResult) -> None:
+    """Save the winner as a user preset and note the outcome on the study."""
+    from studio.presets import Preset
+
+    if result.winner is not None:
+        study.set_user_attr("best_heldout_speedup", round(result.winner.heldout.speedup.median, 3))
+        study.set_user_attr("winner", result.winner.heldout.label)
+        study.set_user_attr("device", result.winner.heldout.device or result.device)
+        if spec.save_preset:
+            name = f"{spec.model} tuned [{result.floor}]"[:200]
+            preset = Preset(name, spec.modality, spec.model, spec.request_params(),
+                            list(result.winner.heldout.methods), describe_winner(result, spec))
+            runner.save_preset(preset)
+            result.preset = name
+            study.set_user_attr("preset", name)
