@@ -70,8 +70,8 @@ def quality_keys(result: TuneResult) -> list[str]:
 
 def print_result(result: TuneResult) -> None:
     keys = quality_keys(result)
-    print(f"\nstudy '{result.study}': {len(result.trials)} trials ({result.new_trials} new), floor '{result.floor}', "
-          f"device {result.device}")
+    print(f"\nstudy '{result.study}': {len(result.trials)} trials measured, {result.failed} failed "
+          f"({result.new_trials} new in this run), floor '{result.floor}', device {result.device}")
     print(f"\nPareto front on the {len(result.tune_prompts)} tune prompt(s) (speedup vs {result.primary}):")
     print_rows(["trial", "config", "speedup", "range", *keys, "meets floor"],
                [[t.number, t.config, _f(t.speedup, "{:.2f}x"), f"{_f(t.speedup_min, '{:.2f}')}-{_f(t.speedup_max, '{:.2f}')}",
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(done: int, total: int, stage: str) -> None:
         now = time.monotonic()
-        if "·" not in stage or now - last[0] > 5:  # a line per trial, and every few seconds within one
+        if stage.startswith("trial") and "·" not in stage or now - last[0] > 5:  # each trial; else every 5 s
             last[0] = now
             log(f"[{done}/{total}] {stage}")
 

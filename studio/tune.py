@@ -238,6 +238,9 @@ class TuneSpec:
                                       "none: use psnr, ssim, lsd or exact instead")
         for name in self.methods or ():
             get_method(name)  # an unknown name is a one-line error
+        from studio.validation import validate_request
+
+        validate_request(Request(self.modality, self.model, "a prompt", params=self.request_params()))
         return self
 
     def quality_floor(self) -> QualityFloor:
@@ -268,6 +271,32 @@ class TuneSpec:
 
 
 SPEC_KEYS = {f.name for f in dataclasses.fields(TuneSpec)}
+
+
+def parse_tune_json(text: Any) -> TuneSpec:
+    """The ``/tune`` body: JSON text under ``/run``'s strict rules (size, depth, no
+    duplicate keys or NaN, plain strings), then ``spec_from_dict``."""
+    from studio.validation import MAX_BODY_BYTES, _strict_json, check_plain_data
+
+    if not isinstance(text, str):
+        raise ValidationError("the tune request must be JSON text")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
+        raise ValidationError(f"the tune request is larger than {MAX_BODY_BYTES // 1024} KiB")
+    try:
+        data = _strict_json(text, "the tune request")
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"the tune request is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    except (ValueError, RecursionError):
+        raise ValidationError("the tune request is not valid JSON") from None
+    check_plain_data(data)
+    return spec_from_dict(data)
+
+
+def default_methods(modality: str, family: str | None) -> list[str]:
+    """The methods a tune searches when none are named: those that apply to the model,
+    without the implementation switches."""
+    return [cls.spec.name for cls in sorted(methods_for(modality, family), key=lambda c: c.spec.name)
+            if cls.spec.name not in NOT_SEARCHED_BY_DEFAULT]
 
 
 def spec_from_dict(data: Any) -> TuneSpec:
@@ -409,13 +438,11 @@ def build_space(modality: str, family: str | None, allowed: Sequence[str] | None
     notes: list[str] = []
     applicable = {cls.spec.name: cls.spec for cls in methods_for(modality, family)}
     if allowed:
-        names = []
-        for name in dict.fromkeys(allowed):
-            spec = get_method(name).spec
-            if name not in applicable:
-                notes.append(f"{name} skipped: it does not apply to this model ({family or modality})")
-                continue
-            names.append(spec.name)
+        names = [get_method(name).spec.name for name in dict.fromkeys(allowed)]  # unknown: a one-line error
+        skipped = [name for name in names if name not in applicable]
+        if skipped:
+            notes.append(f"skipped, they do not apply to this model ({family or modality}): {', '.join(skipped)}")
+        names = [name for name in names if name in applicable]
     else:
         names = [n for n in sorted(applicable) if n not in NOT_SEARCHED_BY_DEFAULT]
         left = sorted(set(applicable) & set(NOT_SEARCHED_BY_DEFAULT))
@@ -692,9 +719,34 @@ class TuneResult:
     preset: str | None = None
     notes: list[str] = field(default_factory=list)
     cancelled: bool = False
-    new_trials: int = 0
+    new_trials: int = 0  # trials this call added to the study
+    failed: int = 0  # trials of the study that failed (an error) or were pruned (a slot conflict)
     params: dict[str, Any] = field(default_factory=dict)
     primary: str = "psnr"
+
+    def quality_keys(self) -> list[str]:
+        keys = list(QUALITY_METRICS[self.modality])
+        seen = [c.heldout.figures for c in self.confirmed] + [t.quality for t in self.trials]
+        return keys + (["adherence"] if any("adherence" in f for f in seen) else []) + ["exact"]
+
+    def pareto_rows(self) -> list[dict[str, Any]]:
+        """The Pareto front as table rows (tune prompts)."""
+        keys = self.quality_keys()
+        return [{"trial": t.number, "config": t.config, "speedup": _r(t.speedup), "min": _r(t.speedup_min),
+                 "max": _r(t.speedup_max), **{k: _r(t.quality.get(k), 3) for k in keys},
+                 "meets floor": "yes" if t.feasible else "no"} for t in self.pareto]
+
+    def confirmed_rows(self) -> list[dict[str, Any]]:
+        """The held-out confirmation as table rows, with each row's tune speedup."""
+        keys = self.quality_keys()
+        rows = []
+        for c in self.confirmed:
+            s = c.heldout.speedup
+            rows.append({"kind": c.kind, "config": c.label, "tune speedup": _r(c.tune.speedup if c.tune else None),
+                         "held-out speedup": _r(s.median if s else None), "min": _r(s.low if s else None),
+                         "max": _r(s.high if s else None), **{k: _r(c.heldout.figures.get(k), 3) for k in keys},
+                         "meets floor": "yes" if c.feasible else ("error" if c.heldout.error else "no")})
+        return rows
 
     def to_dict(self) -> dict[str, Any]:
         winner = self.winner
@@ -702,7 +754,8 @@ class TuneResult:
             "study": self.study, "modality": self.modality, "model": self.model, "floor": self.floor,
             "device": self.device, "params": self.params, "quality_axis": self.primary,
             "tune_prompts": self.tune_prompts, "heldout_prompts": self.heldout_prompts,
-            "trials": len(self.trials), "new_trials": self.new_trials, "cancelled": self.cancelled,
+            "trials": len(self.trials), "failed_trials": self.failed, "new_trials": self.new_trials,
+            "cancelled": self.cancelled,
             "pareto": [t.to_dict() for t in self.pareto],
             "best_tune": self.best_tune.to_dict() if self.best_tune else None,
             "confirmed": [c.to_dict() for c in self.confirmed],
@@ -857,8 +910,10 @@ def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str
     try:
         study = _load_study(storage, name, spec, floor, 0)
         study = _search(study, storage, name, spec, floor, space, measurer, tune_cases, result, progress, cancel)
-        rows = [_row(t, floor) for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        stored = study.get_trials(deepcopy=False)
+        rows = [_row(t, floor) for t in stored if t.state.name == "COMPLETE"]
         result.trials = rows
+        result.failed = sum(1 for t in stored if t.state.name in ("FAIL", "PRUNED") and not t.user_attrs.get("cancelled"))
         result.pareto = pareto_front(rows, sign, primary)
         feasible = sorted((r for r in rows if r.feasible and r.methods and r.speedup), key=lambda r: -r.speedup)
         result.best_tune = feasible[0] if feasible else None

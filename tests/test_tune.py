@@ -62,6 +62,22 @@ def test_spec_from_json_is_strict():
     assert spec.prompts == ("a", "b")
 
 
+@pytest.mark.parametrize("body, says", [
+    ('{"modality": "image", "model": "dummy-sd", "floor": "psnr>=20", "floor": "exact"}', "appears twice"),
+    ('{"modality": "image", "model": "dummy-sd", "floor": "psnr>=20", "minutes": NaN}', "not a number JSON allows"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"modality": "image", "model": "dummy-sd", "floor": "psnr>=20", "params": {"steps": 0}}', "steps"),
+    ('{"modality": "image", "model": "dummy-sd", "floor": "psnr>=20", "trials": 0}', "trials must be"),
+    ("not json", "not valid JSON"),
+])
+def test_tune_endpoint_body_is_checked_strictly(body, says):
+    from studio.tune import parse_tune_json
+
+    with pytest.raises(ValidationError) as info:
+        parse_tune_json(body)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
 def test_split_is_deterministic_and_disjoint():
     prompts = [f"p{i}" for i in range(8)]
     tune, held = split_prompts(prompts, 0.5, 3)
@@ -109,7 +125,7 @@ def test_space_has_one_choice_per_slot_and_respects_the_allowed_list():
     assert space.bounds[("sampler", "steps")] == (4, 20)
     assert "rescale" not in [p.name for p in space.params["teacache"]]
     narrowed = build_space("image", "unet", ["deepcache", "teacache"], {"steps": 20}, exact=False)
-    assert narrowed.methods == ["deepcache"] and any("teacache skipped" in n for n in narrowed.notes)
+    assert narrowed.methods == ["deepcache"] and any("apply to this model (unet): teacache" in n for n in narrowed.notes)
 
 
 def test_exact_floor_searches_lossless_methods_only():
