@@ -1087,6 +1087,11 @@ def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, prog
     result.best_shipped = fastest("shipped")
     if result.winner is None:
         result.notes.append("none of the confirmed configurations met the floor on the held-out prompts")
+    elif result.winner.heldout.speedup.median <= 1.0:  # meets the floor but buys nothing: not worth a preset
+        result.notes.append(f"the fastest configuration meeting the floor on the held-out prompts, "
+                            f"{result.winner.heldout.label}, was not faster than the baseline there "
+                            f"({result.winner.heldout.speedup.median:.2f}x): no winner")
+        result.winner = None
 
 
 def describe_winner(result: TuneResult, spec: TuneSpec) -> str:

@@ -208,6 +208,20 @@ def test_winner_is_the_fastest_meeting_the_floor_on_held_out_prompts(tmp_path):
     assert data["winner"]["heldout"]["speedup"] == 2.0 and data["winner"]["device"] == "fake-device"
 
 
+def test_a_configuration_slower_than_the_baseline_is_no_winner(tmp_path):
+    class SlowCfg(FakeRunner):
+        def run(self, request, cancel):
+            timed = super().run(request, cancel)
+            if [m.name for m in request.methods] == ["cfg_truncation"]:
+                timed.seconds = 1.0 / 0.9
+            return timed
+
+    runner = SlowCfg(f"sqlite:///{tmp_path / 'opt.db'}")
+    result = run_tune(runner, fake_spec())
+    assert result.winner is None and not runner.saved
+    assert any("not faster than the baseline" in note for note in result.notes)
+
+
 def test_cancel_stops_the_search_and_keeps_what_was_made(tmp_path):
     cancel = threading.Event()
     runner = FakeRunner(f"sqlite:///{tmp_path / 'opt.db'}", cancel_after=5, cancel=cancel)
@@ -236,7 +250,7 @@ def db_kind(request):
 def tiny_spec(**changes):
     values = dict(modality="image", model="dummy-sd", floor="ssim>=0.5", prompts=("a red circle", "a blue square",
                   "a green triangle", "a red square"), params={"steps": 4, "guidance": 5.0}, trials=2, repeats=1,
-                  methods=("cfg_truncation", "sampler"), confirm_top=2)
+                  methods=("deepcache", "cfg_truncation"), confirm_top=2)
     return TuneSpec(**{**values, **changes})
 
 
@@ -269,7 +283,7 @@ def test_cli_writes_parseable_json(tmp_path, capsys):
 
     out = tmp_path / "tune.json"
     assert main(["--modality", "image", "--model", "dummy-sd", "--floor", "ssim>=0.5", "--trials", "2",
-                 "--prompts", "4", "--steps", "4", "--repeats", "1", "--methods", "cfg_truncation,sampler",
+                 "--prompts", "4", "--steps", "4", "--repeats", "1", "--methods", "deepcache,cfg_truncation",
                  "--data-dir", str(tmp_path / "data"), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     winner = data["winner"]
@@ -280,3 +294,31 @@ def test_cli_writes_parseable_json(tmp_path, capsys):
     assert {r["kind"] for r in data["confirmed"]} >= {"tuned", "single"}
     printed = capsys.readouterr().out
     assert "Pareto front" in printed and "winner" in printed
+
+
+def test_tune_endpoint_runs_and_refuses_in_one_line(studio_factory):
+    """``/tune`` served by the Tune tab (alone in a Blocks, so the test stays short)."""
+    import gradio as gr
+    from gradio_client import Client
+
+    from conftest import free_port
+    from studio.ui.tune import build_tune_tab
+
+    studio = studio_factory()
+    with gr.Blocks() as demo:
+        build_tune_tab(studio)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        body = {"modality": "image", "model": "dummy-sd", "floor": "ssim>=0.5", "trials": 1, "repeats": 1,
+                "prompts": ["a red circle", "a blue square"], "params": {"steps": 4}, "methods": ["deepcache"]}
+        reply = json.loads(client.predict(json.dumps(body), api_name="/tune"))
+        assert reply["winner"], reply["notes"]
+        assert reply["winner"]["config"] == "deepcache" and reply["preset"] == "dummy-sd tuned [ssim>=0.5]"
+        with pytest.raises(Exception) as info:
+            client.predict(json.dumps({**body, "floor": "sharpness>=3"}), api_name="/tune")
+        message = str(info.value)
+        assert "unknown metric 'sharpness'" in message and "Traceback" not in message
+    finally:
+        demo.close()
