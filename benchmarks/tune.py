@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from backends.types import StudioError
-from studio.tune import TuneResult, TuneSpec, run_tune
+from studio.presets import SHIPPED_DIR, parse_preset
+from studio.tune import TuneResult, TuneSpec, describe_winner, run_tune
 
 
 def build_params(args) -> dict[str, Any]:
@@ -102,6 +103,21 @@ def print_result(result: TuneResult) -> None:
         print(f"note: {note}")
 
 
+def write_shipped_preset(result: TuneResult, spec: TuneSpec, tier: str, directory, command: str):
+    """presets/<model>-<tier>.json from the held-out winner (the shipped fast / balanced /
+    quality presets re-chosen with held-out confirmation); its description quotes the
+    figures and the command."""
+    from pathlib import Path
+
+    preset = {"name": f"{spec.model} {tier}", "modality": spec.modality, "model": spec.model,
+              "params": spec.request_params(), "methods": [m.to_dict() for m in result.winner.heldout.methods],
+              "description": f"'{tier}' for {spec.model}: " + describe_winner(result, spec) + f" ({command})"}
+    parse_preset(preset)  # a preset we write must be one the studio reads
+    path = Path(directory) / f"{spec.model}-{tier}.json"
+    path.write_text(json.dumps(preset, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-singles", action="store_true", help="do not measure each single method held-out")
     parser.add_argument("--no-save", action="store_true", help="do not save the winner as a preset")
+    parser.add_argument("--shipped-tier", choices=["fast", "balanced", "quality"],
+                        help="also write the winner as the shipped preset presets/<model>-<tier>.json")
+    parser.add_argument("--shipped-dir", default=str(SHIPPED_DIR), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
     if args.trials is None and args.minutes is None:
@@ -163,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print_result(result)
+    command = "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.shipped_tier and result.winner is not None:
+        print(f"wrote {write_shipped_preset(result, spec, args.shipped_tier, args.shipped_dir, command)}")
     if args.json:
         meta = {"threads": torch.get_num_threads(), "repeats": args.repeats, "prompts": args.prompts,
-                "command": "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv)}
+                "command": command}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, **result.to_dict()}, f, indent=2, default=str)
     return 0 if result.winner is not None or result.cancelled else 1

@@ -86,12 +86,11 @@ class FloorClause:
         value = figures.get(self.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return 1e6  # not measured (no grader output): never counts as met
-        if self.op in (">=", ">"):
-            gap = self.value - value
-            return gap if self.op == ">=" else (gap if gap > 0 else (1e-9 if gap == 0 else gap))
-        if self.op in ("<=", "<"):
-            gap = value - self.value
-            return gap if self.op == "<=" else (gap if gap > 0 else (1e-9 if gap == 0 else gap))
+        gap = self.value - value if self.op in (">=", ">") else value - self.value
+        if self.op in (">", "<") and gap == 0:
+            return 1e-9  # a strict bound exactly on the line is not met
+        if self.op in (">=", ">", "<=", "<"):
+            return gap
         return abs(value - self.value)  # "="
 
     def __str__(self) -> str:
@@ -315,11 +314,9 @@ def spec_from_dict(data: Any) -> TuneSpec:
             if not isinstance(values[key], list) or not all(isinstance(v, str) for v in values[key]):
                 raise ValidationError(f"'{key}' must be a list of strings")
             values[key] = tuple(values[key])
-    if key := next((k for k in ("modality", "model", "floor", "prompt_kind") if k in values
-                    and not isinstance(values[k], str)), None):
-        raise ValidationError(f"'{key}' must be a string")
-    if values.get("study") is not None and not isinstance(values["study"], str):
-        raise ValidationError("'study' must be a string")
+    for key in ("modality", "model", "floor", "prompt_kind", "study"):
+        if key in values and not isinstance(values[key], str) and not (key == "study" and values[key] is None):
+            raise ValidationError(f"'{key}' must be a string")
     if not isinstance(values.get("params", {}), dict):
         raise ValidationError("'params' must be an object")
     for key in ("n_prompts", "seed", "trials", "repeats", "confirm_top"):

@@ -284,7 +284,8 @@ def test_cli_writes_parseable_json(tmp_path, capsys):
     out = tmp_path / "tune.json"
     assert main(["--modality", "image", "--model", "dummy-sd", "--floor", "ssim>=0.5", "--trials", "2",
                  "--prompts", "4", "--steps", "4", "--repeats", "1", "--methods", "deepcache,cfg_truncation",
-                 "--data-dir", str(tmp_path / "data"), "--json", str(out)]) == 0
+                 "--data-dir", str(tmp_path / "data"), "--json", str(out), "--shipped-tier", "fast",
+                 "--shipped-dir", str(tmp_path)]) == 0
     data = json.loads(out.read_text())
     winner = data["winner"]
     assert winner["config"] and winner["methods"] and winner["device"] == "cpu"
@@ -294,6 +295,8 @@ def test_cli_writes_parseable_json(tmp_path, capsys):
     assert {r["kind"] for r in data["confirmed"]} >= {"tuned", "single"}
     printed = capsys.readouterr().out
     assert "Pareto front" in printed and "winner" in printed
+    shipped = json.loads((tmp_path / "dummy-sd-fast.json").read_text())  # the shipped preset re-chosen held-out
+    assert shipped["methods"] == winner["methods"] and "held-out speedup" in shipped["description"]
 
 
 def test_tune_endpoint_runs_and_refuses_in_one_line(studio_factory):
