@@ -933,67 +933,105 @@ def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str
 
 
 def _search(study, storage, name, spec, floor, space, measurer, cases, result, progress, cancel):
-    """The optuna loop (ask/tell): each trial one measured configuration; a failed one is
-    recorded as failed and the search goes on; stops at the budget or a cancel."""
-    optuna = _optuna()
-    trials = study.get_trials(deepcopy=False)
-    for trial in trials:  # a process that died mid-trial left it running: it did not finish
-        if trial.state.name == "RUNNING":
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    if trials:  # resuming: a fresh seed so the sampler does not propose its first trials again
-        study = _load_study(storage, name, spec, floor, len(trials))
-    else:
-        for methods in _starting_points(spec, space, measurer.runner):
-            study.enqueue_trial(methods, skip_if_exists=True)
+    """The optuna loop (ask/tell). Trials are asked in batches of the executor's worker
+    count (1 in-process): a batch is one interleaved measurement (the baseline and each
+    candidate per round, spread over the workers). A failed trial is recorded as failed
+    and the search goes on; it stops at the budget, the deadline or a cancel."""
+    study = _resume(study, storage, name, spec, floor, space, measurer.runner)
     known = {t.user_attrs["config"]: t for t in study.get_trials(deepcopy=False)
              if t.state.name == "COMPLETE" and "config" in t.user_attrs}
     deadline = time.monotonic() + spec.minutes * 60 if spec.minutes else None
     budget = spec.trials if spec.trials is not None else MAX_TRIALS
+    batch_size = max(1, measurer.runner.parallel)
     done = _counted(study)
     while done < budget and not cancel.is_set() and (deadline is None or time.monotonic() < deadline):
+        batch, added = _ask_batch(study, space, known, min(batch_size, budget - done))
+        done += added
+        result.new_trials += added
+        if not batch:
+            continue
+        stage = (f"trial {done + 1}/{budget if spec.trials else '?'}: " + " | ".join(label for _, label, _ in batch))
+        if progress:
+            progress(done, budget, stage)
+        try:
+            rows, cancelled = measurer.measure([(label, methods) for _, label, methods in batch], cases,
+                                               f"t{batch[0][0].number}", _sub_progress(progress, done, budget, stage))
+        except StudioError as exc:  # the baseline itself failed
+            rows, cancelled = [Measured(label, methods, error=str(exc)) for _, label, methods in batch], False
+            rows.insert(0, rows[0])
+        if cancelled:
+            for trial, _, _ in batch:
+                trial.set_user_attr("cancelled", True)
+                study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+            result.cancelled = True
+            break
+        for (trial, label, _), candidate in zip(batch, rows[1:]):
+            done += 1
+            result.new_trials += 1
+            if _tell(study, trial, candidate, floor, spec.modality):
+                known[label] = study.get_trials(deepcopy=False)[trial.number]
+    if cancel.is_set():
+        result.cancelled = True
+    return study
+
+
+def _resume(study, storage, name, spec, floor, space, runner):
+    """A stored study: trials left running by a process that died are failed, and the
+    sampler gets a fresh seed (so it does not propose its first trials again). A new one:
+    the known starting points are queued."""
+    optuna = _optuna()
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.state.name == "RUNNING":
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    if trials:
+        return _load_study(storage, name, spec, floor, len(trials))
+    for params in _starting_points(spec, space, runner):
+        study.enqueue_trial(params, skip_if_exists=True)
+    return study
+
+
+def _ask_batch(study, space, known, size: int):
+    """Up to ``size`` new trials to measure, as (trial, label, methods); also returns how
+    many trials were settled without a measurement (a slot conflict is pruned; a
+    configuration measured before, or twice in this batch, reuses that measurement)."""
+    optuna = _optuna()
+    batch, settled, repeats = [], 0, []
+    for _ in range(size):
         trial = study.ask()
         try:
             methods = space.suggest(trial)
         except (Conflict, ValidationError) as exc:
             trial.set_user_attr("error", str(exc))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            done += 1
+            settled += 1
             continue
         label = format_config(methods)
         trial.set_user_attr("config", label)
         trial.set_user_attr("methods", [m.to_dict() for m in methods])
-        stage = f"trial {done + 1}/{budget if spec.trials else '?'}: {label}"
-        if progress:
-            progress(done, budget, stage)
         if label in known:  # the same configuration again: its measurement is reused, not repeated
             _copy_trial(study, trial, known[label])
-            done += 1
-            result.new_trials += 1
-            continue
-        try:
-            rows, cancelled = measurer.measure([(label, methods)], cases, f"t{trial.number}",
-                                               _sub_progress(progress, done, budget, stage))
-        except StudioError as exc:
-            rows, cancelled = [Measured(label, methods, error=str(exc))] * 2, False
-        if cancelled:
-            trial.set_user_attr("cancelled", True)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            result.cancelled = True
-            break
-        candidate = rows[1]
-        done += 1
-        result.new_trials += 1
-        if candidate.error or candidate.speedup is None:
-            trial.set_user_attr("error", candidate.error or "not measured")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        _record(trial, candidate, floor)
-        primary, sign = PRIMARY[spec.modality]
-        study.tell(trial, [candidate.speedup.median, sign * candidate.figures.get(primary, 0.0)])
-        known[label] = study.get_trials(deepcopy=False)[trial.number]
-    if cancel.is_set():
-        result.cancelled = True
-    return study
+            settled += 1
+        elif label in [item[1] for item in batch]:
+            repeats.append(trial)
+        else:
+            batch.append((trial, label, methods))
+    for trial in repeats:  # measured once in this batch: settled once that measurement is told
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        settled += 1
+    return batch, settled
+
+
+def _tell(study, trial, candidate: Measured, floor: QualityFloor, modality: str) -> bool:
+    """Record one measured trial (failed when it has no speedup); True when it completed."""
+    if candidate.error or candidate.speedup is None:
+        trial.set_user_attr("error", candidate.error or "not measured")
+        study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+        return False
+    _record(trial, candidate, floor)
+    primary, sign = PRIMARY[modality]
+    study.tell(trial, [candidate.speedup.median, sign * candidate.figures.get(primary, 0.0)])
+    return True
 
 
 def _sub_progress(progress, done: int, budget: int, stage: str):
@@ -1026,16 +1064,18 @@ def _copy_trial(study, trial, source) -> None:
 
 
 def _starting_points(spec: TuneSpec, space: SearchSpace, runner) -> list[dict[str, Any]]:
-    """Known configurations tried first: the model's shipped presets and each method alone
-    at its defaults (at most a third of the trial budget)."""
-    configs = [p.methods for p in runner.shipped_presets(spec.modality, spec.model)] + space.single_defaults()
-    out = []
-    for methods in configs:
-        params = space.trial_params(methods)
+    """Known configurations tried first: the model's shipped presets (the bar to beat),
+    then each method alone at its defaults, together at most a third of the trial budget
+    (the presets always, budget permitting)."""
+    presets = [space.trial_params(p.methods) for p in runner.shipped_presets(spec.modality, spec.model)]
+    singles = [space.trial_params(m) for m in space.single_defaults()]
+    out: list[dict[str, Any]] = []
+    for params in presets + singles:
         if params is not None and params not in out:
             out.append(params)
-    limit = min(max(2, (spec.trials or 30) // 3), spec.trials or 30)
-    return out[:limit]
+    n_presets = len([p for p in presets if p is not None])
+    trials = spec.trials or 30
+    return out[:min(trials, max(n_presets, trials // 3, 2))]
 
 
 def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, progress) -> None:

@@ -190,8 +190,10 @@ def fake_spec(**changes):
     return TuneSpec(**{**values, **changes})
 
 
-def test_winner_is_the_fastest_meeting_the_floor_on_held_out_prompts(tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])  # 3: trials asked in batches, measured together
+def test_winner_is_the_fastest_meeting_the_floor_on_held_out_prompts(tmp_path, workers):
     runner = FakeRunner(f"sqlite:///{tmp_path / 'opt.db'}")
+    runner.parallel = workers
     result = run_tune(runner, fake_spec())
     assert result.best_tune is not None and "deepcache" in result.best_tune.config  # fastest on the tune prompts
     assert result.best_tune.speedup >= 3.0
