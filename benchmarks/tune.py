@@ -26,7 +26,8 @@ import torch
 
 from backends.types import StudioError
 from studio.presets import SHIPPED_DIR, parse_preset
-from studio.tune import TuneResult, TuneSpec, describe_winner, run_tune
+from studio.tune import TuneResult, describe_winner, run_tune
+from studio.tune_spec import TuneSpec
 
 
 def build_params(args) -> dict[str, Any]:

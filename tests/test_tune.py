@@ -12,8 +12,8 @@ from backends.types import MethodChoice, ValidationError
 from conftest import DB_KINDS
 from studio.measure import Timed
 from studio.presets import Preset
-from studio.tune import (TuneSpec, build_space, list_studies, parse_floor, run_tune, spec_from_dict,
-                         split_prompts)
+from studio.tune import list_studies, run_tune, split_prompts
+from studio.tune_spec import TuneSpec, build_space, parse_floor, spec_from_dict
 
 
 # -- the floor ---------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def test_spec_from_json_is_strict():
     ("not json", "not valid JSON"),
 ])
 def test_tune_endpoint_body_is_checked_strictly(body, says):
-    from studio.tune import parse_tune_json
+    from studio.tune_spec import parse_tune_json
 
     with pytest.raises(ValidationError) as info:
         parse_tune_json(body)

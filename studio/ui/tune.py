@@ -13,7 +13,8 @@ from backends.accel.base import methods_for
 from backends.types import MODALITIES, StudioError, ValidationError
 from benchmarks.prompts import default_prompts
 from studio.plots import tune_pareto_figure
-from studio.tune import TuneSpec, default_methods, list_studies, parse_tune_json, run_tune, spec_from_dict
+from studio.tune import list_studies, run_tune
+from studio.tune_spec import TuneSpec, default_methods, parse_tune_json, spec_from_dict
 from studio.ui.common import model_choices, user_errors
 from studio.ui.runs import Progress, SessionRuns, run_with_token
 
@@ -115,6 +116,7 @@ def build_tune_tab(studio) -> dict:
 
     modality.change(on_modality, inputs=[modality], outputs=[model, prompts, floor, methods], api_name=False)
 
+    @user_errors
     def on_model(m, name):
         """The methods that apply to this model's family (all of the modality's when the
         model cannot be described)."""
