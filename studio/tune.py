@@ -390,7 +390,20 @@ def close_storage(storage) -> None:
 
 
 def list_studies(url: str) -> list[dict[str, Any]]:
-    """The tune studies stored at ``url``: name, model, floor, trials, best held-out speedup."""
+    """The tune studies stored at ``url``: name, model, floor, trials, best held-out speedup.
+    A database no tune has used yet answers [] without gaining optuna's tables."""
+    from sqlalchemy import create_engine, inspect
+
+    probe = create_engine(url)
+    try:
+        if not inspect(probe).has_table("studies"):
+            return []
+    except Exception:
+        log.exception("cannot read the tune studies")
+        raise StudioError("cannot read the tune studies in the history database; the server log has the details") \
+            from None
+    finally:
+        probe.dispose()
     optuna = _optuna()
     storage = open_storage(url)
     try:

@@ -7,6 +7,7 @@ import json
 import threading
 
 import pytest
+import sqlalchemy
 
 from backends.types import MethodChoice, ValidationError
 from conftest import DB_KINDS
@@ -222,6 +223,26 @@ def test_a_configuration_slower_than_the_baseline_is_no_winner(tmp_path):
     result = run_tune(runner, fake_spec())
     assert result.winner is None and not runner.saved
     assert any("not faster than the baseline" in note for note in result.notes)
+
+
+def test_a_baseline_that_changes_between_runs_is_reported(tmp_path):
+    class Drifting(FakeRunner):
+        def run(self, request, cancel):
+            timed = super().run(request, cancel)
+            if not request.methods:  # the baseline's output differs on every run
+                timed.result = ((), f"{request.prompt} #{self.calls}")
+            return timed
+
+        def quality(self, modality, reference, output):
+            if not output[0]:
+                return {"psnr": 100.0 if reference == output else 50.0, "ssim": 1.0, "exact": float(reference == output)}
+            return super().quality(modality, reference, output)
+
+    result = run_tune(Drifting(f"sqlite:///{tmp_path / 'opt.db'}"), fake_spec(trials=2))
+    assert any("differed between runs" in note for note in result.notes)
+    assert list_studies(f"sqlite:///{tmp_path / 'none.db'}") == []  # no tune yet: no optuna tables made
+    assert not {"studies", "trials"} & set(sqlalchemy.inspect(
+        sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'none.db'}")).get_table_names())
 
 
 def test_cancel_stops_the_search_and_keeps_what_was_made(tmp_path):
