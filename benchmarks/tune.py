@@ -43,7 +43,8 @@ def build_params(args) -> dict[str, Any]:
 
 def spec_from_args(args) -> TuneSpec:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
-    return TuneSpec(args.modality, args.model, args.floor, n_prompts=args.prompts, prompt_kind=args.prompt_kind,
+    return TuneSpec(args.modality, args.model, args.floor, prompts=tuple(args.prompt or ()), n_prompts=args.prompts,
+                    prompt_kind=args.prompt_kind,
                     params=build_params(args), seed=args.seed, trials=args.trials, minutes=args.minutes,
                     methods=methods, split=args.split, repeats=args.repeats, confirm_top=args.top,
                     compare_singles=not args.no_singles, study=args.study, save_preset=not args.no_save)
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, help="search budget in trials (default 40 without --minutes)")
     parser.add_argument("--minutes", type=float, help="search budget in minutes")
     parser.add_argument("--prompts", type=int, default=8, help="bundled prompts, split into tune and held-out")
+    parser.add_argument("--prompt", action="append", help="a prompt of your own (repeat it; replaces --prompts); "
+                        "prompt i runs with seed --seed + i")
     parser.add_argument("--prompt-kind", default="mixed", choices=["code", "edit", "mixed"], help="text prompts")
     parser.add_argument("--split", type=float, default=0.5, help="fraction of the prompts tuned on")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt and configuration")

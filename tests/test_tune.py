@@ -348,3 +348,17 @@ def test_tune_endpoint_runs_and_refuses_in_one_line(studio_factory):
         assert "unknown metric 'sharpness'" in message and "Traceback" not in message
     finally:
         demo.close()
+
+
+def test_cli_takes_the_users_prompts():
+    import argparse
+
+    from benchmarks.tune import spec_from_args
+
+    args = argparse.Namespace(modality="image", model="dummy-sd", floor="psnr>=20", prompt=["a", "b"], prompts=8,
+                              prompt_kind="mixed", params=None, steps=4, guidance=None, max_new_tokens=None, seed=7,
+                              trials=3, minutes=None, methods="deepcache", split=0.5, repeats=1, top=3,
+                              no_singles=True, study=None, no_save=False)
+    spec = spec_from_args(args)
+    assert spec.prompt_list() == ["a", "b"] and spec.params == {"steps": 4} and spec.methods == ("deepcache",)
+    assert [c.seeds for c in split_prompts(spec.prompt_list(), spec.split, spec.seed)] in ([[7], [8]], [[8], [7]])
