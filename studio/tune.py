@@ -713,6 +713,11 @@ def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, prog
                             f"{result.winner.heldout.label}, was not faster than the baseline there "
                             f"({result.winner.heldout.speedup.median:.2f}x): no winner")
         result.winner = None
+    shipped, winner = result.best_shipped, result.winner
+    if shipped is not None and (winner is None or shipped.heldout.speedup.median > winner.heldout.speedup.median):
+        result.notes.append(f"the shipped preset '{shipped.label}' was faster at this floor on the held-out prompts "
+                            f"({shipped.heldout.speedup.median:.2f}x): give the tune more trials, or allow its "
+                            f"methods ({shipped.heldout.label})")
 
 
 def describe_winner(result: TuneResult, spec: TuneSpec) -> str:

@@ -223,6 +223,23 @@ def test_a_configuration_slower_than_the_baseline_is_no_winner(tmp_path):
     result = run_tune(runner, fake_spec())
     assert result.winner is None and not runner.saved
     assert any("not faster than the baseline" in note for note in result.notes)
+    assert not any("shipped preset" in note for note in result.notes)  # it fails the floor held-out
+
+
+def test_a_faster_shipped_preset_is_pointed_out(tmp_path):
+    class FastPreset(FakeRunner):
+        def run(self, request, cancel):
+            if [m.name for m in request.methods] == ["sampler"]:  # the preset, outside the allowed methods
+                return Timed(1.0 / 2.5, (("cfg_truncation",), request.prompt), None, self.device)
+            return super().run(request, cancel)
+
+        def shipped_presets(self, modality, model):
+            return [Preset("fake sampler", "image", "fake", {}, [MethodChoice("sampler", {"steps": 10})])]
+
+    result = run_tune(FastPreset(f"sqlite:///{tmp_path / 'opt.db'}"), fake_spec(compare_singles=False))
+    assert [m.name for m in result.winner.heldout.methods] == ["cfg_truncation"]
+    assert result.best_shipped.label == "fake sampler"
+    assert any("'fake sampler' was faster at this floor" in note for note in result.notes)
 
 
 def test_a_baseline_that_changes_between_runs_is_reported(tmp_path):
