@@ -226,3 +226,29 @@ def calibration_curve_figure(xs: list[float], ys: list[float], grid: list[float]
     ax.set_title("TeaCache rescale curve")
     fig.tight_layout()
     return fig
+
+
+def tune_pareto_figure(result):
+    """An auto-tune's trials: speedup vs the quality axis on the tune prompts, the Pareto
+    front joined, trials below the floor hollow, the held-out winner starred."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    key, sign = result.primary, (-1.0 if result.primary == "lsd" else 1.0)
+    points = [(t.speedup, sign * t.quality[key], t.feasible) for t in result.trials
+              if t.speedup is not None and key in t.quality]
+    for speed, quality, feasible in points:
+        ax.scatter(speed, quality, s=40, zorder=3, facecolors="tab:blue" if feasible else "none",
+                   edgecolors="tab:blue")
+    front = sorted((t.speedup, sign * t.quality[key]) for t in result.pareto)
+    if front:
+        ax.plot(*zip(*front), "--o", c="tab:red", lw=1, ms=5, label="Pareto front (tune prompts)", zorder=4)
+    if result.winner is not None and result.winner.tune is not None and key in result.winner.tune.quality:
+        ax.scatter(result.winner.tune.speedup, sign * result.winner.tune.quality[key], marker="*", s=220,
+                   c="gold", edgecolors="black", zorder=5, label=f"winner: {result.winner.heldout.label}"[:60])
+    if front or result.winner is not None:
+        ax.legend(fontsize=7)
+    ax.set_xlabel("speedup vs baseline (x)")
+    ax.set_ylabel(("-" if sign < 0 else "") + key + " vs baseline")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"auto-tune: {len(points)} trials (hollow: below the floor)")
+    fig.tight_layout()
+    return fig

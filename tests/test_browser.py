@@ -1,6 +1,6 @@
 """End to end in a real headless Chromium (Debian's package) driven by Playwright: every
 tab's main button is clicked as a user would (Image, Video, Audio, Text, Story, Compare,
-History, Presets), each must show a result and no error toast. The quick random models of
+Tune, History, Presets), each must show a result and no error toast. The quick random models of
 ``--dummy-models`` keep the whole file short; the Text tab uses the bundled code model, whose
 output is real text. One screenshot per tab lands in artifacts/browser/."""
 
@@ -209,6 +209,26 @@ def test_history_shows_runs_from_every_tab_when_opened(page, served):
     wait_for_text(page, "history-table", "dummy-vits")
     no_error_toast(page)
     shot(page, "7-history")
+
+
+def test_tune_tab_runs_a_small_tune(page, served):
+    _, studio = served
+    open_tab(page, "Tune")
+    choose_model(page, "tune-model", "dummy-sd")
+    page.locator("#tune-prompts textarea").fill("a red circle\na blue square\na green triangle\na red square")
+    page.locator("#tune-floor textarea, #tune-floor input").first.fill("ssim>=0.5")
+    page.locator("#tune-params textarea, #tune-params input").first.fill('{"steps": 4}')
+    page.locator("#tune-trials input").fill("2")
+    set_slider(page, "tune-repeats", 1)
+    page.locator("#tune-run").click()
+    summary = wait_for_text(page, "tune-summary", "Saved as the preset", timeout_ms=180_000)
+    assert "held-out" in summary
+    page.wait_for_selector("#tune-plot img, #tune-plot canvas, #tune-plot svg", state="attached")
+    assert "dummy-sd" in wait_for_text(page, "tune-studies", "dummy-sd")
+    no_error_toast(page)
+    shot(page, "7b-tune")
+    name = summary.split("Saved as the preset", 1)[1].split("(Presets tab)")[0].strip()
+    assert studio.presets.get(name).model == "dummy-sd"
 
 
 def test_presets_save_and_load_into_the_image_tab(page, served):

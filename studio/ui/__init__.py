@@ -17,6 +17,7 @@ from studio.ui.history import build_history_tab
 from studio.ui.presets import build_presets_tab
 from studio.ui.story import build_story_tab
 from studio.ui.text import build_text_tab
+from studio.ui.tune import build_tune_tab
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR = "internal error: the request could not be run; the server log has the details"
@@ -98,6 +99,8 @@ def build_app(studio) -> gr.Blocks:
                 build_story_tab(studio)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(studio)
+            with gr.Tab("Tune", id="tune"):
+                tune = build_tune_tab(studio)
             with gr.Tab("Calibrate", id="calibrate"):
                 build_calibration_panel(studio)
             with gr.Tab("History", id="history") as history_tab:
@@ -118,6 +121,7 @@ def build_app(studio) -> gr.Blocks:
         # runs made in the other tabs since the page loaded: show them when History is opened
         history_tab.select(history["load"], inputs=history["inputs"], outputs=[history["table"], history["summary"]],
                            api_name=False)
+        app.load(tune["load_studies"], outputs=[tune["studies"]], api_name=False)
         app.load(presets["listing"], outputs=[presets["table"], presets["errors"]], api_name=False)
         for tab in tabs.values():  # show only the methods that fit the default model; hints after
             change = tab.extra["model_change"]
