@@ -153,6 +153,7 @@ class CompareRow:
     ideal_speedup: float | None = None  # from what the methods skipped (backends.accel._eval_cost)
     efficiency: float | None = None  # speedup / ideal_speedup
     peak_memory_mb: float | None = None
+    weight_mb: float | None = None  # weights of the model as run (quantized size when quantized)
     model_evals: int | None = None
     quality: dict[str, float] = field(default_factory=dict)
     task: dict[str, float] | None = None
@@ -176,6 +177,7 @@ class CompareRow:
             "ideal_speedup": _round(self.ideal_speedup, 3),
             "efficiency": _round(self.efficiency, 3),
             "peak_mem_mb": _round(self.peak_memory_mb, 1),
+            "weight_mb": _round(self.weight_mb, 2),
             "model_evals": self.model_evals,
         }
         row.update({k: _round(v, 4) for k, v in self.quality.items()})
@@ -265,6 +267,7 @@ def run_compare(
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
     parallel: int = 1,
+    perplexity: bool = False,
 ) -> CompareReport:
     """The baseline and each configuration through ``studio.measure``: a warm-up run each
     (untimed, not kept), then per repetition and seed the baseline and every configuration
@@ -273,7 +276,8 @@ def run_compare(
     group. A failing configuration becomes an error row; the others go on. ``parallel`` > 1
     runs the configurations of one round over that many executor workers (Ray); rows say
     which worker and device measured them, and a ratio is only formed within one device.
-    The defaults (3 repeats, warm-up) are the ones whose numbers can be trusted."""
+    ``perplexity`` (text): add each row's held-out perplexity with its methods attached
+    and its change from the baseline's (``add_perplexity``). The defaults (3 repeats, warm-up) are the ones whose numbers can be trusted."""
     if not 1 <= repeats <= 20:
         raise ValidationError("repeats must be between 1 and 20")
     if len(configs) > 32:
@@ -308,9 +312,29 @@ def run_compare(
         if row.outputs:
             row.task = metrics.task_score(request.modality, request.model, row.outputs,
                                           [request.prompt] * len(row.outputs))
+    if perplexity and request.modality == "text":
+        add_perplexity(studio.manager.get("text", request.model), rows)
+    for row in rows:
         for run_id in row.run_ids:
             studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})
     return CompareReport(group, request.modality, request.model, rows)
+
+
+def add_perplexity(backend: Any, rows: list[CompareRow]) -> None:
+    """Text: each row's held-out perplexity (a few thousand tokens of the code corpus's
+    held-out split, ``backends.text_eval``) with its methods attached, and its change in
+    percent from the baseline's, as quality columns. A lossy method moves greedy output
+    off the baseline within a few tokens on a tiny model; perplexity says whether it hurt."""
+    from backends.text_eval import backend_perplexity
+
+    base = None
+    for row in rows:
+        if row.error:
+            continue
+        value = backend_perplexity(backend, row.methods)
+        base = value if base is None else base
+        row.quality["perplexity"] = value
+        row.quality["perplexity_delta_pct"] = 100 * (value / base - 1)
 
 
 def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict[int, list[Any]]) -> list[CompareRow]:
@@ -332,6 +356,7 @@ def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict
             row.model_evals, row.stats, row.notes = last.model_evals, last.method_stats, last.notes
             row.device, row.worker = last.device, last.worker
             row.peak_memory_mb = max(o.result.peak_memory_bytes for o in kept[runs.index]) / 2**20
+            row.weight_mb = last.weight_bytes / 2**20 if last.weight_bytes else None
             row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in outcomes) for k in last.timings}
             row.seconds = summary.seconds
             if summary.speedup:
