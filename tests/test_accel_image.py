@@ -71,6 +71,8 @@ UNET_CASES = [
     ("cfg_truncation", {"fraction": 0.5}, "unguided_steps", True),
     ("deepcache", {"interval": 3}, "shallow_steps", True),
     ("tome", {"ratio": 0.5}, "tokens", True),
+    ("weight_quant", {"skip_blocks": 0}, "layers_quantized", True),
+    ("dynamic_quant", {"skip_blocks": 0}, "layers_quantized", True),
 ]
 DIT_CASES = [
     ("sampler", {"steps": 4}, "evals", True),
@@ -85,6 +87,9 @@ DIT_CASES = [
     ("faster_cache", {}, "attention_skipped", True),
     ("attention_backend", {"backend": "_native_math"}, "processors", False),
     ("compile", {"compiler": "eager"}, "compiled_modules", False),  # inductor: see the slow test below
+    ("weight_quant", {"weights": "int4", "group_size": 32, "skip_blocks": 0, "skip_io": False}, "layers_quantized",
+     True),
+    ("dynamic_quant", {}, "layers_quantized", True),
 ]
 
 
