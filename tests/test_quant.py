@@ -201,3 +201,16 @@ def test_weight_methods_share_one_slot_and_cite_papers():
         assert methods[name].spec.paper and methods[name].spec.lossless is False
     with pytest.raises(ValidationError, match="cannot be combined"):
         check_combinable(methods["awq"].spec, [methods["weight_quant"].spec])
+
+
+def test_compare_shows_weight_size_and_perplexity_for_text(studio_factory):
+    from studio.compare import parse_configs, run_compare
+
+    studio = studio_factory()
+    request = Request("text", "dummy-llama", "def f(x):", params={"max_new_tokens": 4})
+    report = run_compare(studio, request, parse_configs("weight_quant(skip_blocks=0, skip_io=false)"), repeats=1,
+                         warmup=False, perplexity=True)
+    base, quant = report.table()
+    assert 0 < quant["weight_mb"] < base["weight_mb"]
+    assert base["perplexity_delta_pct"] == 0 and quant["perplexity"] != base["perplexity"]
+    assert "weight_mb" in report.to_csv().splitlines()[0]
