@@ -39,7 +39,7 @@ def _encoded(tokenizer: Any, which: str, max_tokens: int) -> torch.Tensor:
     ids: list[int] = []
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for text in _split_text(which, 64, stride):
-        ids += [t for t in (bos,) if t is not None] + tokenizer(text, add_special_tokens=False).input_ids
+        ids += [t for t in (bos,) if t is not None] + tokenizer(text, add_special_tokens=False, verbose=False).input_ids
         ids += [t for t in (eos,) if t is not None]
         if len(ids) > max_tokens:
             break

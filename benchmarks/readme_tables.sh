@@ -46,7 +46,21 @@ ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs
     --json "$OUT/ideal-tiny-flux-shapes.json"
   $PY -m benchmarks.compare_check --json "$OUT/compare-check-tiny-sd-shapes.json" || true
 }
-# ./readme_tables.sh [text|image|video|audio|ideal ...]: the named series only (default: all,
+quant() {  # issue 18: weight quantization on every bundled model (text rows add held-out perplexity)
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 2 --prompt-kind code \
+    --max-new-tokens 96 \
+    --methods "weight_quant,dynamic_quant,weight_quant(weights=int4, skip_blocks=0, skip_io=false),awq(skip_blocks=0, skip_io=false)" \
+    --json "$OUT/quant-text-tiny-code-llama.json"
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
+    --methods "weight_quant,deepcache(interval=3),weight_quant+deepcache(interval=3)" --json "$OUT/quant-image-tiny-sd-shapes.json"
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
+    --methods "weight_quant" --json "$OUT/quant-image-tiny-flux-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-video-tiny-video-shapes.json"
+  $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|quant ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -56,3 +70,4 @@ for ((i = 0; i < ${#series[@]}; i += 2)); do
 done
 $PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead}-*.json
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
+if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi
