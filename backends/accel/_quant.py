@@ -18,7 +18,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -84,7 +84,7 @@ def choose_linears(model: torch.nn.Module, skip_blocks: int, skip_io: bool,
     edges = {id(m) for block in edge_blocks(model, skip_blocks) for m in block.modules()}
     choice = LayerChoice()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or isinstance(module.weight, type(None)):
+        if not isinstance(module, torch.nn.Linear) or module.weight is None:
             continue
         if skip_io and is_io_layer(name):
             choice.kept[name] = "io"
@@ -325,14 +325,13 @@ def quantize_layers(targets: dict[str, torch.nn.Linear],
                 for name, module in targets.items()}
 
 
-def quant_stats(model: torch.nn.Module, choice: LayerChoice, before: int, cached: bool,
-                extra: Iterable[tuple[str, Any]] = ()) -> Callable[[], dict[str, Any]]:
-    """A handle's stats: layers quantized and kept, weight bytes before and as run."""
+def quant_stats(model: torch.nn.Module, choice: LayerChoice, before: int, cached: bool) -> dict[str, Any]:
+    """A handle's stats: layers quantized and kept, the network's weight bytes before and
+    as run (read with the quantized weights in place)."""
     after = module_weight_bytes(model)
     kept: dict[str, int] = {}
     for why in choice.kept.values():
         kept[why] = kept.get(why, 0) + 1
-    stats = {"layers_quantized": len(choice.targets), "layers_kept": kept, "cache_hit": cached,
-             "weight_bytes_before": before, "weight_bytes_after": after,
-             "weight_ratio": round(before / after, 3) if after else None, **dict(extra)}
-    return lambda: dict(stats)
+    return {"layers_quantized": len(choice.targets), "layers_kept": kept, "cache_hit": cached,
+            "weight_bytes_before": before, "weight_bytes_after": after,
+            "weight_ratio": round(before / after, 3) if after else None}

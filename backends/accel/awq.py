@@ -85,15 +85,11 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, grid: in
     for i in range(grid):
         ratio = 1 - max_shrink * i / grid
         clip = torch.full((n, k // group_size), ratio)
-        delta = (w - fake_int4_float(w, group_size, clip)).reshape(n, k // group_size, group_size)
+        delta = (w - _quant.fake_int4(w, group_size, clip)).reshape(n, k // group_size, group_size)
         err = torch.einsum("rgk,ngk->rng", xg, delta).pow(2).mean(0)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, clip, best)
     return best
-
-
-def fake_int4_float(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    return _quant.fake_int4(w, group_size, clip)
 
 
 @torch.no_grad()

@@ -76,11 +76,12 @@ def attach_quantized(method: str, backend: Any, plan: RunPlan, choice: _quant.La
     before = _quant.module_weight_bytes(model)
     with torch.no_grad():
         weights, cached = _quant.CACHE.get(model, (method, *key), build)
-    figures = extra(weights) if callable(extra) else (extra or {})
-    handle = RunHandle(plan)
+    figures = extra(weights) if callable(extra) else dict(extra or {})
+    stats: dict[str, Any] = {}
+    handle = RunHandle(plan, lambda: dict(stats))
     with handle.undo_on_error():
         _quant.swap_weights(handle, choice.targets, weights)
-    handle._stats = _quant.quant_stats(model, choice, before, cached, figures.items())
+    stats.update(_quant.quant_stats(model, choice, before, cached), **figures)  # bytes as run: after the swap
     return handle
 
 
