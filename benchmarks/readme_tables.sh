@@ -51,11 +51,13 @@ quant() {  # issue 18: weight quantization on every bundled model (text rows add
     --max-new-tokens 96 \
     --methods "weight_quant,dynamic_quant,weight_quant(weights=int4, skip_blocks=0, skip_io=false),awq(skip_blocks=0, skip_io=false)" \
     --json "$OUT/quant-text-tiny-code-llama.json"
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 3 --prompts 3 --prompt-kind code \
+    --max-new-tokens 96 --methods "weight_quant,dynamic_quant" --json "$OUT/quant-text-int8-tiny-code-llama.json"
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
     --methods "weight_quant,deepcache(interval=3),weight_quant+deepcache(interval=3)" --json "$OUT/quant-image-tiny-sd-shapes.json"
   $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
     --methods "weight_quant" --json "$OUT/quant-image-tiny-flux-shapes.json"
-  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 6 \
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 12 \
     --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-video-tiny-video-shapes.json"
   $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
     --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
