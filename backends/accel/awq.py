@@ -97,22 +97,23 @@ def calibration_inputs(model: torch.nn.Module, targets: dict[str, torch.nn.Linea
                        context: int, rows: int = 1024) -> dict[str, torch.Tensor]:
     """The inputs each target Linear sees on ``ids`` (``rows`` of them kept, evenly spaced)."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
-    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(
-        args[0].reshape(-1, args[0].shape[-1]).detach().float())) for name, module in targets.items()]
+
+    def keep(name: str, x: torch.Tensor) -> None:  # subsampled in the hook: all rows of all layers add up
+        flat = x.reshape(-1, x.shape[-1])
+        picked = torch.linspace(0, len(flat) - 1, min(rows, len(flat)), device=flat.device).long()
+        seen[name].append(flat[picked].detach().float())
+
+    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0]))
+             for name, module in targets.items()]
     device = next(model.parameters()).device
     try:
         windows = max(1, (len(ids) - 1) // context)
         batch = torch.stack([ids[r * context: (r + 1) * context] for r in range(windows)]).to(device)
-        model(input_ids=batch)
+        model(input_ids=batch)  # one forward: each hook runs once
     finally:
         for hook in hooks:
             hook.remove()
-    out = {}
-    for name, chunks in seen.items():
-        x = torch.cat(chunks)
-        keep = torch.linspace(0, len(x) - 1, min(rows, len(x))).long()
-        out[name] = x[keep]
-    return out
+    return {name: torch.cat(chunks) for name, chunks in seen.items()}
 
 
 @register
