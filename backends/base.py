@@ -16,13 +16,29 @@ from backends.types import ModelLoadError, Request, Result, StudioError, Validat
 
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a tensor subclass (torchao's quantized weights), the bytes
+    of the inner tensors it stores, not of the dtype it presents."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names if getattr(t, name) is not None)
+    if t.is_quantized and t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return (t.numel() * t.element_size() + tensor_bytes(t.q_per_channel_scales())
+                + tensor_bytes(t.q_per_channel_zero_points()))
+    return t.numel() * t.element_size()
+
+
 def module_bytes(*modules: Any) -> int:
-    """Bytes held by the parameters and buffers of the given modules (None skipped)."""
+    """Bytes held by the parameters and buffers of the given modules (None skipped), as
+    they are now (quantized weights at their stored size; a shared tensor counted once)."""
+    seen: set[int] = set()
     total = 0
     for module in modules:
         if isinstance(module, torch.nn.Module):
-            total += sum(t.numel() * t.element_size() for t in module.parameters())
-            total += sum(t.numel() * t.element_size() for t in module.buffers())
+            for t in [*module.parameters(), *module.buffers()]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += tensor_bytes(t)
     return total
 
 
@@ -52,6 +68,10 @@ class Backend:
 
     def memory_bytes(self) -> int:
         return 0
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights a run uses, as it runs (quantized size under quantization)."""
+        return self.memory_bytes()
 
     def build_plan(self, request: Request) -> RunPlan:
         raise NotImplementedError
@@ -89,6 +109,7 @@ class Backend:
                 with PeakMemory(self.device) as memory, EvalCounter(self.denoiser, _branch_of(plan)) as evals:
                     with timer.stage("total"):
                         output = self.generate(plan, timer, progress)
+                weight_bytes = self.weight_bytes()  # with the methods still attached: the model as run
         method_stats = {m.spec.name: h.stats() for m, h in zip(methods, handles)}  # after removal, as before
         skipped = sum(h.skipped_evals() for h in handles)
         timings = timer.as_dict()
@@ -97,6 +118,7 @@ class Backend:
             timings=timings,
             total_seconds=timings.get("total", 0.0),
             peak_memory_bytes=memory.peak_bytes,
+            weight_bytes=weight_bytes,
             model_evals=max(0, evals.count - skipped),
             method_stats=method_stats,
             notes=notes,
@@ -174,6 +196,9 @@ class DraftingBackend(Backend):
 
     def memory_bytes(self) -> int:
         return module_bytes(self.model, *(m for m, _ in self.drafts.values()))
+
+    def weight_bytes(self) -> int:
+        return module_bytes(self.model)  # drafts are extra models, not the one run
 
     def unload(self) -> None:
         self.model = None

@@ -139,6 +139,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    weight_bytes: int = 0  # weights of the model as run (quantized size when quantized)
     model_evals: int = 0
     method_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -160,6 +161,7 @@ class Result:
                     "timings": self.timings,
                     "total_seconds": self.total_seconds,
                     "peak_memory_bytes": self.peak_memory_bytes,
+                    "weight_bytes": self.weight_bytes,
                     "model_evals": self.model_evals,
                     "method_stats": self.method_stats,
                     "notes": self.notes,

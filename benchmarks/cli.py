@@ -63,7 +63,7 @@ def lossless_flag(config: CompareConfig) -> bool | None:
 
 def run_benchmark(manager: BackendManager, modality: str, model: str, configs: list[CompareConfig],
                   prompts: list[str], params: dict, repeats: int, seed: int, warmup: bool = True,
-                  log=print, calibrations: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+                  log=print, calibrations: dict[str, list[dict[str, Any]]] | None = None, perplexity: bool = True) -> list[dict[str, Any]]:
     """Every configuration on every prompt through ``studio.measure`` (the engine Compare
     uses): a warm-up run each, runs interleaved per prompt, speedup = median of the paired
     ratios with their range, and the ideal speedup and efficiency of caching methods.
@@ -96,6 +96,7 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
         raise RuntimeError("benchmark run failed: " + "; ".join(f"{label}: {error}" for label, error in failed))
     base_last = measured.runs[0].last
     base_out = [base_last[i].output for i in range(len(prompts))]
+    base_weights = base_last[0].weight_bytes
     rows = []
     for c, runs, summary in zip(configs, measured.runs, summarize(measured)):
         results = [runs.last[i] for i in range(len(prompts))]
@@ -118,6 +119,9 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
             "quality": quality,
             "lossless": lossless_flag(c),
             "model_evals": sum(r.model_evals for r in results),
+            "weight_bytes": results[0].weight_bytes,
+            "weight_ratio": round(base_weights / results[0].weight_bytes, 3) if results[0].weight_bytes else None,
+            "peak_memory_bytes": max(r.peak_memory_bytes for r in results),
             "method_stats": results[0].method_stats,
             "device": results[0].device,
             # studio.detectors: skipped nothing, identical to the baseline and slower, NaN/Inf, blank
@@ -133,7 +137,24 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
         if getattr(backend, "family", "") == "codec-lm":
             row.update(codec_figures(results, [base_last[i] for i in range(len(prompts))]))
         rows.append(row)
+    if modality == "text" and perplexity:
+        add_perplexity(backend, configs, rows, log)
     return rows
+
+
+def add_perplexity(backend, configs: list[CompareConfig], rows: list[dict[str, Any]], log=print) -> None:
+    """Text rows: held-out perplexity of the model with the row's methods attached
+    (``backends.text_eval``: the code corpus's held-out split) and its change in percent
+    from the baseline's, under ``quality``."""
+    from backends.text_eval import backend_perplexity
+
+    base = None
+    for config, row in zip(configs, rows):
+        value = backend_perplexity(backend, config.methods)
+        base = value if base is None else base
+        row["quality"]["perplexity"] = round(value, 4)
+        row["quality"]["perplexity_delta_pct"] = round(100 * (value / base - 1), 3)
+        log(f"perplexity {config.label}: {value:.4f}")
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -338,7 +359,7 @@ def fit_teacache(manager: BackendManager, args, params: dict, log) -> tuple[list
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
-    extra_keys = [k for k in ("ideal_speedup", "efficiency", "tokens_per_target_forward",
+    extra_keys = [k for k in ("ideal_speedup", "efficiency", "weight_ratio", "tokens_per_target_forward",
                               "positions_per_target_forward", "all_exact", "overhead_pct")
                   if any(r.get(k) is not None for r in rows)]
     header = ["method", "seconds", "speedup", "range", *quality_keys, *extra_keys]
@@ -383,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--overhead", action="store_true", help="measure the studio's own overhead instead")
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--no-perplexity", action="store_true",
+                        help="text: skip the held-out perplexity of each configuration")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--calibrate-teacache", type=int, default=0, metavar="N",
                         help="first fit TeaCache's rescale curve for this model on N calibration prompts (seed 101, "
@@ -408,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.calibrate_teacache:
             calibrations["teacache"], meta_calibration = fit_teacache(manager, args, params, log)
         rows = run_benchmark(manager, args.modality, args.model, parse_methods(args.methods), prompts, params,
-                             args.repeats, args.seed, warmup=not args.no_warmup, log=log, calibrations=calibrations)
+                             args.repeats, args.seed, warmup=not args.no_warmup, log=log, calibrations=calibrations,
+                             perplexity=not args.no_perplexity)
     meta_costs = None
     if args.modality == "text" and not args.overhead:
         meta_costs = speculation_costs(manager.get("text", args.model), rows)

@@ -55,7 +55,7 @@ calibration() {  # TeaCache with the model's own fitted curve vs without, thresh
     --methods "teacache(threshold=0.15, rescale=none),teacache(threshold=0.07, rescale=calibrated),teacache(threshold=0.5, rescale=none),teacache(threshold=0.15, rescale=calibrated)" \
     --json "$OUT/calibration-tiny-video-shapes.json"
 }
-quant() {  # int8 attention and the quantized KV cache (README "Quantization: attention and KV cache")
+quant_attention() {  # int8 attention and the quantized KV cache (README "Quantization: attention and KV cache")
   $PY -m benchmarks.int8_attention --tokens 4096 --repeats 5 --threads 1 --real tiny-video-shapes \
     --json "$OUT/int8-attention-micro.json"
   $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 3 \
@@ -64,7 +64,23 @@ quant() {  # int8 attention and the quantized KV cache (README "Quantization: at
   $PY -m benchmarks.kv_quant --skip-perplexity --speed-tokens 448 --threads 1 \
     --json "$OUT/kvquant-decode-speed-tiny-code-llama.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant ...]: the named series only (default: all,
+quant() {  # issue 18: weight quantization on every bundled model (text rows add held-out perplexity)
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 2 --prompt-kind code \
+    --max-new-tokens 96 \
+    --methods "weight_quant,dynamic_quant,weight_quant(weights=int4, skip_blocks=0, skip_io=false),awq(skip_blocks=0, skip_io=false)" \
+    --json "$OUT/quant-text-tiny-code-llama.json"
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 3 --prompts 3 --prompt-kind code \
+    --max-new-tokens 96 --methods "weight_quant,dynamic_quant" --json "$OUT/quant-text-int8-tiny-code-llama.json"
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
+    --methods "weight_quant,deepcache(interval=3),weight_quant+deepcache(interval=3)" --json "$OUT/quant-image-tiny-sd-shapes.json"
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
+    --methods "weight_quant" --json "$OUT/quant-image-tiny-flux-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 12 \
+    --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-video-tiny-video-shapes.json"
+  $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -75,3 +91,4 @@ done
 $PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead}-*.json
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
 $PY -m benchmarks.report --calibration "$OUT"/calibration-*.json
+if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi

@@ -154,6 +154,7 @@ class CompareRow:
     ideal_speedup: float | None = None  # from what the methods skipped (backends.accel._eval_cost)
     efficiency: float | None = None  # speedup / ideal_speedup
     peak_memory_mb: float | None = None
+    weight_mb: float | None = None  # weights of the model as run (quantized size when quantized)
     model_evals: int | None = None
     quality: dict[str, float] = field(default_factory=dict)
     task: dict[str, float] | None = None
@@ -184,6 +185,7 @@ class CompareRow:
             "ideal_speedup": _round(self.ideal_speedup, 3),
             "efficiency": _round(self.efficiency, 3),
             "peak_mem_mb": _round(self.peak_memory_mb, 1),
+            "weight_mb": _round(self.weight_mb, 2),
             "model_evals": self.model_evals,
         }
         row.update({k: _round(v, 4) for k, v in self.quality.items()})
@@ -275,6 +277,7 @@ def run_compare(
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
     parallel: int = 1,
+    perplexity: bool = False,
 ) -> CompareReport:
     """The baseline and each configuration through ``studio.measure``: a warm-up run each
     (untimed, not kept), then per repetition and seed the baseline and every configuration
@@ -283,7 +286,8 @@ def run_compare(
     group. A failing configuration becomes an error row; the others go on. ``parallel`` > 1
     runs the configurations of one round over that many executor workers (Ray); rows say
     which worker and device measured them, and a ratio is only formed within one device.
-    The defaults (3 repeats, warm-up) are the ones whose numbers can be trusted."""
+    ``perplexity`` (text): add each row's held-out perplexity with its methods attached
+    and its change from the baseline's (``add_perplexity``). The defaults (3 repeats, warm-up) are the ones whose numbers can be trusted."""
     if not 1 <= repeats <= 20:
         raise ValidationError("repeats must be between 1 and 20")
     if len(configs) > 32:
@@ -320,6 +324,9 @@ def run_compare(
             row.task = metrics.task_score(request.modality, request.model, row.outputs,
                                           [request.prompt] * len(row.outputs))
         row.findings = row_findings(request.modality, row, base)
+    if perplexity and request.modality == "text":
+        add_perplexity(studio.manager.get("text", request.model), rows)
+    for row in rows:
         for run_id in row.run_ids:
             studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})
     return CompareReport(group, request.modality, request.model, rows)
@@ -334,6 +341,23 @@ def row_findings(modality: str, row: CompareRow, base: CompareRow) -> list[dict[
     found = detectors.compared_findings(modality, row.outputs, row.stats, baselines=base.outputs,
                                         speedup=row.speedup, lossless=lossless, is_baseline=row is base)
     return detectors.as_dicts(found)
+
+
+def add_perplexity(backend: Any, rows: list[CompareRow]) -> None:
+    """Text: each row's held-out perplexity (a few thousand tokens of the code corpus's
+    held-out split, ``backends.text_eval``) with its methods attached, and its change in
+    percent from the baseline's, as quality columns. A lossy method moves greedy output
+    off the baseline within a few tokens on a tiny model; perplexity says whether it hurt."""
+    from backends.text_eval import backend_perplexity
+
+    base = None
+    for row in rows:
+        if row.error:
+            continue
+        value = backend_perplexity(backend, row.methods)
+        base = value if base is None else base
+        row.quality["perplexity"] = value
+        row.quality["perplexity_delta_pct"] = 100 * (value / base - 1)
 
 
 def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict[int, list[Any]]) -> list[CompareRow]:
@@ -357,6 +381,7 @@ def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict
             row.seed_speedups = seed_speedups(measured.runs[0], runs, len(outcomes))
             row.device, row.worker = last.device, last.worker
             row.peak_memory_mb = max(o.result.peak_memory_bytes for o in kept[runs.index]) / 2**20
+            row.weight_mb = last.weight_bytes / 2**20 if last.weight_bytes else None
             row.stages = {k: statistics.median(o.result.timings.get(k, 0.0) for o in outcomes) for k in last.timings}
             row.seconds = summary.seconds
             if summary.speedup:

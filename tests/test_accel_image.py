@@ -72,6 +72,8 @@ UNET_CASES = [
     ("deepcache", {"interval": 3}, "shallow_steps", True),
     ("tome", {"ratio": 0.5}, "tokens", True),
     ("int8_attention", {"kernel": "torch"}, "int8_calls", True),
+    ("weight_quant", {"skip_blocks": 0}, "layers_quantized", True),
+    ("dynamic_quant", {"skip_blocks": 0}, "layers_quantized", True),
 ]
 DIT_CASES = [
     ("sampler", {"steps": 4}, "evals", True),
@@ -88,6 +90,9 @@ DIT_CASES = [
     ("attention_backend", {"backend": "_native_math"}, "processors", False),
     ("compile", {"compiler": "eager"}, "compiled_modules", False),  # inductor: see the slow test below
     ("int8_attention", {"kernel": "torch"}, "int8_calls", True),
+    ("weight_quant", {"weights": "int4", "group_size": 32, "skip_blocks": 0, "skip_io": False}, "layers_quantized",
+     True),
+    ("dynamic_quant", {}, "layers_quantized", True),
 ]
 
 

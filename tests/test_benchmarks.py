@@ -30,6 +30,9 @@ def test_text_benchmark_reports_acceptance_and_forward_costs(tmp_path):
     assert lookup["all_exact"] is True and lookup["lossless"] is True
     assert lookup["tokens_per_target_forward"] >= 1.0
     assert data["meta"]["forward_costs"]["target_1_ms"] > 0
+    # held-out perplexity of the model as run: a decoding method leaves the model unchanged
+    assert data["rows"][0]["quality"]["perplexity"] > 1 and lookup["quality"]["perplexity_delta_pct"] == 0
+    assert lookup["weight_bytes"] == data["rows"][0]["weight_bytes"] > 0 and lookup["weight_ratio"] == 1.0
 
 
 def test_studio_overhead_row(tmp_path):

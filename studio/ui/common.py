@@ -164,7 +164,9 @@ def format_result(result, run_id: int | None) -> str:
         lines.append(f"**Run #{run_id}** on `{result.device}` ({result.worker})")
     stages = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items() if k != "total")
     lines.append(f"**Total {result.total_seconds:.3f}s** — {stages}")
-    lines.append(f"Model evaluations: **{result.model_evals}** · peak memory {result.peak_memory_bytes / 2**20:.0f} MiB")
+    weights = f" · weights {result.weight_bytes / 2**20:.1f} MiB" if getattr(result, "weight_bytes", 0) else ""
+    lines.append(f"Model evaluations: **{result.model_evals}** · peak memory {result.peak_memory_bytes / 2**20:.0f} MiB"
+                 + weights)
     for name, stats in result.method_stats.items():
         if stats:
             lines.append(f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in stats.items()))

@@ -207,7 +207,8 @@ def build_compare_tab(studio) -> dict:
 
         def work(token, on_progress):
             return run_compare(studio, base, configs, repeats=int(repeats), warmup=bool(warmup), seeds=seed_list,
-                               progress=on_progress, cancel=token, parallel=workers())
+                               progress=on_progress, cancel=token, parallel=workers(),
+                               perplexity=base.modality == "text")  # held-out perplexity column for text
 
         unchanged = [gr.update() for _ in (shown or outputs)]
         for item in run_with_token(runs, request, work):

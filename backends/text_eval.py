@@ -1,0 +1,90 @@
+"""Held-out perplexity of a causal LM as run (methods attached), and calibration text.
+
+Why perplexity: a tiny model's greedy output diverges from the baseline within a few
+tokens under any lossy change (token agreement then says little); the mean next-token
+loss over text the model never trained on says whether the change damaged the model.
+
+The text: the bundled code model's own held-out split (``backends.tiny.text_models.
+stdlib_files``: CPython's stdlib ``*.py`` files, tests excluded, sorted; every 20th file
+held out of training). It is that split because it encodes to exactly the 159,894 tokens
+``assets/tiny-code-llama/training_report.json`` records as its held-out set. The first
+``max_tokens`` of it (a few thousand: seconds on CPU) are scored. Calibration (AWQ) reads
+the *training* split instead, so calibrating never sees the evaluation text.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_TOKENS = 4096
+CONTEXT = 256  # the window the bundled model trained on
+
+
+def _split_text(which: str, max_files: int, stride: int) -> list[str]:
+    from backends.tiny.text_models import read_text, stdlib_files
+
+    train, heldout = stdlib_files()
+    files = heldout if which == "heldout" else train
+    return [read_text(p) for p in files[::stride][:max_files]]
+
+
+@lru_cache(maxsize=8)
+def _encoded(tokenizer: Any, which: str, max_tokens: int) -> torch.Tensor:
+    """``max_tokens`` + 1 tokens of the split as one stream: bos, file, eos, bos, file..."""
+    stride = 1 if which == "heldout" else 37  # calibration: files spread over the training split
+    ids: list[int] = []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for text in _split_text(which, 64, stride):
+        ids += [t for t in (bos,) if t is not None] + tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        ids += [t for t in (eos,) if t is not None]
+        if len(ids) > max_tokens:
+            break
+    return torch.tensor(ids[: max_tokens + 1], dtype=torch.long)
+
+
+def heldout_ids(tokenizer: Any, max_tokens: int = DEFAULT_TOKENS) -> torch.Tensor:
+    return _encoded(tokenizer, "heldout", max_tokens)
+
+
+def calibration_ids(tokenizer: Any, max_tokens: int = 2048) -> torch.Tensor:
+    return _encoded(tokenizer, "train", max_tokens)
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, context: int = CONTEXT, batch: int = 4) -> float:
+    """exp(mean next-token negative log-likelihood) over non-overlapping ``context``-token
+    windows of ``ids`` (each window predicts its own tokens 2..context+1)."""
+    device = next(model.parameters()).device
+    windows = max(1, (len(ids) - 1) // context)
+    context = min(context, len(ids) - 1)
+    total, count = 0.0, 0
+    for start in range(0, windows, batch):
+        rows = range(start, min(windows, start + batch))
+        x = torch.stack([ids[r * context: (r + 1) * context] for r in rows]).to(device)
+        y = torch.stack([ids[r * context + 1: (r + 1) * context + 1] for r in rows]).to(device)
+        logits = model(input_ids=x).logits.float()
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                                                   reduction="sum").item()
+        count += y.numel()
+    return math.exp(total / count)
+
+
+def backend_perplexity(backend: Any, methods: Sequence[Any] = (), max_tokens: int = DEFAULT_TOKENS) -> float:
+    """Held-out perplexity of a text backend's model with ``methods`` (MethodChoice list)
+    attached as a run would attach them, removed afterwards."""
+    from backends.plan import attached
+    from backends.types import Request
+    from backends.base import _instantiate
+
+    request = Request("text", backend.model_id, "x", params={"max_new_tokens": 1}, methods=list(methods))
+    built = _instantiate(request, backend.family)
+    ids = heldout_ids(backend.tokenizer, max_tokens)
+    context = min(CONTEXT, getattr(backend.model.config, "max_position_embeddings", CONTEXT))
+    with backend.lock:
+        plan = backend.build_plan(request)
+        with attached(backend, plan, built):
+            return perplexity(backend.model, ids, context)
