@@ -90,16 +90,19 @@ class PrefixStore:
         return sum(e.nbytes for e in self.entries.values())
 
     def lookup(self, tokens: np.ndarray) -> tuple[Entry | None, int]:
-        """The entry sharing the longest token prefix with ``tokens``, and that length."""
+        """The entry sharing the longest token prefix with ``tokens``, and that length (the
+        caller marks it used with ``touch`` if it reuses it: a miss changes no order)."""
         best, length = None, 0
-        for key, entry in self.entries.items():
+        for entry in self.entries.values():
             shared = common_prefix(entry.tokens, tokens)
             if shared > length:
-                best, length = key, shared
-        if best is None:
-            return None, 0
-        self.entries.move_to_end(best)
-        return self.entries[best], length
+                best, length = entry, shared
+        return best, length
+
+    def touch(self, entry: Entry) -> None:
+        key = entry.tokens.tobytes()
+        if key in self.entries:
+            self.entries.move_to_end(key)
 
     def put(self, entry: Entry, budget: int) -> list[bytes]:
         """Keep ``entry`` (unless a kept one already covers it), drop entries it covers, and
@@ -282,5 +285,6 @@ class PrefixCacheMethod(Method):
             store.misses += 1
             return DynamicCache(config=backend.model.config)
         store.hits += 1
+        store.touch(entry)
         run.update(cached_tokens=reuse, source=source)
         return filled_cache(backend.model, entry, reuse)
