@@ -112,29 +112,36 @@ def test_prefix_cache_reuses_the_shared_prefix_only_on_later_requests(backend):
     stats = [r.method_stats["prefix_cache"] for r in cached]
     assert stats[0]["cached_tokens"] == 0 and stats[0]["misses"] == 1
     shared = len(backend.tokenizer(SYSTEM).input_ids)
-    assert shared - 2 <= stats[1]["cached_tokens"] <= shared + 1 and stats[1]["source"] == "memory"
+    assert shared - 16 < stats[1]["cached_tokens"] <= shared and stats[1]["cached_tokens"] % 16 == 0
     for p, c in zip(plain, cached):
         assert c.extra["output_token_ids"] == p.extra["output_token_ids"]
-    again = run(backend, PROMPTS[0], [("prefix_cache", {})], system_prompt=SYSTEM)
-    assert again.method_stats["prefix_cache"]["cached_tokens"] == again.extra["prompt_tokens"] - 1
+    again = run(backend, PROMPTS[0], [("prefix_cache", {"block_tokens": 16})], system_prompt=SYSTEM)
+    assert again.method_stats["prefix_cache"]["cached_tokens"] == (again.extra["prompt_tokens"] - 1) // 16 * 16
     assert again.extra["output_token_ids"] == plain[0].extra["output_token_ids"]
+    blocks = again.method_stats["prefix_cache"]["blocks"]
+    run(backend, PROMPTS[3], [("prefix_cache", {})], system_prompt=SYSTEM)  # a new suffix adds only its own blocks
+    suffix_blocks = len(backend.tokenizer(SYSTEM + PROMPTS[3]).input_ids) // 16 - shared // 16
+    assert backend.run_memory[MEMORY_KEY].blocks and len(backend.run_memory[MEMORY_KEY].blocks) <= \
+        blocks + suffix_blocks + 1
 
 
 def test_prefix_cache_evicts_least_recently_used_under_a_small_budget(backend):
     from backends.accel.prefix_cache import MEMORY_KEY, MB
 
     backend.run_memory.pop(MEMORY_KEY, None)
-    prompts = [f"# file {i}\n" + SYSTEM for i in range(3)]  # no shared prefix of 16 tokens
+    prompts = [f"# file {i}\n" + SYSTEM for i in range(3)]  # their first blocks differ: three chains
     run(backend, prompts[0], [("prefix_cache", {})], max_new_tokens=2)
     store = backend.run_memory[MEMORY_KEY]
-    entry_mb = store.nbytes / MB
-    budget = {"budget_mb": max(1.0, round(entry_mb * 2.5, 1))}  # room for two entries
-    run(backend, prompts[1], [("prefix_cache", budget)], max_new_tokens=2)
-    run(backend, prompts[0], [("prefix_cache", budget)], max_new_tokens=2)  # 0 is now the most recent
-    third = run(backend, prompts[2], [("prefix_cache", budget)], max_new_tokens=2).method_stats["prefix_cache"]
-    assert third["evictions"] == 1 and third["entries"] == 2
-    kept = [backend.tokenizer.decode(e.tokens.tolist(), skip_special_tokens=True) for e in store.entries.values()]
-    assert kept == [prompts[0], prompts[2]]  # prompt 1, least recently used, went
+    budget = {"budget_mb": round(store.nbytes / MB * 2.5, 2)}  # room for two chains
+    cached = lambda i: run(backend, prompts[i], [("prefix_cache", budget)],  # noqa: E731
+                           max_new_tokens=2).method_stats["prefix_cache"]
+    assert cached(1)["cached_tokens"] == 0
+    assert cached(0)["cached_tokens"] > 0  # 0 is now the most recently used
+    third = cached(2)
+    assert third["cached_tokens"] == 0 and third["evictions"] > 0
+    full = (len(backend.tokenizer(prompts[0]).input_ids) - 1) // 16 * 16
+    assert cached(0)["cached_tokens"] == full and cached(2)["cached_tokens"] == full
+    assert cached(1)["cached_tokens"] < full  # chain 1, least recently used, lost its last blocks
 
 
 def test_prefix_cache_never_reuses_across_models_and_reloads_from_disk(backend, tmp_path):
@@ -144,15 +151,16 @@ def test_prefix_cache_never_reuses_across_models_and_reloads_from_disk(backend, 
     backend.run_memory.pop(MEMORY_KEY, None)
     disk = [("prefix_cache", {"disk": True})]
     run(backend, PROMPTS[0], disk, system_prompt=SYSTEM, max_new_tokens=4)
+    assert list(tmp_path.rglob("*.safetensors"))
     draft = _backend(DRAFT_DIR, "tiny-code-draft")  # same tokenizer, other weights
     draft.cache_dir = tmp_path
     other = run(draft, PROMPTS[1], disk, system_prompt=SYSTEM, max_new_tokens=4).method_stats["prefix_cache"]
-    assert other["cached_tokens"] == 0
+    assert other["cached_tokens"] == 0 and other["blocks_from_disk"] == 0
     reloaded = _backend(TARGET_DIR, "tiny-code-llama")  # a restarted studio: empty memory, same model
     reloaded.cache_dir = tmp_path
     result = run(reloaded, PROMPTS[1], disk, system_prompt=SYSTEM, max_new_tokens=4)
     stats = result.method_stats["prefix_cache"]
-    assert stats["source"] == "disk" and stats["cached_tokens"] > 16
+    assert stats["blocks_from_disk"] > 0 and stats["cached_tokens"] == 16 * stats["blocks_from_disk"]
     assert result.extra["output_token_ids"] == run(backend, PROMPTS[1], system_prompt=SYSTEM,
                                                    max_new_tokens=4).extra["output_token_ids"]
     reloaded.unload()
