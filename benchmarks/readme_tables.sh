@@ -38,6 +38,15 @@ audio() {
     --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation" \
     --json "$OUT/audio-tiny-audio-synth.json"
 }
+textseeds() {  # issue 20: prefix cache (time to first token), Token Recycling, retrieval drafting
+  $PY -m benchmarks.prefix_cache --repeats 3 --threads 1 --json "$OUT/textseeds-prefix-cache.json"
+  for kind in code edit; do
+    $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts $([ $kind = code ] && echo 4 || echo 3) \
+      --prompt-kind $kind --max-new-tokens 128 \
+      --methods "token_recycling,token_recycling(persist=false),retrieval_draft,lookahead,prompt_lookup" \
+      --json "$OUT/textseeds-$kind.json"
+  done
+}
 ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs the CLI's
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 3 --prompts 4 --steps 25 --guidance 5 \
     --methods "deepcache(interval=3),deepcache(interval=5)" --json "$OUT/ideal-tiny-sd-shapes.json"
@@ -46,7 +55,7 @@ ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs
     --json "$OUT/ideal-tiny-flux-shapes.json"
   $PY -m benchmarks.compare_check --json "$OUT/compare-check-tiny-sd-shapes.json" || true
 }
-# ./readme_tables.sh [text|image|video|audio|ideal ...]: the named series only (default: all,
+# ./readme_tables.sh [text|image|video|audio|ideal|textseeds ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -54,5 +63,5 @@ for ((i = 0; i < ${#series[@]}; i += 2)); do
   for name in "${series[@]:i:2}"; do "$name" > "$OUT/$name.log" 2>&1 & done
   wait
 done
-$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead}-*.json
+$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead,textseeds}-*.json
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
