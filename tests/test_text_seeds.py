@@ -144,10 +144,10 @@ def test_prefix_cache_evicts_least_recently_used_under_a_small_budget(backend):
     assert cached(1)["cached_tokens"] < full  # chain 1, least recently used, lost its last blocks
 
 
-def test_prefix_cache_never_reuses_across_models_and_reloads_from_disk(backend, tmp_path):
+def test_prefix_cache_never_reuses_across_models_and_reloads_from_disk(backend, tmp_path, monkeypatch):
     from backends.accel.prefix_cache import MEMORY_KEY
 
-    backend.cache_dir = tmp_path
+    monkeypatch.setattr(backend, "cache_dir", tmp_path)
     backend.run_memory.pop(MEMORY_KEY, None)
     disk = [("prefix_cache", {"disk": True})]
     run(backend, PROMPTS[0], disk, system_prompt=SYSTEM, max_new_tokens=4)
@@ -165,6 +165,35 @@ def test_prefix_cache_never_reuses_across_models_and_reloads_from_disk(backend, 
                                                    max_new_tokens=4).extra["output_token_ids"]
     reloaded.unload()
     assert reloaded.run_memory == {}
+
+
+def test_datastore_finds_what_followed_the_longest_suffix():
+    import numpy as np
+
+    from backends.accel.retrieval_draft import Datastore, select_tree
+
+    corpus = np.array([5, 1, 2, 3, 9, 1, 2, 4, 8, 7, 1, 2, 3, 6, 0], dtype=np.int64)
+    store = Datastore.build(corpus, range(2, 4))
+    assert store.continuations([7, 1, 2], 3, 2, 100) == [(3, 6)]  # the 3-gram occurs: longest first
+    assert sorted(store.continuations([8, 1, 2], 3, 2, 100)) == [(3, 6), (3, 9), (4, 8)]  # then the 2-gram (1, 2)
+    assert store.continuations([0, 2, 3], 3, 2, 100) == [(9, 1), (6, 0)]  # only the 2-gram (2, 3) occurs
+    assert store.continuations([4, 4], 3, 2, 100) == []
+    nodes, children = select_tree([(3, 6), (3, 9), (4, 8)], 2)
+    assert [t for t, _, _ in nodes] == [3, 4]  # the most frequent prefixes first
+
+
+def test_retrieval_datastore_is_built_once_then_read_from_disk(tmp_path):
+    _require_assets()
+    first, second = _backend(TARGET_DIR, "tiny-code-llama"), _backend(TARGET_DIR, "tiny-code-llama")
+    first.cache_dir = second.cache_dir = tmp_path
+    built = run(first, PROMPTS[1], [("retrieval_draft", SMALL_STORE)], max_new_tokens=4)
+    assert built.method_stats["retrieval_draft"]["datastore"] == "built" and "built in this run" in built.notes[0]
+    assert len(list((tmp_path / "retrieval").glob("*.npz"))) == 1
+    read = run(second, PROMPTS[1], [("retrieval_draft", SMALL_STORE)], max_new_tokens=4)
+    assert read.method_stats["retrieval_draft"]["datastore"] == "disk" and not read.notes
+    assert run(second, PROMPTS[1], [("retrieval_draft", SMALL_STORE)],
+               max_new_tokens=4).method_stats["retrieval_draft"]["datastore"] == "memory"
+    assert read.extra["output_token_ids"] == built.extra["output_token_ids"]
 
 
 @pytest.mark.parametrize("name,params,words", [

@@ -131,27 +131,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
 
 
-def load_datastore(backend, corpus_tokens: int, max_ngram: int) -> Datastore:
-    """The backend's datastore for this size: from memory, else from the disk cache, else
-    built (tokenizing the corpus) and cached. Kept in the backend's run memory."""
+def load_datastore(backend, corpus_tokens: int, max_ngram: int) -> tuple[Datastore, str]:
+    """The backend's datastore for this size and where it came from ("memory", "disk" or
+    "built": tokenizing the corpus, then cached on disk). Kept in the backend's run memory."""
     memory = getattr(backend, "run_memory", None)
     if memory is None:
         raise ValidationError("retrieval drafting needs a text backend that keeps state across runs")
     key = ("retrieval_draft", corpus_tokens, max_ngram)
     if key in memory:
-        return memory[key]
+        return memory[key], "memory"
     for old in [k for k in memory if isinstance(k, tuple) and k and k[0] == "retrieval_draft"]:
         del memory[old]  # one datastore per model in memory
     folder = cache_root(backend) / "retrieval"
     path = folder / f"stdlib-{tokenizer_fingerprint(backend.tokenizer)}-{corpus_tokens}-n{max_ngram}" \
                     f"-v{INDEX_VERSION}.npz"
-    store = _read(path, max_ngram)
+    store, source = _read(path, max_ngram), "disk"
     if store is None:
         tokens = _tokenize_corpus(backend.tokenizer, corpus_tokens)
-        store = Datastore.build(tokens, range(2, max_ngram + 1))
+        store, source = Datastore.build(tokens, range(2, max_ngram + 1)), "built"
         _write(path, store)
     memory[key] = store
-    return store
+    return store, source
 
 
 def _tokenize_corpus(tokenizer, corpus_tokens: int) -> np.ndarray:
@@ -236,7 +236,7 @@ class RetrievalDraftMethod(Method):
         if config.tree_size < config.depth:
             raise ValidationError(f"retrieval drafting: tree_size ({config.tree_size}) must be at least depth "
                                   f"({config.depth})")
-        store = load_datastore(backend, config.corpus_tokens, config.max_ngram)
+        store, source = load_datastore(backend, config.corpus_tokens, config.max_ngram)
         run = TreeStats()
         sources = Counter()
 
@@ -251,7 +251,9 @@ class RetrievalDraftMethod(Method):
         set_decoder(plan, lambda b, ids, state: tree_decode(b, ids, state, propose, run), "retrieval drafting")
 
         def stats() -> dict[str, Any]:
-            return {**run.as_dict(), "datastore_tokens": int(len(store.tokens)),
+            return {**run.as_dict(), "datastore": source, "datastore_tokens": int(len(store.tokens)),
                     "datastore_mb": round(store.nbytes / (1 << 20), 1), "steps_with_context_match": sources["context"]}
 
-        return DecodingHandle(plan, stats)
+        notes = [f"the {config.corpus_tokens:,}-token datastore was built in this run (then cached on disk): this "
+                 "run's time includes tokenizing and indexing the corpus"] if source == "built" else []
+        return DecodingHandle(plan, stats, lambda _plan: notes)
