@@ -125,6 +125,16 @@ def test_prefix_cache_reuses_the_shared_prefix_only_on_later_requests(backend):
         blocks + suffix_blocks + 1
 
 
+def test_prefix_cache_keeps_sampled_output_too(backend):
+    """With sampling the same seed draws the same tokens: the reused K/V give the same logits."""
+    sampled = dict(system_prompt=SYSTEM, temperature=0.8, top_k=50, max_new_tokens=16)
+    plain = run(backend, PROMPTS[1], **sampled).extra["output_token_ids"]
+    run(backend, PROMPTS[2], [("prefix_cache", {})], **sampled)  # stores the shared prefix
+    cached = run(backend, PROMPTS[1], [("prefix_cache", {})], **sampled)
+    assert cached.method_stats["prefix_cache"]["cached_tokens"] > 0
+    assert cached.extra["output_token_ids"] == plain
+
+
 def test_prefix_cache_evicts_least_recently_used_under_a_small_budget(backend):
     from backends.accel.prefix_cache import MEMORY_KEY, MB
 
