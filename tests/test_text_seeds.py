@@ -225,3 +225,11 @@ def test_tree_methods_refuse_sampling(backend, name):
     with pytest.raises(ValidationError, match="greedy decoding only"):
         run(backend, PROMPTS[0], [(name, SMALL_STORE if name == "retrieval_draft" else {})], temperature=0.8,
             max_new_tokens=2)
+
+
+def test_the_studio_data_dir_cache_folder_reaches_the_backends(studio_factory):
+    _require_assets()
+    studio = studio_factory()
+    studio.manager.register_factory("text", "code-under-test", lambda device, dtype: _backend(TARGET_DIR, "x"))
+    backend = studio.manager.get("text", "code-under-test")
+    assert backend.cache_dir == studio.data_dir / "cache"

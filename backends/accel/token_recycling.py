@@ -50,10 +50,10 @@ class TokenRecyclingConfig(MethodConfig):
 
 @functools.lru_cache(maxsize=64)
 def tree_template(size: int, depth: int, k: int) -> tuple[tuple[int, ...], ...]:
-    """The ``size`` likeliest paths of candidate ranks, parents first: a path's weight is
-    the product of 1/(rank + 1) + a small depth penalty, so the best candidates are followed
-    deepest and the second and third ones get short branches (the shape of the paper's
-    static tree). Every prefix of a path is in the template (it weighs at least as much)."""
+    """The ``size`` heaviest paths of candidate ranks, parents first: a path weighs the
+    product over its steps of 1/(rank + 1), discounted by 1% a step, so the best candidates
+    are followed deepest and the second and third ones get short branches (the shape of the
+    paper's static tree). Every prefix of a path is in the template (it weighs more)."""
     heap: list[tuple[float, tuple[int, ...]]] = [(-math.log(1.0 / (r + 1)) + 0.01, (r,)) for r in range(k)]
     heapq.heapify(heap)
     chosen: list[tuple[int, ...]] = []
