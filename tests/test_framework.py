@@ -92,7 +92,7 @@ speculative+static_cache taylorseer+teacache
 
 
 # Methods added since, that take over the decoding loop too: refused with every decoding method.
-NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft"}
+NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree"}
 DECODING = NEW_DECODING | {"layer_skip", "lookahead", "prompt_lookup", "sink_cache", "snapkv", "speculative",
                            "static_cache"}
 

@@ -30,21 +30,22 @@ SYSTEM = ("# Helpers for parsing configuration files.\nimport os\nimport re\n\n\
 SMALL_STORE = {"corpus_tokens": 20_000}
 
 
-def _backend(folder, model_id):
+def _backend(folder, model_id, with_draft=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from backends.text import TextBackend
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    return TextBackend.from_model(model, tok, model_id=model_id)
+    drafts = {"tiny-code-draft": (AutoModelForCausalLM.from_pretrained(DRAFT_DIR).eval(), tok)} if with_draft else None
+    return TextBackend.from_model(model, tok, model_id=model_id, drafts=drafts)
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     _require_assets()
     torch.set_num_threads(1)
-    backend = _backend(TARGET_DIR, "tiny-code-llama")
+    backend = _backend(TARGET_DIR, "tiny-code-llama", with_draft=True)
     backend.cache_dir = tmp_path_factory.mktemp("cache")
     return backend
 
@@ -66,6 +67,8 @@ LOSSLESS = [
     ("retrieval_draft", SMALL_STORE),
     ("retrieval_draft", {**SMALL_STORE, "context": False, "tree_size": 20, "depth": 8}),
     ("prefix_cache", {}),
+    ("dynamic_tree", {}),
+    ("dynamic_tree", {"depth": 6, "width": 2, "branch": 2, "tree_size": 8}),
 ]
 
 
@@ -79,13 +82,22 @@ def test_lossless_equals_greedy_on_new_prompts(backend, baselines, name, params)
 
 
 def test_draft_trees_accept_several_tokens_per_forward(backend, baselines):
-    for name, params in (("token_recycling", {}), ("retrieval_draft", SMALL_STORE)):
+    for name, params in (("token_recycling", {}), ("retrieval_draft", SMALL_STORE), ("dynamic_tree", {})):
         results = [run(backend, p, [(name, params)]) for p in PROMPTS]
         per_forward = [r.extra["tokens_per_target_forward"] for r in results]
         assert max(per_forward) > 1.5, (name, per_forward)
         assert all(r.method_stats[name]["accepted_from_tree"] >= 0 for r in results)
     plain = run(backend, PROMPTS[1])
     assert plain.extra["target_forwards"] == plain.extra["tokens_generated"]  # no tree left behind
+
+
+def test_dynamic_tree_drafts_one_forward_per_level_and_follows_the_draft(backend):
+    result = run(backend, PROMPTS[0], [("dynamic_tree", {"depth": 3, "tree_size": 5})])
+    stats = result.method_stats["dynamic_tree"]
+    assert stats["draft_forwards"] == 3 * stats["tree_steps"] and stats["draft"] == "tiny-code-draft"
+    assert stats["mean_forward_width"] <= 6  # the current token and at most tree_size drafted nodes
+    deep = run(backend, PROMPTS[0], [("dynamic_tree", {"depth": 6, "width": 1, "branch": 1, "tree_size": 6})])
+    assert deep.method_stats["dynamic_tree"]["mean_forward_width"] == 7  # one chain: the draft's greedy path
 
 
 def test_token_recycling_matrix_is_updated_and_kept_on_the_backend(backend):
@@ -212,6 +224,7 @@ def test_retrieval_datastore_is_built_once_then_read_from_disk(tmp_path):
     ("retrieval_draft", {"corpus_tokens": 10}, "between"),
     ("prefix_cache", {"budget_mb": 0}, "between"),
     ("prefix_cache", {"size": 3}, "no parameter"),
+    ("dynamic_tree", {"draft": "tiny-sd-shapes"}, "must be one of"),
 ])
 def test_bad_params_are_refused_in_one_line(backend, name, params, words):
     with pytest.raises(ValidationError) as info:
@@ -220,7 +233,7 @@ def test_bad_params_are_refused_in_one_line(backend, name, params, words):
     assert words in message and "\n" not in message and "Traceback" not in message
 
 
-@pytest.mark.parametrize("name", ["token_recycling", "retrieval_draft"])
+@pytest.mark.parametrize("name", ["token_recycling", "retrieval_draft", "dynamic_tree"])
 def test_tree_methods_refuse_sampling(backend, name):
     with pytest.raises(ValidationError, match="greedy decoding only"):
         run(backend, PROMPTS[0], [(name, SMALL_STORE if name == "retrieval_draft" else {})], temperature=0.8,
