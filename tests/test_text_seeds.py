@@ -74,7 +74,8 @@ LOSSLESS = [
 
 @pytest.mark.parametrize("name,params", LOSSLESS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LOSSLESS)])
 def test_lossless_equals_greedy_on_new_prompts(backend, baselines, name, params):
-    for _ in range(2):  # the second round runs with the state the first one left (matrix, kept prefixes)
+    stateful = name in ("token_recycling", "prefix_cache")  # a second round runs on the state the first left
+    for _ in range(2 if stateful else 1):
         for prompt in PROMPTS:
             result = run(backend, prompt, [(name, params)])
             assert result.extra["output_token_ids"] == baselines[prompt], (name, params, prompt)
