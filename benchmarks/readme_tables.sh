@@ -43,9 +43,12 @@ textseeds() {  # issue 20: prefix cache (time to first token), Token Recycling, 
   for kind in code edit; do
     $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts $([ $kind = code ] && echo 4 || echo 3) \
       --prompt-kind $kind --max-new-tokens 128 \
-      --methods "token_recycling,token_recycling(persist=false),retrieval_draft,lookahead,prompt_lookup" \
+      --methods "token_recycling,token_recycling(persist=false),retrieval_draft,retrieval_draft(context=false),dynamic_tree,lookahead,prompt_lookup,speculative(num_assistant_tokens=3)" \
       --json "$OUT/textseeds-$kind.json"
   done
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 1 --prompts 4 --prompt-kind code \
+    --max-new-tokens 96 --json "$OUT/textseeds-recycling-sweep.json" \
+    --methods "token_recycling(tree_size=6,depth=4),token_recycling,token_recycling(tree_size=20),token_recycling(tree_size=32,depth=8),token_recycling(k=4)"
 }
 ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs the CLI's
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 3 --prompts 4 --steps 25 --guidance 5 \
