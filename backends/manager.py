@@ -96,6 +96,9 @@ class BackendManager:
         # thread-safe, and two loads at once would also double the memory peak.
         self._load_lock = threading.RLock()
         self.loads = 0  # how many real loads happened (a cache hit does not count)
+        # the data dir's cache folder (set by the studio): where methods keep state on disk
+        # (the prefix cache's blocks, the retrieval datastore); None = $FASTGEN_DATA_DIR/cache
+        self.cache_dir: Path | None = None
 
     # -- registration ------------------------------------------------------------------
     def register_factory(self, modality: str, model_id: str, factory: Factory) -> None:
@@ -141,6 +144,8 @@ class BackendManager:
                     return backend
             with self._load_lock:
                 backend = self._load(*key)
+            if self.cache_dir is not None:
+                backend.cache_dir = self.cache_dir
             with self._lock:
                 self._backends[key] = backend
                 self._loading.pop(key, None)

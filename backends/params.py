@@ -62,7 +62,7 @@ class ModalityParam:
     also the multiple a value must be (sizes in multiples of 8)."""
 
     name: str
-    kind: type  # int | float | bool
+    kind: type  # int | float | bool | str (str: ``high`` is the most characters)
     default: Any
     low: float = 0
     high: float = 1
@@ -80,12 +80,21 @@ class ModalityParam:
 
     def leaves_to_model(self, value: Any) -> bool:
         """None, or 0 where 0 means the model's default: the request leaves it to the model."""
+        if self.kind is str:
+            return value is None or value == ""
         return value is None or (self.zero_means_default and value == 0 and not isinstance(value, bool))
 
     def check(self, value: Any) -> Any:
         """The value as this parameter's type, or ValidationError; None = leave it to the model."""
         if self.leaves_to_model(value):
             return None
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise ValidationError(f"{self.noun or self.name} must be text, got {shown(value)}")
+            if len(value) > self.high:
+                raise ValidationError(f"{self.noun or self.name} is too long ({len(value)} characters, at most "
+                                      f"{self.high:g})")
+            return value
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise ValidationError(f"{self.noun or self.name} must be true or false, got {shown(value)}")
@@ -135,6 +144,9 @@ MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
                       noun="top-k", control=False),
         ModalityParam("do_sample", bool, None, label="Sample", help="default: sample when temperature > 0",
                       control=False),
+        ModalityParam("system_prompt", str, None, 0, 100_000, label="System prompt / few-shot examples",
+                      help="sent before the prompt (as the system message under a chat template); requests that "
+                           "share it share a prefix the prefix cache reuses", noun="system prompt"),
     ),
 }
 

@@ -87,6 +87,9 @@ class TextBackend(DraftingBackend):
         super().__init__(model_id, model, device, dtype, draft_id)
         self.tokenizer = tokenizer
         self.family = "causal-lm"
+        # what methods keep across runs of this model (the prefix cache's KV, Token Recycling's
+        # matrix): per loaded model, dropped on unload; a method object itself keeps no state
+        self.run_memory: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "TextBackend":
@@ -98,6 +101,10 @@ class TextBackend(DraftingBackend):
     @property
     def denoiser(self) -> torch.nn.Module | None:
         return self.model
+
+    def unload(self) -> None:
+        self.run_memory.clear()
+        super().unload()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
@@ -117,14 +124,18 @@ class TextBackend(DraftingBackend):
             return []
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
-    def encode_prompt(self, prompt: str, chat_template: bool = True) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, chat_template: bool = True, system_prompt: str = "") -> torch.Tensor:
+        """The prompt's token ids; ``system_prompt`` (instructions, few-shot examples) goes
+        first: as the system message under a chat template, else as plain text before the
+        prompt, so requests that share it share a token prefix (which the prefix cache reuses)."""
         if chat_template and getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                messages + [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         else:
-            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+            ids = self.tokenizer(system_prompt + prompt, return_tensors="pt").input_ids
         if ids.shape[-1] == 0:
             raise ValidationError("the prompt encodes to no tokens")
         return ids.to(self.device)
@@ -141,7 +152,8 @@ class TextBackend(DraftingBackend):
             top_p=float(params.get("top_p") or 1.0),
             seed=int(request.seed),
         )
-        input_ids = self.encode_prompt(request.prompt, bool(params.get("chat_template", True)))
+        input_ids = self.encode_prompt(request.prompt, bool(params.get("chat_template", True)),
+                                       str(params.get("system_prompt") or ""))
         eos = self.eos_token_ids
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos[0] if eos else None)
         generate_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}

@@ -263,6 +263,15 @@ def verification_shape(row: dict[str, Any], k: int = 5) -> tuple[int, float, boo
     if "lookahead" in params:
         width = row.get("method_stats", {}).get("lookahead", {}).get("mean_forward_width")
         return (round(width) if width else k + 1), 0, True
+    for tree_method in ("token_recycling", "retrieval_draft"):  # draft trees: the measured mean width, masked
+        if tree_method in params:
+            width = row.get("method_stats", {}).get(tree_method, {}).get("mean_forward_width")
+            return (round(width) if width else k + 1), 0, True
+    if "dynamic_tree" in params:  # one draft forward per level, then the tree
+        stats = row.get("method_stats", {}).get("dynamic_tree", {})
+        width, steps = stats.get("mean_forward_width"), stats.get("tree_steps")
+        drafts = stats["draft_forwards"] / steps if steps else int(params["dynamic_tree"].get("depth", 4))
+        return (round(width) if width else k + 1), drafts, True
     if "speculative" in params:
         stats = row.get("method_stats", {}).get("speculative", {})
         if stats.get("draft_forwards") and stats.get("target_forwards", 0) > 1:  # measured (confidence stops)

@@ -38,6 +38,18 @@ audio() {
     --methods "deepcache(interval=3),sampler(steps=12),cfg_truncation,deepcache(interval=3)+cfg_truncation" \
     --json "$OUT/audio-tiny-audio-synth.json"
 }
+textseeds() {  # issue 20: prefix cache (time to first token), Token Recycling, retrieval drafting
+  $PY -m benchmarks.prefix_cache --repeats 3 --threads 1 --json "$OUT/textseeds-prefix-cache.json"
+  for kind in code edit; do
+    $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts $([ $kind = code ] && echo 4 || echo 3) \
+      --prompt-kind $kind --max-new-tokens 128 \
+      --methods "token_recycling,token_recycling(persist=false),retrieval_draft,retrieval_draft(context=false),dynamic_tree,lookahead,prompt_lookup,speculative(num_assistant_tokens=3)" \
+      --json "$OUT/textseeds-$kind.json"
+  done
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 1 --prompts 4 --prompt-kind code \
+    --max-new-tokens 96 --json "$OUT/textseeds-recycling-sweep.json" \
+    --methods "token_recycling(tree_size=6,depth=4),token_recycling,token_recycling(tree_size=20),token_recycling(tree_size=32,depth=8),token_recycling(k=4)"
+}
 ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs the CLI's
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 3 --prompts 4 --steps 25 --guidance 5 \
     --methods "deepcache(interval=3),deepcache(interval=5)" --json "$OUT/ideal-tiny-sd-shapes.json"
@@ -80,7 +92,7 @@ quant() {  # issue 18: weight quantization on every bundled model (text rows add
   $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
     --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention ...]: the named series only (default: all,
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -88,7 +100,7 @@ for ((i = 0; i < ${#series[@]}; i += 2)); do
   for name in "${series[@]:i:2}"; do "$name" > "$OUT/$name.log" 2>&1 & done
   wait
 done
-$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead}-*.json
+$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead,textseeds}-*.json
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
 $PY -m benchmarks.report --calibration "$OUT"/calibration-*.json
 if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi

@@ -102,6 +102,8 @@ class Studio:
         self.exports = ExportFolder(self.data_dir / "exports")
         self.history = HistoryStore(db_url or sqlite_url(self.data_dir / "history.db"), outputs=self.outputs)
         self.manager = manager or BackendManager(device=device, allowed_roots=allowed_roots)
+        if getattr(self.manager, "cache_dir", "") is None:
+            self.manager.cache_dir = self.data_dir / "cache"  # methods' disk state (prefix cache, datastore)
         self.executor = executor or LocalExecutor(self.manager)
         self.presets = PresetLibrary(self.history)
         self.max_cost = max_cost

@@ -95,6 +95,12 @@ NEW_CONFLICTS = {("attention_backend", "int8_attention"), ("int8_attention", "st
     "layer_skip lookahead prompt_lookup sink_cache snapkv speculative static_cache".split()}
 
 
+# Methods added since, that take over the decoding loop too: refused with every decoding method.
+NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree"}
+DECODING = NEW_DECODING | {"layer_skip", "lookahead", "prompt_lookup", "sink_cache", "snapkv", "speculative",
+                           "static_cache"}
+
+
 def refused(a: MethodSpec, b: MethodSpec) -> bool:
     try:
         check_combinable(b, [a])
@@ -135,6 +141,9 @@ def test_a_newer_method_conflicts_exactly_with_the_methods_of_its_slots():
     assert "cg_taylor" in specs and refused(specs["cg_taylor"], specs["teacache"])
     for a, b in NEW_CONFLICTS | WEIGHT_CONFLICTS:  # the pairs written down when those methods were added
         assert refused(specs[a], specs[b]) and refused(specs[b], specs[a]), (a, b)
+    for a in NEW_DECODING:  # the text drafting / cache methods all take the decoder
+        for b in (DECODING | {"kv_quant"}) - {a}:
+            assert refused(specs[a], specs[b]), (a, b)
 
 
 def test_request_validation_refuses_the_same_pairs_with_the_same_message():

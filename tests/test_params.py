@@ -105,6 +105,11 @@ def test_each_tabs_controls_span_exactly_what_the_validator_accepts(studio_facto
             if spec.kind is bool:
                 assert validate_request(request(not spec.default)).params[spec.name] is (not spec.default)
                 continue
+            if spec.kind is str:  # a text box: any text up to ``high`` characters
+                assert validate_request(request("x" * int(spec.high))).params[spec.name] == "x" * int(spec.high)
+                with pytest.raises(ValidationError, match="too long"):
+                    validate_request(request("x" * (int(spec.high) + 1)))
+                continue
             assert (control.minimum, control.maximum, control.step) == (spec.control_low, spec.high, spec.step)
             assert validate_request(request(control.maximum)).params[spec.name] == control.maximum
             lowest = control.minimum or spec.low  # 0 on a slider means the model's default

@@ -60,7 +60,7 @@ def endpoint_doc(modality: str) -> str:
     lines.append("    seed: the random seed (-1 = random)")
     for spec in params_for(modality):
         text = "; ".join(t for t in (spec.label, spec.help) if t)
-        bounds = "" if spec.kind is bool else f" ({spec.low:g} to {spec.high:g})"
+        bounds = "" if spec.kind in (bool, str) else f" ({spec.low:g} to {spec.high:g})"
         lines.append(f"    {spec.name}: {text}{bounds}")
     lines.append('    methods: acceleration methods, e.g. [{"name": "deepcache", "params": {"interval": 3}}], '
                  "or that list as JSON text")

@@ -23,6 +23,8 @@ def param_control(spec: ModalityParam, modality: str, value: Any) -> gr.componen
     elem_id = f"{modality}-{spec.name.replace('_', '-')}"
     if spec.kind is bool:
         return gr.Checkbox(value=value, label=spec.label, info=spec.help or None, elem_id=elem_id)
+    if spec.kind is str:
+        return gr.Textbox(value=value, label=spec.label, info=spec.help or None, lines=3, elem_id=elem_id)
     return gr.Slider(spec.control_low, spec.high, value=value, step=spec.step, label=spec.label,
                      info=spec.help or None, elem_id=elem_id)
 
