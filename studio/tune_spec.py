@@ -304,8 +304,12 @@ def spec_from_dict(data: Any) -> TuneSpec:
 NOT_SEARCHED_BY_DEFAULT = ("compile", "attention_backend")
 # Parameters kept at their defaults: they pick an implementation or a data source.
 FIXED_PARAMS = {"sta": {"backend"}, "attention_backend": {"backend"}, "speculative": {"draft"},
-                "mag_cache": {"ratios"}, "teacache": {"rescale"}, "compile": {"scope", "mode", "compiler", "fullgraph"}}
-UNUSABLE_CHOICES = {("sampler", "scheduler"): {"lcm"}}  # LCM needs a distilled model
+                "mag_cache": {"ratios"}, "teacache": {"rescale"}, "compile": {"scope", "mode", "compiler", "fullgraph"},
+                "int8_attention": {"kernel"}, "dynamic_tree": {"draft"}, "retrieval_draft": {"corpus_tokens"},
+                "awq": {"calib_tokens", "grid"}, "prefix_cache": {"budget_mb", "disk"},
+                "token_recycling": {"persist"}}
+# LCM needs a distilled model; fp8 weights need a GPU with fp8 support (named, they are tried)
+UNUSABLE_CHOICES = {("sampler", "scheduler"): {"lcm"}, ("weight_quant", "weights"): {"fp8"}}
 NONE = "none"
 
 

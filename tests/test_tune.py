@@ -93,10 +93,11 @@ class FakeTrial:
     """Answers optuna's suggest calls from a fixed table (the first choice otherwise)."""
 
     def __init__(self, picks):
-        self.picks, self.asked = picks, []
+        self.picks, self.asked, self.choices = picks, [], {}
 
     def suggest_categorical(self, name, choices):
         self.asked.append(name)
+        self.choices[name] = list(choices)
         value = self.picks.get(name, choices[0])
         assert value in choices
         return value
@@ -125,14 +126,19 @@ def test_space_has_one_choice_per_slot_and_respects_the_allowed_list():
     # sampler steps stay below the baseline's; implementation switches are fixed
     assert space.bounds[("sampler", "steps")] == (4, 20)
     assert "rescale" not in [p.name for p in space.params["teacache"]]
+    assert "kernel" not in [p.name for p in space.params["int8_attention"]]  # triton/sage: not on every device
+    weights = FakeTrial({"slot:weights": "weight_quant"})
+    space.suggest(weights)
+    assert "weight_quant.weights" in weights.asked and "fp8" not in weights.choices["weight_quant.weights"]
     narrowed = build_space("image", "unet", ["deepcache", "teacache"], {"steps": 20}, exact=False)
     assert narrowed.methods == ["deepcache"] and any("apply to this model (unet): teacache" in n for n in narrowed.notes)
 
 
 def test_exact_floor_searches_lossless_methods_only():
     space = build_space("text", "causal-lm", None, {}, exact=True)
-    assert space.methods and all(name in {"layer_skip", "lookahead", "prompt_lookup", "speculative", "static_cache"}
-                                 for name in space.methods)
+    lossless = {"layer_skip", "lookahead", "prompt_lookup", "speculative", "static_cache", "prefix_cache",
+                "token_recycling", "retrieval_draft", "dynamic_tree"}
+    assert space.methods and all(name in lossless for name in space.methods)
     assert len(space.groups) == 1  # all share the decoder slot: one of them or none
     assert any("snapkv" in n for n in space.notes)
 
