@@ -81,6 +81,11 @@ class DecodingPlan(RunPlan):
     pad_token_id: int | None = None
     attention_mask: torch.Tensor | None = None  # codec LMs: the text prompt's mask
     guidance_scale: float | None = None  # codec LMs: CFG over the text condition
+    # functions ``edit(backend, input_ids) -> input_ids`` that rewrite the prompt's tokens
+    # (prompt compression), run in order inside the timed decoding before the first
+    # forward, so their cost counts in the time to first token; any decoder then runs on
+    # the rewritten prompt
+    prompt_edits: list[Callable[[Any, torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
 
 class Handle(Protocol):

@@ -176,6 +176,7 @@ class TextBackend(DraftingBackend):
         try:
             with torch.inference_mode():
                 state.start = time.perf_counter()
+                input_ids = self._edited_prompt(plan)
                 if plan.decoder is None:
                     tokens = self._hf_generate(plan, state)
                 else:
@@ -200,6 +201,13 @@ class TextBackend(DraftingBackend):
         if plan.decoder is not None and state.per_step:  # a method's loop: tokens kept per step
             plan.extra["tokens_per_step"] = list(state.per_step)
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _edited_prompt(self, plan: DecodingPlan) -> torch.Tensor:
+        """The prompt after the plan's prompt edits (none: as encoded), set on the plan so
+        ``generate`` and every decoder read the same tokens."""
+        for edit in plan.prompt_edits:
+            plan.input_ids = edit(self, plan.input_ids)
+        return plan.input_ids
 
     def _hf_generate(self, plan: DecodingPlan, state: DecodeState) -> list[int]:
         from transformers import GenerationConfig

@@ -307,7 +307,8 @@ FIXED_PARAMS = {"sta": {"backend"}, "attention_backend": {"backend"}, "speculati
                 "mag_cache": {"ratios"}, "teacache": {"rescale"}, "compile": {"scope", "mode", "compiler", "fullgraph"},
                 "int8_attention": {"kernel"}, "dynamic_tree": {"draft"}, "retrieval_draft": {"corpus_tokens"},
                 "awq": {"calib_tokens", "grid"}, "prefix_cache": {"budget_mb", "disk"},
-                "token_recycling": {"persist"}}
+                "token_recycling": {"persist"}, "chunk_cache": {"budget_mb", "separator"},
+                "prompt_compress": {"scorer"}}
 # LCM needs a distilled model; fp8 weights need a GPU with fp8 support (named, they are tried)
 UNUSABLE_CHOICES = {("sampler", "scheduler"): {"lcm"}, ("weight_quant", "weights"): {"fp8"}}
 NONE = "none"

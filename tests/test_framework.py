@@ -96,7 +96,9 @@ NEW_CONFLICTS = {("attention_backend", "int8_attention"), ("int8_attention", "st
 
 
 # Methods added since, that take over the decoding loop too: refused with every decoding method.
-NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree"}
+NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree", "chunk_cache"}
+# Methods that only rewrite the prompt (prompt compression): no slot, combinable with every decoder.
+PROMPT_EDITS = {"prompt_compress"}
 DECODING = NEW_DECODING | {"layer_skip", "lookahead", "prompt_lookup", "sink_cache", "snapkv", "speculative",
                            "static_cache"}
 
@@ -144,6 +146,10 @@ def test_a_newer_method_conflicts_exactly_with_the_methods_of_its_slots():
     for a in NEW_DECODING:  # the text drafting / cache methods all take the decoder
         for b in (DECODING | {"kv_quant"}) - {a}:
             assert refused(specs[a], specs[b]), (a, b)
+    for a in PROMPT_EDITS:
+        assert specs[a].slots == ()
+        for b in DECODING | {"kv_quant"}:
+            assert not refused(specs[a], specs[b]) and not refused(specs[b], specs[a]), (a, b)
 
 
 def test_request_validation_refuses_the_same_pairs_with_the_same_message():
