@@ -12,7 +12,8 @@ def table(data: dict) -> str:
     rows, meta = data["rows"], data["meta"]
     quality_keys = list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
     extra = [k for k in ("ideal_speedup", "efficiency", "weight_ratio", "tokens_per_target_forward", "positions_per_target_forward",
-                         "decode_tokens_per_s", "real_time_factor", "all_exact", "overhead_pct")
+                         "decode_tokens_per_s", "real_time_factor", "total_speedup", "cold_ttft_s", "all_exact",
+                         "overhead_pct")
              if any(r.get(k) is not None for r in rows)]
     spread = any("speedup_min" in r for r in rows)
     header = ["configuration", "lossless", "seconds", "speedup", *(["range"] if spread else []), *quality_keys, *extra]

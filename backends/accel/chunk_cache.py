@@ -11,12 +11,14 @@ A later request whose chunks were seen, in any order, concatenates their kept K/
 of prefilling them, then restores part of the cross-chunk attention the independent
 prefills missed:
 
-* layers 0 and 1 run in full over the whole prompt (CacheBlend's check layer is layer 1:
-  layer 0's K/V depend only on a token and its position, so they never deviate);
+* layer 0 runs in full over the whole prompt, and layer 1 up to its K/V (CacheBlend's check
+  layer is layer 1: layer 0's K/V depend only on a token and its position, so they never
+  deviate);
 * on layer 1, the chunk tokens whose recomputed keys deviate most from the reused ones
   (CacheBlend's "high-KV-deviation" tokens; relative deviation, see ``deviating_tokens``),
-  ``recompute`` of them (15%, the paper's setting), plus every token after the last chunk (the question), go on through the other
-  layers with full attention over the whole prompt; their new K/V replace the reused ones;
+  ``recompute`` of them (15%, the paper's setting), plus every token after the last chunk
+  (the question), go on through layers 1.. with full attention over the whole prompt;
+  their new K/V replace the reused ones;
 * transformers' ``generate`` then continues from the blended cache (the last prompt token
   gives the first logits), so decoding is the plain loop.
 
@@ -175,6 +177,30 @@ def reused_kv(model: Any, chunks: list[Block], offsets: list[int], total: int):
     return keys, values
 
 
+class _KeysReady(Exception):
+    """Raised by ``KeysOnly.update``: the layer's K/V are made, the rest is not needed."""
+
+
+class KeysOnly:
+    """A cache that keeps what a layer hands it and stops the layer there."""
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any):
+        self.keys, self.values = keys, values
+        raise _KeysReady
+
+
+def layer_kv(layer: Any, hidden: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Every token's K/V on ``layer`` without its attention and MLP (the check layer only
+    needs those): the layer runs until it hands its K/V to the cache, which stops it. One
+    generic way for any attention module that calls ``cache.update``."""
+    holder = KeysOnly()
+    try:
+        layer(hidden, attention_mask=None, position_ids=positions, cache=holder, position_embeddings=(cos, sin))
+    except _KeysReady:
+        return holder.keys, holder.values
+    raise ValidationError("context-chunk reuse needs a decoder layer that writes its K/V to the cache")
+
+
 def position_mask(rows: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask: the token at position ``rows[i]`` sees positions 0..rows[i]."""
     visible = torch.arange(total, device=rows.device)[None, :] <= rows[:, None]
@@ -186,11 +212,12 @@ def deviating_tokens(new_keys: torch.Tensor, old_keys: torch.Tensor, chunk_token
     """The ``count`` chunk positions whose keys moved most, relative to their size (squared
     change over squared norm, summed over heads). CacheBlend ranks by the absolute K/V
     deviation; on the bundled model that ranking is led by a few large-norm tokens (each
-    chunk's first ones, which its own prefill made attention sinks), and the relative key
-    deviation kept the output closer to full prefill: over 6 chunk orders x 3 questions, 16
-    new tokens, recompute 0.15, the first token was right on 16 of 18 prompts against 15, and
-    10.5 tokens came before the first divergence against 9.2 (0.3: 18/18 and 13.6 against
-    17/18 and 11.9)."""
+    chunk's first ones, which its own prefill made attention sinks), and the relative
+    deviation kept the output closer to full prefill. Over 6 chunk orders x 3 questions (16
+    new tokens; ``tests/test_text_context.py``'s documents): recompute 0.15 kept the first
+    token right on 16 of 18 prompts and 10.5 tokens before the first divergence, against
+    15/18 and 9.2 for the absolute deviation and 15/18 and 9.1 with nothing recomputed;
+    recompute 0.3: 18/18 and 13.6, against 17/18 and 12.2."""
     change = (new_keys - old_keys).float().pow(2).sum(dim=(0, 1, 3))
     size = old_keys.float().pow(2).sum(dim=(0, 1, 3)).clamp_min(1e-12)
     return (change / size)[:chunk_tokens].topk(count).indices
@@ -220,18 +247,18 @@ def blended_prefill(model: Any, ids: torch.Tensor, chunks: list[Block], recomput
     sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
     mask = None if sdpa else position_mask(rows, total, hidden.dtype)
     layers = list(inner.layers)
-    reused = keys[CHECK_LAYER] if len(layers) > CHECK_LAYER else None  # replaced, not written in place
+    count = round(recompute * chunk_tokens)
     for index, layer in enumerate(layers):
-        if index == CHECK_LAYER + 1 and len(rows) == total:
-            count = round(recompute * chunk_tokens)
-            if count < chunk_tokens:
-                picked = deviating_tokens(keys[CHECK_LAYER], reused, chunk_tokens, count)
-                rows = torch.cat([picked.sort().values, torch.arange(chunk_tokens, total, device=ids.device)])
-                if not len(rows):
-                    break
-                hidden, cos, sin = hidden[:, rows], cos[:, rows], sin[:, rows]
-                scatter.rows = rows
-                mask = position_mask(rows, total, hidden.dtype)
+        if index == CHECK_LAYER and count < chunk_tokens:
+            reused = keys[index]
+            keys[index], values[index] = layer_kv(layer, hidden, positions, cos, sin)
+            picked = deviating_tokens(keys[index], reused, chunk_tokens, count)
+            rows = torch.cat([picked.sort().values, torch.arange(chunk_tokens, total, device=ids.device)])
+            if not len(rows):
+                break
+            hidden, cos, sin = hidden[:, rows], cos[:, rows], sin[:, rows]
+            scatter.rows = rows
+            mask = position_mask(rows, total, hidden.dtype)
         hidden = layer(hidden, attention_mask=mask, position_ids=positions[:, rows], cache=scatter,
                        position_embeddings=(cos, sin))
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
