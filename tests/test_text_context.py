@@ -78,19 +78,23 @@ def test_chunks_keep_their_tokens_wherever_they_stand(backend):
 
 def test_moved_keys_equal_keys_computed_in_place(backend):
     """Layer 0's K depend only on the token and its position: a chunk prefilled alone and
-    re-rotated to offset d must equal the same tokens computed at positions d.."""
-    from backends.accel.chunk_cache import prefill_alone, reused_kv
+    re-rotated to offset d must equal the same tokens computed at positions d.. Deeper
+    layers, blended, keep the first chunk's K/V as they are and differ after it (the
+    second chunk's tokens never saw the first: what the selective recompute restores)."""
+    from backends.accel.chunk_cache import moved_keys, prefill_alone, reused_kv, rotation
     from backends.accel.prefix_cache import Block
 
     lead, chunk = (tuple(backend.tokenizer(d).input_ids) for d in DOCS[:2])
     alone = [Block(str(i), "", t, prefill_alone(backend.model, t, backend.device)) for i, t in enumerate((lead, chunk))]
-    keys, values = reused_kv(backend.model, alone, [0, len(lead)], len(lead) + len(chunk))
     together = prefill_alone(backend.model, lead + chunk, backend.device)
-    torch.testing.assert_close(keys[0], together[0][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(values[0], together[0][1])
-    # deeper layers saw no context before the second chunk: they differ there, not in the first
-    torch.testing.assert_close(keys[5][..., :len(lead), :], together[5][0][..., :len(lead), :])
-    assert (keys[5][..., len(lead):, :] - together[5][0][..., len(lead):, :]).abs().max() > 1e-2
+    keys = alone[1].layers[0][0]
+    cos, sin = rotation(backend.model, torch.full((len(chunk),), len(lead)), keys.dtype)
+    torch.testing.assert_close(moved_keys(keys, cos, sin), together[0][0][..., len(lead):, :], atol=1e-4, rtol=1e-4)
+    blended, values = reused_kv(backend.model, alone, [0, len(lead)], len(lead) + len(chunk) + 3)
+    assert blended[5].shape[-2] == values[5].shape[-2] == len(lead) + len(chunk) + 3  # room for the suffix
+    torch.testing.assert_close(blended[5][..., :len(lead), :], together[5][0][..., :len(lead), :])
+    torch.testing.assert_close(values[5][..., :len(lead), :], together[5][1][..., :len(lead), :])
+    assert (blended[5][..., len(lead):-3, :] - together[5][0][..., len(lead):, :]).abs().max() > 1e-2
 
 
 def test_reordered_chunks_are_reused_from_the_store(backend, plain):

@@ -156,25 +156,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def moved_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE keys rotated by the angles of ``cos``/``sin`` (``rotation``): keys made at
+    position p become the keys of position p + delta."""
+    return torch.addcmul(keys * cos, rotate_half(keys), sin)
+
+
 def reused_kv(model: Any, chunks: list[Block], offsets: list[int], total: int):
     """Per layer, the kept chunks' K/V concatenated, keys re-rotated by their chunk's offset
     (one rotation per layer for all chunks), padded with zeros to ``total`` positions (the
-    suffix's, always recomputed before they are read)."""
+    suffix's, always recomputed before they are read). Layer 0 and the check layer's values
+    are left out (None): ``blended_prefill`` computes them for every token anyway."""
     first = chunks[0].layers[0][0]
     deltas = torch.cat([torch.full((len(b.tokens),), o, device=first.device) for b, o in zip(chunks, offsets)])
     cos, sin = rotation(model, deltas, first.dtype)
-    length = len(deltas)
-    keys, values = [], []
-    for layer in range(len(chunks[0].layers)):
-        shape = (*first.shape[:-2], total, first.shape[-1])
+    pad = first.new_zeros(*first.shape[:-2], total - len(deltas), first.shape[-1])
+    keys: list[torch.Tensor | None] = [None] * min(CHECK_LAYER, len(chunks[0].layers))
+    values: list[torch.Tensor | None] = [None] * (CHECK_LAYER + 1)
+    for layer in range(len(keys), len(chunks[0].layers)):
         k = torch.cat([b.layers[layer][0] for b in chunks], dim=-2)
-        v = first.new_zeros(shape)
-        v[..., :length, :] = torch.cat([b.layers[layer][1] for b in chunks], dim=-2)
-        rotated = first.new_zeros(shape)
-        rotated[..., :length, :] = k * cos + rotate_half(k) * sin
-        keys.append(rotated)
-        values.append(v)
-    return keys, values
+        keys.append(torch.cat([moved_keys(k, cos, sin), pad], dim=-2))
+        if layer > CHECK_LAYER:
+            values.append(torch.cat([*(b.layers[layer][1] for b in chunks), pad], dim=-2))
+    return keys, values[:len(keys)]
 
 
 class _KeysReady(Exception):
