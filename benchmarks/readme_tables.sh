@@ -51,7 +51,7 @@ textseeds() {  # issue 20: prefix cache (time to first token), Token Recycling, 
     --methods "token_recycling(tree_size=6,depth=4),token_recycling,token_recycling(tree_size=20),token_recycling(tree_size=32,depth=8),token_recycling(k=4)"
 }
 textctx() {  # issue 20 items 7-8: context-chunk reuse and prompt compression (time to first token)
-  $PY -m benchmarks.context_reuse --cases 4 --repeats 3 --threads 1 --json "$OUT/textctx-context-reuse.json"
+  $PY -m benchmarks.context_reuse --cases 4 --docs 7 --repeats 5 --threads 1 --json "$OUT/textctx-context-reuse.json"
 }
 ideal() {  # caching methods: measured vs ideal speedup, and Compare's figure vs the CLI's
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 3 --prompts 4 --steps 25 --guidance 5 \
