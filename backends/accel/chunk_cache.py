@@ -229,9 +229,11 @@ def deviating_tokens(new_keys: torch.Tensor, old_keys: torch.Tensor, chunk_token
 
 @torch.inference_mode()
 def blended_prefill(model: Any, ids: torch.Tensor, chunks: list[Block], recompute: float) -> tuple[Any, int]:
-    """The K/V of ``ids`` (the prompt less its last token): the chunks' kept K/V, with the
-    deviating ``recompute`` fraction of chunk tokens and every suffix token recomputed
-    through all layers. Returns a transformers ``DynamicCache`` and the recomputed count."""
+    """The K/V of ``ids`` (the prompt less its last token): the chunks' kept K/V; layer 0
+    over every token, the check layer's K/V for every token, and the deviating
+    ``recompute`` fraction of chunk tokens with every suffix token through the layers from
+    the check layer on. Returns a transformers ``DynamicCache`` and how many tokens went
+    through those layers (all of them when nothing is left out: full prefill)."""
     from transformers import DynamicCache
 
     inner = model.model
