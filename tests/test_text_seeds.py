@@ -138,6 +138,22 @@ def test_prefix_cache_reuses_the_shared_prefix_only_on_later_requests(backend):
         blocks + suffix_blocks + 1
 
 
+def test_prefix_cache_never_hands_quantized_k_v_to_a_plain_run(backend):
+    """weight_quant stacks with the prefix cache: its blocks are keyed by the weights it runs."""
+    from backends.accel.prefix_cache import MEMORY_KEY
+
+    backend.run_memory.pop(MEMORY_KEY, None)
+    plain = run(backend, PROMPTS[0], system_prompt=SYSTEM).extra["output_token_ids"]
+    quantized = [("weight_quant", {"weights": "int4"}), ("prefix_cache", {})]
+    run(backend, PROMPTS[1], quantized, system_prompt=SYSTEM)
+    again = run(backend, PROMPTS[0], quantized, system_prompt=SYSTEM)
+    assert again.method_stats["prefix_cache"]["cached_tokens"] > 0  # its own blocks are reused
+    later = run(backend, PROMPTS[0], [("prefix_cache", {})], system_prompt=SYSTEM)
+    assert later.method_stats["prefix_cache"]["cached_tokens"] == 0
+    assert later.extra["output_token_ids"] == plain
+    assert getattr(backend, "weights_tag", "") == ""  # removal restores the plain weights' tag
+
+
 def test_prefix_cache_keeps_sampled_output_too(backend):
     """With sampling the same seed draws the same tokens: the reused K/V give the same logits."""
     sampled = dict(system_prompt=SYSTEM, temperature=0.8, top_k=50, max_new_tokens=16)
