@@ -118,6 +118,19 @@ def test_toggling_again_reuses_the_cached_weights(backend, name, params):
     assert first.extra["output_token_ids"] == second.extra["output_token_ids"]
 
 
+@pytest.mark.parametrize("name,params,change", [
+    ("awq", {"group_size": 32, "calib_tokens": 256, "grid": 4}, {"clip": False}),
+    ("weight_quant", {"weights": "int4", "group_size": 32}, {"group_size": 64}),
+    ("weight_quant", {"weights": "int8"}, {"skip_io": False}),
+    ("dynamic_quant", {}, {"skip_blocks": 0}),
+])
+def test_every_field_that_changes_the_weights_is_in_the_cache_key(backend, name, params, change):
+    _quant.CACHE.clear(backend.model)
+    backend.run(request(backend, [(name, params)]))
+    other = backend.run(request(backend, [(name, {**params, **change})]))
+    assert other.method_stats[name]["cache_hit"] is False  # built anew, not the other config's weights
+
+
 def test_cache_is_bounded_and_keyed_by_model():
     cache, model = _quant.QuantCache(per_model=2), torch.nn.Linear(2, 2)
     for key in "abc":
