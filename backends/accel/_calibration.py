@@ -115,14 +115,15 @@ def record_changes(backend, request: Request) -> tuple[list[float], list[float],
     run = backend.pipeline_kwargs(plan)
     if "output_type" in backend.call_params:
         run["output_type"] = "latent"
-    handles = [blocks[0].register_forward_pre_hook(head, with_kwargs=True),
-               blocks[-1].register_forward_hook(tail, with_kwargs=True)]
-    try:
-        with backend.lock, torch.no_grad(), tracking_branches(backend.denoiser, plan.guidance):
-            backend.pipe(**run)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with backend.lock:  # hooked only while no other run can use the shared model: none of its steps feed the curve
+        handles = [blocks[0].register_forward_pre_hook(head, with_kwargs=True),
+                   blocks[-1].register_forward_hook(tail, with_kwargs=True)]
+        try:
+            with torch.no_grad(), tracking_branches(backend.denoiser, plan.guidance):
+                backend.pipe(**run)
+        finally:
+            for handle in handles:
+                handle.remove()
     return xs, ys, plan_settings(backend, plan)
 
 
