@@ -287,3 +287,27 @@ def test_report_pairs_uncalibrated_and_calibrated_rows():
     [line] = calibration_table([data]).splitlines()[2:]
     assert "`plain`" in line and "`fitted`" in line and "30 / 50" in line and "35 / 50" in line
     assert "+0.20" in line and "**1.25**" in line
+
+
+@pytest.mark.parametrize("goal", [calibration.CURVE, calibration.RATIOS, "0.5"])
+def test_calibration_stops_at_a_cancel_and_at_the_time_limit(studio_factory, goal):
+    import threading
+
+    from backends.control import RunCancelled, RunTimedOut
+
+    method = "mag_cache" if goal == calibration.RATIOS else "teacache"
+    cancelled = threading.Event()
+    cancelled.set()
+    studio = studio_factory()
+    with pytest.raises(RunCancelled):
+        calibration.run_calibration(studio, "image", MODEL, method, goal, prompts=1, params=PARAMS, cancel=cancelled)
+    with pytest.raises(RunTimedOut):
+        calibration.run_calibration(studio_factory(time_limit_s=1e-6), "image", MODEL, method, goal, prompts=1,
+                                    params=PARAMS)
+    assert calibration.calibration_table(studio.history, MODEL) == []  # nothing stored
+
+
+def test_calibration_is_costed_against_max_cost(studio_factory):
+    with pytest.raises(ValidationError, match="--max-cost"):
+        calibration.run_calibration(studio_factory(max_cost=0.001), "image", MODEL, "teacache", prompts=1,
+                                    params=PARAMS)

@@ -1,0 +1,27 @@
+"""``/tune`` is bounded like every other run: the studio's --time-limit and a cancel (the
+client disconnected) stop it, its trials kept in the study."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+BODY = {"modality": "image", "model": "dummy-sd", "floor": "ssim>=0.5", "repeats": 1,
+        "prompts": ["a red circle", "a blue square"], "params": {"steps": 4}, "methods": ["deepcache"]}
+
+
+def test_tune_endpoint_stops_when_cancelled(studio_factory):
+    from studio.ui.tune import api_tune
+
+    stop = threading.Event()
+    stop.set()
+    reply = json.loads(api_tune(studio_factory(), json.dumps({**BODY, "trials": 3}), stop))
+    assert reply["cancelled"] and not reply["winner"]
+
+
+def test_tune_endpoint_stops_at_the_studio_time_limit(studio_factory):
+    from studio.ui.tune import api_tune
+
+    reply = json.loads(api_tune(studio_factory(time_limit_s=0.2), json.dumps({**BODY, "trials": 3})))
+    assert reply["cancelled"]
+    assert any("cancelled" in note for note in reply["notes"])
