@@ -1,5 +1,5 @@
-"""``/tune`` is bounded like every other run: the studio's --time-limit and a cancel (the
-client disconnected) stop it, its trials kept in the study."""
+"""``/tune`` checks its input and is bounded like every other run: the studio's --time-limit and a
+cancel (the client disconnected) stop it, its trials kept in the study."""
 
 from __future__ import annotations
 
@@ -25,3 +25,16 @@ def test_tune_endpoint_stops_at_the_studio_time_limit(studio_factory):
     reply = json.loads(api_tune(studio_factory(time_limit_s=0.2), json.dumps({**BODY, "trials": 3})))
     assert reply["cancelled"]
     assert any("cancelled" in note for note in reply["notes"])
+
+
+def test_an_unknown_prompt_kind_is_refused_in_one_line():
+    import pytest
+
+    from backends.types import ValidationError
+    from studio.tune_spec import parse_tune_json
+
+    body = {"modality": "text", "model": "tiny-code-llama", "floor": "exact", "prompt_kind": "bogus"}
+    with pytest.raises(ValidationError, match="prompt_kind must be one of mixed, code, edit") as info:
+        parse_tune_json(json.dumps(body)).checked()
+    assert "\n" not in str(info.value)
+    assert parse_tune_json(json.dumps({**body, "prompt_kind": "edit"})).checked().prompt_list()
