@@ -227,3 +227,29 @@ def test_compare_shows_weight_size_and_perplexity_for_text(studio_factory):
     assert 0 < quant["weight_mb"] < base["weight_mb"]
     assert base["perplexity_delta_pct"] == 0 and quant["perplexity"] != base["perplexity"]
     assert "weight_mb" in report.to_csv().splitlines()[0]
+
+
+def test_perplexity_delta_is_against_the_baseline_row_only(monkeypatch):
+    """A failed baseline leaves the change empty (no other row becomes the reference); a row
+    whose perplexity fails keeps the others' figures and says so."""
+    from backends import text_eval
+    from studio.compare import CompareRow, add_perplexity
+
+    values = iter([2.0, RuntimeError("evaluation failed"), 3.0])
+
+    def fake_perplexity(_backend, _methods):
+        value = next(values)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    monkeypatch.setattr(text_eval, "backend_perplexity", fake_perplexity)
+    rows = [CompareRow("baseline", [], error="out of memory"), CompareRow("a", [MethodChoice("awq", {})]),
+            CompareRow("b", [MethodChoice("awq", {})]), CompareRow("c", [MethodChoice("awq", {})])]
+    add_perplexity(None, rows)
+    assert rows[1].quality == {"perplexity": 2.0} and rows[3].quality == {"perplexity": 3.0}
+    assert "perplexity" not in rows[2].quality and "perplexity could not be computed" in rows[2].notes[0]
+    values = iter([4.0, 5.0])
+    rows = [CompareRow("baseline", []), CompareRow("a", [MethodChoice("awq", {})])]
+    add_perplexity(None, rows)
+    assert rows[0].quality["perplexity_delta_pct"] == 0 and rows[1].quality["perplexity_delta_pct"] == 25.0
