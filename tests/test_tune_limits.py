@@ -38,3 +38,15 @@ def test_an_unknown_prompt_kind_is_refused_in_one_line():
         parse_tune_json(json.dumps(body)).checked()
     assert "\n" not in str(info.value)
     assert parse_tune_json(json.dumps({**body, "prompt_kind": "edit"})).checked().prompt_list()
+
+
+def test_shipped_preset_file_name_stays_in_its_folder():
+    from backends.catalog import BUNDLED
+    from benchmarks.tune import preset_file_name
+
+    for entry in BUNDLED:  # the bundled ids keep their files' names
+        assert preset_file_name(entry.name, "fast") == f"{entry.name}-fast.json"
+    for model in ("/home/me/models/my-llm", "../../etc/x", "owner/name", "C:\\models\\m", "..", "a/../../b"):
+        name = preset_file_name(model, "fast")
+        assert "/" not in name and "\\" not in name and not name.startswith(".") and name.endswith("-fast.json")
+    assert preset_file_name("owner/name", "balanced") == "owner-name-balanced.json"
