@@ -253,3 +253,18 @@ def test_perplexity_delta_is_against_the_baseline_row_only(monkeypatch):
     rows = [CompareRow("baseline", []), CompareRow("a", [MethodChoice("awq", {})])]
     add_perplexity(None, rows)
     assert rows[0].quality["perplexity_delta_pct"] == 0 and rows[1].quality["perplexity_delta_pct"] == 25.0
+
+
+def test_encoded_text_does_not_keep_an_unloaded_tokenizer_alive():
+    import gc
+    import weakref
+
+    from backends import text_eval
+
+    _model, tok = dummy_llama(layers=1, seed=0)
+    first = text_eval.heldout_ids(tok, 256)
+    assert text_eval.heldout_ids(tok, 256) is first  # encoded once per tokenizer
+    gone = weakref.ref(tok)
+    del tok, _model
+    gc.collect()
+    assert gone() is None
