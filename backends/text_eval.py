@@ -15,7 +15,7 @@ the *training* split instead, so calibrating never sees the evaluation text.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -32,8 +32,23 @@ def _split_text(which: str, max_files: int, stride: int) -> list[str]:
     return [read_text(p) for p in files[::stride][:max_files]]
 
 
-@lru_cache(maxsize=8)
+# per tokenizer, weakly: the token ids go when the model (and its tokenizer) is unloaded
+_ENCODED: "weakref.WeakKeyDictionary[Any, dict[tuple[str, int], torch.Tensor]]" = weakref.WeakKeyDictionary()
+MAX_ENCODED_PER_TOKENIZER = 8
+
+
 def _encoded(tokenizer: Any, which: str, max_tokens: int) -> torch.Tensor:
+    """``max_tokens`` + 1 tokens of the split, encoded once per tokenizer (kept while it lives)."""
+    kept = _ENCODED.setdefault(tokenizer, {})
+    key = (which, max_tokens)
+    if key not in kept:
+        if len(kept) >= MAX_ENCODED_PER_TOKENIZER:
+            kept.pop(next(iter(kept)))
+        kept[key] = _encode(tokenizer, which, max_tokens)
+    return kept[key]
+
+
+def _encode(tokenizer: Any, which: str, max_tokens: int) -> torch.Tensor:
     """``max_tokens`` + 1 tokens of the split as one stream: bos, file, eos, bos, file..."""
     stride = 1 if which == "heldout" else 37  # calibration: files spread over the training split
     ids: list[int] = []
