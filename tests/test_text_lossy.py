@@ -190,3 +190,25 @@ def test_minicache_refuses_bad_settings_in_one_line(llama):
         _run(llama, [("minicache", {"t": 1.5})])
     with pytest.raises(ValidationError, match="^methods 'minicache' and 'ffn_skip' cannot be combined$"):
         _run(llama, [("minicache", {}), ("ffn_skip", {})])
+
+
+# -- held-out perplexity as decoding sees it ----------------------------------------------
+
+
+def test_perplexity_of_decode_time_methods_is_measured_by_teacher_forced_decoding(llama):
+    """A parallel forward would never reach a decode-time skip or a merged past: those methods'
+    perplexity comes from decoding the held-out text token by token, which without methods
+    equals the parallel figure."""
+    from backends.base import _instantiate
+    from backends.text_eval import backend_perplexity, decoding_perplexity, heldout_ids
+
+    tokens = 256
+    plain = backend_perplexity(llama, [], max_tokens=tokens)
+    request = Request("text", "tiny-code-llama", "x", params={"max_new_tokens": 1})
+    decoded = decoding_perplexity(llama, request, _instantiate(request, llama.family),
+                                  heldout_ids(llama.tokenizer, tokens), 256)
+    assert decoded == pytest.approx(plain, rel=1e-4)
+    skipped = backend_perplexity(llama, [MethodChoice("ffn_skip")], max_tokens=tokens)
+    merged = backend_perplexity(llama, [MethodChoice("minicache")], max_tokens=tokens)
+    assert skipped > plain * 1.001 and merged > plain * 1.001
+    assert backend_perplexity(llama, [], max_tokens=tokens) == plain

@@ -210,6 +210,7 @@ class FFNSkipConfig(MethodConfig):
 
 @register
 class FFNSkipMethod(Method):
+    acts_while_decoding = True  # perplexity by teacher-forced decoding (backends/text_eval.py)
     spec = MethodSpec(
         name="ffn_skip",
         title="FFN skipping (FFN-SkipLLM)",

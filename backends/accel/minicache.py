@@ -273,6 +273,7 @@ class MiniCacheConfig(MethodConfig):
 
 @register
 class MiniCacheMethod(Method):
+    acts_while_decoding = True  # perplexity by teacher-forced decoding (backends/text_eval.py)
     spec = MethodSpec(
         name="minicache",
         title="Cross-layer KV merging (MiniCache)",
