@@ -26,8 +26,9 @@ The first ``protect_first`` and last ``protect_last`` layers are never skipped (
 skipping early or last FFN blocks collapses generation). Forwards of more than one token
 (the prompt) always run in full.
 
-Reversible: the MLPs' ``forward`` is shadowed (``ForwardPatch``) and three forward
-pre-hooks read the residual stream; ``remove`` deletes them, so a run without the method
+Reversible: the MLPs' ``forward`` is shadowed (``ForwardPatch``) and forward pre-hooks on the
+candidate layers read the residual stream (in ``ffn`` mode only until the layers are chosen:
+on a model this small a hook costs about what an MLP does); ``remove`` deletes them, so a run without the method
 is bit-identical to plain decoding. Runs through ``generate`` (greedy or sampled); it
 takes the ``decoder`` slot, because methods that verify several tokens per forward would
 run this model's full path there and mix two models in one output.
@@ -70,6 +71,8 @@ class FFNSkipState:
     threshold: float | None = None  # attention mode: set at the end of the warm-up
     layer_input: dict[int, torch.Tensor] = field(default_factory=dict)
     residual: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the hooks that read the residual stream: the ffn mode drops them once its layers are chosen
+    stash_hooks: list[Any] = field(default_factory=list)
 
     def start_forward(self, tokens: int) -> None:
         """Called before each forward of the model: is this one computed in full?"""
@@ -91,6 +94,10 @@ class FFNSkipState:
             means = {i: sum(v) / len(v) for i, v in self.similarity.items() if v}
             ranked = sorted(means, key=lambda i: (-means[i], i))
             self.fixed_layers = sorted(ranked[: self.budget])
+            for hook in self.stash_hooks:  # nothing more to measure: every later token skips the same layers
+                hook.remove()
+            self.layer_input.clear()
+            self.residual.clear()
             return
         values = torch.tensor([s for v in self.similarity.values() for s in v], dtype=torch.float64)
         share = self.budget / len(self.candidates)  # about budget of the candidates skipped per token
@@ -158,10 +165,15 @@ def patch_model(model: Any, state: FFNSkipState, handle: DecodingHandle) -> None
         state.start_forward(_token_count(args, kwargs))
 
     handle.on_remove(model.register_forward_pre_hook(on_forward, with_kwargs=True).remove)
+    for i in state.candidates:  # only the layers that may skip read the residual stream
+        layer = layers[i]
+        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(_stash(state.residual, i), with_kwargs=True)]
+        if state.mode == "attention":
+            hooks.append(layer.register_forward_pre_hook(_stash(state.layer_input, i), with_kwargs=True))
+        for hook in hooks:
+            state.stash_hooks.append(hook)
+            handle.on_remove(hook.remove)  # removing a hook twice is harmless
     for i, layer in enumerate(layers):
-        handle.on_remove(layer.register_forward_pre_hook(_stash(state.layer_input, i), with_kwargs=True).remove)
-        handle.on_remove(layer.post_attention_layernorm.register_forward_pre_hook(
-            _stash(state.residual, i), with_kwargs=True).remove)
         handle.on_remove(ForwardPatch(layer.mlp, _skipping_forward(state, i)).remove)
 
 
