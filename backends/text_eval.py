@@ -99,7 +99,45 @@ def backend_perplexity(backend: Any, methods: Sequence[Any] = (), max_tokens: in
     built = _instantiate(request, backend.family)
     ids = heldout_ids(backend.tokenizer, max_tokens)
     context = min(CONTEXT, getattr(backend.model.config, "max_position_embeddings", CONTEXT))
+    if any(getattr(method, "acts_while_decoding", False) for method in built):
+        return decoding_perplexity(backend, request, built, ids, context)
     with backend.lock:
         plan = backend.build_plan(request)
         with attached(backend, plan, built):
             return perplexity(backend.model, ids, context)
+
+
+DECODE_PROMPT = 16  # tokens of each window given as the prompt (one forward); the rest decoded one by one
+
+
+@torch.inference_mode()
+def decoding_perplexity(backend: Any, request: Any, built: Sequence[Any], ids: torch.Tensor, context: int,
+                        prompt: int = DECODE_PROMPT) -> float:
+    """Perplexity as generation sees it, for methods that act only while decoding: each
+    ``context``-token window is a fresh run (methods attached anew, a fresh cache, the
+    plan's own when a method hands one to ``generate``): its first ``prompt`` tokens in one
+    forward, then the held-out tokens fed back one at a time (teacher forcing), every
+    position scored. Without methods it equals ``perplexity`` up to rounding."""
+    from transformers import DynamicCache
+
+    from backends.plan import attached
+
+    model = backend.model
+    device = next(model.parameters()).device
+    windows = max(1, (len(ids) - 1) // context)
+    context = min(context, len(ids) - 1)
+    total, count = 0.0, 0
+    with backend.lock:
+        for w in range(windows):
+            x = ids[w * context: (w + 1) * context][None].to(device)
+            y = ids[w * context + 1: (w + 1) * context + 1].to(device)
+            plan = backend.build_plan(request)
+            with attached(backend, plan, built):
+                cache = plan.kwargs.get("cache") or DynamicCache(config=model.config)
+                logits = [model(input_ids=x[:, :prompt], cache=cache, use_cache=True).logits[0].float()]
+                for i in range(prompt, x.shape[-1]):
+                    logits.append(model(input_ids=x[:, i:i + 1], cache=cache, use_cache=True).logits[0].float())
+            scores = torch.cat(logits)
+            total += torch.nn.functional.cross_entropy(scores, y, reduction="sum").item()
+            count += y.numel()
+    return math.exp(total / count)

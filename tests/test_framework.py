@@ -96,7 +96,7 @@ NEW_CONFLICTS = {("attention_backend", "int8_attention"), ("int8_attention", "st
 
 
 # Methods added since, that take over the decoding loop too: refused with every decoding method.
-NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree"}
+NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree", "ffn_skip", "minicache"}
 DECODING = NEW_DECODING | {"layer_skip", "lookahead", "prompt_lookup", "sink_cache", "snapkv", "speculative",
                            "static_cache"}
 
