@@ -144,7 +144,7 @@ def create_studio(args: argparse.Namespace):
         from backends.executor import RayExecutor
 
         executor = RayExecutor(num_workers=args.ray_workers, address=args.ray_address, device=args.device,
-                               dummy_models=args.dummy_models)
+                               dummy_models=args.dummy_models, cache_dir=data_dir / "cache")
     return Studio(data_dir=data_dir, db_url=args.db, manager=manager, executor=executor,
                   max_cost=args.max_cost or None, time_limit_s=args.time_limit or None)
 

@@ -88,6 +88,20 @@ class CancelToken:
         self.check()
 
 
+def cancel_after(token: CancelToken) -> threading.Timer | None:
+    """Set ``token`` once its time limit has passed, for work that polls ``is_set`` between
+    runs (a tune's trials) and so never reaches ``check``'s deadline; None without a limit.
+    The caller cancels the timer when the work ends."""
+    if token.time_limit_s is None:
+        return None
+    token.start()
+    timer = threading.Timer(token.time_limit_s, token.cancel,
+                            args=(f"it went over the time limit of {token.time_limit_s:g} s (--time-limit)",))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 ALLOCATION_FAILURE_MARKERS = (
     "out of memory",
     "can't allocate memory",

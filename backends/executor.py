@@ -35,11 +35,17 @@ class StudioWorker:
     """One Ray actor: its own BackendManager, so each model is loaded once per worker.
     Wrapped with ``ray.remote`` by RayExecutor (this module imports without Ray)."""
 
-    def __init__(self, name: str, device: str = "auto", dummy_models: bool = False):
+    def __init__(self, name: str, device: str = "auto", dummy_models: bool = False, cache_dir: str | None = None):
+        """``cache_dir``: the studio's data dir cache folder, where methods keep their disk
+        state (prefix cache, retrieval datastore); a worker has no data dir of its own, and
+        without it that state would land under the worker's working directory."""
         import os
+        from pathlib import Path
 
         os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
         self.manager = BackendManager(device=device)
+        if cache_dir is not None:
+            self.manager.cache_dir = Path(cache_dir)
         if dummy_models:
             from backends.tiny.dummy import register_dummy_models
 
@@ -68,7 +74,7 @@ class RayExecutor:
 
     def __init__(self, num_workers: int | None = None, address: str | None = None, device: str = "auto",
                  dummy_models: bool = False, num_cpus: int | None = None, retries: int = 1,
-                 cpus_per_worker: float = 1.0):
+                 cpus_per_worker: float = 1.0, cache_dir: str | None = None):
         import threading
 
         import ray
@@ -82,7 +88,8 @@ class RayExecutor:
         per_worker_gpu = 1 if gpus >= count and device != "cpu" else 0
         remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=per_worker_gpu, max_restarts=1,
                             max_task_retries=0)(StudioWorker)
-        self.workers = [remote.remote(f"ray-worker-{i}", device, dummy_models) for i in range(count)]
+        folder = str(cache_dir) if cache_dir is not None else None  # a str: the same path on every worker
+        self.workers = [remote.remote(f"ray-worker-{i}", device, dummy_models, folder) for i in range(count)]
         self.in_flight = [0] * count
         self.retries = retries
         self._lock = threading.Lock()

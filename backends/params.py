@@ -121,6 +121,10 @@ def _guidance(default: float) -> ModalityParam:
                          "classifier-free guidance; 1 or less runs one pass per step", noun="guidance scale")
 
 
+# the prompt and the system prompt together (characters): the system prompt is counted
+# with the prompt in the cost and the limits, never a way around them
+MAX_TEXT_INPUT_CHARS = 16_000
+
 MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
     "image": (_size("width", 2048), _size("height", 2048), _steps(), _guidance(5.0)),
     "video": (
@@ -144,7 +148,7 @@ MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
                       noun="top-k", control=False),
         ModalityParam("do_sample", bool, None, label="Sample", help="default: sample when temperature > 0",
                       control=False),
-        ModalityParam("system_prompt", str, None, 0, 100_000, label="System prompt / few-shot examples",
+        ModalityParam("system_prompt", str, None, 0, MAX_TEXT_INPUT_CHARS, label="System prompt / few-shot examples",
                       help="sent before the prompt (as the system message under a chat template); requests that "
                            "share it share a prefix the prefix cache reuses", noun="system prompt"),
     ),

@@ -140,6 +140,15 @@ class TextBackend(DraftingBackend):
             raise ValidationError("the prompt encodes to no tokens")
         return ids.to(self.device)
 
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a request the model has no positions for: past ``max_position_embeddings``
+        a model only warns and computes garbage (or fails deep in attention)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+            raise ValidationError(
+                f"the prompt and system prompt are {prompt_tokens} tokens; with {max_new_tokens} new tokens that is "
+                f"over this model's context of {limit} positions: shorten them or ask for fewer new tokens")
+
     def build_plan(self, request: Request) -> DecodingPlan:
         params = request.params
         max_new_tokens = int(params.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
@@ -154,6 +163,7 @@ class TextBackend(DraftingBackend):
         )
         input_ids = self.encode_prompt(request.prompt, bool(params.get("chat_template", True)),
                                        str(params.get("system_prompt") or ""))
+        self.check_context(input_ids.shape[-1], max_new_tokens)
         eos = self.eos_token_ids
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos[0] if eos else None)
         generate_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}

@@ -15,7 +15,7 @@ the *training* split instead, so calibrating never sees the evaluation text.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -32,8 +32,23 @@ def _split_text(which: str, max_files: int, stride: int) -> list[str]:
     return [read_text(p) for p in files[::stride][:max_files]]
 
 
-@lru_cache(maxsize=8)
+# per tokenizer, weakly: the token ids go when the model (and its tokenizer) is unloaded
+_ENCODED: "weakref.WeakKeyDictionary[Any, dict[tuple[str, int], torch.Tensor]]" = weakref.WeakKeyDictionary()
+MAX_ENCODED_PER_TOKENIZER = 8
+
+
 def _encoded(tokenizer: Any, which: str, max_tokens: int) -> torch.Tensor:
+    """``max_tokens`` + 1 tokens of the split, encoded once per tokenizer (kept while it lives)."""
+    kept = _ENCODED.setdefault(tokenizer, {})
+    key = (which, max_tokens)
+    if key not in kept:
+        if len(kept) >= MAX_ENCODED_PER_TOKENIZER:
+            kept.pop(next(iter(kept)))
+        kept[key] = _encode(tokenizer, which, max_tokens)
+    return kept[key]
+
+
+def _encode(tokenizer: Any, which: str, max_tokens: int) -> torch.Tensor:
     """``max_tokens`` + 1 tokens of the split as one stream: bos, file, eos, bos, file..."""
     stride = 1 if which == "heldout" else 37  # calibration: files spread over the training split
     ids: list[int] = []
@@ -84,7 +99,45 @@ def backend_perplexity(backend: Any, methods: Sequence[Any] = (), max_tokens: in
     built = _instantiate(request, backend.family)
     ids = heldout_ids(backend.tokenizer, max_tokens)
     context = min(CONTEXT, getattr(backend.model.config, "max_position_embeddings", CONTEXT))
+    if any(getattr(method, "acts_while_decoding", False) for method in built):
+        return decoding_perplexity(backend, request, built, ids, context)
     with backend.lock:
         plan = backend.build_plan(request)
         with attached(backend, plan, built):
             return perplexity(backend.model, ids, context)
+
+
+DECODE_PROMPT = 16  # tokens of each window given as the prompt (one forward); the rest decoded one by one
+
+
+@torch.inference_mode()
+def decoding_perplexity(backend: Any, request: Any, built: Sequence[Any], ids: torch.Tensor, context: int,
+                        prompt: int = DECODE_PROMPT) -> float:
+    """Perplexity as generation sees it, for methods that act only while decoding: each
+    ``context``-token window is a fresh run (methods attached anew, a fresh cache, the
+    plan's own when a method hands one to ``generate``): its first ``prompt`` tokens in one
+    forward, then the held-out tokens fed back one at a time (teacher forcing), every
+    position scored. Without methods it equals ``perplexity`` up to rounding."""
+    from transformers import DynamicCache
+
+    from backends.plan import attached
+
+    model = backend.model
+    device = next(model.parameters()).device
+    windows = max(1, (len(ids) - 1) // context)
+    context = min(context, len(ids) - 1)
+    total, count = 0.0, 0
+    with backend.lock:
+        for w in range(windows):
+            x = ids[w * context: (w + 1) * context][None].to(device)
+            y = ids[w * context + 1: (w + 1) * context + 1].to(device)
+            plan = backend.build_plan(request)
+            with attached(backend, plan, built):
+                cache = plan.kwargs.get("cache") or DynamicCache(config=model.config)
+                logits = [model(input_ids=x[:, :prompt], cache=cache, use_cache=True).logits[0].float()]
+                for i in range(prompt, x.shape[-1]):
+                    logits.append(model(input_ids=x[:, i:i + 1], cache=cache, use_cache=True).logits[0].float())
+            scores = torch.cat(logits)
+            total += torch.nn.functional.cross_entropy(scores, y, reduction="sum").item()
+            count += y.numel()
+    return math.exp(total / count)

@@ -130,7 +130,7 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
                 speedup=speed.median, lossless=lossless_flag(c), is_baseline=not c.methods)),
         }
         if modality == "text":
-            row.update(text_figures(results, base_out))
+            row.update(text_figures(results, base_out, [base_last[i] for i in range(len(prompts))]))
         if modality == "audio":  # seconds of audio made per second of compute (> 1: faster than real time)
             made = sum(len(r.output[0]) / r.output[1] for r in results)
             row["real_time_factor"] = round(made / max(sum(r.total_seconds for r in results), 1e-9), 3)
@@ -161,7 +161,12 @@ def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def text_figures(results, baseline_texts) -> dict[str, Any]:
+def first_divergence(tokens: list[int], baseline: list[int]) -> int:
+    """Index of the first output token that differs from the baseline's (its length if none)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, baseline)) if a != b), min(len(tokens), len(baseline)))
+
+
+def text_figures(results, baseline_texts, baseline_results=()) -> dict[str, Any]:
     tokens = sum(r.extra.get("tokens_generated", 0) for r in results)
     forwards = sum(r.extra.get("target_forwards", 0) or 0 for r in results)
     decode = sum(r.timings.get("decode", 0.0) for r in results)
@@ -171,6 +176,9 @@ def text_figures(results, baseline_texts) -> dict[str, Any]:
         "decode_tokens_per_s": round(tokens / max(decode, 1e-9), 2),
         "tokens_per_target_forward": round(tokens / forwards, 3) if forwards else None,
         "all_exact": all(r.output == b for r, b in zip(results, baseline_texts)),
+        # per prompt: the first output token that differs from the baseline's (lossy methods)
+        "first_divergence": [first_divergence(r.extra.get("output_token_ids", []), b.extra.get("output_token_ids", []))
+                             for r, b in zip(results, baseline_results)],
     }
 
 

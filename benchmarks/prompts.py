@@ -32,6 +32,9 @@ def image_prompts(n: int, seed: int = 0) -> list[str]:
     return [prompt_for(random_spec(rng)) for _ in range(n)]
 
 
+PROMPT_KINDS = ("mixed", "code", "edit")  # the text prompt pools: code completion, code edits, both
+
+
 def default_prompts(modality: str, n: int, kind: str = "mixed", seed: int = 0) -> list[str]:
     if modality == "image":
         return image_prompts(n, seed)

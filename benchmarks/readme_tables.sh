@@ -50,6 +50,14 @@ textseeds() {  # issue 20: prefix cache (time to first token), Token Recycling, 
     --max-new-tokens 96 --json "$OUT/textseeds-recycling-sweep.json" \
     --methods "token_recycling(tree_size=6,depth=4),token_recycling,token_recycling(tree_size=20),token_recycling(tree_size=32,depth=8),token_recycling(k=4)"
 }
+textlossy() {  # issue 20, lossy: FFN-SkipLLM and MiniCache (rows add held-out perplexity by teacher-forced decoding)
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 4 --prompt-kind code \
+    --max-new-tokens 96 --methods "ffn_skip,ffn_skip(mode=attention),ffn_skip(skip_fraction=0.5, protect_first=1, protect_last=1)" \
+    --json "$OUT/textlossy-ffnskip-code.json"
+  $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 4 --prompt-kind code \
+    --max-new-tokens 96 --methods "minicache,minicache(retention=0.0),minicache(start=0.75),minicache(retention=1.0)" \
+    --json "$OUT/textlossy-minicache-code.json"
+}
 textctx() {  # issue 20 items 7-8: context-chunk reuse and prompt compression (time to first token)
   $PY -m benchmarks.context_reuse --cases 4 --docs 7 --repeats 5 --threads 1 --json "$OUT/textctx-context-reuse.json"
 }
@@ -95,7 +103,7 @@ quant() {  # issue 18: weight quantization on every bundled model (text rows add
   $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
     --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textctx ...]: the named series only (default: all,
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -103,7 +111,7 @@ for ((i = 0; i < ${#series[@]}; i += 2)); do
   for name in "${series[@]:i:2}"; do "$name" > "$OUT/$name.log" 2>&1 & done
   wait
 done
-$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead,textseeds,textctx}-*.json
+$PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead,textseeds,textlossy,textctx}-*.json
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
 $PY -m benchmarks.report --calibration "$OUT"/calibration-*.json
 if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi

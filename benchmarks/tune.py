@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -105,6 +106,13 @@ def print_result(result: TuneResult) -> None:
         print(f"note: {note}")
 
 
+def preset_file_name(model: str, tier: str) -> str:
+    """``<model>-<tier>.json`` with the model id made a plain file name: a bundled id stays
+    as it is; a hub id (owner/name) or a local folder never reaches outside the folder."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip(".-")[-100:] or "model"
+    return f"{safe}-{tier}.json"
+
+
 def write_shipped_preset(result: TuneResult, spec: TuneSpec, tier: str, directory, command: str):
     """presets/<model>-<tier>.json from the held-out winner (the shipped fast / balanced /
     quality presets re-chosen with held-out confirmation); its description quotes the
@@ -115,7 +123,7 @@ def write_shipped_preset(result: TuneResult, spec: TuneSpec, tier: str, director
               "params": spec.request_params(), "methods": [m.to_dict() for m in result.winner.heldout.methods],
               "description": f"'{tier}' for {spec.model}: " + describe_winner(result, spec) + f" ({command})"}
     parse_preset(preset)  # a preset we write must be one the studio reads
-    path = Path(directory) / f"{spec.model}-{tier}.json"
+    path = Path(directory) / preset_file_name(spec.model, tier)
     path.write_text(json.dumps(preset, indent=2) + "\n", encoding="utf-8")
     return path
 

@@ -87,10 +87,14 @@ def calibration_prompts(modality: str, count: int, prompts: list[str] | None = N
 
 def run_calibration(studio, modality: str, model: str, method: str, goal: str | float = CURVE, *,
                     prompts: int = 3, prompt_texts: list[str] | None = None, params: dict[str, Any] | None = None,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None, cancel: Any = None) -> dict[str, Any]:
     """Calibrate ``method`` for ``model`` towards ``goal`` on a few prompts, store it and
     return the stored record. Runs in this process on the studio's manager (a model
-    served only by Ray workers is calibrated where the studio runs)."""
+    served only by Ray workers is calibrated where the studio runs). Each request is costed
+    against ``--max-cost``; the passes stop at ``--time-limit`` (for the whole calibration)
+    or when ``cancel`` (a CancelToken / threading.Event: the Cancel button) is set."""
+    from backends.control import CancelToken
+    from studio.limits import check_cost
     from studio.validation import validate_params, validate_request
 
     if method not in CALIBRATABLE:
@@ -99,16 +103,21 @@ def run_calibration(studio, modality: str, model: str, method: str, goal: str | 
     texts = calibration_prompts(modality, int(prompts), prompt_texts)
     params = validate_params(modality, params or {})
     requests = [validate_request(r) for r in fits.calibration_requests(modality, model, texts, params)]
+    for request in requests:
+        check_cost(request, studio.max_cost)
+    token = CancelToken(studio.time_limit_s, parent=cancel)
+    token.start()
     backend = studio.manager.get(modality, model)
     if progress is not None:
         progress(f"calibrating {method} on {len(requests)} prompt(s)")
     if goal == CURVE:
-        record = fits.fit_rescale_curve(backend, requests)
+        record = fits.fit_rescale_curve(backend, requests, cancel=token)
     elif goal == RATIOS:
-        record = fits.record_mag_ratios(backend, requests)
+        record = fits.record_mag_ratios(backend, requests, cancel=token)
     else:
         stored = studio.history.calibrations(model, method) if method in USES_CALIBRATION else []
-        record = fits.choose_threshold(backend, requests, method, float(goal), calibrations=stored)
+        record = fits.choose_threshold(backend, requests, method, float(goal), calibrations=stored,
+                                       cancel=token)
     record["id"] = studio.history.save_calibration(model, method, record, str(backend.device))
     return record
 

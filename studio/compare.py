@@ -8,6 +8,7 @@ parameter sweeps and ``python -m benchmarks --methods``.
 from __future__ import annotations
 
 import html
+import logging
 import statistics
 import threading
 import uuid
@@ -22,6 +23,8 @@ from backends.accel._eval_cost import run_ideal
 from studio import detectors, metrics
 from studio.measure import (Cancelled, ConfigRuns, Measurement, Timed, measure, paired_ratios,  # noqa: F401
                             summarize)  # (Cancelled: re-exported)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -350,14 +353,18 @@ def add_perplexity(backend: Any, rows: list[CompareRow]) -> None:
     off the baseline within a few tokens on a tiny model; perplexity says whether it hurt."""
     from backends.text_eval import backend_perplexity
 
-    base = None
     for row in rows:
         if row.error:
             continue
-        value = backend_perplexity(backend, row.methods)
-        base = value if base is None else base
-        row.quality["perplexity"] = value
-        row.quality["perplexity_delta_pct"] = 100 * (value / base - 1)
+        try:
+            row.quality["perplexity"] = backend_perplexity(backend, row.methods)
+        except Exception:  # noqa: BLE001 - one row's evaluation must not lose the others' metrics
+            log.exception("perplexity of %s failed", row.label)
+            row.notes = [*row.notes, "perplexity could not be computed (the server log has the details)"]
+    base = rows[0].quality.get("perplexity") if rows else None  # the baseline's only: no other row is the reference
+    for row in rows:
+        if base and "perplexity" in row.quality:
+            row.quality["perplexity_delta_pct"] = 100 * (row.quality["perplexity"] / base - 1)
 
 
 def compare_rows(configs: list[CompareConfig], measured: Measurement, kept: dict[int, list[Any]]) -> list[CompareRow]:

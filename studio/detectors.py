@@ -85,15 +85,26 @@ def blank(modality: str, output: Any) -> list[Finding]:
         if output is None or not str(output).strip():
             return [Finding(BLANK, "the output text is empty")]
         return []
-    arrays = [a[np.isfinite(a)] for a in _arrays(modality, output)]
+    arrays = _arrays(modality, output)
     if not arrays:
         return [Finding(BLANK, "the run produced no output")]
     limit = BLANK_STD["audio" if modality == "audio" else "image"]
-    if all(a.size == 0 or float(a.std()) < limit for a in arrays):
+    if all(_spread(a) < limit for a in arrays):
         what = {"image": "the image is a single flat colour", "video": "every frame is a single flat colour",
                 "audio": "the audio is silent (or constant)"}.get(modality, "the output is constant")
         return [Finding(BLANK, f"blank output: {what}")]
     return []
+
+
+def _spread(values: np.ndarray) -> float:
+    """How much a picture (or a waveform) varies: the largest per-channel standard
+    deviation over its pixels (a flat red picture has std ~120 over all its numbers, but
+    none within a channel); non-finite values left out."""
+    if values.ndim == 3:  # H x W x C
+        channels = [c[np.isfinite(c)] for c in np.moveaxis(values, -1, 0)]
+    else:
+        channels = [values[np.isfinite(values)]]
+    return max((float(c.std()) for c in channels if c.size), default=0.0)
 
 
 def outputs_identical(modality: str, output: Any, baseline: Any) -> bool:

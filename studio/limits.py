@@ -68,7 +68,8 @@ def estimate_cost(request: Request) -> float:
     """The request's cost in units (see the module docstring); a validated request."""
     params = request.params
     if request.modality == "text":
-        prompt_tokens = math.ceil(len(request.prompt) / CHARS_PER_TOKEN)
+        prompt_chars = len(request.prompt) + len(params.get("system_prompt") or "")  # both are prefilled
+        prompt_tokens = math.ceil(prompt_chars / CHARS_PER_TOKEN)
         new_tokens = int(params.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
         return (prompt_tokens + new_tokens) / 100
     height, width, frames, seconds = _assumed_size(request)
@@ -84,7 +85,7 @@ COST_FORMULAS = {
     "image": "width x height x steps / 1e6",
     "video": "width x height x frames x steps / 1e6",
     "audio": "seconds x steps / 10",
-    "text": "(prompt + new tokens) / 100",
+    "text": "(prompt + system prompt + new tokens) / 100",
 }
 
 

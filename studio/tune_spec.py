@@ -17,6 +17,7 @@ from backends.accel.base import MethodSpec, Param, get_method, methods_for
 from backends.catalog import find_bundled, recommended_params
 from backends.params import default as param_default
 from backends.types import MODALITIES, MethodChoice, Request, StudioError, ValidationError, shown
+from benchmarks.prompts import PROMPT_KINDS
 
 MAX_TRIALS = 500
 MAX_MINUTES = 24 * 60
@@ -186,6 +187,8 @@ class TuneSpec:
             raise ValidationError("confirm_top must be between 1 and 8")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
             raise ValidationError("seed must be a whole number between 0 and 2^31")
+        if self.prompt_kind not in PROMPT_KINDS:
+            raise ValidationError(f"prompt_kind must be one of {', '.join(PROMPT_KINDS)}; got {shown(self.prompt_kind)}")
         if len(self.prompts) > MAX_PROMPTS or not self.prompts and not 2 <= self.n_prompts <= MAX_PROMPTS:
             raise ValidationError(f"use between 2 and {MAX_PROMPTS} prompts")
         if any(not isinstance(p, str) or not p.strip() or len(p) > 4000 for p in self.prompts):

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from backends.accel.base import all_methods, check_combinable
-from backends.params import MODALITY_PARAMS, Range
+from backends.params import MAX_TEXT_INPUT_CHARS, MODALITY_PARAMS, Range
 from backends.types import MODALITIES, MethodChoice, Request, ValidationError, shown
 
 MAX_PROMPT_CHARS = 4000
@@ -178,10 +178,19 @@ def validate_request(data: Request | dict[str, Any]) -> Request:
         seed = random.randint(0, MAX_SEED)
     seed = Range(int, 0, MAX_SEED, label="seed").check("seed", seed)
     params = validate_params(modality, request.params)
+    check_text_input(prompt, params)
     methods = validate_methods(modality, request.methods)
     group = validate_compare_group(request.compare_group)
     return request.replace(prompt=prompt, negative_prompt=negative, model=model, seed=seed, params=params,
                            methods=methods, compare_group=group)
+
+
+def check_text_input(prompt: str, params: dict[str, Any]) -> None:
+    """The system prompt goes to the model with the prompt: their lengths are limited together."""
+    total = len(prompt) + len(params.get("system_prompt") or "")
+    if total > MAX_TEXT_INPUT_CHARS:
+        raise ValidationError(f"the prompt and system prompt are {total} characters together; the limit is "
+                              f"{MAX_TEXT_INPUT_CHARS}")
 
 
 def validate_text(label: str, value: Any) -> str:

@@ -97,6 +97,48 @@ def test_rescale_curve_is_fitted_from_the_models_own_changes(studio_factory):
     assert result.method_stats["teacache"]["skipped_steps"] >= 1
 
 
+class WatchedLock:
+    """The backend's lock, counting how deep it is held (to see what runs under it)."""
+
+    def __init__(self, inner):
+        self.inner, self.depth = inner, 0
+
+    def acquire(self, *args, **kwargs):
+        got = self.inner.acquire(*args, **kwargs)
+        self.depth += bool(got)
+        return got
+
+    def release(self):
+        self.depth -= 1
+        self.inner.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *_exc):
+        self.release()
+
+
+def test_calibration_hooks_the_shared_model_only_under_its_lock(studio_factory, monkeypatch):
+    """A generation running meanwhile on the same model must not feed the curve."""
+    import torch
+
+    backend = studio_factory().manager.get("image", MODEL)
+    watched = WatchedLock(backend.lock)
+    monkeypatch.setattr(backend, "lock", watched)
+    held = []
+    for name in ("register_forward_pre_hook", "register_forward_hook"):
+        original = getattr(torch.nn.Module, name)
+
+        def record(module, *args, _original=original, **kwargs):
+            held.append(watched.depth > 0)
+            return _original(module, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, name, record)
+    fits.record_changes(backend, flux_request())
+    assert held and all(held)
+
+
 def test_calibrated_curve_is_used_and_forced_choices_still_win(studio_factory):
     """The stored curve decides what TeaCache skips: one that predicts huge changes never
     skips, one that predicts none skips every step but the first and last."""
@@ -245,3 +287,27 @@ def test_report_pairs_uncalibrated_and_calibrated_rows():
     [line] = calibration_table([data]).splitlines()[2:]
     assert "`plain`" in line and "`fitted`" in line and "30 / 50" in line and "35 / 50" in line
     assert "+0.20" in line and "**1.25**" in line
+
+
+@pytest.mark.parametrize("goal", [calibration.CURVE, calibration.RATIOS, "0.5"])
+def test_calibration_stops_at_a_cancel_and_at_the_time_limit(studio_factory, goal):
+    import threading
+
+    from backends.control import RunCancelled, RunTimedOut
+
+    method = "mag_cache" if goal == calibration.RATIOS else "teacache"
+    cancelled = threading.Event()
+    cancelled.set()
+    studio = studio_factory()
+    with pytest.raises(RunCancelled):
+        calibration.run_calibration(studio, "image", MODEL, method, goal, prompts=1, params=PARAMS, cancel=cancelled)
+    with pytest.raises(RunTimedOut):
+        calibration.run_calibration(studio_factory(time_limit_s=1e-6), "image", MODEL, method, goal, prompts=1,
+                                    params=PARAMS)
+    assert calibration.calibration_table(studio.history, MODEL) == []  # nothing stored
+
+
+def test_calibration_is_costed_against_max_cost(studio_factory):
+    with pytest.raises(ValidationError, match="--max-cost"):
+        calibration.run_calibration(studio_factory(max_cost=0.001), "image", MODEL, "teacache", prompts=1,
+                                    params=PARAMS)

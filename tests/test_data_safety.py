@@ -56,7 +56,8 @@ def test_database_and_its_journals_are_never_served_but_outputs_are(tmp_path):
             reply = httpx.get(file_url + str(target), timeout=30)
             assert reply.status_code in (403, 404), (target, reply.status_code)
             assert b"SQLite format" not in reply.content
-        output = httpx.get(file_url + replies[0]["output_path"], timeout=30)
+        assert replies[0]["output_path"].startswith("outputs/")  # the stored form, as History shows it
+        output = httpx.get(served.url + replies[0]["output_url"], timeout=30)
         assert output.status_code == 200 and output.content.startswith(b"\x89PNG")
         assert served.studio.history.count() == 3
     finally:

@@ -172,3 +172,15 @@ def test_the_blank_image_of_too_few_steps_on_an_unseen_prompt_is_flagged():
         assert detectors.run_findings("image", enough.output, enough.method_stats) == []
     finally:
         manager.unload_all()
+
+
+def test_a_flat_picture_of_any_colour_is_blank_and_a_shape_is_not():
+    """The spread is measured per channel: pure red (std ~120 over all its numbers) and
+    constant blue frames are blank; one small shape on a flat ground is not."""
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    assert [f.key for f in detectors.blank("image", red)] == [BLANK]
+    blue_frames = [Image.new("RGB", (32, 32), (0, 0, 255))] * 4
+    assert [f.key for f in detectors.blank("video", blue_frames)] == [BLANK]
+    shape = np.zeros((64, 64, 3), dtype=np.uint8)
+    shape[10:20, 10:20] = (255, 255, 0)
+    assert detectors.blank("image", Image.fromarray(shape)) == []

@@ -96,7 +96,8 @@ NEW_CONFLICTS = {("attention_backend", "int8_attention"), ("int8_attention", "st
 
 
 # Methods added since, that take over the decoding loop too: refused with every decoding method.
-NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree", "chunk_cache"}
+NEW_DECODING = {"prefix_cache", "token_recycling", "retrieval_draft", "dynamic_tree", "ffn_skip", "minicache",
+                "chunk_cache"}
 # Methods that only rewrite the prompt (prompt compression): no slot, combinable with every decoder.
 PROMPT_EDITS = {"prompt_compress"}
 DECODING = NEW_DECODING | {"layer_skip", "lookahead", "prompt_lookup", "sink_cache", "snapkv", "speculative",

@@ -58,6 +58,15 @@ def test_default_requests_and_bundled_sizes_are_within_the_default_limit():
     assert estimate_cost(Request("text", "owner/model", "x" * 4000, params={"max_new_tokens": 2048})) < DEFAULT_MAX_COST
 
 
+def test_text_cost_counts_the_system_prompt():
+    from studio.limits import estimate_cost
+
+    plain = estimate_cost(Request("text", "owner/model", "x" * 300, params={"max_new_tokens": 100}))
+    with_system = estimate_cost(Request("text", "owner/model", "x" * 300,
+                                        params={"max_new_tokens": 100, "system_prompt": "y" * 3000}))
+    assert with_system == pytest.approx(plain + 10)  # 3,000 characters at 3 a token: 1,000 tokens
+
+
 def test_cost_limit_is_a_flag(studio_factory):
     import app as app_module
 

@@ -118,6 +118,19 @@ def test_toggling_again_reuses_the_cached_weights(backend, name, params):
     assert first.extra["output_token_ids"] == second.extra["output_token_ids"]
 
 
+@pytest.mark.parametrize("name,params,change", [
+    ("awq", {"group_size": 32, "calib_tokens": 256, "grid": 4}, {"clip": False}),
+    ("weight_quant", {"weights": "int4", "group_size": 32}, {"group_size": 64}),
+    ("weight_quant", {"weights": "int8"}, {"skip_io": False}),
+    ("dynamic_quant", {}, {"skip_blocks": 0}),
+])
+def test_every_field_that_changes_the_weights_is_in_the_cache_key(backend, name, params, change):
+    _quant.CACHE.clear(backend.model)
+    backend.run(request(backend, [(name, params)]))
+    other = backend.run(request(backend, [(name, {**params, **change})]))
+    assert other.method_stats[name]["cache_hit"] is False  # built anew, not the other config's weights
+
+
 def test_cache_is_bounded_and_keyed_by_model():
     cache, model = _quant.QuantCache(per_model=2), torch.nn.Linear(2, 2)
     for key in "abc":
@@ -214,3 +227,44 @@ def test_compare_shows_weight_size_and_perplexity_for_text(studio_factory):
     assert 0 < quant["weight_mb"] < base["weight_mb"]
     assert base["perplexity_delta_pct"] == 0 and quant["perplexity"] != base["perplexity"]
     assert "weight_mb" in report.to_csv().splitlines()[0]
+
+
+def test_perplexity_delta_is_against_the_baseline_row_only(monkeypatch):
+    """A failed baseline leaves the change empty (no other row becomes the reference); a row
+    whose perplexity fails keeps the others' figures and says so."""
+    from backends import text_eval
+    from studio.compare import CompareRow, add_perplexity
+
+    values = iter([2.0, RuntimeError("evaluation failed"), 3.0])
+
+    def fake_perplexity(_backend, _methods):
+        value = next(values)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    monkeypatch.setattr(text_eval, "backend_perplexity", fake_perplexity)
+    rows = [CompareRow("baseline", [], error="out of memory"), CompareRow("a", [MethodChoice("awq", {})]),
+            CompareRow("b", [MethodChoice("awq", {})]), CompareRow("c", [MethodChoice("awq", {})])]
+    add_perplexity(None, rows)
+    assert rows[1].quality == {"perplexity": 2.0} and rows[3].quality == {"perplexity": 3.0}
+    assert "perplexity" not in rows[2].quality and "perplexity could not be computed" in rows[2].notes[0]
+    values = iter([4.0, 5.0])
+    rows = [CompareRow("baseline", []), CompareRow("a", [MethodChoice("awq", {})])]
+    add_perplexity(None, rows)
+    assert rows[0].quality["perplexity_delta_pct"] == 0 and rows[1].quality["perplexity_delta_pct"] == 25.0
+
+
+def test_encoded_text_does_not_keep_an_unloaded_tokenizer_alive():
+    import gc
+    import weakref
+
+    from backends import text_eval
+
+    _model, tok = dummy_llama(layers=1, seed=0)
+    first = text_eval.heldout_ids(tok, 256)
+    assert text_eval.heldout_ids(tok, 256) is first  # encoded once per tokenizer
+    gone = weakref.ref(tok)
+    del tok, _model
+    gc.collect()
+    assert gone() is None

@@ -207,6 +207,27 @@ def test_request_validation():
             validate_request({**ok, **bad})
 
 
+def test_system_prompt_is_limited_with_the_prompt(backend):
+    from backends.params import MAX_TEXT_INPUT_CHARS
+
+    ok = {"modality": "text", "model": "tiny-code-llama", "prompt": "x" * 3000, "params": {"max_new_tokens": 8}}
+    with pytest.raises(ValidationError, match="together; the limit is") as info:
+        validate_request({**ok, "params": {"system_prompt": "y" * (MAX_TEXT_INPUT_CHARS - 2999)}})
+    assert "\n" not in str(info.value)
+    assert validate_request({**ok, "params": {"system_prompt": "y" * (MAX_TEXT_INPUT_CHARS - 3000)}})
+
+
+def test_input_past_the_model_context_is_refused_in_one_line(backend):
+    long_system = "def f(x):\n    return x\n" * 400  # far more tokens than the model's 1,024 positions
+    with pytest.raises(ValidationError, match="context of 1024 positions") as info:
+        run(backend, PROMPTS[0], system_prompt=long_system)
+    assert "\n" not in str(info.value)
+    prompt_tokens = run(backend, PROMPTS[0], max_new_tokens=1).extra["prompt_tokens"]
+    with pytest.raises(ValidationError, match="1024 positions"):
+        run(backend, PROMPTS[0], max_new_tokens=1025 - prompt_tokens)
+    backend.check_context(prompt_tokens, 1024 - prompt_tokens)  # exactly the context: allowed
+
+
 def test_lossy_methods_are_exact_until_they_drop_something(backend, baselines):
     prompt = PROMPTS[1]
     sink = run(backend, prompt, [("sink_cache", {"num_sink_tokens": 4, "window_length": 256})])

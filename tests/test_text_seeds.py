@@ -75,10 +75,16 @@ LOSSLESS = [
 @pytest.mark.parametrize("name,params", LOSSLESS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LOSSLESS)])
 def test_lossless_equals_greedy_on_new_prompts(backend, baselines, name, params):
     stateful = name in ("token_recycling", "prefix_cache")  # a second round runs on the state the first left
-    for _ in range(2 if stateful else 1):
+    reused: list[int] = []
+    for round_ in range(2 if stateful else 1):
         for prompt in PROMPTS:
             result = run(backend, prompt, [(name, params)])
             assert result.extra["output_token_ids"] == baselines[prompt], (name, params, prompt)
+            if name == "prefix_cache" and round_ == 1:  # the second request reuses every whole block it can
+                reusable = (result.extra["prompt_tokens"] - 1) // 16 * 16
+                assert result.method_stats[name]["cached_tokens"] == reusable, prompt
+                reused.append(reusable)
+    assert name != "prefix_cache" or sum(reused) > 0
     assert run(backend, PROMPTS[0]).extra["output_token_ids"] == baselines[PROMPTS[0]]  # removed: plain again
 
 
@@ -87,7 +93,10 @@ def test_draft_trees_accept_several_tokens_per_forward(backend, baselines):
         results = [run(backend, p, [(name, params)]) for p in PROMPTS]
         per_forward = [r.extra["tokens_per_target_forward"] for r in results]
         assert max(per_forward) > 1.5, (name, per_forward)
-        assert all(r.method_stats[name]["accepted_from_tree"] >= 0 for r in results)
+        for r in results:  # each tree step gives one token of its own plus the drafted tokens it accepted
+            stats = r.method_stats[name]
+            assert stats["accepted_from_tree"] == r.extra["tokens_generated"] - 1 - stats["tree_steps"], name
+        assert all(r.method_stats[name]["accepted_from_tree"] > 0 for r in results), name
     plain = run(backend, PROMPTS[1])
     assert plain.extra["target_forwards"] == plain.extra["tokens_generated"]  # no tree left behind
 
@@ -136,6 +145,22 @@ def test_prefix_cache_reuses_the_shared_prefix_only_on_later_requests(backend):
     suffix_blocks = len(backend.tokenizer(SYSTEM + PROMPTS[3]).input_ids) // 16 - shared // 16
     assert backend.run_memory[MEMORY_KEY].blocks and len(backend.run_memory[MEMORY_KEY].blocks) <= \
         blocks + suffix_blocks + 1
+
+
+def test_prefix_cache_never_hands_quantized_k_v_to_a_plain_run(backend):
+    """weight_quant stacks with the prefix cache: its blocks are keyed by the weights it runs."""
+    from backends.accel.prefix_cache import MEMORY_KEY
+
+    backend.run_memory.pop(MEMORY_KEY, None)
+    plain = run(backend, PROMPTS[0], system_prompt=SYSTEM).extra["output_token_ids"]
+    quantized = [("weight_quant", {"weights": "int4"}), ("prefix_cache", {})]
+    run(backend, PROMPTS[1], quantized, system_prompt=SYSTEM)
+    again = run(backend, PROMPTS[0], quantized, system_prompt=SYSTEM)
+    assert again.method_stats["prefix_cache"]["cached_tokens"] > 0  # its own blocks are reused
+    later = run(backend, PROMPTS[0], [("prefix_cache", {})], system_prompt=SYSTEM)
+    assert later.method_stats["prefix_cache"]["cached_tokens"] == 0
+    assert later.extra["output_token_ids"] == plain
+    assert getattr(backend, "weights_tag", "") == ""  # removal restores the plain weights' tag
 
 
 def test_prefix_cache_keeps_sampled_output_too(backend):

@@ -295,19 +295,23 @@ def db_kind(request):
 
 def tiny_spec(**changes):
     values = dict(modality="image", model="dummy-sd", floor="ssim>=0.5", prompts=("a red circle", "a blue square",
-                  "a green triangle", "a red square"), params={"steps": 4, "guidance": 5.0}, trials=2, repeats=1,
+                  "a green triangle", "a red square"), params={"steps": 8, "guidance": 5.0}, trials=2, repeats=1,
                   methods=("deepcache", "cfg_truncation"), confirm_top=2)
     return TuneSpec(**{**values, **changes})
 
 
 def test_tiny_tune_confirms_saves_and_resumes(studio_factory, db_kind):
+    # A winner must be faster than the baseline on the held-out prompts: at 8 steps DeepCache
+    # and CFG truncation skip ~half of dummy-sd's UNet work, far outside a paired ratio's
+    # noise even on a loaded machine (the winner logic itself is tested with fixed timings
+    # above, FakeRunner).
     studio = studio_factory()
     first = run_tune(studio, tiny_spec())
     assert first.new_trials == 2 and len(first.trials) >= 1 and first.pareto
     assert first.winner is not None and first.winner.heldout.speedup is not None
     assert first.winner.heldout.figures["ssim"] >= 0.5 and len(first.heldout_prompts) == 2
     preset = studio.presets.get(first.preset)
-    assert preset.methods == first.winner.heldout.methods and preset.params == {"steps": 4, "guidance": 5.0}
+    assert preset.methods == first.winner.heldout.methods and preset.params == {"steps": 8, "guidance": 5.0}
     assert "cpu" in preset.description and "held-out speedup" in preset.description
     groups = {row.compare_group for row in studio.history.query(limit=500)}
     assert any(g and g.endswith("-heldout") for g in groups) and any(g and g.endswith("-t0") for g in groups)

@@ -73,7 +73,7 @@ def _plain(request: Request) -> Request:
     return request.replace(methods=[])
 
 
-def record_changes(backend, request: Request) -> tuple[list[float], list[float], dict[str, Any]]:
+def record_changes(backend, request: Request, cancel: Any = None) -> tuple[list[float], list[float], dict[str, Any]]:
     """One run without skipping: per step after the first and per CFG branch, the relative
     L1 change of the modulated input and of the block stack's residual; and the run's
     settings."""
@@ -115,18 +115,30 @@ def record_changes(backend, request: Request) -> tuple[list[float], list[float],
     run = backend.pipeline_kwargs(plan)
     if "output_type" in backend.call_params:
         run["output_type"] = "latent"
-    handles = [blocks[0].register_forward_pre_hook(head, with_kwargs=True),
-               blocks[-1].register_forward_hook(tail, with_kwargs=True)]
-    try:
-        with backend.lock, torch.no_grad(), tracking_branches(backend.denoiser, plan.guidance):
-            backend.pipe(**run)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with backend.lock:  # hooked only while no other run can use the shared model: none of its steps feed the curve
+        handles = [blocks[0].register_forward_pre_hook(head, with_kwargs=True),
+                   blocks[-1].register_forward_hook(tail, with_kwargs=True), *stop_hooks(backend, cancel)]
+        try:
+            with torch.no_grad(), tracking_branches(backend.denoiser, plan.guidance):
+                backend.pipe(**run)
+        finally:
+            for handle in handles:
+                handle.remove()
     return xs, ys, plan_settings(backend, plan)
 
 
-def fit_rescale_curve(backend, requests: Sequence[Request], degree: int = CURVE_DEGREE) -> dict[str, Any]:
+def stop_hooks(backend, cancel: Any) -> list:
+    """A pass run straight on the pipeline (not through ``backend.run``) still stops when
+    ``cancel`` (a CancelToken: cancelled or past its time limit) says so: checked before
+    every denoiser evaluation, as ``backend.run`` does."""
+    if cancel is None:
+        return []
+    cancel.start()
+    return [backend.denoiser.register_forward_pre_hook(cancel.check_hook)]
+
+
+def fit_rescale_curve(backend, requests: Sequence[Request], degree: int = CURVE_DEGREE,
+                      cancel: Any = None) -> dict[str, Any]:
     """TeaCache's rescale polynomial for this model: ``polyfit(input_change,
     output_change, degree)`` over every step of every request (highest power first, the
     order ``teacache.rescale`` reads). Returns the coefficients, the points it was fitted
@@ -137,7 +149,7 @@ def fit_rescale_curve(backend, requests: Sequence[Request], degree: int = CURVE_
     ys: list[float] = []
     settings: dict[str, Any] = {}
     for request in requests:
-        x, y, settings = record_changes(backend, request)
+        x, y, settings = record_changes(backend, request, cancel)
         xs += x
         ys += y
     if len(xs) <= degree:
@@ -160,7 +172,7 @@ def fit_r2(xs: Sequence[float], ys: Sequence[float], coefficients: Sequence[floa
     return round(1.0 - residual / spread, 4)
 
 
-def record_mag_ratios(backend, requests: Sequence[Request]) -> dict[str, Any]:
+def record_mag_ratios(backend, requests: Sequence[Request], cancel: Any = None) -> dict[str, Any]:
     """MagCache's calibration pass on each request, the ratios averaged per step."""
     from backends.accel.mag_cache import calibrate_mag_ratios
 
@@ -170,7 +182,12 @@ def record_mag_ratios(backend, requests: Sequence[Request]) -> dict[str, Any]:
     for request in requests:
         plan = backend.build_plan(_plain(request))
         with backend.lock:
-            curves.append(calibrate_mag_ratios(backend, plan))
+            hooks = stop_hooks(backend, cancel)
+            try:
+                curves.append(calibrate_mag_ratios(backend, plan))
+            finally:
+                for hook in hooks:
+                    hook.remove()
         settings = plan_settings(backend, plan)
     ratios = [float(statistics.mean(values)) for values in zip(*curves)]
     return {"kind": RATIOS, "ratios": ratios, "settings": settings, "prompts": len(requests)}
@@ -184,7 +201,7 @@ def skip_rate(stats: dict[str, Any]) -> float:
 
 
 def measured_skip_rate(backend, requests: Sequence[Request], method: str, params: dict[str, Any],
-                       calibrations: list[dict[str, Any]] | None = None) -> float:
+                       calibrations: list[dict[str, Any]] | None = None, cancel: Any = None) -> float:
     """The mean skip rate of ``method`` with ``params`` over ``requests`` (real runs)."""
     from backends.accel.base import get_method
 
@@ -193,14 +210,14 @@ def measured_skip_rate(backend, requests: Sequence[Request], method: str, params
     rates = []
     for request in requests:
         choice = MethodChoice(method, values, config=spec.build(values), calibrations=list(calibrations or []))
-        result = backend.run(request.replace(methods=[choice]))
+        result = backend.run(request.replace(methods=[choice]), cancel=cancel)
         rates.append(skip_rate(result.method_stats.get(method, {})))
     return float(statistics.mean(rates))
 
 
 def choose_threshold(backend, requests: Sequence[Request], method: str, target: float,
                      params: dict[str, Any] | None = None, calibrations: list[dict[str, Any]] | None = None,
-                     iterations: int = 8) -> dict[str, Any]:
+                     iterations: int = 8, cancel: Any = None) -> dict[str, Any]:
     """Bisection over ``method``'s threshold for the skip rate ``target`` (0-1) on
     ``requests``: the skip rate rises with the threshold, so each probe halves the
     interval. Returns the threshold whose measured rate came closest, its rate and every
@@ -217,7 +234,8 @@ def choose_threshold(backend, requests: Sequence[Request], method: str, target: 
     probes: list[tuple[float, float]] = []
     for _ in range(iterations):
         middle = (low + high) / 2
-        rate = measured_skip_rate(backend, requests, method, {**params, "threshold": round(middle, 6)}, calibrations)
+        rate = measured_skip_rate(backend, requests, method, {**params, "threshold": round(middle, 6)}, calibrations,
+                                  cancel)
         probes.append((round(middle, 6), rate))
         if abs(rate - target) < 1e-9:
             break

@@ -162,7 +162,8 @@ class AWQMethod(Method):
             weights["__search__"] = search  # kept with the weights: a cached toggle reports it too
             return weights
 
-        key = _quant.model_key(model, cfg.group_size, cfg.grid, cfg.calib_tokens, cfg.skip_blocks, cfg.skip_io)
+        key = _quant.model_key(model, cfg.group_size, cfg.grid, cfg.calib_tokens, cfg.clip, cfg.skip_blocks,
+                               cfg.skip_io)  # every field that changes the weights
         kernel = "int4 packed, dequantized per matmul"
 
         def figures(weights: dict[str, Any]) -> dict[str, Any]:

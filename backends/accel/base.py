@@ -183,6 +183,10 @@ class Method:
     # attached before the others whatever the listed order: it edits what others read
     # when they attach (the sampler: the scheduler and the step count)
     attach_first: ClassVar[bool] = False
+    # its effect only exists in token-by-token decoding (a decode-time skip, a cache that
+    # compresses what later tokens read): held-out perplexity is then measured by
+    # teacher-forced decoding rather than one parallel forward (``backends.text_eval``)
+    acts_while_decoding: ClassVar[bool] = False
     # stored calibrations for this run's model (``backends.accel._calibration``), handed
     # over by ``instantiate`` from the request's ``MethodChoice``; empty when none
     calibrations: Sequence[dict[str, Any]] = ()

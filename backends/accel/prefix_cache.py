@@ -13,8 +13,9 @@ depend on what follows it (causal attention), so the output is plain greedy's; w
 changes is the time to first token.
 
 The store lives on the backend (``run_memory``): one per loaded model, dropped when the
-model is unloaded; the first block's parent key is the model's fingerprint, so no key is
-ever valid for two models. It is bounded by ``budget_mb``, evicting least recently used
+model is unloaded; the first block's parent key is the model's fingerprint with the weights
+it runs (a quantized run's tag) and its device and dtype, so no key is ever valid for two
+models or two weight formats. It is bounded by ``budget_mb``, evicting least recently used
 blocks that no kept block continues (leaves first, as vLLM's evictor). With ``disk`` on,
 blocks are also written as safetensors files named by their key under the data dir's
 ``cache/prefix-kv/<model fingerprint>/`` (same budget, oldest used first) and a block
@@ -91,6 +92,16 @@ def model_fingerprint(model_id: str, model: Any) -> str:
         digest.update(tensor.detach().float().cpu().numpy().tobytes()[:1 << 20])
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in model_id)[-48:]
     return f"{safe}-{digest.hexdigest()[:16]}"
+
+
+def block_root(fingerprint: str, backend: Any) -> str:
+    """The parent key of a prompt's first block: the model's fingerprint, the weights it runs
+    now (``weights_tag``, published by an attached weight method such as weight_quant or
+    awq) and its device and dtype, all of which change the K/V. Read at lookup time, so a
+    quantized run never hands its K/V to a plain one (nor a CPU float32 run to a GPU one)."""
+    first = next(backend.model.parameters())
+    where = f"{getattr(backend, 'weights_tag', '')}|{first.device}|{first.dtype}"
+    return f"{fingerprint}-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -251,7 +262,7 @@ class PrefixCacheMethod(Method):
             includes the lookup and the copy of the reused K/V."""
             tokens = input_ids[0].tolist()
             run["prompt_tokens"] = len(tokens)
-            keys = block_keys(store.fingerprint, tokens, config.block_tokens)
+            keys = block_keys(block_root(store.fingerprint, b), tokens, config.block_tokens)
             chain = self.reused_chain(b, store, disk, keys, len(tokens), run)
             cache = filled_cache(b.model, chain)
             plan.kwargs["past_key_values"] = cache

@@ -64,6 +64,16 @@ def torchao_config(weights: str) -> Any:
     return Int8WeightOnlyConfig() if weights == "int8" else Float8WeightOnlyConfig()
 
 
+def publish_weights_tag(handle: RunHandle, backend: Any, tag: str) -> None:
+    """Name the weights the backend runs while ``handle`` is attached (``backend.weights_tag``,
+    the method and its cache key, which holds every config field that changes the weights):
+    what the model computes depends on it, so state kept across runs (the prefix cache's
+    K/V) is keyed by it. Restored on removal."""
+    previous = getattr(backend, "weights_tag", "")
+    handle.on_remove(setattr, backend, "weights_tag", previous)
+    backend.weights_tag = tag
+
+
 def attach_quantized(method: str, backend: Any, plan: RunPlan, choice: _quant.LayerChoice, key: tuple,
                      build: Callable[[], dict[str, Any]],
                      extra: Callable[[dict[str, Any]], dict[str, Any]] | dict[str, Any] | None = None) -> RunHandle:
@@ -81,6 +91,7 @@ def attach_quantized(method: str, backend: Any, plan: RunPlan, choice: _quant.La
     handle = RunHandle(plan, lambda: dict(stats))
     with handle.undo_on_error():
         _quant.swap_weights(handle, choice.targets, weights)
+        publish_weights_tag(handle, backend, f"{method}{key!r}")
     stats.update(_quant.quant_stats(model, choice, before, cached), **figures)  # bytes as run: after the swap
     return handle
 

@@ -33,10 +33,11 @@ def api_run(studio, request_json) -> dict:
     try:
         outcome = studio.generate(parse_request_json(request_json))
         result = outcome.result
-        # the path as History stores it (``outputs/...``, relative to the data dir): a
-        # reply never reveals where the server keeps its files
+        # the path as History stores it (``outputs/...``, relative to the data dir), and
+        # where to download the file: Gradio's file route, as for any file a UI output shows
         stored = studio.outputs.relative(result.output_path) if result.output_path else None
-        return {"run_id": outcome.run_id, "output_path": stored,
+        url = f"gradio_api/file={result.output_path}" if result.output_path else None
+        return {"run_id": outcome.run_id, "output_path": stored, "output_url": url,
                 "output": result.output if isinstance(result.output, str) else None, **result.summary()}
     except StudioError as exc:
         raise gr.Error(one_line(str(exc)), print_exception=False) from None

@@ -11,6 +11,7 @@ import pandas as pd
 from studio import calibration
 from studio.plots import calibration_curve_figure
 from studio.ui.common import model_choices, user_errors
+from studio.ui.runs import SessionRuns, session_key
 
 TABLE_COLUMNS = ["id", "method", "calibration", "settings", "device", "date"]
 SKIP_RATE = "target skip rate"
@@ -43,7 +44,9 @@ def build_calibration_panel(studio) -> dict:
                 steps = gr.Number(value=25, precision=0, label="Steps")
             prompt_texts = gr.Textbox(lines=3, label="Prompts (optional, one per line)",
                                       info="empty: the bundled models' own vocabulary")
-            start = gr.Button("Start", variant="primary", elem_id="calibrate-start")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="calibrate-start")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="calibrate-cancel")
         with gr.Column(scale=3):
             result = gr.Markdown("", elem_id="calibrate-result")
             curve = gr.Plot(label="Input change vs output change")
@@ -52,6 +55,8 @@ def build_calibration_panel(studio) -> dict:
             with gr.Row():
                 delete_id = gr.Number(value=None, precision=0, label="Calibration id")
                 delete = gr.Button("Delete", variant="stop")
+
+    runs = SessionRuns()
 
     def listing(model_id):
         rows = calibration.calibration_table(studio.history, model_id) if model_id else []
@@ -68,12 +73,18 @@ def build_calibration_panel(studio) -> dict:
         return gr.update(choices=choices, value=choices[0])
 
     @user_errors
-    def on_start(m, model_id, name, goal_name, rate, count, step_count, texts, progress=gr.Progress()):
+    def on_start(m, model_id, name, goal_name, rate, count, step_count, texts, request: gr.Request = None,
+                 progress=gr.Progress()):
         aim = rate if goal_name == SKIP_RATE else goal_name
         params = {"steps": int(step_count)} if step_count else {}
-        record = calibration.run_calibration(studio, m, model_id, name, aim, prompts=int(count),
-                                             prompt_texts=(texts or "").splitlines(), params=params,
-                                             progress=lambda message: progress(0, desc=message))
+        key = session_key(request)
+        token = runs.start(key)  # the Cancel button sets it: the passes stop at their next denoiser call
+        try:
+            record = calibration.run_calibration(studio, m, model_id, name, aim, prompts=int(count),
+                                                 prompt_texts=(texts or "").splitlines(), params=params,
+                                                 progress=lambda message: progress(0, desc=message), cancel=token)
+        finally:
+            runs.finish(key, token)
         return summary(name, record), figure(record), listing(model_id)
 
     @user_errors
@@ -85,10 +96,16 @@ def build_calibration_panel(studio) -> dict:
     modality.change(on_modality, inputs=[modality], outputs=[model, table], api_name=False)
     model.change(listing, inputs=[model], outputs=[table], api_name=False)
     method.change(on_method, inputs=[method], outputs=[goal], api_name=False)
-    start.click(on_start, inputs=[modality, model, method, goal, target, prompts, steps, prompt_texts],
-                outputs=[result, curve, table], api_name=False, concurrency_limit=1)
+    event = start.click(on_start, inputs=[modality, model, method, goal, target, prompts, steps, prompt_texts],
+                        outputs=[result, curve, table], api_name=False, concurrency_limit=1)
+
+    def on_cancel(request: gr.Request):
+        runs.cancel_session(request)
+        return "Cancelled: nothing was stored."
+
+    cancel.click(on_cancel, outputs=[result], cancels=[event], api_name=False, queue=False)
     delete.click(on_delete, inputs=[model, delete_id], outputs=[result, table], api_name=False)
-    return {"start": on_start, "delete": on_delete, "listing": listing, "on_method": on_method, "table": table,
+    return {"start": on_start, "cancel": runs, "delete": on_delete, "listing": listing, "on_method": on_method, "table": table,
             "model": model}
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, Iterator
 
 import gradio as gr
 import pandas as pd
 
 from backends.accel.base import methods_for
+from backends.control import CancelToken, cancel_after
 from backends.types import MODALITIES, StudioError, ValidationError
 from benchmarks.prompts import default_prompts
 from studio.plots import tune_pareto_figure
@@ -65,10 +67,18 @@ def studies_frame(studio) -> pd.DataFrame:
     return pd.DataFrame([{k: s.get(k) for k in columns} for s in studies], columns=columns)
 
 
-def api_tune(studio, body: str) -> str:
-    """``/tune``'s work: the same inputs as the tab as one JSON object, the result as JSON."""
+def api_tune(studio, body: str, cancel: Any = None) -> str:
+    """``/tune``'s work: the same inputs as the tab as one JSON object, the result as JSON.
+    The tune stops (its trials kept in the study) at the studio's ``--time-limit`` or when
+    ``cancel`` is set (the client disconnected or cancelled)."""
     spec = parse_tune_json(body)
-    return json.dumps(run_tune(studio, spec).to_dict(), default=str)
+    token = CancelToken(studio.time_limit_s, parent=cancel)
+    timer = cancel_after(token)
+    try:
+        return json.dumps(run_tune(studio, spec, cancel=token).to_dict(), default=str)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def build_tune_tab(studio) -> dict:
@@ -175,11 +185,16 @@ def build_tune_tab(studio) -> dict:
     refresh.click(lambda: studies_frame(studio), outputs=[studies], api_name=False)
 
     @user_errors
-    def tune(body: str) -> str:
+    def tune(request: gr.Request, body: str) -> Iterator[str]:
         """Auto-tune as JSON in, JSON out: {modality, model, floor, prompts?, params?, trials?, minutes?,
         methods?, repeats?, split?, seed?, study?}; returns the Pareto front, the held-out confirmation and
-        the winner (saved as a preset)."""
-        return api_tune(studio, body)
+        the winner (saved as a preset). Streams "" while it runs; a client that disconnects stops it."""
+        parse_tune_json(body)  # a bad body is refused before anything starts
+        for item in run_with_token(runs, request, lambda token, _progress: api_tune(studio, body, token)):
+            if isinstance(item, str):
+                yield item
+                return
+            yield ""
 
     gr.api(tune, api_name="tune", concurrency_id="compare")
     return {"studies": studies, "load_studies": lambda: studies_frame(studio)}
