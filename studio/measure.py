@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backends.control import RunCancelled, RunTimedOut
-from backends.types import StudioError
+from backends.types import StudioError, ValidationError
 
 
 class Cancelled(StudioError):
@@ -67,6 +67,9 @@ class ConfigRuns:
     trials: list[Trial] = field(default_factory=list)
     last: dict[int, Any] = field(default_factory=dict)  # case -> result of its last repetition
     error: str | None = None
+    # True when the error is the request's own (a ValidationError: the configuration does
+    # not fit this model), not something that went wrong while running it
+    unfit: bool = False
     started: bool = False
     warmed: bool = False
 
@@ -184,6 +187,7 @@ def measure(
             raise
         except StudioError as exc:
             state.error = str(exc)
+            state.unfit = isinstance(exc, ValidationError)
             return
         with lock:
             state.trials.append(Trial(config, case, repeat, timed.seconds, timed.ideal, timed.device))

@@ -122,6 +122,7 @@ class Measured:
     task: dict[str, float] | None = None
     device: str = ""
     error: str | None = None
+    unfit: bool = False  # refused by the model (a parameter value it cannot take): costs no budget
 
     def summary(self) -> dict[str, Any]:
         s = self.speedup
@@ -187,7 +188,8 @@ class Measurer:
         measured = measure(len(configs), len(cases.prompts), lambda c, k: self.runner.run(request(c, k), self.cancel),
                            repeats=spec.repeats, warm=warm, cancel=self.cancel, progress=progress,
                            labels=[label for label, _ in configs], parallel=self.runner.parallel)
-        rows = [Measured(label, methods, error=runs.error) for (label, methods), runs in zip(configs, measured.runs)]
+        rows = [Measured(label, methods, error=runs.error, unfit=runs.unfit)
+                for (label, methods), runs in zip(configs, measured.runs)]
         if measured.cancelled:
             return rows, True
         base_runs = measured.runs[0]
@@ -528,6 +530,10 @@ def _search(study, storage, name, spec, floor, space, measurer, cases, result, p
     budget = spec.trials if spec.trials is not None else MAX_TRIALS
     batch_size = max(1, measurer.runner.parallel)
     done = _counted(study)
+    # a configuration the model refuses (DeepCache's branch past this UNet's depth, a
+    # solver without a flow form, a skip list that leaves nothing to quantize) fails at
+    # attach, before any timed run: it costs no budget, up to this many per budgeted trial
+    unfit_allowance = UNFIT_PER_TRIAL * budget
     while done < budget and not cancel.is_set() and (deadline is None or time.monotonic() < deadline):
         batch, added = _ask_batch(study, space, known, min(batch_size, budget - done))
         done += added
@@ -550,7 +556,11 @@ def _search(study, storage, name, spec, floor, space, measurer, cases, result, p
             result.cancelled = True
             break
         for (trial, label, _), candidate in zip(batch, rows[1:]):
-            done += 1
+            if candidate.unfit and unfit_allowance > 0:
+                unfit_allowance -= 1
+                trial.set_user_attr("unfit", True)
+            else:
+                done += 1
             result.new_trials += 1
             if _tell(study, trial, candidate, floor, spec.modality):
                 known[label] = study.get_trials(deepcopy=False)[trial.number]
@@ -624,10 +634,15 @@ def _sub_progress(progress, done: int, budget: int, stage: str):
     return lambda _n, _total, label: progress(done, budget, f"{stage} · {label}")
 
 
+UNFIT_PER_TRIAL = 3
+
+
 def _counted(study) -> int:
-    """Trials that used the budget: finished, failed or pruned, not cancelled ones."""
+    """Trials that used the budget: finished, failed or pruned, not cancelled ones, nor
+    configurations the model refused before running them."""
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state.name in ("COMPLETE", "FAIL", "PRUNED") and not t.user_attrs.get("cancelled"))
+               if t.state.name in ("COMPLETE", "FAIL", "PRUNED")
+               and not t.user_attrs.get("cancelled") and not t.user_attrs.get("unfit"))
 
 
 def _record(trial, measured: Measured, floor: QualityFloor) -> None:

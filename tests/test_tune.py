@@ -232,6 +232,55 @@ def test_a_configuration_slower_than_the_baseline_is_no_winner(tmp_path):
     assert not any("shipped preset" in note for note in result.notes)  # it fails the floor held-out
 
 
+class RefusesDeepCache(FakeRunner):
+    """A UNet too shallow for any DeepCache setting: every such configuration is refused
+    at attach (a ValidationError), before any timed run."""
+
+    def refuse(self, request):
+        if any(m.name == "deepcache" for m in request.methods):
+            raise ValidationError("DeepCache branch must be below 2 for this UNet")
+
+    def run(self, request, cancel):
+        self.refuse(request)
+        return super().run(request, cancel)
+
+    def warm(self, request, cancel):
+        self.refuse(request)
+
+
+def _states(runner, result):
+    import optuna
+
+    study = optuna.load_study(study_name=result.study, storage=runner.storage_url)
+    return study.trials
+
+
+def test_configurations_the_model_refuses_cost_no_budget(tmp_path):
+    """The 40-trial tune of tiny-sd-shapes spent 30 trials on DeepCache branches this UNet
+    refuses: such trials are recorded (failed, marked unfit) but do not use the budget."""
+    runner = RefusesDeepCache(f"sqlite:///{tmp_path / 'opt.db'}")
+    result = run_tune(runner, fake_spec(trials=4, confirm_top=2))
+    trials = _states(runner, result)
+    unfit = [t for t in trials if t.user_attrs.get("unfit")]
+    budgeted = [t for t in trials if not t.user_attrs.get("unfit")]
+    assert unfit and all(t.state.name == "FAIL" for t in unfit)
+    assert len(budgeted) == 4  # the budget bought four trials the model could run
+    assert result.winner is not None and [m.name for m in result.winner.heldout.methods] == ["cfg_truncation"]
+
+
+def test_refused_configurations_are_bounded(tmp_path):
+    class RefusesAll(RefusesDeepCache):
+        def refuse(self, request):
+            if request.methods:
+                raise ValidationError("nothing fits this model")
+
+    runner = RefusesAll(f"sqlite:///{tmp_path / 'opt.db'}")
+    result = run_tune(runner, fake_spec(trials=2, confirm_top=1))
+    trials = _states(runner, result)
+    assert len(trials) <= 2 * (1 + 3)  # the budget, plus at most three refused per budgeted trial
+    assert result.winner is None
+
+
 def test_a_faster_shipped_preset_is_pointed_out(tmp_path):
     class FastPreset(FakeRunner):
         def run(self, request, cancel):
