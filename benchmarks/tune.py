@@ -113,6 +113,13 @@ def preset_file_name(model: str, tier: str) -> str:
     return f"{safe}-{tier}.json"
 
 
+def beats_shipped(result: TuneResult) -> bool:
+    """Whether the tuned winner may replace a shipped preset: it is at least as fast on the
+    held-out prompts as every shipped preset that met the floor there (in the same run)."""
+    best = result.best_shipped
+    return best is None or result.winner.heldout.speedup.median >= best.heldout.speedup.median
+
+
 def write_shipped_preset(result: TuneResult, spec: TuneSpec, tier: str, directory, command: str):
     """presets/<model>-<tier>.json from the held-out winner (the shipped fast / balanced /
     quality presets re-chosen with held-out confirmation); its description quotes the
@@ -196,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     print_result(result)
     command = "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.shipped_tier and result.winner is not None:
-        print(f"wrote {write_shipped_preset(result, spec, args.shipped_tier, args.shipped_dir, command)}")
+        if beats_shipped(result):
+            print(f"wrote {write_shipped_preset(result, spec, args.shipped_tier, args.shipped_dir, command)}")
+        else:
+            print(f"kept the shipped '{args.shipped_tier}' preset: {result.best_shipped.label} was faster at this "
+                  "floor on the held-out prompts")
     if args.json:
         meta = {"threads": torch.get_num_threads(), "repeats": args.repeats, "prompts": args.prompts,
                 "command": command}

@@ -295,6 +295,16 @@ def test_a_faster_shipped_preset_is_pointed_out(tmp_path):
     assert [m.name for m in result.winner.heldout.methods] == ["cfg_truncation"]
     assert result.best_shipped.label == "fake sampler"
     assert any("'fake sampler' was faster at this floor" in note for note in result.notes)
+    from benchmarks.tune import beats_shipped
+
+    assert not beats_shipped(result)  # --shipped-tier keeps the faster shipped preset
+
+
+def test_a_winner_at_least_as_fast_as_the_shipped_presets_may_replace_them(tmp_path):
+    from benchmarks.tune import beats_shipped
+
+    result = run_tune(FakeRunner(f"sqlite:///{tmp_path / 'opt.db'}"), fake_spec())
+    assert result.best_shipped is None and beats_shipped(result)  # the shipped one fails the floor held-out
 
 
 def test_a_baseline_that_changes_between_runs_is_reported(tmp_path):
