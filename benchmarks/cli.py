@@ -403,6 +403,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def benchmark_manager(args) -> BackendManager:
+    """The models of a benchmark run: ``--threads`` set, offline, the dummy models when one
+    of them is asked for (shared by ``python -m benchmarks`` and ``benchmarks.tune``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    manager = BackendManager(device=args.device)
+    if args.model.startswith("dummy-"):
+        from backends.tiny.dummy import register_dummy_models
+
+        register_dummy_models(manager)
+    return manager
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,14 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                              "not the measured ones) and hand it to every teacache configuration "
                              "(rescale=calibrated or auto uses it)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    manager = BackendManager(device=args.device)
-    if args.model.startswith("dummy-"):
-        from backends.tiny.dummy import register_dummy_models
-
-        register_dummy_models(manager)
+    manager = benchmark_manager(args)
     params = build_params(args)
     prompts = default_prompts(args.modality, args.prompts, args.prompt_kind, args.seed)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

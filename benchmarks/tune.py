@@ -170,17 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trials is None and args.minutes is None:
         args.trials = 40
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from backends.manager import BackendManager
+    from benchmarks.cli import benchmark_manager
     from studio.service import Studio
 
-    manager = BackendManager(device=args.device)
-    if args.model.startswith("dummy-"):
-        from backends.tiny.dummy import register_dummy_models
-
-        register_dummy_models(manager)
+    manager = benchmark_manager(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     last = [0.0]
 

@@ -51,6 +51,8 @@ import os
 
 import torch
 
+from kernels.sta import triton_available  # noqa: F401  (one check for both triton kernels; re-exported)
+
 BACKENDS = ("auto", "torch", "sdpa", "triton")
 BLOCK_SIZES = (16, 32, 64, 128)  # powers of two: tl.dot needs >= 16 and power-of-two tiles
 INT8_MAX = 127.0
@@ -140,15 +142,6 @@ def int8_attention_sdpa(q, k, v, block_q: int, block_k: int, smooth: bool, scale
 
 
 # --------------------------------------------------------------------------- triton
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing, or a broken install
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=1)
