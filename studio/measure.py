@@ -201,6 +201,8 @@ def measure(
         for repeat in range(repeats):
             for case in range(cases):
                 live = [c for c in range(configs) if runs[c].error is None]
+                if configs > 1 and live in ([], [0]):
+                    break  # every configuration failed: timing the baseline alone compares nothing
                 if pool is None:
                     for config in live:
                         one(config, case, repeat)

@@ -193,6 +193,8 @@ class Measurer:
         if measured.cancelled:
             return rows, True
         base_runs = measured.runs[0]
+        if all(row.error for row in rows[1:]) and not base_runs.error:
+            return rows, False  # every candidate failed (the engine then stops timing the baseline)
         if base_runs.error or len(base_runs.last) < len(cases.prompts):
             raise StudioError(f"the baseline failed: {base_runs.error or 'no output'}")
         base_out = [base_runs.last[i] for i in range(len(cases.prompts))]

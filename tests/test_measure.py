@@ -87,6 +87,16 @@ def test_a_failing_configuration_is_dropped_and_the_others_go_on():
     assert sum(call[1] == 1 for call in runner.calls) == 1  # not retried in later rounds
 
 
+def test_when_every_configuration_failed_the_baseline_is_not_timed_alone():
+    """A configuration the model refuses fails at its first run: the auto-tuner then
+    spent 4 cases x 2 repeats of baseline runs on nothing to compare."""
+    runner = FakeRunner(constant(2, 4, 2), fail={1})
+    measured = measure(2, 4, runner.run, repeats=2)
+    assert measured.runs[1].unfit and len(measured.runs[0].trials) == 1
+    baseline_only = measure(1, 2, FakeRunner(constant(1, 2, 2)).run, repeats=2)
+    assert len(baseline_only.runs[0].trials) == 4  # a baseline-only measurement still runs
+
+
 def test_a_cancel_between_runs_stops_the_measurement():
     cancel = threading.Event()
     runner = FakeRunner(constant(3, 1, 3))
