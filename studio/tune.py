@@ -39,11 +39,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 
 from backends.accel._eval_cost import run_ideal
 from backends.types import MethodChoice, Request, StudioError, ValidationError, shown
 from studio import metrics
+from studio.detectors import outputs_identical
 from studio.compare import format_config
 from studio.measure import Spread, Timed, measure, summarize
 from studio.tune_spec import (MAX_TRIALS, PRIMARY, QUALITY_METRICS, Conflict, QualityFloor, SearchSpace, TuneSpec,
@@ -54,17 +54,6 @@ log = logging.getLogger(__name__)
 STUDY_KIND = "fastgen-tune"  # the user attr that marks an optuna study as ours
 
 # -- running configurations ---------------------------------------------------------------
-
-def identical(modality: str, a: Any, b: Any) -> bool:
-    """Bit-identical outputs (the floor ``exact``)."""
-    if modality == "text":
-        return a == b
-    if modality == "audio":
-        return np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
-    if modality == "video":
-        return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
-    return np.array_equal(np.asarray(a), np.asarray(b))
-
 
 class StudioTuneRunner:
     """What the tuner needs from a Studio: runs kept in History, the quality metrics,
@@ -98,7 +87,7 @@ class StudioTuneRunner:
         self.studio.warm_up(request, cancel=cancel)
 
     def quality(self, modality: str, reference: Any, output: Any) -> dict[str, float]:
-        return {**metrics.quality(modality, reference, output), "exact": float(identical(modality, reference, output))}
+        return {**metrics.quality(modality, reference, output), "exact": float(outputs_identical(modality, reference, output))}
 
     def task(self, modality: str, model: str, outputs: list, prompts: list[str]) -> dict[str, float] | None:
         return metrics.task_score(modality, model, outputs, prompts)

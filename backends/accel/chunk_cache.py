@@ -48,7 +48,7 @@ import torch
 
 from backends.accel._decoding import DecodingHandle, set_decoder
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel.prefix_cache import MB, Block, PrefixStore, model_fingerprint
+from backends.accel.prefix_cache import MB, Block, PrefixStore, backend_store
 from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
@@ -98,13 +98,7 @@ def chunk_key(root: str, tokens: tuple[int, ...]) -> str:
 
 
 def chunk_store(backend) -> PrefixStore:
-    memory = getattr(backend, "run_memory", None)
-    if memory is None:
-        raise ValidationError("context-chunk reuse needs a text backend that keeps state across runs")
-    store = memory.get(MEMORY_KEY)
-    if store is None:
-        store = memory[MEMORY_KEY] = PrefixStore(model_fingerprint(backend.model_id, backend.model))
-    return store
+    return backend_store(backend, MEMORY_KEY, "context-chunk reuse")
 
 
 def check_model(model: Any) -> None:

@@ -192,14 +192,20 @@ class DiskBlocks:
             path.unlink(missing_ok=True)
 
 
-def prefix_store(backend) -> PrefixStore:
+def backend_store(backend, key: str, what: str) -> PrefixStore:
+    """The block store ``key`` kept on a loaded text model (its ``run_memory``, dropped on
+    unload): one per method that reuses K/V across runs (the prefix cache, chunk reuse)."""
     memory = getattr(backend, "run_memory", None)
     if memory is None:
-        raise ValidationError("the prefix cache needs a text backend that keeps state across runs")
-    store = memory.get(MEMORY_KEY)
+        raise ValidationError(f"{what} needs a text backend that keeps state across runs")
+    store = memory.get(key)
     if store is None:
-        store = memory[MEMORY_KEY] = PrefixStore(model_fingerprint(backend.model_id, backend.model))
+        store = memory[key] = PrefixStore(model_fingerprint(backend.model_id, backend.model))
     return store
+
+
+def prefix_store(backend) -> PrefixStore:
+    return backend_store(backend, MEMORY_KEY, "the prefix cache")
 
 
 def filled_cache(model, chain: list[Block]):
