@@ -26,6 +26,9 @@ class BundledModel:
     title: str
     description: str
     draft: str | None = None  # text: the paired draft model for speculative decoding
+    # image: the smaller sibling (same latents, prompt encoding and schedule) that runs the early
+    # denoising steps under T-Stitch (``backends.accel.t_stitch``)
+    sibling: str | None = None
     default_size: tuple[int, int] | None = None  # image: (height, width) it was trained at
     # the sampling settings the model was trained and evaluated with (its training_report.json's
     # eval call): the UI starts from these so a first run looks like the reported quality
@@ -46,6 +49,10 @@ class BundledModel:
 BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-sd-shapes", "image", "Tiny SD (UNet) - shapes",
                  "Stable Diffusion layout UNet trained here on rendered coloured shapes.",
+                 recommended=(("steps", 25), ("guidance", 4.0)), grader="shapes", sibling="tiny-sd-shapes-small"),
+    BundledModel("tiny-sd-shapes-small", "image", "Tiny SD small (UNet) - shapes",
+                 "Half-width sibling of Tiny SD (about 4x fewer FLOPs per step) sharing its VAE, text encoder and "
+                 "schedule: T-Stitch runs it for the early steps.",
                  recommended=(("steps", 25), ("guidance", 4.0)), grader="shapes"),
     BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
                  "FLUX layout transformer trained here on rendered coloured shapes.", default_size=(64, 64),

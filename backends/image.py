@@ -8,12 +8,18 @@ from typing import Any
 import torch
 
 from backends.base import Backend, ProgressFn, module_bytes
+from backends.catalog import find_bundled, resolve_source
 from backends.params import default
 from backends.plan import DiffusionPlan, Guidance, tracking_branches
 from backends.timing import StageTimer, timed_method
-from backends.types import Request
+from backends.types import ModelLoadError, Request
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def pipe_denoiser(pipe: Any) -> torch.nn.Module | None:
+    """The network a pipeline runs at every step: its UNet or its transformer."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
 def pipeline_family(pipe: Any) -> str:
@@ -65,6 +71,9 @@ class DiffusionBackend(Backend):
         self.call_params = set(inspect.signature(pipe.__call__).parameters)
         self.cfg_batched = batches_cfg(pipe)
         self.base_scheduler = pipe.scheduler
+        # T-Stitch: the smaller sibling pipelines, loaded on first use and kept (tests pre-seed it)
+        self.sibling_id = getattr(find_bundled(model_id), "sibling", None)
+        self.siblings: dict[str, Any] = {}
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
@@ -77,10 +86,24 @@ class DiffusionBackend(Backend):
 
     @property
     def denoiser(self) -> torch.nn.Module | None:
-        return getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        return pipe_denoiser(self.pipe)
 
     def memory_bytes(self) -> int:
-        return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components))
+        siblings = [pipe_denoiser(p) for p in self.siblings.values()]
+        return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components), *siblings)
+
+    def get_sibling(self, model_id: str) -> Any:
+        """The pipeline of a smaller sibling model (T-Stitch), loaded once by the same
+        ``from_pretrained`` path as this model, on its device and dtype."""
+        if model_id not in self.siblings:
+            source = resolve_source(model_id)
+            try:
+                sibling = type(self).from_pretrained(model_id, source, self.device, self.dtype)
+            except Exception as exc:  # noqa: BLE001 - any loader failure is one line for the user
+                raise ModelLoadError(f"could not load the small model '{model_id}' as a diffusers pipeline "
+                                     f"({type(exc).__name__})") from exc
+            self.siblings[model_id] = sibling.pipe
+        return self.siblings[model_id]
 
     def unload(self) -> None:
         self.pipe = None

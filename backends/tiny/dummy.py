@@ -63,6 +63,22 @@ def dummy_sd_pipeline(seed: int = 0):
     return pipe
 
 
+def dummy_sd_sibling(pipe, seed: int = 1):
+    """A narrower UNet sharing ``pipe``'s VAE, text encoder, tokenizer and scheduler: a
+    T-Stitch sibling of ``dummy_sd_pipeline`` (random weights, like the model itself)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(pipe.unet.config)
+    config["block_out_channels"] = (4, 8, 8)
+    config["attention_head_dim"] = 2
+    unet = UNet2DConditionModel.from_config(config).eval()
+    return StableDiffusionPipeline(
+        unet=unet, scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
     """FluxPipeline with a tiny transformer (supports ``enable_cache``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

@@ -334,7 +334,19 @@ class UNetConfig:
     block_out_channels: tuple = (32, 64, 128)
     cross_attention_dim: int = 64
     text_film: bool = True
+    # size "small": the T-Stitch sibling (half the channels, ~4x fewer FLOPs per step), trained
+    # on the same latents, schedule and (frozen) text encoder as the full model
+    size: str = "full"
+    # share of training timesteps drawn from the high-noise range [high_noise_t, 999]; the rest
+    # uniform. 0 for the full model; the sibling only runs the early (high-noise) steps.
+    high_noise_share: float = 0.0
+    high_noise_t: int = 400
     seed: int = 0
+
+
+# The smaller sibling of tiny-sd-shapes (T-Stitch): same layout, half the width per block.
+SMALL_UNET_CHANNELS = (16, 32, 64)
+SD_SMALL_DIR = ASSETS / "tiny-sd-shapes-small"
 
 
 def make_tiny_unet(cfg: UNetConfig):
@@ -405,17 +417,57 @@ def _denoiser_args(prog: str, cfg, out: Path, grid: str, what: str, argv: list[s
     return args
 
 
-def train_unet_main(argv: list[str] | None = None) -> int:
-    """Train the tiny SD: UNet + CLIP text encoder on VAE latents, then save, reload and grade."""
-    from diffusers import StableDiffusionPipeline
+def _size_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    """Split ``--size {full,small}`` off the recipe's arguments (the other options are shared)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--size", choices=("full", "small"), default="full")
+    known, rest = p.parse_known_args(argv)
+    return known.size, rest
 
+
+def _apply_size(cfg: UNetConfig, size: str) -> None:
+    """The small sibling: half the channels; 3/4 of its samples at high noise, where T-Stitch runs it."""
+    cfg.size = size
+    if size == "small":
+        cfg.block_out_channels = SMALL_UNET_CHANNELS
+        cfg.minutes = 12.0
+        cfg.high_noise_share = 0.75
+
+
+def _sample_timesteps(cfg: UNetConfig, n: int) -> torch.Tensor:
+    t = torch.randint(0, 1000, (n,))
+    if cfg.high_noise_share > 0:
+        high = torch.rand(n) < cfg.high_noise_share
+        t = torch.where(high, torch.randint(cfg.high_noise_t, 1000, (n,)), t)
+    return t
+
+
+def train_unet_main(argv: list[str] | None = None) -> int:
+    """Train the tiny SD: UNet + CLIP text encoder on VAE latents, then save, reload and grade.
+
+    ``--size small`` trains the T-Stitch sibling instead: a narrower UNet on the same latents and
+    schedule, conditioned by the full model's text encoder, frozen (``--text-from``), so both
+    UNets read the same prompt embeddings and can be stitched mid-trajectory.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    size, argv = _size_args(argv)
     cfg = UNetConfig()
-    args = _denoiser_args("shapes-unet", cfg, SD_DIR, "/tmp/grid_sd.png", "tiny-sd", argv)
+    _apply_size(cfg, size)
+    small = size == "small"
+    args = _denoiser_args("shapes-unet", cfg, SD_SMALL_DIR if small else SD_DIR,
+                          "/tmp/grid_sd_small.png" if small else "/tmp/grid_sd.png", "tiny-sd", argv)
     rng = random.Random(cfg.seed)
 
     vae = load_vae(args.vae)
     tok = build_clip_tokenizer()
     text = tiny_clip_text_model(len(tok), cfg.cross_attention_dim)
+    if small:  # the full model's prompt encoding, frozen
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(SD_DIR / "tokenizer")
+        text = CLIPTextModel.from_pretrained(SD_DIR / "text_encoder").eval().requires_grad_(False)
     unet = make_tiny_unet(cfg)
     prior_steps, prior_s = 0, 0.0
     if args.init:  # continue training (e.g. when a busy CPU cut the first run short)
@@ -434,7 +486,7 @@ def train_unet_main(argv: list[str] | None = None) -> int:
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     opt = torch.optim.AdamW([
         {"params": unet.parameters(), "lr": cfg.lr, "base": cfg.lr},
-        {"params": text.parameters(), "lr": cfg.text_lr, "base": cfg.text_lr},
+        *([{"params": text.parameters(), "lr": cfg.text_lr, "base": cfg.text_lr}] if not small else []),
     ], weight_decay=0.01)
     t0, step, budget, est_total, losses = time.time(), 0, cfg.minutes * 60, cfg.max_steps, []
     while step < cfg.max_steps and time.time() - t0 < budget:
@@ -444,8 +496,9 @@ def train_unet_main(argv: list[str] | None = None) -> int:
             g["lr"] = lr_at(step, est_total, g["base"], warmup=20 if args.init else 50)
         idx = torch.randint(0, len(z), (cfg.batch_size,))
         x0 = z[idx]
-        cond = text(_clip_ids(tok, drop_prompts([prompts[i] for i in idx], rng, cfg.p_uncond)))[0]
-        t = torch.randint(0, 1000, (cfg.batch_size,))
+        with torch.set_grad_enabled(not small):
+            cond = text(_clip_ids(tok, drop_prompts([prompts[i] for i in idx], rng, cfg.p_uncond)))[0]
+        t = _sample_timesteps(cfg, cfg.batch_size)
         noise = torch.randn_like(x0)
         xt = sched.add_noise(x0, noise, t)  # sqrt(a) x0 + sqrt(1 - a) noise
         v = sched.get_velocity(x0, noise, t)  # the v-prediction target
@@ -456,7 +509,8 @@ def train_unet_main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
         opt.step()
         ema_update(ema_unet, unet, cfg.ema_decay if step > 100 else 0.0)
-        ema_update(ema_text, text, cfg.ema_decay if step > 100 else 0.0)
+        if not small:
+            ema_update(ema_text, text, cfg.ema_decay if step > 100 else 0.0)
         losses.append(loss.item())
         if step % 25 == 0:
             print(f"unet step {step}/{est_total} loss {sum(losses[-25:]) / len(losses[-25:]):.4f} "

@@ -1,0 +1,184 @@
+"""Per-head sparse attention patterns (Sparse-vDiT, Chen et al. 2025): each head of a
+video DiT keeps one fixed, block-granular pattern of key blocks, found offline.
+
+Sparse-vDiT reads the attention maps of video DiTs and finds three recurring patterns,
+stable across prompts and tied to the layer and head:
+
+- ``diagonal``: a query attends to its neighbours in the token sequence (raster order,
+  time slowest): key blocks ``|kb - qb| <= width``;
+- ``multi_diagonal``: the same, repeated once per frame: the same spatial place in every
+  frame (temporal attention), key blocks within ``width`` of ``qb + m * frame_blocks``;
+- ``vertical_stripe``: every query attends to the same few key blocks (``stripes``) plus
+  its own block;
+- ``dense``: everything (the fallback when no pattern keeps enough of the mass).
+
+``search_head`` picks, for one head, the cheapest pattern (fewest key blocks kept) whose
+attention-mass recall on a calibration run reaches a threshold. The mass is measured per
+(query block, key block): ``block_mass`` averages the softmax probabilities of a block's
+queries summed over the keys of each key block, so each row sums to 1.
+
+``sparse_head_attention(q, k, v, masks, block)`` runs attention with one block mask per
+head. ``backend="flex"``: ``flex_attention`` (compiled; the same compiled function as
+``kernels.sta``) with a ``BlockMask`` made only of *full* blocks (``from_kv_blocks``), so
+the kernel computes exactly the kept blocks and skips the rest; the mask function is
+never evaluated. ``backend="torch"``: the reference, dense SDPA with the token-level mask
+(same result, no saving; the oracle of the tests and the path where nothing compiles).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("dense", "diagonal", "multi_diagonal", "vertical_stripe")
+BACKENDS = ("auto", "flex", "torch")
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """One head's pattern. ``width``: half-width in blocks (diagonals); ``stripes``: the key
+    blocks every query sees (vertical stripe). ``kept`` and ``recall``: the fraction of key
+    blocks it keeps and of the calibration attention mass it covers."""
+
+    kind: str = "dense"
+    width: int = 0
+    stripes: tuple[int, ...] = field(default_factory=tuple)
+    kept: float = 1.0
+    recall: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stripes"] = list(self.stripes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadPattern":
+        if data.get("kind") not in KINDS:
+            raise ValueError(f"unknown head pattern {data.get('kind')!r}")
+        return cls(data["kind"], int(data.get("width", 0)), tuple(int(s) for s in data.get("stripes", ())),
+                   float(data.get("kept", 1.0)), float(data.get("recall", 1.0)))
+
+
+def pattern_mask(pattern: HeadPattern, blocks: int, frame_blocks: float) -> torch.Tensor:
+    """[blocks, blocks] bool: query block i attends to key block j."""
+    qb = torch.arange(blocks)[:, None]
+    kb = torch.arange(blocks)[None, :]
+    offset = (kb - qb).float()
+    if pattern.kind == "dense":
+        return torch.ones(blocks, blocks, dtype=torch.bool)
+    if pattern.kind == "diagonal":
+        return offset.abs() <= pattern.width
+    if pattern.kind == "multi_diagonal":
+        # distance to the nearest frame-multiple offset (0, +-1 frame, +-2 frames ...)
+        nearest = torch.round(offset / frame_blocks) * frame_blocks
+        return (offset - nearest).abs() <= pattern.width + 1e-6
+    if pattern.kind == "vertical_stripe":
+        mask = qb == kb
+        if pattern.stripes:
+            mask = mask | torch.isin(kb, torch.tensor(pattern.stripes)).expand(blocks, blocks)
+        return mask
+    raise ValueError(f"unknown head pattern {pattern.kind!r}")
+
+
+def block_mass(probs: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., heads, N, N] attention probabilities -> [heads, N/block, N/block]: per query
+    block, the mean over its queries of the mass on each key block (rows sum to 1),
+    averaged over the leading (batch) dimensions."""
+    *lead, heads, n, _ = probs.shape
+    nb = n // block
+    mass = probs.reshape(-1, heads, nb, block, nb, block).sum(dim=5).mean(dim=3)
+    return mass.mean(dim=0)
+
+
+def _candidates(mass: torch.Tensor, frame_blocks: float) -> list[HeadPattern]:
+    """Every pattern worth trying on this head, each family from narrow to wide."""
+    nb = mass.shape[0]
+    out = [HeadPattern("diagonal", w) for w in range(nb)]
+    if frame_blocks and 1 <= frame_blocks < nb:
+        out += [HeadPattern("multi_diagonal", w) for w in range(int(math.ceil(frame_blocks / 2)))]
+    order = torch.argsort(mass.sum(dim=0), descending=True).tolist()  # key blocks by column mass
+    out += [HeadPattern("vertical_stripe", 0, tuple(sorted(order[:k]))) for k in range(nb)]
+    return out
+
+
+def search_head(mass: torch.Tensor, recall: float, frame_blocks: float) -> HeadPattern:
+    """The cheapest pattern (fewest key blocks) whose recall of ``mass`` reaches ``recall``;
+    dense when none does with fewer blocks than all."""
+    total = float(mass.sum())
+    best, best_kept = HeadPattern("dense", kept=1.0, recall=1.0), 1.0
+    for candidate in _candidates(mass, frame_blocks):  # ties go to the earlier family
+        mask = pattern_mask(candidate, mass.shape[0], frame_blocks)
+        kept = float(mask.float().mean())
+        if kept >= best_kept:
+            continue
+        covered = float(mass[mask].sum()) / total if total > 0 else 1.0
+        if covered >= recall:
+            best_kept = kept
+            best = HeadPattern(candidate.kind, candidate.width, candidate.stripes, round(kept, 4), round(covered, 4))
+    return best
+
+
+def head_masks(patterns: list[HeadPattern], blocks: int, frame_blocks: float) -> torch.Tensor:
+    """[heads, blocks, blocks] bool, one mask per head."""
+    return torch.stack([pattern_mask(p, blocks, frame_blocks) for p in patterns])
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def sparse_reference(q, k, v, masks: torch.Tensor, block: int, scale: float | None = None) -> torch.Tensor:
+    """Dense SDPA restricted by the per-head block masks expanded to tokens (the oracle)."""
+    token_mask = masks.to(q.device).repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask[None], scale=scale)
+
+
+def _keep_all(b, h, q_idx, kv_idx):
+    # Every block of the mask is a full block, so the compiled kernel never calls this; one
+    # shared function (not a closure per layer) lets every layer reuse one compiled graph.
+    return q_idx >= 0
+
+
+def flex_block_mask(masks: torch.Tensor, block: int, device: torch.device | str):
+    """A BlockMask of full blocks only: per head and query block, the kept key blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    heads, nq, nk = masks.shape
+    counts = masks.sum(dim=-1).to(torch.int32)
+    # kept key blocks first (stable order), then the rest as padding
+    order = torch.argsort((~masks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    zeros_num = torch.zeros_like(counts)
+    zeros_idx = torch.zeros_like(order)
+    return BlockMask.from_kv_blocks(
+        zeros_num[None].to(device), zeros_idx[None].to(device), counts[None].to(device), order[None].to(device),
+        BLOCK_SIZE=block, mask_mod=_keep_all, seq_lengths=(nq * block, nk * block),
+    )
+
+
+def sparse_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, block: int,
+                          backend: str = "auto", block_mask: Any = None, scale: float | None = None) -> torch.Tensor:
+    """Attention of ``q`` over ``k, v`` (``[batch, heads, N, dim]``) where head ``h`` sees only
+    the key blocks ``masks[h]`` allows (``[heads, N/block, N/block]``). ``block_mask``: a
+    prebuilt ``flex_block_mask(masks, ...)`` (callers cache it). Falls back to the reference
+    where flex_attention cannot compile: eager flex would evaluate every block."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    n = q.shape[2]
+    if n % block or masks.shape[1] * block != n:
+        raise ValueError(f"{n} tokens are not {masks.shape[1]} blocks of {block}")
+    if backend == "torch":
+        return sparse_reference(q, k, v, masks, block, scale)
+    from kernels.sta import _FLEX_STATE, _flex_attention, flex_is_compiled
+
+    if not flex_is_compiled():
+        return sparse_reference(q, k, v, masks, block, scale)
+    fn, eager = _flex_attention()
+    block_mask = block_mask if block_mask is not None else flex_block_mask(masks, block, q.device)
+    try:
+        return fn(q, k, v, block_mask=block_mask, scale=scale)
+    except Exception:  # noqa: BLE001 - no compiler here: from now on the reference (eager flex is dense)
+        _FLEX_STATE["fn"], _FLEX_STATE["compiled"] = eager, False
+        return sparse_reference(q, k, v, masks, block, scale)
