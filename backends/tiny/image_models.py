@@ -11,12 +11,17 @@ Order (one process at a time; each reads the previous one's output):
     python -m backends.tiny.train shapes-vae   --minutes 5    # assets/shapes-vae
     python -m backends.tiny.train shapes-unet  --minutes 25   # assets/tiny-sd-shapes
     python -m backends.tiny.train shapes-dit   --minutes 25   # assets/tiny-flux-shapes
+    python -m backends.tiny.train shapes-unet --size small --minutes 12   # assets/tiny-sd-shapes-small
 
 - VAE: ``AutoencoderKL`` with 2x downsampling, 64x64x3 -> 32x32x4; shared by both.
 - SD: UNet (32, 64, 128) with cross-attention at 8x8 and the mid block plus the prompt,
   attention-pooled, added to the time embedding (``addition_embed_type="text"``), so
   every ResNet block sees it; v-prediction on a cosine schedule, DDIM; a tiny
   ``CLIPTextModel`` trained jointly with it.
+- SD small (T-Stitch's sibling): the same UNet at half the width (16, 32, 64), ~4x fewer
+  FLOPs per step, trained on the same latents and schedule with tiny-sd-shapes' text encoder
+  frozen (so both UNets read the same prompt embeddings); 3/4 of its samples at t >= 400,
+  the early steps it runs.
 - Flux: 2 double + 4 single blocks, width 64 (256 image tokens), rectified flow; tiny CLIP (pooled) + tiny T5
   trained jointly. ``guidance_embeds=False``: guidance is true CFG with an empty negative.
 - Tokenizers are built from the closed prompt vocabulary (one token per word); the text
@@ -446,7 +451,7 @@ def train_unet_main(argv: list[str] | None = None) -> int:
     """Train the tiny SD: UNet + CLIP text encoder on VAE latents, then save, reload and grade.
 
     ``--size small`` trains the T-Stitch sibling instead: a narrower UNet on the same latents and
-    schedule, conditioned by the full model's text encoder, frozen (``--text-from``), so both
+    schedule, conditioned by the full model's text encoder, frozen (from tiny-sd-shapes), so both
     UNets read the same prompt embeddings and can be stitched mid-trajectory.
     """
     from diffusers import StableDiffusionPipeline
