@@ -92,6 +92,9 @@ class DiffusionBackend(Backend):
         siblings = [pipe_denoiser(p) for p in self.siblings.values()]
         return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components), *siblings)
 
+    def weight_bytes(self) -> int:
+        return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components))  # not the siblings
+
     def get_sibling(self, model_id: str) -> Any:
         """The pipeline of a smaller sibling model (T-Stitch), loaded once by the same
         ``from_pretrained`` path as this model, on its device and dtype."""

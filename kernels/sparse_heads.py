@@ -17,12 +17,13 @@ attention-mass recall on a calibration run reaches a threshold. The mass is meas
 (query block, key block): ``block_mass`` averages the softmax probabilities of a block's
 queries summed over the keys of each key block, so each row sums to 1.
 
-``sparse_head_attention(q, k, v, masks, block)`` runs attention with one block mask per
-head. ``backend="flex"``: ``flex_attention`` (compiled; the same compiled function as
-``kernels.sta``) with a ``BlockMask`` made only of *full* blocks (``from_kv_blocks``), so
-the kernel computes exactly the kept blocks and skips the rest; the mask function is
-never evaluated. ``backend="torch"``: the reference, dense SDPA with the token-level mask
-(same result, no saving; the oracle of the tests and the path where nothing compiles).
+``SparseHeadAttention(masks, block)`` runs attention with one block mask per head: heads
+that keep every block go to one fused SDPA call, the others to ``flex_attention``
+(compiled; the same compiled function as ``kernels.sta``) with a ``BlockMask`` made only of
+*full* blocks (``from_kv_blocks``), so the kernel computes exactly the kept blocks and
+skips the rest; the mask function is never evaluated. ``backend="torch"``: the sparse
+heads through the reference, dense SDPA with the token-level mask (same result, no saving;
+the oracle of the tests and the path where nothing compiles).
 """
 
 from __future__ import annotations
@@ -158,27 +159,68 @@ def flex_block_mask(masks: torch.Tensor, block: int, device: torch.device | str)
     )
 
 
-def sparse_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, block: int,
-                          backend: str = "auto", block_mask: Any = None, scale: float | None = None) -> torch.Tensor:
-    """Attention of ``q`` over ``k, v`` (``[batch, heads, N, dim]``) where head ``h`` sees only
-    the key blocks ``masks[h]`` allows (``[heads, N/block, N/block]``). ``block_mask``: a
-    prebuilt ``flex_block_mask(masks, ...)`` (callers cache it). Falls back to the reference
-    where flex_attention cannot compile: eager flex would evaluate every block."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    n = q.shape[2]
-    if n % block or masks.shape[1] * block != n:
-        raise ValueError(f"{n} tokens are not {masks.shape[1]} blocks of {block}")
-    if backend == "torch":
-        return sparse_reference(q, k, v, masks, block, scale)
-    from kernels.sta import _FLEX_STATE, _flex_attention, flex_is_compiled
+class SparseHeadAttention:
+    """Attention with one block mask per head, the heads split once by pattern (Sparse-vDiT's
+    head fusion): the dense heads in one fused ``scaled_dot_product_attention`` call, the
+    sparse heads in one ``flex_attention`` call over their block mask. Flex on CPU costs
+    about 2-3x SDPA per computed block, so a dense head sent through it would cost more
+    than it does dense; a head of the layer that keeps every block never goes there."""
 
-    if not flex_is_compiled():
-        return sparse_reference(q, k, v, masks, block, scale)
-    fn, eager = _flex_attention()
-    block_mask = block_mask if block_mask is not None else flex_block_mask(masks, block, q.device)
-    try:
-        return fn(q, k, v, block_mask=block_mask, scale=scale)
-    except Exception:  # noqa: BLE001 - no compiler here: from now on the reference (eager flex is dense)
-        _FLEX_STATE["fn"], _FLEX_STATE["compiled"] = eager, False
-        return sparse_reference(q, k, v, masks, block, scale)
+    def __init__(self, masks: torch.Tensor, block: int, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.masks, self.block, self.backend = masks.bool(), int(block), backend
+        dense = self.masks.flatten(1).all(dim=1)
+        self.dense_heads = dense.nonzero().flatten()
+        self.sparse_heads = (~dense).nonzero().flatten()
+        self.sparse_masks = self.masks[self.sparse_heads]
+        self._block_masks: dict[str, Any] = {}
+
+    @property
+    def kept(self) -> float:
+        return float(self.masks.float().mean())
+
+    def block_mask(self, device: torch.device):
+        key = str(device)
+        if key not in self._block_masks:
+            self._block_masks[key] = flex_block_mask(self.sparse_masks, self.block, device)
+        return self._block_masks[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        n = q.shape[2]
+        if self.masks.shape[1] * self.block != n:
+            raise ValueError(f"{n} tokens are not {self.masks.shape[1]} blocks of {self.block}")
+        if len(self.sparse_heads) == 0:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if len(self.dense_heads) == 0:
+            return self._sparse(q, k, v, scale)
+        out = torch.empty_like(q)
+        dense, sparse = self.dense_heads.to(q.device), self.sparse_heads.to(q.device)
+        out[:, dense] = F.scaled_dot_product_attention(q[:, dense], k[:, dense], v[:, dense], scale=scale)
+        out[:, sparse] = self._sparse(q[:, sparse], k[:, sparse], v[:, sparse], scale)
+        return out
+
+    def _sparse(self, q, k, v, scale):
+        """The sparse heads: compiled flex, else the masked reference (eager flex would
+        evaluate every block)."""
+        if self.backend == "torch":
+            return sparse_reference(q, k, v, self.sparse_masks, self.block, scale)
+        from kernels.sta import _FLEX_STATE, _flex_attention, flex_is_compiled
+
+        if not flex_is_compiled():
+            return sparse_reference(q, k, v, self.sparse_masks, self.block, scale)
+        fn, eager = _flex_attention()
+        try:
+            return fn(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=self.block_mask(q.device),
+                      scale=scale)
+        except Exception:  # noqa: BLE001 - no compiler here: from now on the reference
+            _FLEX_STATE["fn"], _FLEX_STATE["compiled"] = eager, False
+            return sparse_reference(q, k, v, self.sparse_masks, self.block, scale)
+
+
+def sparse_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, block: int,
+                          backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Attention of ``q`` over ``k, v`` (``[batch, heads, N, dim]``) where head ``h`` sees only
+    the key blocks ``masks[h]`` allows (``[heads, N/block, N/block]``). One-off form of
+    ``SparseHeadAttention`` (which callers keep, so its block mask is built once)."""
+    return SparseHeadAttention(masks, block, backend)(q, k, v, scale)

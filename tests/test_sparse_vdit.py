@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 
 from backends.types import MethodChoice, Request  # noqa: E402
 from kernels.sparse_heads import (  # noqa: E402
-    HeadPattern, block_mass, flex_block_mask, head_masks, pattern_mask, search_head, sparse_head_attention,
+    HeadPattern, SparseHeadAttention, block_mass, flex_block_mask, head_masks, pattern_mask, search_head,
+    sparse_head_attention,
 )
 
 NB, FRAME_BLOCKS = 8, 2.0  # 8 blocks, a frame every 2 blocks
@@ -70,6 +71,13 @@ def test_reference_kernel_is_dense_attention_when_every_block_is_kept_and_masks_
     # block-diagonal: each block of 4 queries attends to its own 4 keys only
     expected = F.scaled_dot_product_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4])
     assert torch.allclose(out[:, :, :4], expected, atol=1e-6)
+    # heads split by pattern: the dense head goes to SDPA untouched, the local one is masked
+    mixed = head_masks([HeadPattern("dense"), HeadPattern("diagonal", 0), HeadPattern("dense")], NB, FRAME_BLOCKS)
+    split = SparseHeadAttention(mixed, 4, backend="torch")
+    assert split.dense_heads.tolist() == [0, 2] and split.sparse_heads.tolist() == [1]
+    out = split(q, k, v)
+    assert torch.equal(out[:, [0, 2]], F.scaled_dot_product_attention(q[:, [0, 2]], k[:, [0, 2]], v[:, [0, 2]]))
+    assert torch.allclose(out[:, 1, :4], expected[:, 1], atol=1e-6)
 
 
 # ---------------------------------------------------------- the method on tiny Wan (3x8x8 tokens)

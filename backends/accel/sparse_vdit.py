@@ -17,13 +17,14 @@ calibration run, and reused. Here:
    studio in its calibration store and handed back with later requests
    (``backends.accel._calibration``), and cached in this process.
 3. **Run**: the self-attention processors of the Wan blocks compute Q/K/V exactly as Wan
-   does (as STA's processor does, ``backends.accel.sta``), then one ``flex_attention`` call
-   per layer with a block mask of one pattern per head (``sparse_head_attention``): the
-   kernel computes only the kept blocks. A layer whose heads are all dense keeps Wan's own
-   processor, so the dense pattern is exactly the baseline.
+   does (as STA's processor does, ``backends.accel.sta``), then the layer's heads split by
+   pattern (the paper's head fusion, ``kernels.sparse_heads.SparseHeadAttention``): its
+   dense heads in one fused SDPA call, its sparse heads in one ``flex_attention`` call with
+   a block mask of one pattern per head, which computes only the kept blocks. A layer whose
+   heads are all dense keeps Wan's own processor, so the dense pattern is exactly the
+   baseline.
 
-The paper also skips 3-6% of heads outright and fuses heads of one pattern into one kernel
-call; one flex call per layer already covers every head, and head skipping is not done.
+The paper also skips 3-6% of heads outright; that is not done here.
 
 Lossy. The gain is at most the attention share of a step times ``1 - kept``; flex_attention
 needs ``torch.compile`` on CPU (20 s+ once) and pays only with enough tokens per block
@@ -137,19 +138,11 @@ class SparseProcessor(_Processor):
     """The run: one block-sparse attention call for all heads of the layer."""
 
     def __init__(self, *args, masks: torch.Tensor, backend: str, **kwargs):
+        from kernels.sparse_heads import SparseHeadAttention
+
         super().__init__(*args, **kwargs)
-        self.masks = masks  # [heads, nb, nb] bool
-        self.kept = float(masks.float().mean())
-        self.backend = backend
-        self.block_masks: dict[str, Any] = {}
-
-    def block_mask(self, device: torch.device):
-        from kernels.sparse_heads import flex_block_mask
-
-        key = str(device)
-        if key not in self.block_masks:
-            self.block_masks[key] = flex_block_mask(self.masks, self.block, device)
-        return self.block_masks[key]
+        self.attention = SparseHeadAttention(masks, self.block, backend)  # masks: [heads, nb, nb] bool
+        self.kept = self.attention.kept
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
@@ -157,17 +150,13 @@ class SparseProcessor(_Processor):
         batch, tokens = hidden_states.shape[:2]
         pairs = batch * attn.heads * tokens * tokens
         state.pairs_dense += pairs
-        fits = self.masks.shape[1] * self.block == tokens
+        fits = self.attention.masks.shape[1] * self.block == tokens
         if not (fits and self.applies(hidden_states, encoder_hidden_states, attention_mask, kwargs)):
             state.dense_calls += 1
             state.pairs_computed += pairs
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        from kernels.sparse_heads import sparse_head_attention
-
         query, key, value = _qkv(attn, hidden_states, rotary_emb)
-        block_mask = self.block_mask(query.device) if self.backend != "torch" else None
-        out = sparse_head_attention(query, key, value, self.masks, self.block, backend=self.backend,
-                                    block_mask=block_mask)
+        out = self.attention(query, key, value)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         state.sparse_calls += 1
         state.pairs_computed += round(pairs * self.kept)
