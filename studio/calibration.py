@@ -18,7 +18,7 @@ from backends.accel import _calibration as fits
 from backends.types import Request, Result, ValidationError
 
 # methods that read stored calibrations at run time, and the methods the Calibrate tab offers
-USES_CALIBRATION = ("teacache", "mag_cache")
+USES_CALIBRATION = ("teacache", "mag_cache", "sparse_vdit")
 CALIBRATABLE = ("teacache", "mag_cache", "first_block_cache")
 CURVE, RATIOS = "fit rescale curve", "record ratios"
 MAX_PROMPTS = 16
@@ -136,6 +136,11 @@ def describe(record: dict[str, Any]) -> str:
         extra = f", rescale={rescale}" if rescale else ""
         return (f"threshold {record.get('threshold')} for a {100 * float(record.get('target', 0)):.0f}% skip "
                 f"target (measured {100 * float(record.get('skip_rate', 0)):.0f}%{extra})")
+    if kind == "head_patterns":  # Sparse-vDiT (measured on a model's first run)
+        heads = [h for layer in record.get("patterns", []) for h in layer]
+        kept = sum(float(h.get("kept", 1.0)) for h in heads) / len(heads) if heads else 1.0
+        sparse = sum(h.get("kind") != "dense" for h in heads)
+        return f"sparse attention patterns: {sparse} of {len(heads)} heads sparse, {100 * kept:.0f}% of key blocks kept"
     return str(kind)
 
 
@@ -155,7 +160,8 @@ def calibration_hint(history, model: str, method: str) -> str:
     if not records:
         return ""
     newest = records[0]
-    used = {"teacache": "in use with rescale=auto or calibrated", "mag_cache": "in use with ratios=calibrate"}.get(
+    used = {"teacache": "in use with rescale=auto or calibrated", "mag_cache": "in use with ratios=calibrate",
+            "sparse_vdit": "in use at the same settings"}.get(
         method, "set the threshold to use it")
     return (f"Calibrated for this model ({describe(newest)}; {settings_text(newest.get('settings') or {})}, "
             f"{newest.get('created_at')} on `{newest.get('device')}`): {used}.")

@@ -143,3 +143,18 @@ def _stored(wan):
     from backends.accel.sparse_vdit import SparseVDiTMethod
 
     return next(iter(SparseVDiTMethod.found.values()))
+
+
+def test_the_studio_hands_stored_patterns_back_and_describes_them():
+    from studio.calibration import describe, with_stored_calibrations
+
+    record = {"kind": "head_patterns", "id": 3, "patterns": [[HeadPattern("diagonal", 0, kept=0.25).to_dict(),
+                                                              HeadPattern().to_dict()]]}
+
+    class History:
+        def calibrations(self, model, method):
+            return [record] if (model, method) == ("dummy-wan", "sparse_vdit") else []
+
+    request = with_stored_calibrations(History(), _request([("sparse_vdit", {})]))
+    assert request.methods[0].calibrations == [record]
+    assert describe(record) == "sparse attention patterns: 1 of 2 heads sparse, 62% of key blocks kept"
