@@ -96,3 +96,29 @@ def test_the_bundled_model_names_its_sibling():
     assert find_bundled("tiny-sd-shapes").sibling == SMALL
     assert find_bundled(SMALL).modality == "image"
     assert TStitchMethod.spec.defaults() == {"small_model": "auto", "fraction": 0.4}
+
+
+def test_the_small_recipe_is_the_same_unet_at_half_width():
+    from backends.tiny.image_models import UNetConfig, _apply_size, _sample_timesteps, make_tiny_unet
+
+    full, small = UNetConfig(), UNetConfig()
+    _apply_size(small, "small")
+    assert small.block_out_channels == (16, 32, 64) and small.cross_attention_dim == full.cross_attention_dim
+    full_params = sum(p.numel() for p in make_tiny_unet(full).parameters())
+    small_params = sum(p.numel() for p in make_tiny_unet(small).parameters())
+    assert small_params * 3 < full_params
+    torch.manual_seed(0)
+    t = _sample_timesteps(small, 4000)
+    assert 0.75 < (t >= small.high_noise_t).float().mean() < 0.9  # 3/4 drawn high, plus the uniform share's
+    assert t.min() >= 0 and t.max() <= 999
+
+
+def test_the_bundled_sibling_can_stand_in_for_the_early_steps():
+    from backends.tiny.image_models import SD_DIR, SD_SMALL_DIR
+
+    if not (SD_DIR.exists() and SD_SMALL_DIR.exists()):
+        pytest.skip("bundled tiny-sd-shapes assets not built")
+    from diffusers import DiffusionPipeline
+
+    full, small = DiffusionPipeline.from_pretrained(SD_DIR), DiffusionPipeline.from_pretrained(SD_SMALL_DIR)
+    assert stitch_mismatch(full, small) is None  # same VAE, text encoder, tokenizer, schedule; smaller UNet
