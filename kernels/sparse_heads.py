@@ -95,6 +95,26 @@ def block_mass(probs: torch.Tensor, block: int) -> torch.Tensor:
     return mass.mean(dim=0)
 
 
+def attention_block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float | None = None,
+                         chunk_tokens: int = 4096) -> torch.Tensor:
+    """``block_mass`` of ``softmax(q k^T * scale)`` for ``q, k`` of ``[batch, heads, N, dim]``,
+    computed one head and one chunk of query blocks at a time in float32, so the full
+    ``N x N`` map of a long video (32k tokens: 4 GB per head) never exists at once."""
+    batch, heads, n, _ = q.shape
+    nb = n // block
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = max(block, chunk_tokens // block * block)
+    mass = torch.zeros(heads, nb, nb)
+    for h in range(heads):
+        for start in range(0, nb * block, rows):
+            stop = min(start + rows, nb * block)
+            scores = q[:, h, start:stop].float() @ k[:, h, : nb * block].float().transpose(-1, -2) * scale
+            probs = scores.softmax(dim=-1)  # [batch, rows, N]
+            per = probs.reshape(batch, (stop - start) // block, block, nb, block).sum(dim=4).mean(dim=2)
+            mass[h, start // block: stop // block] = per.mean(dim=0).cpu()
+    return mass
+
+
 def _candidates(mass: torch.Tensor, frame_blocks: float) -> list[HeadPattern]:
     """Every pattern worth trying on this head, each family from narrow to wide."""
     nb = mass.shape[0]

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 from backends.types import MethodChoice, Request  # noqa: E402
 from kernels.sparse_heads import (  # noqa: E402
-    HeadPattern, SparseHeadAttention, block_mass, flex_block_mask, head_masks, pattern_mask, search_head,
+    HeadPattern, SparseHeadAttention, attention_block_mass, block_mass, flex_block_mask, head_masks, pattern_mask, search_head,
     sparse_head_attention,
 )
 
@@ -45,11 +45,14 @@ def test_each_pattern_family_is_found_where_the_mass_has_its_shape():
     assert search_head(near, 1.0, FRAME_BLOCKS).kind == "dense"  # recall 1 keeps every block with any mass
 
 
-def test_block_mass_rows_sum_to_one():
+def test_block_mass_rows_sum_to_one_and_the_chunked_form_agrees():
     probs = torch.randn(2, 3, 32, 32).softmax(-1)
     mass = block_mass(probs, 8)
     assert mass.shape == (3, 4, 4)
     assert torch.allclose(mass.sum(-1), torch.ones(3, 4))
+    q, k = torch.randn(2, 3, 32, 8), torch.randn(2, 3, 32, 8)
+    dense = block_mass((q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1), 8)
+    assert torch.allclose(attention_block_mass(q, k, 8, chunk_tokens=16), dense, atol=1e-6)  # two query chunks
 
 
 def test_flex_block_mask_keeps_exactly_the_head_masks():

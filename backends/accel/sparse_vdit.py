@@ -118,16 +118,11 @@ class RecordingProcessor(_Processor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
         if self.applies(hidden_states, encoder_hidden_states, attention_mask, kwargs):
-            from kernels.sparse_heads import block_mass
+            from kernels.sparse_heads import attention_block_mass
 
             with torch.no_grad():
                 query, key, _ = _qkv(attn, hidden_states, rotary_emb)
-                scale = query.shape[-1] ** -0.5
-                per_item = []
-                for b in range(query.shape[0]):  # one batch item at a time: [heads, N, N] in float32
-                    probs = (query[b].float() @ key[b].float().transpose(-1, -2) * scale).softmax(dim=-1)
-                    per_item.append(block_mass(probs[None], self.block))
-                mass = torch.stack(per_item).mean(dim=0).cpu()
+                mass = attention_block_mass(query, key, self.block)
             state = self.state
             state.mass[self.layer] = state.mass.get(self.layer, 0) + mass
             state.mass_calls[self.layer] = state.mass_calls.get(self.layer, 0) + 1
