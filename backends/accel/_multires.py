@@ -118,10 +118,16 @@ class WanLayout(Layout):
 
 class FluxLayout(Layout):
     """Packed FLUX latents: (B, (h/2)(w/2), 4C) tokens of 2x2 latent patches, positions in
-    ``img_ids`` (row, column of the token grid)."""
+    ``img_ids`` (row, column of the token grid).
 
-    def __init__(self, latent_h: int, latent_w: int):
+    ``scaled_positions``: a smaller grid's tokens get the full grid's coordinates (each at
+    the centre of the block it covers: position interpolation) instead of the smaller
+    grid's own 0, 1, 2... (the papers' choice, right for a model that was also trained at
+    the smaller size; a model trained at one size only reads positions as absolute places)."""
+
+    def __init__(self, latent_h: int, latent_w: int, scaled_positions: bool = False):
         self.h, self.w = latent_h, latent_w
+        self.scaled = scaled_positions
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Unpack tokens of the full grid or of one ``factor`` times smaller (told apart by count)."""
@@ -140,7 +146,10 @@ class FluxLayout(Layout):
 
     def ids(self, factor: int, like: torch.Tensor) -> torch.Tensor:
         rows, cols = self.h // (2 * factor), self.w // (2 * factor)
-        return token_ids(rows, cols, like)
+        ids = token_ids(rows, cols, like)
+        if self.scaled and factor > 1:
+            ids[:, 1:] = ids[:, 1:] * factor + (factor - 1) / 2
+        return ids
 
     def low_call(self, kwargs: dict[str, Any], factor: int) -> None:
         kwargs["img_ids"] = self.ids(factor, kwargs["img_ids"])
@@ -158,8 +167,9 @@ def token_ids(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(len(grid), 1, device=like.device, dtype=like.dtype), grid], 1)
 
 
-def layout_for(backend: Any, plan: Any, factor: int, method: str) -> Layout:
-    """The layout of ``backend``'s denoiser, or a one-line refusal."""
+def layout_for(backend: Any, plan: Any, factor: int, method: str, positions: str = "grid") -> Layout:
+    """The layout of ``backend``'s denoiser, or a one-line refusal. ``positions``: "grid"
+    (the smaller grid's own) or "scaled" (the full grid's coordinates; FLUX layout only)."""
     denoiser = backend.denoiser
     scheduler = backend.pipe.scheduler
     if not is_flow_matching(scheduler):
@@ -170,11 +180,14 @@ def layout_for(backend: Any, plan: Any, factor: int, method: str) -> Layout:
         scale = getattr(backend.pipe, "vae_scale_factor", 8)
         height, width = int(plan.kwargs.get("height", 0)), int(plan.kwargs.get("width", 0))
         latent_h, latent_w = 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
-        layout: Layout = FluxLayout(latent_h, latent_w)
+        layout: Layout = FluxLayout(latent_h, latent_w, scaled_positions=positions == "scaled")
         layout.check(height, width, factor)
         return layout
     patch = getattr(getattr(denoiser, "config", None), "patch_size", None)
     if backend.modality == "video" and isinstance(patch, (tuple, list)) and len(patch) == 3:
+        if positions == "scaled":
+            raise ValidationError(f"{method}: scaled positions need explicit token positions (FLUX layout); "
+                                  "a Wan-layout transformer derives them from the grid")
         layout = WanLayout(tuple(patch))
         pipe = backend.pipe
         scale = getattr(pipe, "vae_scale_factor_spatial", getattr(pipe, "vae_scale_factor", 1))
@@ -415,6 +428,7 @@ class MultiResRun:
         out = {
             "stage_steps": c.stage_steps,
             "stage_factors": [s.factor for s in self.stages],
+            "stage_sigmas": [[round(s.sigmas[0], 4), round(s.sigmas[-1], 4)] for s in self.stages],
             "full_res_calls": c.full_calls,
             "low_res_calls": c.low_calls,
             "mixed_res_calls": c.mixed_calls,
@@ -449,8 +463,9 @@ def region_tokens(region: torch.Tensor, layout: FluxLayout, factor: int, like: t
     child_r = (r[:, None, None] * factor + offsets[None, :, None]).expand(-1, factor, factor)
     child_c = (c[:, None, None] * factor + offsets[None, None, :]).expand(-1, factor, factor)
     children = (child_r * full_cols + child_c).reshape(-1)
-    pos_r = child_r.reshape(-1).to(torch.float64) / factor
-    pos_c = child_c.reshape(-1).to(torch.float64) / factor
+    scale = 1 if layout.scaled else factor  # full-grid coordinates, or the low grid's with half steps
+    pos_r = child_r.reshape(-1).to(torch.float64) / scale
+    pos_c = child_c.reshape(-1).to(torch.float64) / scale
     ids = torch.stack([torch.zeros_like(pos_r), pos_r, pos_c], 1).to(like.device, torch.float32)
     return keep.to(like.device), children.to(like.device), ids
 

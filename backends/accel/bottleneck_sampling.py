@@ -42,6 +42,9 @@ class BottleneckSamplingConfig(MethodConfig):
                                 "middle stage's last (1 = no extra noise)")
     low_shift: float = param(0.5, min=0.1, max=10.0, step=0.1,
                              help="time shift of the low-resolution stage's steps (< 1 spends them at lower noise)")
+    positions: str = param("grid", choices=("grid", "scaled"),
+                           help="token positions of the smaller grid: its own (grid, the paper's) or the full "
+                                "grid's coordinates (scaled; FLUX layout only, for models trained at one size)")
     final_shift: float = param(2.0, min=0.1, max=10.0, step=0.1,
                                help="time shift of the final full-resolution stage's steps (> 1 spends more of "
                                     "them at high noise, where the upsampled latent is repaired)")
@@ -96,7 +99,7 @@ class BottleneckSamplingMethod(Method):
         config = self.config
         if config.low_end <= config.low_start:
             raise ValidationError("bottleneck_sampling: low_end must be after low_start")
-        layout = layout_for(backend, plan, config.factor, "bottleneck_sampling")
+        layout = layout_for(backend, plan, config.factor, "bottleneck_sampling", config.positions)
         bottleneck_stages(config, [1.0 - i / max(plan.steps, 1) for i in range(plan.steps + 1)])  # refuse early
         run = MultiResRun(backend, layout, lambda base: bottleneck_stages(config, base), bottleneck_transition,
                           plan.kwargs.get("generator"))

@@ -54,6 +54,9 @@ class RALUConfig(MethodConfig):
     shift_full: float = param(2.226, min=0.1, max=20.0, step=0.1, help="time shift of stage 3's steps")
     z: float = param(6.317, min=2.0, max=20.0, step=0.1,
                      help="noise rescheduling constant Z: at each upsampling the noise-to-signal ratio grows by Z")
+    positions: str = param("grid", choices=("grid", "scaled"),
+                           help="token positions of the smaller grid: its own (grid, the paper's) or the full "
+                                "grid's coordinates (scaled; FLUX layout only, for models trained at one size)")
     up_ratio: float = param(0.3, min=0.0, max=1.0, step=0.05,
                             help="fraction of the low-resolution tokens (the edgiest) upsampled in stage 2")
 
@@ -151,7 +154,7 @@ class RALUMethod(Method):
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         config = self.config
-        layout = layout_for(backend, plan, FACTOR, "ralu")
+        layout = layout_for(backend, plan, FACTOR, "ralu", config.positions)
         if not isinstance(layout, FluxLayout):
             raise ValidationError("ralu needs a FLUX-layout transformer (explicit token positions for the mixed "
                                   "stage); use bottleneck_sampling for video")
