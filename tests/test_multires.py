@@ -10,6 +10,8 @@ get the smaller grid's positions.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,43 @@ def test_rescheduled_sigma_multiplies_the_noise_to_signal_ratio():
     assert 1 - lifted == pytest.approx(0.3 / (6.317 * 0.7 + 0.3))
     grid = stage_sigmas(0.9, 0.2, 4, 3.0)
     assert grid[0] == pytest.approx(0.9) and grid[-1] == pytest.approx(0.2) and len(grid) == 5
+
+
+def test_scaled_positions_put_low_tokens_at_the_full_grid_coordinates(flux, wan):
+    """Position interpolation: a FLUX low call's tokens sit at the centres of the 2x2 full
+    tokens they cover (0.5, 2.5); a Wan low call gets the full grid's rotary table at every
+    other row and column."""
+    captured: list[torch.Tensor] = []
+    denoiser = flux.denoiser
+    original = denoiser.forward
+
+    def spy(*args, **kwargs):
+        captured.append(kwargs["img_ids"].clone())
+        return original(*args, **kwargs)
+
+    denoiser.forward = spy
+    try:
+        flux.run(request(flux, [("bottleneck_sampling", {"low_start": 0.25, "low_end": 0.75,
+                                                          "positions": "scaled"})], steps=4))
+    finally:
+        del denoiser.forward
+    low = [ids for ids in captured if len(ids) == 4]
+    assert low and sorted(set(low[0][:, 1].tolist())) == [0.5, 2.5], low[0]
+
+    from backends.accel._multires import WanLayout
+    from backends.plan import RunHandle
+
+    rope = wan.denoiser.rope
+    full = rope(torch.empty(1, 16, 3, 8, 8))[0].reshape(3, 8, 8, -1)
+    run = SimpleNamespace(call_factor=2, backend=wan)
+    handle = RunHandle(None)
+    WanLayout((1, 1, 1), scaled_positions=True).attach(run, handle)
+    try:
+        low_table = rope(torch.empty(1, 16, 3, 4, 4))[0]
+        run.call_factor = 1
+        own_table = rope(torch.empty(1, 16, 3, 4, 4))[0]
+    finally:
+        handle.remove()
+    assert torch.equal(low_table.reshape(3, 4, 4, -1), full[:, ::2, ::2])
+    assert torch.equal(own_table.reshape(3, 4, 4, -1), full[:, :4, :4])  # a full-size call: untouched
+    assert not rope._forward_hooks

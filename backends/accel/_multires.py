@@ -104,12 +104,40 @@ class Layout:
     def check(self, height: int, width: int, factor: int) -> None:
         """Refuse a grid the factor does not divide."""
 
+    def attach(self, run: "MultiResRun", handle: Any) -> None:
+        """Hooks the layout needs inside the denoiser (none by default)."""
+
 
 class WanLayout(Layout):
-    """(B, C, F, H, W) latents; the transformer's RoPE follows the input's shape."""
+    """(B, C, F, H, W) latents; the transformer's RoPE follows the input's shape: a smaller
+    grid gets positions 0, 1, 2... of its own. ``scaled_positions``: a low call's rotary
+    table is the full grid's, taken at every ``factor``-th row and column (the positions of
+    the tokens the strided slice keeps), through a hook on the transformer's ``rope``."""
 
-    def __init__(self, patch: tuple[int, int, int]):
+    def __init__(self, patch: tuple[int, int, int], scaled_positions: bool = False):
         self.patch = patch
+        self.scaled = scaled_positions
+
+    def attach(self, run: "MultiResRun", handle: Any) -> None:
+        rope = getattr(run.backend.denoiser, "rope", None)
+        if not self.scaled:
+            return
+        if rope is None:
+            raise ValidationError("scaled positions need the transformer's rotary embedding module (rope)")
+
+        def full_grid_positions(module: Any, args: tuple, output: Any) -> Any:
+            factor = run.call_factor
+            if factor == 1:
+                return None
+            (hidden,) = args[:1]
+            b, c, f, h, w = hidden.shape
+            full = type(module).forward(module, hidden.new_empty(b, c, f, h * factor, w * factor))
+            p_t, p_h, p_w = self.patch
+            grid = (f // p_t, h * factor // p_h, w * factor // p_w)
+            return tuple(t.reshape(*grid, -1)[:, ::factor, ::factor].reshape(1, -1, 1, t.shape[-1]) for t in full)
+
+        hook = rope.register_forward_hook(full_grid_positions)
+        handle.on_remove(hook.remove)
 
     def check(self, height: int, width: int, factor: int) -> None:
         if height % (factor * self.patch[1]) or width % (factor * self.patch[2]):
@@ -185,10 +213,7 @@ def layout_for(backend: Any, plan: Any, factor: int, method: str, positions: str
         return layout
     patch = getattr(getattr(denoiser, "config", None), "patch_size", None)
     if backend.modality == "video" and isinstance(patch, (tuple, list)) and len(patch) == 3:
-        if positions == "scaled":
-            raise ValidationError(f"{method}: scaled positions need explicit token positions (FLUX layout); "
-                                  "a Wan-layout transformer derives them from the grid")
-        layout = WanLayout(tuple(patch))
+        layout = WanLayout(tuple(patch), scaled_positions=positions == "scaled")
         pipe = backend.pipe
         scale = getattr(pipe, "vae_scale_factor_spatial", getattr(pipe, "vae_scale_factor", 1))
         size = getattr(getattr(pipe, "config", None), "default_size", None)
@@ -277,6 +302,7 @@ class MultiResRun:
         self.counts = Counts()
         self._pending: list[dict[str, Any]] = []
         self.meter: EvalCostMeter | None = None
+        self.call_factor = 1  # the size factor of the denoiser call in progress
 
     def set_stages(self, stages: list[Stage]) -> None:
         self.stages = stages
@@ -337,6 +363,7 @@ class MultiResRun:
         post = denoiser.register_forward_hook(self._after_call, with_kwargs=True)
         handle.on_remove(post.remove)
         handle.on_remove(pre.remove)
+        self.layout.attach(self, handle)
 
     def _step(self, v: torch.Tensor, sample: torch.Tensor, return_dict: bool) -> Any:
         i = self.step_index
@@ -375,6 +402,7 @@ class MultiResRun:
             kwargs[key] = self.layout.from_grid(grid.contiguous())
             self.layout.low_call(kwargs, stage.factor)
             info = {"kind": "low", "factor": stage.factor}
+            self.call_factor = stage.factor
             self.counts.low_calls += 1
         self.counts.tokens += self._tokens(kwargs[key])
         self.counts.tokens_full += full_tokens
@@ -385,6 +413,7 @@ class MultiResRun:
 
     def _after_call(self, _module: Any, _args: tuple, _kwargs: dict[str, Any], output: Any):
         info = self._pending.pop() if self._pending else {"kind": "full"}
+        self.call_factor = 1
         if info["kind"] == "full":
             return None
         sample = output[0] if isinstance(output, tuple) else output.sample

@@ -44,7 +44,7 @@ class BottleneckSamplingConfig(MethodConfig):
                              help="time shift of the low-resolution stage's steps (< 1 spends them at lower noise)")
     positions: str = param("grid", choices=("grid", "scaled"),
                            help="token positions of the smaller grid: its own (grid, the paper's) or the full "
-                                "grid's coordinates (scaled; FLUX layout only, for models trained at one size)")
+                                "grid's coordinates (scaled: position interpolation, for models trained at one size)")
     final_shift: float = param(2.0, min=0.1, max=10.0, step=0.1,
                                help="time shift of the final full-resolution stage's steps (> 1 spends more of "
                                     "them at high noise, where the upsampled latent is repaired)")
