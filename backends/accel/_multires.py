@@ -30,6 +30,7 @@ re-noising formulas are written in those terms. Layouts: FLUX (packed 2x2 latent
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -306,7 +307,7 @@ class MultiResRun:
 
     def set_stages(self, stages: list[Stage]) -> None:
         self.stages = stages
-        self.ends = itertools_accumulate([s.steps for s in stages])
+        self.ends = list(itertools.accumulate(s.steps for s in stages))
         self.counts.stage_steps = [s.steps for s in stages]
         self.step_index = 0
 
@@ -470,14 +471,6 @@ class MultiResRun:
         return out
 
 
-def itertools_accumulate(values: list[int]) -> list[int]:
-    total, out = 0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
-
-
 def region_tokens(region: torch.Tensor, layout: FluxLayout, factor: int, like: torch.Tensor):
     """Indices of the kept low-resolution tokens, of the full-resolution tokens covering the
     upsampled regions, and those tokens' positions on the low-resolution grid (half-integer
@@ -497,6 +490,14 @@ def region_tokens(region: torch.Tensor, layout: FluxLayout, factor: int, like: t
     pos_c = child_c.reshape(-1).to(torch.float64) / scale
     ids = torch.stack([torch.zeros_like(pos_r), pos_r, pos_c], 1).to(like.device, torch.float32)
     return keep.to(like.device), children.to(like.device), ids
+
+
+def solver_note(backend: Any, method: str) -> list[str]:
+    """A swapped flow solver (``sampler(scheduler=...)``) is not used: the stages step with Euler."""
+    name = type(backend.pipe.scheduler).__name__
+    if name != "FlowMatchEulerDiscreteScheduler":
+        return [f"{method} steps its stages with flow Euler; the {name} solver is not used"]
+    return []
 
 
 def flow_x0(x: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -20,12 +20,10 @@ smaller grid) is shared with RALU in ``backends/accel/_multires.py``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from backends.accel._multires import (MultiResRun, Stage, check_steps, down_area, down_nearest, flow_x0,
-                                      layout_for, lift_noise, stage_sigmas, up_nearest, up_smooth)
+                                      layout_for, lift_noise, solver_note, stage_sigmas, up_nearest, up_smooth)
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
@@ -103,7 +101,8 @@ class BottleneckSamplingMethod(Method):
         bottleneck_stages(config, [1.0 - i / max(plan.steps, 1) for i in range(plan.steps + 1)])  # refuse early
         run = MultiResRun(backend, layout, lambda base: bottleneck_stages(config, base), bottleneck_transition,
                           plan.kwargs.get("generator"))
-        handle = RunHandle(plan, run.stats, self.notes)
+        notes = solver_note(backend, "bottleneck_sampling")
+        handle = RunHandle(plan, run.stats, lambda p: notes + self.notes(p))
         with handle.undo_on_error():
             run.attach(handle)
         return handle
@@ -114,8 +113,3 @@ class BottleneckSamplingMethod(Method):
             out.append(f"bottleneck_sampling: {plan.steps} steps leave at most a step or two per stage")
         return out
 
-
-def describe_stages(stages: list[Stage]) -> list[dict[str, Any]]:
-    """The stages as data (tests and the notes read them)."""
-    return [{"factor": s.factor, "steps": s.steps, "sigma_start": round(s.sigmas[0], 4),
-             "sigma_end": round(s.sigmas[-1], 4)} for s in stages]

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from backends.accel._multires import (FluxLayout, MultiResRun, Stage, block_correlated_noise, check_steps,
-                                      down_nearest, flow_x0, layout_for, lift_noise, stage_sigmas, up_nearest)
+                                      down_nearest, flow_x0, layout_for, lift_noise, solver_note, stage_sigmas,
+                                      up_nearest)
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
@@ -164,7 +165,9 @@ class RALUMethod(Method):
         plan.steps = sum(s.steps for s in stages)  # RALU's own step budget replaces the run's
         run = MultiResRun(backend, layout, lambda _base: ralu_stages(config), ralu_transition(config),
                           plan.kwargs.get("generator"))
-        handle = RunHandle(plan, lambda: {**run.stats(), "upsampled_early": upsampled(run)}, self.notes)
+        notes = solver_note(backend, "ralu")
+        handle = RunHandle(plan, lambda: {**run.stats(), "upsampled_early": upsampled(run)},
+                           lambda p: notes + self.notes(p))
         with handle.undo_on_error():
             run.attach(handle)
         return handle
