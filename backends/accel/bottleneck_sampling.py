@@ -112,4 +112,3 @@ class BottleneckSamplingMethod(Method):
         if plan.steps < 6:
             out.append(f"bottleneck_sampling: {plan.steps} steps leave at most a step or two per stage")
         return out
-
