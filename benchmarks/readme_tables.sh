@@ -103,7 +103,18 @@ quant() {  # issue 18: weight quantization on every bundled model (text rows add
   $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
     --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx ...]: the named series only (default: all,
+multires() {  # bottleneck_sampling and ralu (issue 19 items 3 and 4)
+  local r7="steps_low=2, steps_mixed=3, steps_full=5, end_low=0.2, end_mixed=0.3, shift_low=8.141, shift_mixed=2.856, shift_full=2.193, z=6.261, up_ratio=0.1"
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 6 --steps 25 --guidance 5 \
+    --methods "bottleneck_sampling,bottleneck_sampling(positions=scaled),ralu,ralu($r7),ralu($r7, positions=scaled),ralu(positions=scaled, steps_low=3, steps_mixed=3, steps_full=6, end_low=0.2, end_mixed=0.3),sampler(steps=12)" \
+    --json "$OUT/multires-tiny-flux-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 4 \
+    --methods "bottleneck_sampling,bottleneck_sampling(positions=scaled),bottleneck_sampling(positions=scaled, renoise=4),bottleneck_sampling(positions=scaled, low_start=0.1, low_end=0.9),sampler(steps=12)" \
+    --json "$OUT/multires-tiny-video-shapes.json"
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 8 --seed 11 --steps 25 --guidance 5 \
+    --methods "ralu($r7),ralu($r7, positions=scaled),sampler(steps=10)" --json "$OUT/multires-ralu7x-tiny-flux-shapes-seed11.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -115,3 +126,4 @@ $PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead,textseeds,textl
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
 $PY -m benchmarks.report --calibration "$OUT"/calibration-*.json
 if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi
+if compgen -G "$OUT/multires-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/multires-*.json; fi

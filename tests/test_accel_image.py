@@ -93,6 +93,8 @@ DIT_CASES = [
     ("weight_quant", {"weights": "int4", "group_size": 32, "skip_blocks": 0, "skip_io": False}, "layers_quantized",
      True),
     ("dynamic_quant", {}, "layers_quantized", True),
+    ("bottleneck_sampling", {}, "low_res_calls", True),
+    ("ralu", {}, "mixed_res_calls", True),
 ]
 
 
@@ -228,7 +230,7 @@ def test_gpu_attention_backend_refused_on_cpu(flux):
 
 
 DIT_CACHES = sorted(name for name, cls in all_methods().items() if "dit-cache" in cls.spec.slots)
-assert len(DIT_CACHES) == 9  # the exact pairs are checked in test_framework.py
+assert len(DIT_CACHES) == 11  # with bottleneck_sampling and ralu; the exact pairs are checked in test_framework.py
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(DIT_CACHES, 2)))
