@@ -89,6 +89,8 @@ class BottleneckSamplingMethod(Method):
         paper="Tian et al. 2025, Training-free Diffusion Acceleration with Bottleneck Sampling (seed 144: 3x image, "
               "2.5x video)",
         lossless=False,
+        defaults_note="our reading of the paper's three-stage schedule (its exact per-stage steps and shifts "
+                      "were not available to us)",
         config=BottleneckSamplingConfig,
         slots=("resolution", "dit-cache"),  # block caches keep token-count-shaped state across steps
     )
