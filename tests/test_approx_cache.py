@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 PROMPT = "a red circle at top left on white"
 NEAR = "a red circle at the top left on white"
-STEPS = 10
+STEPS = 6
 # the dummy models' random text encoders score prompts differently from the bundled ones
 LOOSE = {"min_similarity": 0.5}
 
@@ -64,6 +64,17 @@ def test_a_near_repeat_starts_from_the_earlier_latent_and_runs_k_fewer_steps(stu
     assert stats["evals_full"] == baseline.result.model_evals - skip == near.result.model_evals
     assert stats["evals_partial"] == skip and stats["ideal_speedup"] > 1
     assert not np.array_equal(np.asarray(near.result.output), np.asarray(baseline.result.output))
+
+
+@pytest.mark.parametrize("model", ["dummy-sd", "dummy-flux"])
+def test_an_exact_repeat_with_its_seed_lands_on_the_same_image(studio, model):
+    """Starting from the run's own latent at step K must walk the rest of the same
+    trajectory: the schedulers' timesteps and sigmas line up with the skipped steps."""
+    baseline = studio.generate(request(model=model, methods=()))
+    studio.generate(request(model=model))
+    repeat = studio.generate(request(model=model))
+    assert cache_stats(repeat)["skipped_steps"] >= 1
+    assert np.array_equal(np.asarray(repeat.result.output), np.asarray(baseline.result.output))
 
 
 def test_flux_reuse_skips_both_passes_of_each_skipped_step(studio):

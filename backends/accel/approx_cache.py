@@ -1,5 +1,6 @@
-"""Approximate caching from history (Nirvana; Agarwal et al., NSDI 2024, seed 408: "-19.8%
-latency"): start a new prompt from an earlier, similar prompt's intermediate latent.
+"""Approximate caching from history ("Approximate Caching for Efficiently Serving Diffusion
+Models", the Nirvana system; Agarwal et al., NSDI 2024, seed 408: -19.8% end-to-end latency):
+start a new prompt from an earlier, similar prompt's intermediate latent.
 
 Prompts sent to one model repeat and nearly repeat. The early denoising steps fix the
 layout and the colours; a similar earlier prompt went through nearly the same states. So
@@ -231,11 +232,13 @@ class ApproxCacheMethod(Method):
         families=("unet", "dit"),
         summary="Start from the intermediate latent of the most similar earlier prompt (same model, size, "
                 "scheduler, steps and guidance) and skip its first K steps; K grows with the similarity.",
-        paper="Nirvana: approximate caching for diffusion serving (Agarwal et al., NSDI 2024; seed 408: "
-              "-19.8% latency)",
+        paper="Approximate Caching for Efficiently Serving Diffusion Models (Nirvana; Agarwal et al., NSDI 2024; "
+              "seed 408: -19.8% end-to-end latency)",
         lossless=False,
         config=ApproxCacheConfig,
         slots=("start-latent",),
+        defaults_note="the paper's K levels (10-50% of the steps, K growing with similarity) and a similarity "
+                      "threshold measured on the bundled models' text encoders (the paper sets its own for CLIP)",
     )
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
