@@ -67,9 +67,15 @@ def test_a_near_repeat_starts_from_the_earlier_latent_and_runs_k_fewer_steps(stu
 
 
 @pytest.mark.parametrize("model", ["dummy-sd", "dummy-flux"])
-def test_an_exact_repeat_with_its_seed_lands_on_the_same_image(studio, model):
+def test_an_exact_repeat_with_its_seed_lands_on_the_same_image(studio, model, monkeypatch):
     """Starting from the run's own latent at step K must walk the rest of the same
-    trajectory: the schedulers' timesteps and sigmas line up with the skipped steps."""
+    trajectory: the schedulers' timesteps and sigmas line up with the skipped steps (FLUX
+    with a shifted, uneven sigma schedule, where a step taken at the wrong sigma shows)."""
+    if model == "dummy-flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        monkeypatch.setattr(studio.manager.get("image", model).pipe, "scheduler",
+                            FlowMatchEulerDiscreteScheduler(shift=3.0))
     baseline = studio.generate(request(model=model, methods=()))
     studio.generate(request(model=model))
     repeat = studio.generate(request(model=model))
