@@ -103,7 +103,16 @@ quant() {  # issue 18: weight quantization on every bundled model (text rows add
   $PY -m benchmarks --modality audio --model tiny-audio-synth --threads 1 --repeats 2 --prompts 6 \
     --params '{"steps": 25, "guidance": 3.0}' --methods "weight_quant" --json "$OUT/quant-audio-tiny-audio-synth.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx ...]: the named series only (default: all,
+approx_cache() {  # a stream of prompts served in order (benchmarks/approx_cache.py), and the cost of a miss
+  for model in tiny-sd-shapes tiny-flux-shapes; do
+    $PY -m benchmarks.approx_cache --model $model --threads 1 --repeats 2 --json "$OUT/approx_cache-$model.json"
+  done
+  $PY -m benchmarks.approx_cache --model tiny-flux-shapes --threads 1 --repeats 2 --params '{"max_skip": 0.3}' \
+    --json "$OUT/approx_cache-tiny-flux-shapes-max_skip-0.3.json"
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 4 \
+    --methods "approx_cache" --json "$OUT/approx_cache-miss-tiny-sd-shapes.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|approx_cache ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
