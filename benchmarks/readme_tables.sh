@@ -114,7 +114,16 @@ multires() {  # bottleneck_sampling and ralu (issue 19 items 3 and 4)
   $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 8 --seed 11 --steps 25 --guidance 5 \
     --methods "ralu($r7),ralu($r7, positions=scaled),sampler(steps=10)" --json "$OUT/multires-ralu7x-tiny-flux-shapes-seed11.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires ...]: the named series only (default: all,
+approx_cache() {  # a stream of prompts served in order (benchmarks/approx_cache.py), and the cost of a miss
+  for model in tiny-sd-shapes tiny-flux-shapes; do
+    $PY -m benchmarks.approx_cache --model $model --threads 1 --repeats 2 --json "$OUT/approx_cache-$model.json"
+  done
+  $PY -m benchmarks.approx_cache --model tiny-flux-shapes --threads 1 --repeats 2 --params '{"max_skip": 0.3}' \
+    --json "$OUT/approx_cache-tiny-flux-shapes-max_skip-0.3.json"
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 4 \
+    --methods "approx_cache" --json "$OUT/approx_cache-miss-tiny-sd-shapes.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires ...|approx_cache ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too

@@ -18,8 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, and_, cast,
-                        create_engine, delete, event, func, inspect, or_, select, text, update)
+import numpy as np
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, and_,
+                        cast, create_engine, delete, event, func, inspect, or_, select, text, update)
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -187,6 +188,29 @@ class CalibrationRow(Base):
         return {**(self.data or {}), "id": self.id, "kind": self.kind, "method": self.method, "model": self.model,
                 "settings": self.settings or {}, "device": self.device,
                 "created_at": self.created_at.isoformat(timespec="seconds") if self.created_at else None}
+
+
+class CachedLatentRow(Base):
+    """The intermediate latents one finished run kept for approximate caching
+    (``backends.accel.approx_cache``): a file under the outputs folder (one tensor per kept
+    step), the steps it holds, the run settings a reuse must match exactly (hashed in
+    ``settings_key``) and the prompt's token embedding (float16 bytes + its shape), which
+    the method compares with a new prompt's. Deleting the run deletes its rows and files."""
+
+    __tablename__ = "cached_latents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    model: Mapped[str] = mapped_column(String(512))
+    settings_key: Mapped[str] = mapped_column(String(40))
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    steps: Mapped[list] = mapped_column(JSON, default=list)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    embedding_shape: Mapped[list] = mapped_column(JSON, default=list)
+    path: Mapped[str] = mapped_column(String(1024))
+
+    __table_args__ = (Index("ix_cached_latents_model", "model", "settings_key", "id"),)
 
 
 def _display_url(url: str) -> str:
@@ -364,6 +388,9 @@ class HistoryStore:
                 ids |= frontier
             rows = list(session.scalars(select(Run).where(Run.id.in_(list(ids)))))
             session.execute(delete(RunMethod).where(RunMethod.run_id.in_([row.id for row in rows])))
+            latent_files = list(session.scalars(select(CachedLatentRow.path).where(
+                CachedLatentRow.run_id.in_([row.id for row in rows]))))
+            session.execute(delete(CachedLatentRow).where(CachedLatentRow.run_id.in_([row.id for row in rows])))
             deleted = []
             for row in rows:
                 # only a row this transaction really deleted leaves the summaries: two
@@ -376,6 +403,10 @@ class HistoryStore:
         if delete_files and self.outputs is not None:
             for run_id, modality, stored in deleted:
                 self._delete_files(run_id, modality, stored)
+            for stored in latent_files:
+                path = self.outputs.deletable(stored)
+                if path is not None and path.is_file():
+                    path.unlink(missing_ok=True)
         return len(deleted)
 
     def _delete_files(self, run_id: int, modality: str, stored: str | None) -> None:
@@ -394,8 +425,11 @@ class HistoryStore:
             return session.scalar(select(func.max(Run.created_at)))
 
     def output_paths(self) -> set[str]:
+        """Every file under the outputs folder a row points to: the runs' outputs and the
+        latents kept for approximate caching."""
         with self.sessions() as session:
-            return {p for p in session.scalars(select(Run.output_path).where(Run.output_path.is_not(None)))}
+            paths = set(session.scalars(select(Run.output_path).where(Run.output_path.is_not(None))))
+            return paths | set(session.scalars(select(CachedLatentRow.path)))
 
     def write_csv(self, out, progress=None, batch: int = 2000, **filters: Any) -> int:
         """Stream the filtered runs, newest first, as CSV into the text file ``out``.
@@ -599,6 +633,37 @@ class HistoryStore:
                 return False
             session.delete(row)
             return True
+
+    # -- cached latents (approximate caching) --------------------------------------------
+    def save_latents(self, run_id: int, model: str, record: dict[str, Any], path: str) -> int:
+        """Keep the latents run ``run_id`` stored in the file ``path`` (relative to the data
+        dir): ``record`` has ``settings``, ``settings_key``, ``steps`` and ``embedding`` (an
+        array of float16 token states)."""
+        embedding = np.asarray(record["embedding"], dtype=np.float16)
+        row = CachedLatentRow(run_id=int(run_id), model=model, settings_key=str(record["settings_key"]),
+                              settings=_json_safe(record.get("settings") or {}),
+                              steps=[int(k) for k in record["steps"]], embedding=embedding.tobytes(),
+                              embedding_shape=list(embedding.shape), path=path)
+        with self.sessions.begin() as session:
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def latent_records(self, model: str, limit: int = 256) -> list[dict[str, Any]]:
+        """The newest ``limit`` kept latents of ``model`` as the records the method reads
+        (``kind`` "latents", the embedding as an array, the file's stored path)."""
+        stmt = (select(CachedLatentRow).where(CachedLatentRow.model == model)
+                .order_by(CachedLatentRow.id.desc()).limit(limit))
+        with self.sessions() as session:
+            rows = list(session.scalars(stmt))
+        return [{"kind": "latents", "id": row.id, "run_id": row.run_id, "settings_key": row.settings_key,
+                 "settings": row.settings or {}, "steps": list(row.steps or []), "stored_path": row.path,
+                 "embedding": np.frombuffer(row.embedding, dtype=np.float16).reshape(row.embedding_shape)}
+                for row in rows]
+
+    def latent_rows_of(self, run_id: int) -> int:
+        with self.sessions() as session:
+            return int(session.scalar(select(func.count(CachedLatentRow.id)).where(CachedLatentRow.run_id == run_id)))
 
     def delete_preset(self, name: str) -> bool:
         with self.sessions.begin() as session:

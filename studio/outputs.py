@@ -141,6 +141,16 @@ class OutputStore:
             return self.save_video(output, fps)
         raise ValueError(f"unknown modality {modality}")
 
+    def save_tensors(self, kind: str, tensors: dict) -> Path:
+        """A safetensors file of named tensors (approximate caching's latents) under
+        ``outputs/<kind>/<day>/``, written atomically like every output."""
+        from safetensors.torch import save_file
+
+        folder = self.root / kind / datetime.now().strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{kind}-{uuid.uuid4().hex[:12]}.safetensors"
+        return self._atomic(path, lambda p: save_file(tensors, p))
+
     def save_video(self, frames: list, fps: int) -> Path:
         import imageio.v3 as iio
 

@@ -23,6 +23,7 @@ from backends.types import OutOfMemoryError, Request, Result, StudioError, Valid
 from studio.calibration import CALIBRATABLE, calibration_hint, keep_run_calibrations, with_stored_calibrations
 from studio.detectors import as_dicts, run_findings
 from studio.history import HistoryStore, sqlite_url
+from studio.latent_cache import discard_run_latents, keep_run_latents, with_cached_latents
 from studio.limits import DEFAULT_MAX_COST, DEFAULT_TIME_LIMIT_S, check_cost, release_memory
 from studio.outputs import ExportFolder, OutputStore
 from studio.presets import PresetLibrary
@@ -130,6 +131,7 @@ class Studio:
         request = validate_request(request)
         check_cost(request, self.max_cost)
         request = with_stored_calibrations(self.history, request)
+        request = with_cached_latents(self.history, self.outputs, request)
         token = CancelToken(self.time_limit_s, parent=cancel)
         try:
             result = self.executor.run(request, progress, cancel=token)
@@ -173,8 +175,10 @@ class Studio:
         request = validate_request(request)
         check_cost(request, self.max_cost)
         request = with_stored_calibrations(self.history, request)
+        request = with_cached_latents(self.history, self.outputs, request)
         result = self.executor.run(request, None, cancel=CancelToken(self.time_limit_s, parent=cancel))
         keep_run_calibrations(self.history, request, result)
+        discard_run_latents(result)
         return result
 
     def _keep(self, request: Request, result: Result, parent_id: int | None, metrics_fn) -> RunOutcome:
@@ -197,6 +201,7 @@ class Studio:
         except Exception:
             path.unlink(missing_ok=True)  # no row, no file: never an orphan
             raise
+        keep_run_latents(self.history, self.outputs, run_id, request, result)
         return RunOutcome(run_id, request, result)
 
     def _record_failure(self, request: Request, message: str, parent_id: int | None, status: str = "failed") -> None:

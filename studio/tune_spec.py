@@ -303,8 +303,9 @@ def spec_from_dict(data: Any) -> TuneSpec:
 
 # Methods left out unless named: they switch an implementation (compile takes minutes per
 # configuration on a CPU; an attention backend is the same maths), they do not trade
-# quality for speed.
-NOT_SEARCHED_BY_DEFAULT = ("compile", "attention_backend")
+# quality for speed; or their speed comes from the history of earlier prompts
+# (approx_cache), which the tuner's repeated prompts would fill with themselves.
+NOT_SEARCHED_BY_DEFAULT = ("compile", "attention_backend", "approx_cache")
 # Parameters kept at their defaults: they pick an implementation or a data source.
 FIXED_PARAMS = {"sta": {"backend"}, "attention_backend": {"backend"}, "speculative": {"draft"},
                 "mag_cache": {"ratios"}, "teacache": {"rescale"}, "compile": {"scope", "mode", "compiler", "fullgraph"},
