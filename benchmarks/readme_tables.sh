@@ -123,7 +123,7 @@ approx_cache() {  # a stream of prompts served in order (benchmarks/approx_cache
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 4 \
     --methods "approx_cache" --json "$OUT/approx_cache-miss-tiny-sd-shapes.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires ...|approx_cache ...]: the named series only (default: all,
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires|approx_cache ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
