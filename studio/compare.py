@@ -21,6 +21,7 @@ from backends.accel.base import get_method
 from backends.types import MethodChoice, Request, ValidationError
 from backends.accel._eval_cost import run_ideal
 from studio import detectors, metrics
+from studio.latent_cache import retrieve_only
 from studio.measure import (Cancelled, ConfigRuns, Measurement, Timed, measure, paired_ratios,  # noqa: F401
                             summarize)  # (Cancelled: re-exported)
 
@@ -300,7 +301,9 @@ def run_compare(
     configs = [CompareConfig("baseline", [])] + [c for c in configs if not c.is_baseline]
 
     def prepared(config: int, case: int) -> Request:
-        return request.replace(methods=configs[config].methods, seed=seeds[case], compare_group=group)
+        # timed runs feed no later run of the same comparison (approx_cache reuses, never stores)
+        return request.replace(methods=retrieve_only(configs[config].methods), seed=seeds[case],
+                               compare_group=group)
 
     def warm(config: int, case: int) -> None:
         studio.warm_up(prepared(config, case), cancel=cancel)  # not kept: warms caches and allocators

@@ -60,6 +60,14 @@ def keep_run_latents(history, outputs, run_id: int, request: Request, result: Re
     return row_id
 
 
+def retrieve_only(methods: list) -> list:
+    """``methods`` with approx_cache set to reuse without storing. A measurement's timed runs
+    use this: otherwise a configuration's second repetition would reuse its own first one,
+    and the figure would be an exact-repeat speedup instead of what the history held when
+    the comparison started."""
+    return [replace(m, params={**m.params, "store": False}) if m.name == METHOD else m for m in methods]
+
+
 def discard_run_latents(result: Result) -> None:
     """A run that is not kept (a warm-up) keeps no latents either."""
     result.extra.pop(EXTRA_KEY, None)

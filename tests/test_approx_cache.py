@@ -191,6 +191,19 @@ def test_store_off_keeps_nothing_and_warm_ups_keep_nothing(studio):
     assert studio.history.latent_records("dummy-sd") == [] and latent_files(studio) == []
 
 
+def test_a_comparison_measures_against_the_history_it_started_with(studio):
+    """Compare's repetitions of one prompt must not reuse each other: every timed run retrieves
+    only, so a comparison on an empty history is all misses and stores nothing."""
+    from studio.compare import parse_configs, run_compare
+    from studio.service import validate_request
+
+    report = run_compare(studio, validate_request(request(methods=())), parse_configs("approx_cache(min_similarity=0.5)"),
+                         repeats=2, warmup=False, seeds=[1, 2])
+    row = report.rows[1]
+    assert row.error is None and len(row.outputs) == 2
+    assert studio.history.latent_records("dummy-sd") == [] and latent_files(studio) == []
+
+
 def test_k_grows_with_similarity_on_the_papers_levels():
     config = ApproxCacheConfig(min_similarity=0.9, max_skip=0.5)
     levels = kept_steps(50)
