@@ -274,6 +274,8 @@ class BACMethod(Method):
         lossless=False,
         config=BACConfig,
         slots=("dit-cache",),
+        defaults_note="an update budget of a third of the steps (the paper sets the budget per task; a third "
+                      "is what its 3x headline implies) and the two most volatile feed-forwards bubbled",
     )
     calibrated: ClassVar[dict[tuple, dict[str, Any]]] = {}
 
