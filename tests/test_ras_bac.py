@@ -107,15 +107,19 @@ def test_ras_slicing_keeps_tokens_and_rope_positions_together(model, flux, wan, 
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_ras_select_tokens_keeps_the_low_deviation_tokens_and_lifts_starved_ones():
+def test_ras_select_tokens_keeps_the_focus_end_and_lifts_starved_tokens():
     from backends.accel.ras import RASConfig, select_tokens
 
     update = torch.zeros(1, 4, 8)
     update[0, :, 0] = torch.tensor([4.0, 1.0, 3.0, 2.0])  # std over channels grows with this value
-    config = RASConfig(sample_ratio=0.5, starvation_scale=0.0)
-    assert select_tokens(update, torch.zeros(4), config).tolist() == [1, 3]
-    starved = RASConfig(sample_ratio=0.5, starvation_scale=1.0)
-    assert select_tokens(update, torch.tensor([0.0, 0.0, 5.0, 0.0]), starved).tolist() == [1, 2]
+    never_starved = torch.zeros(4)
+    assert select_tokens(update, never_starved, RASConfig(sample_ratio=0.5)).tolist() == [0, 2]
+    assert select_tokens(update, never_starved, RASConfig(sample_ratio=0.5, focus="low")).tolist() == [1, 3]
+    starved = torch.tensor([0.0, 0.0, 0.0, 5.0])  # token 3 was dropped five times
+    assert select_tokens(update, starved, RASConfig(sample_ratio=0.5, starvation_scale=1.0)).tolist() == [0, 3]
+    starved = torch.tensor([0.0, 0.0, 5.0, 0.0])
+    assert select_tokens(update, starved, RASConfig(sample_ratio=0.5, starvation_scale=1.0,
+                                                    focus="low")).tolist() == [1, 2]
 
 
 def test_ras_full_step_schedule_is_the_papers():
