@@ -10,9 +10,11 @@ the guided noise estimate as the scheduler applied it). Which end of that score 
 focus" is ``focus``: ``high`` (default, the paper's description: the regions in focus are
 those whose noise estimate deviates most) computes the tokens that deviate most, ``low`` the
 least deviating ones, which is what the authors' released code does (``high_ratio=1``
-serves the high-deviation tokens from the cache). We measured both on
-``tiny-video-shapes`` at ``sample_ratio=0.25``: ``high`` was 1.2-1.9 dB closer to the
-baseline on each of three prompts, so it is the default here. A token dropped often has its
+serves the high-deviation tokens from the cache). We measured both at ``sample_ratio=0.25`` on
+``tiny-video-shapes``: ``high`` was 1.2-1.9 dB closer to the baseline on three probe
+prompts, 0.3 dB on the benchmark's six (``benchmarks/results/ras-tiny-video-shapes.json``,
+where one prompt's adherence went the other way): close, so the paper's description decides.
+A token dropped often has its
 score moved toward being computed by ``exp(±starvation_scale · drops)`` (the paper's
 starvation term; the authors' code multiplies by ``exp(+k · drops)`` whatever the end it
 keeps). The first ``warmup_steps`` steps and a step every
