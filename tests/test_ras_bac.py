@@ -196,3 +196,23 @@ def test_bac_uses_a_stored_calibration_instead_of_measuring(flux):
     stats = result.method_stats["bac"]
     assert stats["calibrated_this_run"] is False and stats["calibration_id"] == 7
     assert same(first, result)
+
+
+def test_bac_calibration_is_stored_by_the_studio_and_reused_after_a_restart(studio_factory, tmp_path, monkeypatch):
+    from backends.accel.bac import BACMethod
+
+    monkeypatch.setattr(BACMethod, "calibrated", {})
+    run = Request("image", "dummy-flux", "a red circle", seed=3, params={"steps": 6, "guidance": 4.0},
+                  methods=[{"name": "bac", "params": {}}])
+    studio = studio_factory(data_dir=tmp_path / "d")
+    first = studio.generate(run).result
+    stats = first.method_stats["bac"]
+    assert stats["calibrated_this_run"] and "calibration" not in stats  # the similarities went to the store
+    [record] = studio.history.calibrations("dummy-flux", "bac")
+    assert record["id"] == stats["calibration_saved"] and len(record["similarity"][0]) == 6
+    studio.close()
+    monkeypatch.setattr(BACMethod, "calibrated", {})  # a new process: nothing in memory
+    again = studio_factory(data_dir=tmp_path / "d").generate(run).result
+    assert not again.method_stats["bac"]["calibrated_this_run"]
+    assert again.method_stats["bac"]["calibration_id"] == stats["calibration_saved"]
+    assert same(first, again)
