@@ -164,9 +164,9 @@ def _flat(output) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in parts if torch.is_tensor(p)])
 
 
-def _batch(value) -> int | None:
+def _shape(value) -> tuple | None:
     first = value[0] if isinstance(value, tuple) else value
-    return first.shape[0] if torch.is_tensor(first) else None
+    return tuple(first.shape) if torch.is_tensor(first) else None
 
 
 def calibrate(backend, plan: DiffusionPlan) -> dict[str, Any]:
@@ -218,6 +218,7 @@ class UnitCache:
         self.step: dict[str, int] = {}
         self.cache: dict[str, dict[int, Any]] = {}
         self.computed = self.reused = 0
+        self._partial_marked = False
         self.meter = EvalCostMeter(denoiser)
         self.handles = [denoiser.register_forward_pre_hook(self._count)]
         self.patches = [ForwardPatch(module, self._cached(i)) for i, (_, module, _) in enumerate(units)]
@@ -235,11 +236,13 @@ class UnitCache:
             def forward(*args, **kwargs):
                 branch = self._branch()
                 store = self.cache.setdefault(branch, {})
-                cached = store.get(index)
                 step = self.step.get(branch, 0)
-                batch = _batch(args[0] if args else next(iter(kwargs.values()), None))
-                if step in self.schedule[index] or cached is None or _batch(cached) != batch:
-                    store[index] = output = original(*args, **kwargs)
+                shape = _shape(args[0] if args else next(iter(kwargs.values()), None))
+                cached_shape, cached = store.get(index, (None, None))
+                # the input's shape changed (CFG switched off, a batch of another size): recompute
+                if step in self.schedule[index] or cached is None or cached_shape != shape:
+                    output = original(*args, **kwargs)
+                    store[index] = (shape, output)
                     self.computed += 1
                     return output
                 self.reused += 1
