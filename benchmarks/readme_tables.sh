@@ -119,6 +119,9 @@ rasbac() {  # issue 19 items 2 and 5: RAS and BAC on the bundled DiTs (BAC also 
     --json "$OUT/rasbac-tiny-video-shapes.json"
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 4 --steps 25 --guidance 5 \
     --methods "bac,bac(update_ratio=0.2)" --json "$OUT/rasbac-tiny-sd-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' --methods "bac(update_ratio=0.25, bubble_top_k=4)" \
+    --json "$OUT/bac-confirm-tiny-video-shapes.json"
 }
 # ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|rasbac|textseeds|textlossy|textctx ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
@@ -132,4 +135,4 @@ $PY -m benchmarks.report "$OUT"/{image,video,audio,text,overhead,textseeds,textl
 $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
 $PY -m benchmarks.report --calibration "$OUT"/calibration-*.json
 if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi
-if compgen -G "$OUT/ras*-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/ras*-tiny-*.json; fi
+if compgen -G "$OUT/ras*-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/ras*-tiny-*.json "$OUT"/bac-*.json; fi
