@@ -123,7 +123,27 @@ approx_cache() {  # a stream of prompts served in order (benchmarks/approx_cache
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 4 \
     --methods "approx_cache" --json "$OUT/approx_cache-miss-tiny-sd-shapes.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires|approx_cache ...]: the named series only (default: all,
+rasbac() {  # issue 19 items 2 and 5: RAS and BAC on the bundled DiTs (BAC also the UNet)
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 4 --steps 25 --guidance 5 \
+    --methods "ras,ras(sample_ratio=0.25),ras(sample_ratio=0.25, focus=low)" --json "$OUT/ras-tiny-flux-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' \
+    --methods "ras,ras(sample_ratio=0.25),ras(sample_ratio=0.25, focus=low),ras(sample_ratio=0.25, cache_kv=false)" \
+    --json "$OUT/ras-tiny-video-shapes.json"
+  $PY -m benchmarks --modality image --model tiny-flux-shapes --threads 1 --repeats 2 --prompts 4 --steps 25 --guidance 5 \
+    --methods "ras(focus=low),ras(sample_ratio=0.25, focus=low),bac,bac(update_ratio=0.2)" \
+    --json "$OUT/rasbac-tiny-flux-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' \
+    --methods "ras(focus=low),ras(sample_ratio=0.25, focus=low),bac,bac(update_ratio=0.2)" \
+    --json "$OUT/rasbac-tiny-video-shapes.json"
+  $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 4 --steps 25 --guidance 5 \
+    --methods "bac,bac(update_ratio=0.2)" --json "$OUT/rasbac-tiny-sd-shapes.json"
+  $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 6 \
+    --params '{"steps": 25, "guidance": 3.0}' --methods "bac(update_ratio=0.25, bubble_top_k=4)" \
+    --json "$OUT/bac-confirm-tiny-video-shapes.json"
+}
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires|approx_cache|rasbac ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too
@@ -136,3 +156,4 @@ $PY -m benchmarks.report --ideal "$OUT"/ideal-*.json
 $PY -m benchmarks.report --calibration "$OUT"/calibration-*.json
 if compgen -G "$OUT/quant-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/quant-*.json; fi
 if compgen -G "$OUT/multires-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/multires-*.json; fi
+if compgen -G "$OUT/ras*-*.json" > /dev/null; then $PY -m benchmarks.report "$OUT"/ras*-tiny-*.json "$OUT"/bac-*.json; fi

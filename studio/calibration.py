@@ -18,7 +18,7 @@ from backends.accel import _calibration as fits
 from backends.types import Request, Result, ValidationError
 
 # methods that read stored calibrations at run time, and the methods the Calibrate tab offers
-USES_CALIBRATION = ("teacache", "mag_cache", "sparse_vdit")
+USES_CALIBRATION = ("teacache", "mag_cache", "sparse_vdit", "bac")
 CALIBRATABLE = ("teacache", "mag_cache", "first_block_cache")
 CURVE, RATIOS = "fit rescale curve", "record ratios"
 MAX_PROMPTS = 16

@@ -84,6 +84,8 @@ DIT_CASES = [
     ("first_block_cache", {"threshold": 0.3}, "attention_skipped", True),
     ("taylorseer", {"interval": 2, "warmup_steps": 2}, "skipped_calls", True),
     ("cg_taylor", {"threshold": 0.3}, "skipped_calls", True),
+    ("ras", {"warmup_steps": 2, "reset_every": 4}, "ras_calls", True),
+    ("bac", {}, "unit_reused", True),
     ("mag_cache", {"threshold": 0.06}, "skipped_calls", True),
     ("pab", {}, "attention_skipped", True),
     ("faster_cache", {}, "attention_skipped", True),
@@ -235,7 +237,7 @@ def test_gpu_attention_backend_refused_on_cpu(flux):
 
 
 DIT_CACHES = sorted(name for name, cls in all_methods().items() if "dit-cache" in cls.spec.slots)
-assert len(DIT_CACHES) == 11  # with bottleneck_sampling and ralu; the exact pairs are checked in test_framework.py
+assert len(DIT_CACHES) == 13  # with bottleneck_sampling, ralu, ras and bac; the exact pairs are checked in test_framework.py
 
 
 @pytest.mark.parametrize("a,b", list(itertools.combinations(DIT_CACHES, 2)))
