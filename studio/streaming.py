@@ -159,3 +159,26 @@ def _run(backend, request: Request, config, frames, progress, token: CancelToken
 
         outputs = session.run(frames, report)
     return session, outputs
+
+
+def demo_frames(size: int = 64, moving: int = 12, still: int = 4) -> list[Image.Image]:
+    """The bundled frame sequence: a red circle moving right on white (the video model's
+    renderer, ``backends.tiny.video_models``), then ``still`` near-copies of its last
+    frame (one corner pixel differs, as sensor noise would; a GIF merges exact copies),
+    which the similarity filter should skip."""
+    from backends.tiny.video_models import ClipSpec, render_clip
+
+    frames = render_clip(ClipSpec("circle", "red", "moving right", "white"), size=size, frames=moving)
+    for i in range(still):
+        copy = frames[moving - 1].copy()
+        copy.putpixel((i, 0), (200, 200, 200))
+        frames.append(copy)
+    return frames
+
+
+def demo_clip(studio, fps: int = 8) -> Path:
+    """The bundled sequence as an animated GIF in the studio's exports folder (the Stream
+    section's "use the bundled clip" button)."""
+    path = studio.exports.new_file("moving-shapes.gif")
+    path.write_bytes(frames_to_gif_bytes(demo_frames(), fps))
+    return path

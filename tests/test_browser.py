@@ -114,6 +114,24 @@ def test_image_tab_generates_with_a_method(page, served):
     page.locator("#image-method-deepcache input").uncheck()
 
 
+def test_image_tab_streams_the_bundled_clip(page, served):
+    """The Stream section: the bundled moving-shapes clip in, frames out, fps shown, a history row."""
+    _, studio = served
+    page.locator("#stream-section").get_by_text("Stream: img2img over frames").first.click()
+    choose_model(page, "stream-image-model", "dummy-sd")
+    set_slider(page, "stream-steps", 4)
+    page.locator("#stream-demo").click()
+    page.wait_for_selector("#stream-frames a, #stream-frames .file-preview", state="visible")
+    page.locator("#stream-run").click()
+    info = wait_for_text(page, "stream-info", "frames/s")
+    assert "16 frames in" in info and "skipped by the similarity filter" in info
+    page.wait_for_selector("#stream-strip img", state="visible")
+    no_error_toast(page)
+    shot(page, "1b-stream")
+    row = studio.history.query(limit=1)[0]
+    assert row.model == "dummy-sd" and row.methods[0]["name"] == "streamdiffusion" and row.metrics["fps"] > 0
+
+
 def test_video_tab_generates(page, served):
     _, studio = served
     open_tab(page, "Video")
