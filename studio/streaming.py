@@ -182,3 +182,49 @@ def demo_clip(studio, fps: int = 8) -> Path:
     path = studio.exports.new_file("moving-shapes.gif")
     path.write_bytes(frames_to_gif_bytes(demo_frames(), fps))
     return path
+
+
+class LiveStream:
+    """A webcam stream: one ``StreamSession`` fed one frame per event (the Stream
+    section's webcam input). Output lags input by the stream batch's k-1 frames; until the
+    first frame is out, ``push`` returns None. The model's lock is held per frame, so a
+    run in another tab can go between two frames (the session keeps its own schedule).
+    Live frames are not kept in history: there is no end of the run to record."""
+
+    def __init__(self, studio, request: Request | dict, options: dict[str, Any] | None = None):
+        self.request = stream_request(request)
+        self.config = stream_config(options)
+        self.backend = studio.manager.get("image", self.request.model)
+        pipe = getattr(self.backend, "pipe", None)
+        if pipe is None or getattr(pipe, "vae", None) is None:
+            raise ValidationError("the stream mode needs an image diffusion model with a VAE")
+        params = self.request.params
+        default_h, default_w = self.backend.default_size()
+        self.height, self.width = int(params.get("height") or default_h), int(params.get("width") or default_w)
+        with self.backend.lock:
+            self.session = StreamSession(
+                pipe, self.request.prompt, self.request.negative_prompt, seed=self.request.seed,
+                steps=int(params.get("steps", 25)),
+                strength=float(params.get("strength") if params.get("strength") is not None else 0.5),
+                guidance=float(params.get("guidance", 1.0)), height=self.height, width=self.width, config=self.config)
+        self.last: Image.Image | None = None
+
+    def matches(self, request: Request, options: dict[str, Any] | None) -> bool:
+        """Whether this stream runs ``request`` with ``options`` (else the caller starts a new one)."""
+        mine = (self.request.model, self.request.prompt, self.request.negative_prompt, self.request.seed,
+                self.request.params, dataclasses.asdict(self.config))
+        try:
+            theirs = stream_request(request)
+            config = stream_config(options)
+        except ValidationError:
+            return False
+        return mine == (theirs.model, theirs.prompt, theirs.negative_prompt, theirs.seed, theirs.params,
+                        dataclasses.asdict(config))
+
+    def push(self, frame: Image.Image) -> Image.Image | None:
+        frame = fit_frames([frame], self.height, self.width)[0]
+        with self.backend.lock:
+            out = self.session.push(frame)
+        if out:
+            self.last = out[-1]
+        return self.last

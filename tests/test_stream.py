@@ -156,3 +156,16 @@ def test_a_stream_is_kept_in_history(studio_factory):
     with pytest.raises(StudioError) as err:
         studio.rerun(outcome.run_id)
     assert "\n" not in str(err.value)
+
+
+def test_a_live_stream_returns_frames_after_the_batch_fills_and_restarts_on_new_settings(studio_factory):
+    from studio.streaming import LiveStream
+
+    studio = studio_factory()
+    request = Request("image", "dummy-sd", PROMPT, seed=1, params={"steps": 4, "strength": 0.5, "guidance": 2.0})
+    live = LiveStream(studio, request, {"similarity_filter": False})
+    frames = [Image.new("RGB", (32, 32), (i * 50, 10, 10)) for i in range(3)]
+    assert live.push(frames[0]) is None  # 2 denoising steps: the first output comes one frame later
+    assert live.push(frames[1]) is not None and live.session.stats.frames_in == 2
+    assert live.matches(request, {"similarity_filter": False})
+    assert not live.matches(request.replace(prompt="a blue square"), {"similarity_filter": False})

@@ -13,7 +13,7 @@ from backends.catalog import recommended_params
 from backends.stream import STREAM_SPEC
 from backends.types import Request
 from studio.plots import frame_strip
-from studio.streaming import demo_clip, read_frames, run_stream
+from studio.streaming import LiveStream, demo_clip, read_frames, run_stream
 from studio.ui.common import _control, model_dropdown, progress_adapter, user_errors
 from studio.ui.runs import Progress, SessionRuns, run_with_token
 
@@ -63,6 +63,14 @@ def build_stream_section(studio) -> dict[str, Any]:
                 video = gr.Video(label="Output clip", height=256, elem_id="stream-output")
                 strip = gr.Image(label="Output frames", type="pil", elem_id="stream-strip")
                 info = gr.Markdown("", elem_id="stream-info")
+                with gr.Accordion("Live from a webcam", open=False):
+                    gr.Markdown("The same settings, one webcam frame at a time (the browser captures it; nothing "
+                                "leaves this server). Live frames are not kept in history.")
+                    webcam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam",
+                                      elem_id="stream-webcam")
+                    live = gr.Image(label="Live output", type="pil", elem_id="stream-live")
+                    live_info = gr.Markdown("", elem_id="stream-live-info")
+    live_state = gr.State(None)
 
     runs = SessionRuns()
 
@@ -95,6 +103,25 @@ def build_stream_section(studio) -> dict[str, Any]:
                 continue
             yield gr.update(), gr.update(), gr.update()
         yield outcome.output_path, frame_strip(outcome.frames), stream_summary(outcome)
+
+    @user_errors
+    def live_frame(state, frame, model_id, prompt_text, negative_text, seed_value, steps_value, strength_value,
+                   guidance_value, *option_values):
+        if frame is None:
+            return gr.update(), gr.update(), state
+        run_request = Request("image", model_id or "", prompt_text or "", negative_text or "",
+                              0 if seed_value is None or seed_value < 0 else seed_value,
+                              {"steps": steps_value, "strength": strength_value, "guidance": guidance_value})
+        chosen = {p.name: value for p, value in zip(STREAM_SPEC.params, option_values)}
+        if state is None or not state.matches(run_request, chosen):
+            state = LiveStream(studio, run_request, chosen)  # settings changed: a new stream
+        out = state.push(frame)
+        stats = state.session.stats
+        return out, (f"**{stats.fps:.2f} frames/s** · {stats.frames_in} frames in, {stats.frames_skipped} skipped"), state
+
+    live_inputs = [live_state, webcam, model, prompt, negative, seed, steps, strength, guidance, *options]
+    webcam.stream(live_frame, inputs=live_inputs, outputs=[live, live_info, live_state], stream_every=0.2,
+                  time_limit=600, api_name=False, concurrency_id="generate_image")
 
     inputs = [model, prompt, negative, seed, steps, strength, guidance, fps, files, *options]
     event = button.click(run, inputs=inputs, outputs=[video, strip, info], api_name="stream_image",
