@@ -20,7 +20,9 @@ from conftest import ServedApp  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "browser"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a synthetic webcam, allowed without a prompt (the Stream section's live input)
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 ERROR_TOAST = ".toast-body.error"  # Gradio's toast for gr.Error (statustracker's Toast)
 
 
@@ -130,6 +132,20 @@ def test_image_tab_streams_the_bundled_clip(page, served):
     shot(page, "1b-stream")
     row = studio.history.query(limit=1)[0]
     assert row.model == "dummy-sd" and row.methods[0]["name"] == "streamdiffusion" and row.metrics["fps"] > 0
+
+
+def test_image_tab_streams_live_from_a_webcam(page):
+    """Gradio 6's streaming webcam input works offline: the browser captures (here Chromium's
+    fake camera) and each frame goes through the stream; fps is shown."""
+    page.get_by_text("Live from a webcam").first.click()
+    page.locator("#stream-webcam").get_by_text("Click to Access Webcam").click()
+    page.locator("#stream-webcam button[aria-label='capture photo']").click()  # "Record": start streaming
+    info = wait_for_text(page, "stream-live-info", "frames/s")
+    assert "frames in" in info
+    page.wait_for_selector("#stream-live img", state="visible")
+    no_error_toast(page)
+    shot(page, "1c-stream-webcam")
+    page.locator("#stream-webcam").get_by_text("Stop").click()
 
 
 def test_video_tab_generates(page, served):
