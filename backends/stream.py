@@ -33,7 +33,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -463,15 +463,10 @@ class StreamSession:
                 break
             out.append(self.outputs[source])
             self.emitted += 1
-        # outputs no later frame can stand in for any more
+        # outputs no later frame can stand in for any more, and frames already shown
         for key in [k for k in self.outputs if k < (self._last_processed or 0)]:
             del self.outputs[key]
+        for key in [k for k in self.stands_for if k < self.emitted]:
+            del self.stands_for[key]
         return out
 
-
-@dataclass
-class StreamResult:
-    frames: list[Image.Image]
-    stats: StreamStats
-    schedule_steps: int
-    notes: list[str] = field(default_factory=list)

@@ -94,6 +94,19 @@ def stream_request(request: Request | dict) -> Request:
     return request
 
 
+def check_stream_cost(request: Request, frames: int, max_cost: float | None) -> float:
+    """A stream costs one image run per frame (``studio.limits``' units); over ``--max-cost``
+    it is refused with one line, as any request is."""
+    from studio.limits import estimate_cost
+
+    cost = estimate_cost(request) * frames
+    if max_cost is not None and max_cost > 0 and cost > max_cost:
+        raise ValidationError(f"this stream would cost about {cost:,.0f} units (width x height x steps / 1e6 per "
+                              f"frame, {frames} frames), over the limit of {max_cost:,.0f} set by --max-cost: use "
+                              "fewer frames or steps, or start the studio with a higher --max-cost")
+    return cost
+
+
 def run_stream(studio, request: Request | dict, frames: list[Image.Image], options: dict[str, Any] | None = None,
                progress: Callable[[int, int, str], None] | None = None, cancel: Any = None,
                fps: int = 8) -> StreamOutcome:
@@ -104,6 +117,7 @@ def run_stream(studio, request: Request | dict, frames: list[Image.Image], optio
         raise ValidationError("no frames: upload a video, an animated GIF or images")
     if len(frames) > MAX_STREAM_FRAMES:
         raise ValidationError(f"too many frames: the stream takes at most {MAX_STREAM_FRAMES}")
+    check_stream_cost(request, len(frames), studio.max_cost)
     recorded = request.replace(methods=[MethodChoice("streamdiffusion", dataclasses.asdict(config))])
     token = CancelToken(studio.time_limit_s, parent=cancel)
     try:

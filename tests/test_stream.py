@@ -169,3 +169,16 @@ def test_a_live_stream_returns_frames_after_the_batch_fills_and_restarts_on_new_
     assert live.push(frames[1]) is not None and live.session.stats.frames_in == 2
     assert live.matches(request, {"similarity_filter": False})
     assert not live.matches(request.replace(prompt="a blue square"), {"similarity_filter": False})
+
+
+def test_a_stream_over_the_cost_limit_is_refused_in_one_line(studio_factory):
+    from studio.streaming import run_stream
+
+    studio = studio_factory(max_cost=0.05)  # one 32x32 frame at 4 steps costs 0.004 units
+    request = {"modality": "image", "model": "dummy-sd", "prompt": PROMPT, "params": {"steps": 4, "width": 32,
+                                                                                      "height": 32}}
+    frames = [Image.new("RGB", (32, 32))] * 20
+    with pytest.raises(ValidationError) as err:
+        run_stream(studio, request, frames, {})
+    assert "--max-cost" in str(err.value) and "20 frames" in str(err.value) and "\n" not in str(err.value)
+    assert studio.history.count() == 0  # refused: not a run
