@@ -12,7 +12,7 @@ from backends.catalog import find_bundled, resolve_source
 from backends.params import default
 from backends.plan import DiffusionPlan, Guidance, tracking_branches
 from backends.timing import StageTimer, timed_method
-from backends.types import ModelLoadError, Request
+from backends.types import ModelLoadError, Request, ValidationError
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -219,7 +219,45 @@ class ImageBackend(DiffusionBackend):
         plan.kwargs["height"] = int(request.params.get("height") or default_h)
         plan.kwargs["width"] = int(request.params.get("width") or default_w)
         plan.kwargs["output_type"] = "pil"
+        self.plan_img2img(request, plan)
         return plan
+
+    def plan_img2img(self, request: Request, plan: DiffusionPlan) -> None:
+        """An init image makes the run img2img: checked here, before anything runs (no
+        image with a strength, a wrong size, a strength that runs no step: one line each).
+        ``plan.img2img`` holds the image; ``generate`` encodes it inside the timed run."""
+        from backends.img2img import DEFAULT_STRENGTH, check_size, denoising_steps, image_from_data_url
+
+        params = request.params
+        if params.get("init_image") is None:
+            if params.get("strength") is not None:
+                raise ValidationError("strength applies to img2img: give an init image too")
+            return
+        image = image_from_data_url(params["init_image"])
+        check_size(image, plan.kwargs["height"], plan.kwargs["width"])
+        strength = float(params["strength"] if params.get("strength") is not None else DEFAULT_STRENGTH)
+        plan.extra["img2img_steps"] = denoising_steps(plan.steps, strength)
+        plan.img2img = {"image": image, "strength": strength}
+
+    def generate(self, plan: DiffusionPlan, timer: StageTimer, progress: ProgressFn | None) -> Any:
+        if plan.img2img is None:
+            return super().generate(plan, timer, progress)
+        from backends.img2img import encode_images, img2img_pipeline
+
+        pipe = img2img_pipeline(self.pipe)  # built now: a sampler attached to this run has set the scheduler
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        accepted = set(inspect.signature(type(pipe).__call__).parameters)
+        height, width = plan.kwargs["height"], plan.kwargs["width"]
+        kwargs = {k: v for k, v in self.pipeline_kwargs(plan, progress).items() if k in accepted}
+        with self._timed_stages(timer), tracking_branches(self.denoiser, plan.guidance):
+            latents = encode_images(self.pipe, [plan.img2img["image"]], height, width)
+            output = pipe(**kwargs, image=latents, strength=plan.img2img["strength"])
+        timer.seconds["denoise"] = max(
+            0.0, timer.seconds["total_pipe"] - timer.seconds.get("encode", 0.0) - timer.seconds.get("decode", 0.0)
+        )
+        del timer.seconds["total_pipe"]
+        return self.extract_output(output)
 
     def extract_output(self, output: Any) -> Any:
         return output.images[0]

@@ -124,9 +124,19 @@ def _guidance(default: float) -> ModalityParam:
 # the prompt and the system prompt together (characters): the system prompt is counted
 # with the prompt in the cost and the limits, never a way around them
 MAX_TEXT_INPUT_CHARS = 16_000
+# an init image as a base64 PNG: about 4 MB of PNG (a 1024x1024 photo fits)
+MAX_INIT_IMAGE_CHARS = 6_000_000
 
 MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
-    "image": (_size("width", 2048), _size("height", 2048), _steps(), _guidance(5.0)),
+    "image": (
+        _size("width", 2048), _size("height", 2048), _steps(), _guidance(5.0),
+        # img2img (``backends.img2img``): the API's; the Image tab's Stream section sets them itself
+        ModalityParam("init_image", str, None, 0, MAX_INIT_IMAGE_CHARS, label="Init image",
+                      help="img2img: a data:image/png;base64 URL of the image to start from", noun="init image",
+                      control=False),
+        ModalityParam("strength", float, None, 0, 1, 0.05, "Strength",
+                      "img2img: how much of the schedule runs (1 = all of it, from pure noise)", control=False),
+    ),
     "video": (
         _size("width", 1280), _size("height", 1280),
         ModalityParam("frames", int, 0, 1, 257, 1, "Frames (0 = model default)", zero_means_default=True),

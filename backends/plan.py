@@ -65,6 +65,8 @@ class DiffusionPlan(RunPlan):
     steps: int = 0
     guidance: Guidance = field(default_factory=Guidance)
     callbacks: list[StepCallback] = field(default_factory=list)
+    # img2img (image backend): {"image": PIL image, "strength": float}; None = from noise
+    img2img: dict[str, Any] | None = None
 
 
 @dataclass

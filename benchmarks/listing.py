@@ -18,8 +18,12 @@ from backends.accel.base import all_methods
 
 
 def method_listing() -> dict[str, Any]:
+    """``modes``: methods that are a way of running rather than a patch of one run (the
+    Image tab's Stream mode, StreamDiffusion), described by the same kind of spec."""
+    from backends.stream import STREAM_SPEC
+
     methods = [cls.spec.describe() for _, cls in sorted(all_methods().items())]
-    return {"methods": methods, "import_errors": dict(IMPORT_ERRORS)}
+    return {"methods": methods, "modes": [STREAM_SPEC.describe()], "import_errors": dict(IMPORT_ERRORS)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,6 +214,9 @@ class Studio:
         row = self.history.get(run_id)
         if row is None:
             raise ValidationError(f"no run #{run_id} in history")
+        if any(m.get("name") == "streamdiffusion" for m in row.methods or []):
+            raise ValidationError(f"run #{run_id} is a stream: its input frames are not kept; run it again "
+                                  "from the Image tab's Stream section")
         return self.generate(row.to_request(), progress)
 
     def describe_model(self, modality: str, model: str) -> dict:

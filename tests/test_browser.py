@@ -20,7 +20,9 @@ from conftest import ServedApp  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "browser"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a synthetic webcam, allowed without a prompt (the Stream section's live input)
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 ERROR_TOAST = ".toast-body.error"  # Gradio's toast for gr.Error (statustracker's Toast)
 
 
@@ -112,6 +114,38 @@ def test_image_tab_generates_with_a_method(page, served):
     row = studio.history.query(limit=1)[0]
     assert row.model == "dummy-sd" and row.methods[0]["name"] == "deepcache"
     page.locator("#image-method-deepcache input").uncheck()
+
+
+def test_image_tab_streams_the_bundled_clip(page, served):
+    """The Stream section: the bundled moving-shapes clip in, frames out, fps shown, a history row."""
+    _, studio = served
+    page.locator("#stream-section").get_by_text("Stream: img2img over frames").first.click()
+    choose_model(page, "stream-image-model", "dummy-sd")
+    set_slider(page, "stream-steps", 4)
+    page.locator("#stream-demo").click()
+    page.wait_for_selector("#stream-frames a, #stream-frames .file-preview", state="visible")
+    page.locator("#stream-run").click()
+    info = wait_for_text(page, "stream-info", "frames/s")
+    assert "16 frames in" in info and "skipped by the similarity filter" in info
+    page.wait_for_selector("#stream-strip img", state="visible")
+    no_error_toast(page)
+    shot(page, "1b-stream")
+    row = studio.history.query(limit=1)[0]
+    assert row.model == "dummy-sd" and row.methods[0]["name"] == "streamdiffusion" and row.metrics["fps"] > 0
+
+
+def test_image_tab_streams_live_from_a_webcam(page):
+    """Gradio 6's streaming webcam input works offline: the browser captures (here Chromium's
+    fake camera) and each frame goes through the stream; fps is shown."""
+    page.get_by_text("Live from a webcam").first.click()
+    page.locator("#stream-webcam").get_by_text("Click to Access Webcam").click()
+    page.locator("#stream-webcam button[aria-label='capture photo']").click()  # "Record": start streaming
+    info = wait_for_text(page, "stream-live-info", "frames/s")
+    assert "frames in" in info
+    page.wait_for_selector("#stream-live img", state="visible")
+    no_error_toast(page)
+    shot(page, "1c-stream-webcam")
+    page.locator("#stream-webcam").get_by_text("Stop").click()
 
 
 def test_video_tab_generates(page, served):

@@ -37,6 +37,9 @@ def test_list_methods_writes_every_registered_method_with_its_config_fields(tmp_
                                       "paper": None}
     assert listed["faster_cache"]["slots"] == ["dit-cache", "guidance"]
     assert listed["lookahead"]["lossless"] is True and listed["lookahead"]["params"][0]["paper"] == 15
+    stream = data["modes"][0]  # StreamDiffusion: a mode of the Image tab, with its seed paper
+    assert stream["name"] == "streamdiffusion" and "StreamDiffusion" in stream["paper"]
+    assert [p["name"] for p in stream["params"]][:2] == ["stream_batch", "rcfg"]
     position = next(p for p in listed["block_cache"]["params"] if p["name"] == "position")
     assert (position["kind"], position["choices"], position["default"]) == ("choice", ["rear", "front"], "rear")
 

@@ -16,6 +16,7 @@ from studio.ui.generate import build_generation_tab
 from studio.ui.history import build_history_tab
 from studio.ui.presets import build_presets_tab
 from studio.ui.story import build_story_tab
+from studio.ui.stream import build_stream_section
 from studio.ui.text import build_text_tab
 from studio.ui.tune import build_tune_tab
 
@@ -88,6 +89,7 @@ def build_app(studio) -> gr.Blocks:
         with gr.Tabs() as tabs_component:
             with gr.Tab("Image", id="image"):
                 tabs["image"] = build_generation_tab(studio, "image", EXAMPLES["image"])
+                build_stream_section(studio)  # img2img over frames (StreamDiffusion)
             with gr.Tab("Video", id="video"):
                 gr.Markdown("Any diffusers text-to-video pipeline by hub id or local folder (Wan, CogVideoX, LTX...).")
                 tabs["video"] = build_generation_tab(studio, "video", EXAMPLES["video"])
