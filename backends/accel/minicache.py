@@ -300,7 +300,7 @@ class MiniCacheMethod(Method):
         fit = [s for s in starts if merged_pairs(layers, s)]
         if not fit:
             return Limits(unfit=f"MiniCache: {layers} layers leave no pair of layers to merge")
-        return Limits(ranges={"start": (None, max(fit))})
+        return Limits(search_ranges={"start": (None, max(fit))})  # the attach says why a later start fails
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         c = self.config

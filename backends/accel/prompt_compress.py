@@ -112,7 +112,7 @@ class PromptCompressMethod(Method):
     @classmethod
     def limits(cls, backend) -> Limits:
         """scorer='draft' needs the model's paired draft model."""
-        return Limits() if getattr(backend, "draft_id", None) else Limits(choices={"scorer": ("self",)})
+        return Limits() if getattr(backend, "draft_id", None) else Limits(search_choices={"scorer": ("self",)})
 
     def attach(self, backend, plan: DecodingPlan) -> RunHandle:
         config = self.config

@@ -39,11 +39,11 @@ SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
 
 
 def paired_draft_limits(cls, backend) -> Limits:
-    """draft='auto' means the model's paired draft: refused when it has none (a named draft
-    still runs, if its tokenizer fits)."""
+    """draft='auto' means the model's paired draft: with none, the search leaves the method
+    out (draft is not searched); the attach refuses it with the reason."""
     if getattr(backend, "draft_id", None):
         return Limits()
-    return Limits(choices={"draft": tuple(c for c in cls.spec.param("draft").choices if c != "auto")})
+    return Limits(search_choices={"draft": tuple(c for c in cls.spec.param("draft").choices if c != "auto")})
 
 
 def check_same_vocab(target_tok: Any, target_model: Any, draft_tok: Any, draft_model: Any, draft_id: str) -> None:

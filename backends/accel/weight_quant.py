@@ -140,7 +140,8 @@ class WeightQuantMethod(Method):
             return limits
         device = next(backend.denoiser.parameters()).device
         weights = tuple(w for w in cls.spec.param("weights").choices if w != "fp8" or fp8_supported(device))
-        return dataclasses.replace(limits, choices={"weights": weights})
+        # search-only: the attach refuses fp8 on this device with the reason
+        return dataclasses.replace(limits, search_choices={**limits.search_choices, "weights": weights})
 
     def attach(self, backend, plan: RunPlan) -> RunHandle:
         cfg = self.config
