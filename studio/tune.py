@@ -434,7 +434,7 @@ def _set_constraints(trial, violations: list[float]) -> None:
             trial.set_constraint(f"floor{i}", min(value, 1e6))
 
 
-def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_offset: int):
+def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_offset: int, space: str | None = None):
     """A multi-objective TPE study (maximise speedup and quality), seeded for
     reproducibility; an existing one of the same name is loaded (resumed)."""
     optuna = _optuna()
@@ -447,9 +447,12 @@ def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_of
     if attrs.get("kind") not in (None, STUDY_KIND) or attrs.get("fingerprint") not in (None, spec.fingerprint()):
         raise ValidationError(f"study {shown(name)} was made with other settings (model, prompts, floor or methods); "
                               "pick another study name")
+    if attrs.get("space") not in (None, space):
+        raise ValidationError(f"study {shown(name)} was made with another search space (this model's limits or the "
+                              "methods' parameters have changed since); pick another study name")
     if not attrs:
         for key, value in {"kind": STUDY_KIND, "fingerprint": spec.fingerprint(), "modality": spec.modality,
-                           "model": spec.model, "floor": str(floor)}.items():
+                           "model": spec.model, "floor": str(floor), "space": space}.items():
             study.set_user_attr(key, value)
     return study
 
@@ -491,14 +494,16 @@ def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str
     if not space.methods:
         raise ValidationError("no allowed method applies to this model" + (f" ({'; '.join(space.notes)})"
                                                                            if space.notes else ""))
-    name = spec.study_name()
+    # the default name holds the search space too: a study of an older space (other
+    # choices for a parameter) cannot resume under optuna, so it is not picked up
+    name = spec.study if spec.study else f"{spec.study_name()} {space.signature()[:4]}"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.model)[:24] + "-" + spec.fingerprint()[:8]
     result = TuneResult(name, spec.modality, spec.model, str(floor), runner.device, tune_cases.prompts,
                         heldout_cases.prompts, notes=list(space.notes), params=spec.request_params(), primary=primary)
     measurer = Measurer(runner, spec, cancel, f"tune-{slug}")
     storage = open_storage(runner.storage_url)
     try:
-        study = _load_study(storage, name, spec, floor, 0)
+        study = _load_study(storage, name, spec, floor, 0, space.signature())
         study = _search(study, storage, name, spec, floor, space, measurer, tune_cases, result, progress, cancel)
         stored = study.get_trials(deepcopy=False)
         rows = [_row(t, floor) for t in stored if t.state.name == "COMPLETE"]
@@ -586,7 +591,7 @@ def _resume(study, storage, name, spec, floor, space, runner):
         if trial.state.name == "RUNNING":
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     if trials:
-        return _load_study(storage, name, spec, floor, len(trials))
+        return _load_study(storage, name, spec, floor, len(trials), space.signature())
     for params in _starting_points(spec, space, runner):
         study.enqueue_trial(params, skip_if_exists=True)
     return study

@@ -402,6 +402,16 @@ class SearchSpace:
             return round(trial.suggest_float(key, trial_low, trial_high, step=p.step), 6)
         return trial.suggest_float(key, trial_low, trial_high)
 
+    def signature(self) -> str:
+        """What optuna's stored distributions depend on: the slots' choices, each searched
+        parameter's choices or static range, the fixed values (a study resumes only in
+        the same space)."""
+        shape = {"groups": [[slot, [s.name for s in specs]] for slot, specs in self.groups],
+                 "params": {m: [[p.name, p.kind, self.choices(m, p) if p.kind == "choice" else
+                                 list(self.bounds.get((m, p.name), ()))] for p in ps] for m, ps in self.params.items()},
+                 "fixed": sorted([f"{m}.{p}", v] for (m, p), v in self.fixed.items())}
+        return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def single_defaults(self) -> list[list[MethodChoice]]:
         """Each method alone at its defaults (a starting point, and a benchmark row)."""
         return [[MethodChoice(name, get_method(name).spec.defaults())] for name in self.methods]

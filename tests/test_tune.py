@@ -483,3 +483,22 @@ def test_a_tuned_candidate_equal_to_a_preset_or_single_method_is_measured_once(t
     assert by_label["fake cfg"].heldout is next(c for c in result.confirmed if c.kind == "single"
                                                 and c.label == "cfg_truncation").heldout
     assert any("is the configuration of fake both" in note for note in result.notes)
+
+
+def test_a_study_of_another_search_space_is_not_resumed(tmp_path):
+    """optuna cannot resume a study whose parameters had other choices: the default name
+    holds the space (a new study), a named one is refused in one line."""
+    from backends.accel.base import Limits
+
+    class Shallow(FakeRunner):
+        def limits(self, modality, model, names):
+            return {"deepcache": Limits(ranges={"branch": (None, 1)}), "cfg_truncation": Limits()}
+
+    url = f"sqlite:///{tmp_path / 'opt.db'}"
+    first = run_tune(FakeRunner(url), fake_spec(trials=1, confirm_top=1))
+    again = run_tune(Shallow(url), fake_spec(trials=1, confirm_top=1))
+    assert again.study != first.study and again.study.startswith(first.study.rsplit(" ", 1)[0])
+    run_tune(FakeRunner(url), fake_spec(trials=1, confirm_top=1, study="mine"))
+    with pytest.raises(ValidationError, match="made with another search space") as info:
+        run_tune(Shallow(url), fake_spec(trials=1, confirm_top=1, study="mine"))
+    assert "\n" not in str(info.value)
