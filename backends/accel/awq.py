@@ -136,7 +136,8 @@ class AWQMethod(Method):
 
     @classmethod
     def limits(cls, backend) -> Limits:
-        return skip_blocks_limits(backend, int(cls.spec.param("skip_blocks").max), cls.spec.param("group_size").choices)
+        return skip_blocks_limits(backend, int(cls.spec.param("skip_blocks").max),
+                                  cls.spec.param("group_size").choices)
 
     def attach(self, backend, plan: RunPlan) -> RunHandle:
         from backends.text_eval import CONTEXT, calibration_ids

@@ -17,7 +17,6 @@ from backends.accel._eval_cost import EvalCostMeter
 from backends.accel._patch import ForwardPatch, StepCallback
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
-from backends.types import ValidationError
 
 
 class DeepCacheConfig(MethodConfig):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from backends.accel import _quant
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
-from backends.accel.weight_quant import WEIGHT_FAMILIES, WEIGHT_SLOT, attach_quantized, denoiser_of, skip_blocks_limits
+from backends.accel.weight_quant import (WEIGHT_FAMILIES, WEIGHT_SLOT, attach_quantized, denoiser_of,
+                                         skip_blocks_limits)
 from backends.plan import RunHandle, RunPlan
 from backends.types import ValidationError
 
