@@ -612,6 +612,11 @@ def _ask_batch(study, space, known, size: int):
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             settled += 1
             continue
+        if not methods:  # every slot "none": the baseline itself, nothing to measure
+            trial.set_user_attr("error", "no method chosen: the baseline itself")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            settled += 1
+            continue
         label, key = format_config(methods), canonical_config(methods)
         trial.set_user_attr("config", label)
         trial.set_user_attr("methods", [m.to_dict() for m in methods])

@@ -502,3 +502,18 @@ def test_a_study_of_another_search_space_is_not_resumed(tmp_path):
     with pytest.raises(ValidationError, match="made with another search space") as info:
         run_tune(Shallow(url), fake_spec(trials=1, confirm_top=1, study="mine"))
     assert "\n" not in str(info.value)
+
+
+def test_the_empty_configuration_is_pruned_unmeasured():
+    """The audio re-run measured "baseline" (every slot none) as a trial: it is pruned instead."""
+    import optuna
+
+    from studio.tune import _ask_batch
+
+    space = build_space("image", "unet", ["deepcache"], {"steps": 20}, exact=False)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.enqueue_trial({"slot:deepcache": "none"})
+    batch, settled = _ask_batch(study, space, {}, 1)
+    assert batch == [] and settled == 1
+    [trial] = study.get_trials()
+    assert trial.state.name == "PRUNED" and "baseline" in trial.user_attrs["error"]
