@@ -93,6 +93,8 @@ class Backend:
         if request.modality != self.modality:
             raise ValidationError(f"a {request.modality} request was sent to a {self.modality} model")
         methods = _instantiate(request, self.family)
+        for method in methods:  # a value this model cannot take: refused before any work
+            method.check_limits(self)
         with self.lock:
             if cancel is not None:
                 cancel.start()  # the time limit counts from here, not from the queue

@@ -27,6 +27,10 @@ class LocalExecutor:
     def describe(self, modality: str, model: str) -> dict:
         return self.manager.get(modality, model).describe()
 
+    def method_limits(self, modality: str, model: str, names: list[str]) -> dict:
+        """What the loaded model allows of each named method (``Method.limits``)."""
+        return method_limits(self.manager.get(modality, model), names)
+
     def shutdown(self) -> None:
         self.manager.unload_all()
 
@@ -62,6 +66,10 @@ class StudioWorker:
 
     def describe(self, modality: str, model: str) -> dict:
         return self.manager.get(modality, model).describe()
+
+    def method_limits(self, modality: str, model: str, names: list[str]) -> dict:
+        """What the loaded model allows of each named method (``Method.limits``)."""
+        return method_limits(self.manager.get(modality, model), names)
 
 
 class RayExecutor:
@@ -153,6 +161,22 @@ class RayExecutor:
             with self._lock:
                 self.in_flight[index] -= 1
 
+    def method_limits(self, modality: str, model: str, names: list[str]) -> dict:
+        index = self._pick(set())  # the workers share one device type: any of them answers for all
+        try:
+            return self.ray.get(self.workers[index].method_limits.remote(modality, model, names))
+        finally:
+            with self._lock:
+                self.in_flight[index] -= 1
+
     def shutdown(self) -> None:
         for worker in self.workers:
             self.ray.kill(worker)
+
+
+def method_limits(backend, names: list[str]) -> dict:
+    """``{method: Limits}`` for ``backend``'s loaded model (imported here: the method
+    registry imports every method module)."""
+    from backends.accel.base import get_method
+
+    return {name: get_method(name).limits(backend) for name in names}

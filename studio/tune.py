@@ -41,13 +41,14 @@ from typing import Any, Callable
 
 
 from backends.accel._eval_cost import run_ideal
+from backends.accel.base import methods_for
 from backends.types import MethodChoice, Request, StudioError, ValidationError, shown
 from studio import metrics
 from studio.detectors import outputs_identical
 from studio.compare import format_config
 from studio.measure import Spread, Timed, measure, summarize
 from studio.tune_spec import (MAX_TRIALS, PRIMARY, QUALITY_METRICS, Conflict, QualityFloor, SearchSpace, TuneSpec,
-                               build_space)
+                               build_space, canonical_config)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,11 @@ class StudioTuneRunner:
 
     def family(self, modality: str, model: str) -> str | None:
         return self.studio.describe_model(modality, model).get("family")
+
+    def limits(self, modality: str, model: str, names: list[str]) -> dict:
+        """What the loaded model allows of each method (``Method.limits``): the search
+        space is narrowed to it."""
+        return self.studio.executor.method_limits(modality, model, names)
 
     def run(self, request: Request, cancel) -> Timed:
         result = self.studio.generate(request, cancel=cancel).result
@@ -428,7 +434,7 @@ def _set_constraints(trial, violations: list[float]) -> None:
             trial.set_constraint(f"floor{i}", min(value, 1e6))
 
 
-def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_offset: int):
+def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_offset: int, space: str | None = None):
     """A multi-objective TPE study (maximise speedup and quality), seeded for
     reproducibility; an existing one of the same name is loaded (resumed)."""
     optuna = _optuna()
@@ -441,9 +447,12 @@ def _load_study(storage, name: str, spec: TuneSpec, floor: QualityFloor, seed_of
     if attrs.get("kind") not in (None, STUDY_KIND) or attrs.get("fingerprint") not in (None, spec.fingerprint()):
         raise ValidationError(f"study {shown(name)} was made with other settings (model, prompts, floor or methods); "
                               "pick another study name")
+    if attrs.get("space") not in (None, space):
+        raise ValidationError(f"study {shown(name)} was made with another search space (this model's limits or the "
+                              "methods' parameters have changed since); pick another study name")
     if not attrs:
         for key, value in {"kind": STUDY_KIND, "fingerprint": spec.fingerprint(), "modality": spec.modality,
-                           "model": spec.model, "floor": str(floor)}.items():
+                           "model": spec.model, "floor": str(floor), "space": space}.items():
             study.set_user_attr(key, value)
     return study
 
@@ -459,6 +468,15 @@ def _row(trial, floor: QualityFloor) -> TrialRow:
 
 # -- the tune ----------------------------------------------------------------------------------
 
+def _model_limits(runner, spec: TuneSpec, family: str | None) -> dict | None:
+    """The model's limits for every method that applies to it; None from a runner that
+    cannot tell (the space is then the Configs' own)."""
+    ask = getattr(runner, "limits", None)
+    if ask is None:
+        return None
+    return ask(spec.modality, spec.model, [cls.spec.name for cls in methods_for(spec.modality, family)])
+
+
 def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str], None] | None = None,
              cancel: Any = None) -> TuneResult:
     """Search, confirm on held-out prompts, save the winner as a preset (see the module
@@ -471,18 +489,21 @@ def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str
     primary, sign = PRIMARY[spec.modality]
     tune_cases, heldout_cases = split_prompts(spec.prompt_list(), spec.split, spec.seed)
     family = runner.family(spec.modality, spec.model)
-    space = build_space(spec.modality, family, spec.methods, spec.request_params(), floor.exact)
+    space = build_space(spec.modality, family, spec.methods, spec.request_params(), floor.exact,
+                        _model_limits(runner, spec, family))
     if not space.methods:
         raise ValidationError("no allowed method applies to this model" + (f" ({'; '.join(space.notes)})"
                                                                            if space.notes else ""))
-    name = spec.study_name()
+    # the default name holds the search space too: a study of an older space (other
+    # choices for a parameter) cannot resume under optuna, so it is not picked up
+    name = spec.study if spec.study else f"{spec.study_name()} {space.signature()[:4]}"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.model)[:24] + "-" + spec.fingerprint()[:8]
     result = TuneResult(name, spec.modality, spec.model, str(floor), runner.device, tune_cases.prompts,
                         heldout_cases.prompts, notes=list(space.notes), params=spec.request_params(), primary=primary)
     measurer = Measurer(runner, spec, cancel, f"tune-{slug}")
     storage = open_storage(runner.storage_url)
     try:
-        study = _load_study(storage, name, spec, floor, 0)
+        study = _load_study(storage, name, spec, floor, 0, space.signature())
         study = _search(study, storage, name, spec, floor, space, measurer, tune_cases, result, progress, cancel)
         stored = study.get_trials(deepcopy=False)
         rows = [_row(t, floor) for t in stored if t.state.name == "COMPLETE"]
@@ -515,7 +536,7 @@ def _search(study, storage, name, spec, floor, space, measurer, cases, result, p
     candidate per round, spread over the workers). A failed trial is recorded as failed
     and the search goes on; it stops at the budget, the deadline or a cancel."""
     study = _resume(study, storage, name, spec, floor, space, measurer.runner)
-    known = {t.user_attrs["config"]: t for t in study.get_trials(deepcopy=False)
+    known = {_canonical_of(t): t for t in study.get_trials(deepcopy=False)
              if t.state.name == "COMPLETE" and "config" in t.user_attrs}
     deadline = time.monotonic() + spec.minutes * 60 if spec.minutes else None
     budget = spec.trials if spec.trials is not None else MAX_TRIALS
@@ -554,7 +575,7 @@ def _search(study, storage, name, spec, floor, space, measurer, cases, result, p
                 done += 1
             result.new_trials += 1
             if _tell(study, trial, candidate, floor, spec.modality):
-                known[label] = study.get_trials(deepcopy=False)[trial.number]
+                known[canonical_config(candidate.methods)] = study.get_trials(deepcopy=False)[trial.number]
     if cancel.is_set():
         result.cancelled = True
     return study
@@ -570,7 +591,7 @@ def _resume(study, storage, name, spec, floor, space, runner):
         if trial.state.name == "RUNNING":
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     if trials:
-        return _load_study(storage, name, spec, floor, len(trials))
+        return _load_study(storage, name, spec, floor, len(trials), space.signature())
     for params in _starting_points(spec, space, runner):
         study.enqueue_trial(params, skip_if_exists=True)
     return study
@@ -591,13 +612,18 @@ def _ask_batch(study, space, known, size: int):
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             settled += 1
             continue
-        label = format_config(methods)
+        if not methods:  # every slot "none": the baseline itself, nothing to measure
+            trial.set_user_attr("error", "no method chosen: the baseline itself")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            settled += 1
+            continue
+        label, key = format_config(methods), canonical_config(methods)
         trial.set_user_attr("config", label)
         trial.set_user_attr("methods", [m.to_dict() for m in methods])
-        if label in known:  # the same configuration again: its measurement is reused, not repeated
-            _copy_trial(study, trial, known[label])
+        if key in known:  # the same configuration again: its measurement is reused, not repeated
+            _copy_trial(study, trial, known[key])
             settled += 1
-        elif label in [item[1] for item in batch]:
+        elif key in [canonical_config(item[2]) for item in batch]:
             repeats.append(trial)
         else:
             batch.append((trial, label, methods))
@@ -605,6 +631,14 @@ def _ask_batch(study, space, known, size: int):
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         settled += 1
     return batch, settled
+
+
+def _canonical_of(trial) -> str:
+    """The canonical configuration of a stored trial (its label where the methods are unreadable)."""
+    try:
+        return canonical_config([MethodChoice.from_obj(m) for m in trial.user_attrs.get("methods", [])])
+    except (ValidationError, KeyError, TypeError, ValueError):
+        return trial.user_attrs["config"]
 
 
 def _tell(study, trial, candidate: Measured, floor: QualityFloor, modality: str) -> bool:
@@ -684,13 +718,17 @@ def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, prog
         entries.append(("shipped", preset.name, preset.methods, None))
     if spec.compare_singles:
         entries += [("single", format_config(m), m, None) for m in space.single_defaults()]
+    # one measurement per distinct configuration: a tuned candidate that is a shipped preset
+    # or a single method (in another order, or with its defaults spelled out) shares its figure
     configs: list[tuple[str, list[MethodChoice]]] = []
+    keys: list[str] = []
     index: list[int] = []
     for _kind, _label, methods, _row in entries:
-        label = format_config(methods)
-        if label not in [c[0] for c in configs]:
-            configs.append((label, methods))
-        index.append(1 + [c[0] for c in configs].index(label))
+        key = canonical_config(methods)
+        if key not in keys:
+            keys.append(key)
+            configs.append((format_config(methods), methods))
+        index.append(1 + keys.index(key))
     if progress:
         progress(0, 1, f"confirming {len(configs)} configuration(s) on {len(cases.prompts)} held-out prompt(s)")
     sub = (lambda n, total, label: progress(n, total, f"held-out: {label}")) if progress else None
@@ -703,6 +741,11 @@ def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, prog
         measured = rows[at]
         ok = measured.error is None and measured.speedup is not None and floor.met(measured.figures)
         result.confirmed.append(Confirmed(kind, label, measured, ok, row))
+    for (kind, label, _methods, _row), at in zip(entries, index):
+        same = [other for (k, other, _m, _r), a in zip(entries, index) if a == at and k != "tuned"]
+        if kind == "tuned" and same:
+            result.notes.append(f"the tuned candidate {label} is the configuration of {', '.join(same)}: "
+                                "measured once, one figure for both")
     skipped = [c.label for c in result.confirmed if c.kind == "shipped" and not {m.name for m in c.heldout.methods}
                <= allowed]
     if skipped:

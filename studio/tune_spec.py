@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from backends.accel.base import MethodSpec, Param, get_method, methods_for
+from backends.accel.base import NO_LIMITS, Limits, MethodSpec, Param, get_method, methods_for
 from backends.catalog import find_bundled, recommended_params
 from backends.params import default as param_default
 from backends.types import MODALITIES, MethodChoice, Request, StudioError, ValidationError, shown
@@ -301,6 +301,16 @@ def spec_from_dict(data: Any) -> TuneSpec:
 
 # -- the search space --------------------------------------------------------------------
 
+def canonical_config(methods: Sequence[MethodChoice]) -> str:
+    """One string per distinct configuration: methods by name, every parameter filled in.
+    ``deepcache + cfg_truncation(fraction=0.5)`` and ``cfg_truncation + deepcache(interval=3)``
+    name the same run (the order methods are listed in does not change what runs: the
+    plan editors attach first, the others patch what they each own), so a configuration
+    already measured is reused, never measured twice."""
+    full = sorted((m.name, get_method(m.name).spec.validate(dict(m.params))) for m in methods)
+    return json.dumps(full, sort_keys=True, default=str)
+
+
 # Methods left out unless named: they switch an implementation (compile takes minutes per
 # configuration on a CPU; an attention backend is the same maths), they do not trade
 # quality for speed; or their speed comes from the history of earlier prompts
@@ -313,7 +323,8 @@ FIXED_PARAMS = {"sta": {"backend"}, "attention_backend": {"backend"}, "speculati
                 "awq": {"calib_tokens", "grid"}, "prefix_cache": {"budget_mb", "disk"},
                 "token_recycling": {"persist"}, "chunk_cache": {"budget_mb", "separator"},
                 "prompt_compress": {"scorer"}}
-# LCM needs a distilled model; fp8 weights need a GPU with fp8 support (named, they are tried)
+# Without a loaded model to ask (``Method.limits``): LCM needs a distilled model, fp8
+# weights a GPU with fp8 support. With one, its limits decide.
 UNUSABLE_CHOICES = {("sampler", "scheduler"): {"lcm"}, ("weight_quant", "weights"): {"fp8"}}
 NONE = "none"
 
@@ -330,6 +341,10 @@ class SearchSpace:
     params: dict[str, list[Param]]
     bounds: dict[tuple[str, str], tuple[float, float]]
     notes: list[str] = field(default_factory=list)
+    # what the loaded model allows of each method (``Method.limits``); NO_LIMITS when unknown
+    limits: dict[str, Limits] = field(default_factory=dict)
+    # parameters left with one value by the model's limits (not searched, not the default)
+    fixed: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -350,26 +365,53 @@ class SearchSpace:
             if set(spec.slots) & taken:
                 raise Conflict(f"{name} shares a slot with a method already chosen")
             taken |= set(spec.slots) | {slot}
-            values = {p.name: self._suggest_param(trial, name, p) for p in self.params[name]}
+            values = {p: v for (m, p), v in self.fixed.items() if m == name}
+            for p in self.params[name]:  # in Config order: a bound naming an earlier parameter is known
+                values[p.name] = self._suggest_param(trial, name, p, values)
             chosen.append(MethodChoice(name, spec.validate(values)))
         return chosen
 
-    def _suggest_param(self, trial, method: str, p: Param) -> Any:
+    def choices(self, method: str, p: Param) -> list[Any]:
+        """The choices of ``p`` searched for this model."""
+        allowed = self.limits.get(method, NO_LIMITS).searched_choices(p.name)
+        if allowed is None:
+            banned = UNUSABLE_CHOICES.get((method, p.name), set())
+            return [c for c in p.choices if c not in banned]
+        return [c for c in p.choices if c in allowed]
+
+    def _suggest_param(self, trial, method: str, p: Param, values: Mapping[str, Any]) -> Any:
         key = f"{method}.{p.name}"
         if p.kind == "bool":
             return trial.suggest_categorical(key, [False, True])
         if p.kind == "choice":
-            banned = UNUSABLE_CHOICES.get((method, p.name), set())
-            return trial.suggest_categorical(key, [c for c in p.choices if c not in banned])
+            return trial.suggest_categorical(key, self.choices(method, p))
         low, high = self.bounds[(method, p.name)]
+        # a bound naming another parameter (tree_size >= depth) narrows this trial's range;
+        # the static range alone decides the scale, which optuna needs the same every trial
+        above, below = self.limits.get(method, NO_LIMITS).searched_bounds(p.name, values)
+        trial_low = min(high, max(low, above)) if above is not None else low
+        trial_high = max(trial_low, min(high, below)) if below is not None else high
         if p.kind == "int":
             step = int(p.step or 1)
             use_log = step == 1 and low >= 1 and high / low >= 64
-            return trial.suggest_int(key, int(low), int(high), step=1 if use_log else step, log=use_log)
+            if not use_log and step > 1:  # keep the step grid of the static range
+                trial_low = low + math.ceil((trial_low - low) / step) * step
+                trial_high = max(trial_low, low + math.floor((trial_high - low) / step) * step)
+            return trial.suggest_int(key, int(trial_low), int(trial_high), step=1 if use_log else step, log=use_log)
         if p.step:
-            high = low + math.floor(round((high - low) / p.step, 6)) * p.step
-            return round(trial.suggest_float(key, low, high, step=p.step), 6)
-        return trial.suggest_float(key, low, high)
+            trial_high = trial_low + math.floor(round((trial_high - trial_low) / p.step, 6)) * p.step
+            return round(trial.suggest_float(key, trial_low, trial_high, step=p.step), 6)
+        return trial.suggest_float(key, trial_low, trial_high)
+
+    def signature(self) -> str:
+        """What optuna's stored distributions depend on: the slots' choices, each searched
+        parameter's choices or static range, the fixed values (a study resumes only in
+        the same space)."""
+        shape = {"groups": [[slot, [s.name for s in specs]] for slot, specs in self.groups],
+                 "params": {m: [[p.name, p.kind, self.choices(m, p) if p.kind == "choice" else
+                                 list(self.bounds.get((m, p.name), ()))] for p in ps] for m, ps in self.params.items()},
+                 "fixed": sorted([f"{m}.{p}", v] for (m, p), v in self.fixed.items())}
+        return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def single_defaults(self) -> list[list[MethodChoice]]:
         """Each method alone at its defaults (a starting point, and a benchmark row)."""
@@ -382,6 +424,10 @@ class SearchSpace:
         by_name = {m.name: m for m in methods}
         if any(name not in self.params for name in by_name):
             return None
+        for m in methods:  # a value this model cannot take (a preset made for another model)
+            values = {**get_method(m.name).spec.defaults(), **m.params}
+            if self.limits.get(m.name, NO_LIMITS).refusal(m.name, values):
+                return None
         taken: set[str] = set()
         for slot, specs in self.groups:
             if slot in taken:
@@ -401,10 +447,14 @@ class SearchSpace:
 
 
 def build_space(modality: str, family: str | None, allowed: Sequence[str] | None, base_params: Mapping[str, Any],
-                exact: bool) -> SearchSpace:
+                exact: bool, limits: Mapping[str, Limits] | None = None) -> SearchSpace:
     """The search space for one model: the allowed methods that attach to it (the others
-    skipped with a note), grouped by slot."""
+    skipped with a note), grouped by slot. ``limits``: what the loaded model allows of each
+    method (``Method.limits``, from the executor's ``method_limits``): a method it cannot run is left out
+    with a note, and each parameter is searched only within the model's range and choices,
+    so no trial is spent on a configuration the model refuses."""
     notes: list[str] = []
+    limits = dict(limits or {})
     applicable = {cls.spec.name: cls.spec for cls in methods_for(modality, family)}
     if allowed:
         names = [get_method(name).spec.name for name in dict.fromkeys(allowed)]  # unknown: a one-line error
@@ -422,26 +472,70 @@ def build_space(modality: str, family: str | None, allowed: Sequence[str] | None
         if lossy:
             notes.append(f"floor 'exact': lossy methods left out ({', '.join(lossy)})")
         names = [n for n in names if applicable[n].lossless is True]
+    unfit = {n: f"{n} ({limits[n].unfit})" if limits[n].unfit else _fixed_misfit(n, limits[n])
+             for n in names if n in limits}
+    unfit = {n: why for n, why in unfit.items() if why}
+    if unfit:
+        notes.append(f"skipped, this model cannot run them: {'; '.join(unfit.values())}")
+        names = [n for n in names if n not in unfit]
     steps = int(base_params.get("steps") or (param_default(modality, "steps") if modality != "text" else 0) or 0)
     groups: dict[str, list[MethodSpec]] = {}
     params: dict[str, list[Param]] = {}
     bounds: dict[tuple[str, str], tuple[float, float]] = {}
+    fixed: dict[tuple[str, str], Any] = {}
     for name in names:
         spec = applicable[name]
         groups.setdefault(spec.slots[0] if spec.slots else name, []).append(spec)
         params[name] = []
-        for p in spec.params:
+        for p in _ordered(list(spec.params), limits.get(name, NO_LIMITS)):
             if p.name in FIXED_PARAMS.get(name, ()):
                 continue
             if p.kind in ("int", "float"):
-                low, high = _bounds(name, p, steps)
-                if low >= high:
-                    continue  # one value only: nothing to search
+                low, high = _model_bounds(_bounds(name, p, steps), limits.get(name, NO_LIMITS), p.name)
+                if low >= high:  # one value only: nothing to search
+                    if not low <= p.default <= high or low > high:
+                        fixed[(name, p.name)] = int(low) if p.kind == "int" else low
+                    continue
                 bounds[(name, p.name)] = (low, high)
             params[name].append(p)
     # a method holding two slots is sampled first, so the slot it also takes is skipped after it
     ordered = sorted(groups.items(), key=lambda item: -max(len(s.slots) for s in item[1]))
-    return SearchSpace(ordered, params, bounds, notes)
+    return SearchSpace(ordered, params, bounds, notes, limits, fixed)
+
+
+def _model_bounds(bounds: tuple[float, float], limits: Limits, name: str) -> tuple[float, float]:
+    """The Config's search range within the model's numeric limits (a bound naming another
+    parameter is applied per trial, in ``SearchSpace.suggest``)."""
+    low, high = bounds
+    for above, below in (limits.ranges.get(name, (None, None)), limits.search_ranges.get(name, (None, None))):
+        if isinstance(above, (int, float)):
+            low = max(low, above)
+        if isinstance(below, (int, float)):
+            high = min(high, below)
+    return low, high
+
+
+def _fixed_misfit(name: str, limits: Limits) -> str | None:
+    """A parameter the search keeps at its default whose default this model refuses."""
+    spec = get_method(name).spec
+    for pname in FIXED_PARAMS.get(name, ()):
+        allowed = limits.searched_choices(pname)
+        if allowed is not None and spec.param(pname).default not in allowed:
+            return f"{name} ({pname}={spec.param(pname).default!r} does not fit this model; name it to search it)"
+    return None
+
+
+def _ordered(params: list[Param], limits: Limits) -> list[Param]:
+    """Config order, except that a parameter whose bound reads another comes after it."""
+    out: list[Param] = []
+    pending = list(params)
+    while pending:
+        waiting = {q.name for q in pending}
+        ready = next((p for p in pending if not limits.references(p.name) & (waiting - {p.name})), pending[0])
+        out.append(ready)
+        pending.remove(ready)
+    return out
+
 
 
 def _bounds(method: str, p: Param, steps: int) -> tuple[float, float]:

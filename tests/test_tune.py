@@ -448,3 +448,72 @@ def test_cli_takes_the_users_prompts():
     spec = spec_from_args(args)
     assert spec.prompt_list() == ["a", "b"] and spec.params == {"steps": 4} and spec.methods == ("deepcache",)
     assert [c.seeds for c in split_prompts(spec.prompt_list(), spec.split, spec.seed)] in ([[7], [8]], [[8], [7]])
+
+
+def test_a_tuned_candidate_equal_to_a_preset_or_single_method_is_measured_once(tmp_path):
+    """The tiny-sd-shapes tune measured ``cfg_truncation + deepcache`` (tuned) and the shipped
+    ``deepcache + cfg_truncation`` twice in one held-out run (2.32x and 2.41x): the same
+    configuration in another order, or with its defaults spelled out, is measured once."""
+    from studio.tune_spec import canonical_config
+
+    class Counting(FakeRunner):
+        def __init__(self, url):
+            super().__init__(url)
+            self.heldout_runs: dict[str, int] = {}
+
+        def run(self, request, cancel):
+            if request.compare_group.endswith("heldout") and request.methods:
+                key = canonical_config(request.methods)
+                self.heldout_runs[key] = self.heldout_runs.get(key, 0) + 1
+            return super().run(request, cancel)
+
+        def shipped_presets(self, modality, model):
+            return [Preset("fake both", "image", "fake", {}, [MethodChoice("deepcache", {"interval": 3}),
+                                                              MethodChoice("cfg_truncation", {})]),
+                    Preset("fake cfg", "image", "fake", {}, [MethodChoice("cfg_truncation", {"fraction": 0.5})])]
+
+    runner = Counting(f"sqlite:///{tmp_path / 'opt.db'}")
+    result = run_tune(runner, fake_spec(floor="psnr>=10"))
+    both = canonical_config([MethodChoice("cfg_truncation", {}), MethodChoice("deepcache", {})])
+    assert both in {canonical_config(c.heldout.methods) for c in result.confirmed if c.kind == "tuned"}
+    assert runner.heldout_runs and set(runner.heldout_runs.values()) == {len(HELD)}  # one measurement each
+    by_label = {c.label: c for c in result.confirmed}
+    tuned_both = next(c for c in result.confirmed if c.kind == "tuned" and canonical_config(c.heldout.methods) == both)
+    assert by_label["fake both"].heldout is tuned_both.heldout  # one figure for both rows
+    assert by_label["fake cfg"].heldout is next(c for c in result.confirmed if c.kind == "single"
+                                                and c.label == "cfg_truncation").heldout
+    assert any("is the configuration of fake both" in note for note in result.notes)
+
+
+def test_a_study_of_another_search_space_is_not_resumed(tmp_path):
+    """optuna cannot resume a study whose parameters had other choices: the default name
+    holds the space (a new study), a named one is refused in one line."""
+    from backends.accel.base import Limits
+
+    class Shallow(FakeRunner):
+        def limits(self, modality, model, names):
+            return {"deepcache": Limits(ranges={"branch": (None, 1)}), "cfg_truncation": Limits()}
+
+    url = f"sqlite:///{tmp_path / 'opt.db'}"
+    first = run_tune(FakeRunner(url), fake_spec(trials=1, confirm_top=1))
+    again = run_tune(Shallow(url), fake_spec(trials=1, confirm_top=1))
+    assert again.study != first.study and again.study.startswith(first.study.rsplit(" ", 1)[0])
+    run_tune(FakeRunner(url), fake_spec(trials=1, confirm_top=1, study="mine"))
+    with pytest.raises(ValidationError, match="made with another search space") as info:
+        run_tune(Shallow(url), fake_spec(trials=1, confirm_top=1, study="mine"))
+    assert "\n" not in str(info.value)
+
+
+def test_the_empty_configuration_is_pruned_unmeasured():
+    """The audio re-run measured "baseline" (every slot none) as a trial: it is pruned instead."""
+    import optuna
+
+    from studio.tune import _ask_batch
+
+    space = build_space("image", "unet", ["deepcache"], {"steps": 20}, exact=False)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.enqueue_trial({"slot:deepcache": "none"})
+    batch, settled = _ask_batch(study, space, {}, 1)
+    assert batch == [] and settled == 1
+    [trial] = study.get_trials()
+    assert trial.state.name == "PRUNED" and "baseline" in trial.user_attrs["error"]

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from backends.accel import _quant
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel.weight_quant import WEIGHT_SLOT, attach_quantized, denoiser_of
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
+from backends.accel.weight_quant import WEIGHT_SLOT, attach_quantized, denoiser_of, skip_blocks_limits
 from backends.plan import RunHandle, RunPlan
 from backends.types import ValidationError
 
@@ -133,6 +133,11 @@ class AWQMethod(Method):
         defaults_note="group size 64 (paper 128: the bundled model is 256 wide) and 2,048 calibration tokens "
                       "(paper: 128 x 512 of the Pile) so calibration takes seconds on CPU",
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        return skip_blocks_limits(backend, int(cls.spec.param("skip_blocks").max),
+                                  cls.spec.param("group_size").choices)
 
     def attach(self, backend, plan: RunPlan) -> RunHandle:
         from backends.text_eval import CONTEXT, calibration_ids

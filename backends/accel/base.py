@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence, dataclass_transform
 
 from backends.plan import Handle, RunPlan
 from backends.types import MethodChoice, ValidationError
@@ -169,6 +169,107 @@ def check_combinable(spec: MethodSpec, earlier: Iterable[MethodSpec]) -> None:
             raise ValidationError(f"methods '{other.name}' and '{spec.name}' cannot be combined")
 
 
+# A bound of ``Limits.ranges``: a number, None (the Config's own bound), the name of
+# another parameter of the same method, whose value is the bound (``tree_size >= depth``),
+# or (name, offset): that value plus offset (a strict order: ``("timestep_low", 1)``).
+Bound = int | float | str | tuple[str, float] | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one loaded model allows of a method: ranges and choices within its Config's,
+    or no use at all. The Config says what a parameter may be for any model; a model may
+    take less (DeepCache's branch must stay above this UNet's deepest level, a
+    noise-prediction model has no flow solvers). The tuner's search space reads these, so
+    it never proposes a value the model refuses; ``Backend.run`` checks them before
+    attaching, so such a value is a one-line refusal before any work.
+
+    ``ranges``: parameter -> (low, high), inclusive, each a ``Bound``. ``choices``:
+    parameter -> the choices that fit. ``unfit``: why the method cannot run on this model
+    at all (one line), or "". ``search_ranges`` / ``search_choices``: narrower still, for
+    the search only, where the refusal depends on several parameters at once (the int4
+    group sizes that leave a layer to quantize once the widest skip list is applied): a
+    value outside them may run, so it is not refused, but the tuner does not spend a
+    trial on it."""
+
+    ranges: Mapping[str, tuple[Bound, Bound]] = field(default_factory=dict)
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    unfit: str = ""
+    search_ranges: Mapping[str, tuple[Bound, Bound]] = field(default_factory=dict)
+    search_choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def bounds(self, name: str, values: Mapping[str, Any]) -> tuple[float | None, float | None]:
+        """The (low, high) of parameter ``name`` given the other values (None: no limit)."""
+        low, high = self.ranges.get(name, (None, None))
+        return _resolve(low, values), _resolve(high, values)
+
+    def searched_bounds(self, name: str, values: Mapping[str, Any]) -> tuple[float | None, float | None]:
+        """``bounds`` within ``search_ranges``: the range the tuner samples."""
+        lows, highs = zip(self.bounds(name, values), _resolve_pair(self.search_ranges.get(name), values))
+        return (max((v for v in lows if v is not None), default=None),
+                min((v for v in highs if v is not None), default=None))
+
+    def searched_choices(self, name: str) -> tuple[Any, ...] | None:
+        """The choices the tuner samples (None: the Config's own)."""
+        hard, soft = self.choices.get(name), self.search_choices.get(name)
+        if hard is None or soft is None:
+            return hard if soft is None else soft
+        return tuple(c for c in hard if c in soft)
+
+    def references(self, name: str) -> set[str]:
+        """The other parameters the bounds of ``name`` are read from (sampled before it)."""
+        pairs = [*self.ranges.get(name, ()), *self.search_ranges.get(name, ())]
+        return {b[0] if isinstance(b, tuple) else b for b in pairs if isinstance(b, (str, tuple))}
+
+    def refusal(self, method: str, values: Mapping[str, Any]) -> str | None:
+        """One line saying which value this model cannot take, or None when all fit."""
+        if self.unfit:
+            return self.unfit
+        for name, allowed in self.choices.items():
+            if name in values and values[name] not in allowed:
+                return (f"{method}: {name}={values[name]!r} does not fit this model; "
+                        f"use one of {list(allowed)}")
+        for name in self.ranges:
+            if name not in values:
+                continue
+            low, high = self.bounds(name, values)
+            value = values[name]
+            if low is not None and value < low or high is not None and value > high:
+                bound_low, bound_high = self.ranges[name]
+                return f"{method}: {name} must be {_span(bound_low, bound_high, values)}, got {value}"
+        return None
+
+
+def _resolve_pair(pair: tuple[Bound, Bound] | None, values: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    return (None, None) if pair is None else (_resolve(pair[0], values), _resolve(pair[1], values))
+
+
+def _resolve(bound: Bound, values: Mapping[str, Any]) -> float | None:
+    if isinstance(bound, tuple):
+        other = values.get(bound[0])
+        return None if other is None else other + bound[1]
+    return values.get(bound) if isinstance(bound, str) else bound
+
+
+def _shown(bound: Bound, values: Mapping[str, Any]) -> str:
+    if isinstance(bound, tuple):
+        name, offset = bound
+        return f"{name} {'+' if offset >= 0 else '-'} {abs(offset)} ({_resolve(bound, values)})"
+    return f"{bound} ({values.get(bound)})" if isinstance(bound, str) else str(bound)
+
+
+def _span(low: Bound, high: Bound, values: Mapping[str, Any]) -> str:
+    """``between 0 and 1 for this model`` / ``at least depth (6)``."""
+    shown = lambda b: _shown(b, values)  # noqa: E731
+    where = "" if isinstance(low, (str, tuple)) or isinstance(high, (str, tuple)) else " for this model"
+    if low is not None and high is not None:
+        return f"between {shown(low)} and {shown(high)}{where}"
+    return (f"at least {shown(low)}" if low is not None else f"at most {shown(high)}") + where
+
+
+NO_LIMITS = Limits()
+
+
 class Method:
     """Base class: subclasses set ``spec`` and implement ``attach``.
 
@@ -197,6 +298,20 @@ class Method:
         elif not isinstance(config, self.spec.config or ()):
             raise TypeError(f"method {self.spec.name!r} got a {type(config).__name__}")
         self.config = config
+
+    @classmethod
+    def limits(cls, backend: "Backend") -> Limits:
+        """What ``backend``'s loaded model allows of this method (``Limits``); by default
+        all its Config allows. Cheap: read off the model's structure, nothing run."""
+        return NO_LIMITS
+
+    def check_limits(self, backend: "Backend") -> None:
+        """Refuse, in one line, a configuration ``backend``'s model cannot take."""
+        values = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)} \
+            if self.config is not None else {}
+        reason = type(self).limits(backend).refusal(self.spec.name, values)
+        if reason:
+            raise ValidationError(reason)
 
     def attach(self, backend: "Backend", plan: RunPlan) -> Handle:
         raise NotImplementedError

@@ -15,9 +15,8 @@ import torch
 
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel._patch import ForwardPatch, StepCallback
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
-from backends.types import ValidationError
 
 
 class DeepCacheConfig(MethodConfig):
@@ -98,12 +97,18 @@ class DeepCacheMethod(Method):
         config=DeepCacheConfig,
     )
 
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """The branch must leave at least one level below it cached: below the number of
+        up blocks minus one (the bundled SD UNet has 3 levels: branch 0 or 1)."""
+        unet = getattr(getattr(backend, "pipe", None), "unet", None)
+        if unet is None or not hasattr(unet, "get_time_embed") or len(unet.up_blocks) < 2:
+            return Limits(unfit="DeepCache needs a diffusers UNet2DConditionModel with at least two levels")
+        return Limits(ranges={"branch": (None, len(unet.up_blocks) - 2)})
+
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
+        self.check_limits(backend)
         unet = backend.pipe.unet
-        if not hasattr(unet, "get_time_embed") or len(unet.up_blocks) < 2:
-            raise ValidationError("DeepCache needs a diffusers UNet2DConditionModel with at least two levels")
-        if self.config.branch >= len(unet.up_blocks) - 1:
-            raise ValidationError(f"DeepCache branch must be below {len(unet.up_blocks) - 1} for this UNet")
         state, counter, interval, branch = DeepCacheState(), StepCallback(), self.config.interval, self.config.branch
         plan.callbacks.append(counter)
         target = unet.up_blocks[len(unet.up_blocks) - branch - 1]

@@ -13,8 +13,9 @@ modules stay in place; on a GPU torchao's ``Int8DynamicActivationInt8WeightConfi
 from __future__ import annotations
 
 from backends.accel import _quant
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel.weight_quant import WEIGHT_FAMILIES, WEIGHT_SLOT, attach_quantized, denoiser_of
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
+from backends.accel.weight_quant import (WEIGHT_FAMILIES, WEIGHT_SLOT, attach_quantized, denoiser_of,
+                                         skip_blocks_limits)
 from backends.plan import RunHandle, RunPlan
 from backends.types import ValidationError
 
@@ -41,6 +42,10 @@ class DynamicQuantMethod(Method):
         config=DynamicQuantConfig,
         slots=(WEIGHT_SLOT,),
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        return skip_blocks_limits(backend, int(cls.spec.param("skip_blocks").max))
 
     def attach(self, backend, plan: RunPlan) -> RunHandle:
         cfg = self.config

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import DecodingHandle, crop_cache, require_greedy, set_decoder
 from backends.accel._tree_decoding import TreeStats, tree_decode
 from backends.accel.lookahead import candidate_tree
-from backends.accel.speculative import check_same_vocab
+from backends.accel.speculative import check_same_vocab, paired_draft_limits
 from backends.catalog import bundled
 from backends.plan import DecodingPlan
 from backends.types import ValidationError
@@ -125,6 +125,10 @@ class DynamicTreeMethod(Method):
         slots=("decoder",),
         defaults_note="a small tree sized for one CPU thread; the papers' wider trees suit a GPU",
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        return paired_draft_limits(cls, backend)
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         require_greedy(plan, "dynamic draft trees")

@@ -43,7 +43,7 @@ import torch
 
 from backends.accel._decoding import DecodingHandle
 from backends.accel._patch import ForwardPatch
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
@@ -238,6 +238,19 @@ class FFNSkipMethod(Method):
         defaults_note="2 protected layers at each end and 4 warm-up tokens: the bundled model has 12 layers, "
                       "so a quarter (3) are skipped out of the 8 middle ones",
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """For the search: each protected end at most half the other layers, so one is left
+        to skip; a fraction that skips at least one layer of this depth."""
+        layers = len(llama_layers(backend.model))
+        each = max(0, (layers - 1) // 2)
+        grid = cls.spec.param("skip_fraction")
+        steps = round((grid.max - grid.min) / grid.step)
+        fractions = [round(grid.min + i * grid.step, 6) for i in range(steps + 1)]
+        least = next((f for f in fractions if round(f * layers) >= 1), grid.max)
+        return Limits(search_ranges={"protect_first": (None, each), "protect_last": (None, each),
+                                     "skip_fraction": (least, None)})
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         c = self.config

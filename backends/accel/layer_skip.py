@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from backends.accel._patch import ForwardPatch
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, require_greedy,
                                       set_decoder)
 from backends.plan import DecodingPlan
@@ -135,6 +135,14 @@ class LayerSkipMethod(Method):
         config=LayerSkipConfig,
         slots=("decoder",),
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """An explicit range ends at an inner layer (skip_to=0: the ratio is used instead);
+        for the search it also starts at or before its end."""
+        inner_last = max(0, len(decoder_layers(backend.model)) - 2)
+        return Limits(ranges={"skip_to": (None, inner_last)},
+                      search_ranges={"skip_from": (None, inner_last), "skip_to": ("skip_from", None)})
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         require_greedy(plan, "layer skipping")

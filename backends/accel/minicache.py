@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from backends.accel._decoding import DecodingHandle
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
@@ -289,6 +289,18 @@ class MiniCacheMethod(Method):
         defaults_note="retention as a share of the prompt's tokens (10%), the distance it sets then judging each "
                       "decoded token, since tokens decoded one at a time have no spread of their own to compare",
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """The merge starts early enough to leave a pair of layers (none in 2 layers)."""
+        layers = int(getattr(backend.model.config, "num_hidden_layers", 0) or 0)
+        grid = cls.spec.param("start")
+        steps = round((grid.max - grid.min) / grid.step)
+        starts = [round(grid.min + i * grid.step, 6) for i in range(steps + 1)]
+        fit = [s for s in starts if merged_pairs(layers, s)]
+        if not fit:
+            return Limits(unfit=f"MiniCache: {layers} layers leave no pair of layers to merge")
+        return Limits(search_ranges={"start": (None, max(fit))})  # the attach says why a later start fails
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         c = self.config

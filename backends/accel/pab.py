@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from backends.accel._diffusers_cache import DiffusersCacheMethod, current_timestep
-from backends.accel.base import MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan
 from backends.types import ValidationError
 
@@ -46,12 +46,17 @@ class PABMethod(DiffusersCacheMethod):
     )
     per_branch_hooks = ("pyramid_attention_broadcast",)
 
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """The reuse window is not empty: timestep_low < timestep_high (any model)."""
+        return Limits(ranges={"timestep_low": (None, cls.spec.param("timestep_high").max - 1),
+                              "timestep_high": (("timestep_low", 1), None)})
+
     def make_config(self, backend, plan: DiffusionPlan, stats: dict[str, Any]):
         from diffusers.hooks import PyramidAttentionBroadcastConfig
 
         c = self.config
-        if c.timestep_low >= c.timestep_high:
-            raise ValidationError("pab: timestep_low must be below timestep_high")
+        self.check_limits(backend)
         window = (c.timestep_low, c.timestep_high)
         return PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=c.spatial_skip or None,

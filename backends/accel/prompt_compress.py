@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DecodingPlan, RunHandle
 from backends.types import ValidationError
 
@@ -108,6 +108,11 @@ class PromptCompressMethod(Method):
         defaults_note="keep 0.6 rather than LLMLingua's per-task ratios (2x-20x compression): the bundled model's "
                       "output drifts quickly once code tokens go",
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """scorer='draft' needs the model's paired draft model."""
+        return Limits() if getattr(backend, "draft_id", None) else Limits(search_choices={"scorer": ("self",)})
 
     def attach(self, backend, plan: DecodingPlan) -> RunHandle:
         config = self.config

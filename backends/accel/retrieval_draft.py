@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import DecodingHandle, require_greedy, set_decoder
 from backends.accel._tree_decoding import TreeStats, tree_decode
 from backends.accel.lookahead import candidate_tree
@@ -230,12 +230,15 @@ class RetrievalDraftMethod(Method):
         defaults_note="a small tree measured on one CPU thread; the papers' larger trees suit a GPU",
     )
 
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """A tree holds at least one full path: tree_size >= depth (any model)."""
+        return Limits(ranges={"tree_size": ("depth", None)})
+
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         require_greedy(plan, "retrieval drafting")
+        self.check_limits(backend)
         config = self.config
-        if config.tree_size < config.depth:
-            raise ValidationError(f"retrieval drafting: tree_size ({config.tree_size}) must be at least depth "
-                                  f"({config.depth})")
         store, source = load_datastore(backend, config.corpus_tokens, config.max_ngram)
         run = TreeStats()
         sources = Counter()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
@@ -69,6 +69,15 @@ class SamplerMethod(Method):
         config=SamplerConfig,
     )
     attach_first = True  # the other methods read the scheduler and the step count it sets
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """A flow-matching model takes the solvers with a flow-sigma form, a noise-prediction
+        model the others; LCM only fits an LCM-distilled model."""
+        table = FLOW_SCHEDULERS if is_flow_matching(backend.base_scheduler) else SCHEDULERS
+        fits = [name for name in cls.spec.param("scheduler").choices
+                if name == "keep" or name in table and (name != "lcm" or "lcm" in backend.model_id.lower())]
+        return Limits(choices={"scheduler": tuple(fits)})
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         handle = RunHandle(plan)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.catalog import bundled
 from backends.accel._codec_decoding import CodecHandle, check_same_codec, speculative_loop
 from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, decoding_stats,
@@ -36,6 +36,14 @@ from backends.plan import DecodingPlan
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
+
+
+def paired_draft_limits(cls, backend) -> Limits:
+    """draft='auto' means the model's paired draft: with none, the search leaves the method
+    out (draft is not searched); the attach refuses it with the reason."""
+    if getattr(backend, "draft_id", None):
+        return Limits()
+    return Limits(search_choices={"draft": tuple(c for c in cls.spec.param("draft").choices if c != "auto")})
 
 
 def check_same_vocab(target_tok: Any, target_model: Any, draft_tok: Any, draft_model: Any, draft_id: str) -> None:
@@ -136,6 +144,10 @@ class SpeculativeMethod(Method):
         config=SpeculativeConfig,
         slots=("decoder",),
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        return paired_draft_limits(cls, backend)
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle | CodecHandle:
         draft_id = backend.draft_id if self.config.draft == "auto" else self.config.draft

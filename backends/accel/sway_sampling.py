@@ -22,7 +22,7 @@ import inspect
 import math
 from typing import Any
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sampler import is_flow_matching
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
@@ -92,6 +92,15 @@ class SwaySamplingMethod(Method):
         lossless=False,
         config=SwaySamplingConfig,
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """No use at all on a noise-prediction model (the bundled audio UNet samples with DDIM)."""
+        try:
+            check_scheduler(backend.base_scheduler)
+        except ValidationError as exc:
+            return Limits(unfit=str(exc))
+        return Limits()
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         # the sampler attaches first, so this patches the scheduler the run will use

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel._decoding import DecodingHandle, require_greedy, set_decoder
 from backends.accel._tree_decoding import TreeStats, tree_decode
 from backends.accel.lookahead import candidate_tree
@@ -138,12 +138,15 @@ class TokenRecyclingMethod(Method):
         defaults_note="a small tree measured on one CPU thread; the paper's ~80-node tree suits a GPU",
     )
 
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """A tree holds at least one full path: tree_size >= depth (any model)."""
+        return Limits(ranges={"tree_size": ("depth", None)})
+
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         require_greedy(plan, "token recycling")
+        self.check_limits(backend)
         config = self.config
-        if config.tree_size < config.depth:
-            raise ValidationError(f"token recycling: tree_size ({config.tree_size}) must be at least depth "
-                                  f"({config.depth})")
         matrix = recycling_matrix(backend, config.k, config.persist)
         template = tree_template(config.tree_size, config.depth, config.k)
         run = TreeStats()

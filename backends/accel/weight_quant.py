@@ -20,12 +20,13 @@ last blocks (ViDiT-Q and LLM.int8 report these as the sensitive ones).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 
 from backends.accel import _quant
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import RunHandle, RunPlan
 from backends.types import ValidationError
 
@@ -52,6 +53,22 @@ def denoiser_of(backend: Any) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ValidationError("this model has no network to quantize")
     return model
+
+
+def skip_blocks_limits(backend: Any, most: int, group_sizes: tuple[int, ...] = ()) -> Limits:
+    """For the search: ``skip_blocks`` up to the largest count that still leaves a layer
+    to quantize with the I/O layers kept (dummy-llama's 2 layers: 0), and the int4
+    ``group_sizes`` that still find a layer of whole groups at that count. Search-only:
+    with ``skip_io`` off, a longer skip list still leaves the I/O layers, so it is not
+    refused (the attach refuses a list that leaves nothing)."""
+    model = getattr(backend, "denoiser", None)
+    if not isinstance(model, torch.nn.Module):
+        return Limits(unfit="this model has no network to quantize")
+    deepest = max((k for k in range(most + 1) if _quant.choose_linears(model, k, True).targets), default=0)
+    groups = tuple(g for g in group_sizes
+                   if _quant.choose_linears(model, deepest, True, lambda m, g=g: _quant.int4_fits(m, g)).targets)
+    return Limits(search_ranges={"skip_blocks": (None, deepest)},
+                  search_choices={"group_size": groups} if group_sizes else {})
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -113,6 +130,18 @@ class WeightQuantMethod(Method):
         defaults_note="int4 group size 64 rather than 128: the bundled models are 256 wide, where 128-wide "
                       "groups lose more accuracy",
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """skip_blocks within the model's depth; fp8 only on a GPU that has it."""
+        limits = skip_blocks_limits(backend, int(cls.spec.param("skip_blocks").max),
+                                    cls.spec.param("group_size").choices)
+        if limits.unfit:
+            return limits
+        device = next(backend.denoiser.parameters()).device
+        weights = tuple(w for w in cls.spec.param("weights").choices if w != "fp8" or fp8_supported(device))
+        # search-only: the attach refuses fp8 on this device with the reason
+        return dataclasses.replace(limits, search_choices={**limits.search_choices, "weights": weights})
 
     def attach(self, backend, plan: RunPlan) -> RunHandle:
         cfg = self.config

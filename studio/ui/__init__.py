@@ -74,6 +74,12 @@ STUDIO_CSS = """
 #compare-table th *, #compare-table-full th * { white-space: nowrap; word-break: keep-all; }
 #compare-table-full .table-wrap { overflow-x: auto; }
 #compare-table td:last-child { white-space: normal; min-width: 18em; }  /* notes: the one column that wraps */
+/* Tune tables: headers on one line; the configuration column wraps, the figures do not;
+   a table wider than the page scrolls sideways. */
+.tune-table th, .tune-table th * { white-space: nowrap; word-break: keep-all; }
+.tune-table td { white-space: nowrap; }
+.tune-table td:nth-child(2) { white-space: normal; min-width: 16em; }
+.tune-table .table-wrap { overflow-x: auto; }
 """
 HEADER = """# ⚡ FastGen Studio
 Generate images, video, audio and text, switch acceleration methods on and off, and see what each one buys

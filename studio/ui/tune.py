@@ -109,12 +109,17 @@ def build_tune_tab(studio) -> dict:
         with gr.Column(scale=4):
             summary = gr.Markdown("", elem_id="tune-summary")
             plot = gr.Plot(label="Speed vs quality (tune prompts)", elem_id="tune-plot")
-            pareto = gr.Dataframe(interactive=False, wrap=True, label="Pareto front (tune prompts)",
-                                  elem_id="tune-pareto")
-            confirmed = gr.Dataframe(interactive=False, wrap=True, label="Held-out confirmation (one interleaved run)",
-                                     elem_id="tune-confirmed")
+    # the tables take the page's full width (a dozen columns do not fit beside the inputs);
+    # their headers stay on one line and a table wider than the page scrolls (STUDIO_CSS)
     with gr.Row():
-        studies = gr.Dataframe(interactive=False, wrap=True, label="Past studies", elem_id="tune-studies")
+        pareto = gr.Dataframe(interactive=False, wrap=True, label="Pareto front (tune prompts)",
+                              elem_id="tune-pareto", elem_classes=["tune-table"])
+    with gr.Row():
+        confirmed = gr.Dataframe(interactive=False, wrap=True, label="Held-out confirmation (one interleaved run)",
+                                 elem_id="tune-confirmed", elem_classes=["tune-table"])
+    with gr.Row():
+        studies = gr.Dataframe(interactive=False, wrap=True, label="Past studies", elem_id="tune-studies",
+                               elem_classes=["tune-table"])
     refresh = gr.Button("Refresh studies", size="sm")
 
     @user_errors
@@ -197,4 +202,5 @@ def build_tune_tab(studio) -> dict:
             yield ""
 
     gr.api(tune, api_name="tune", concurrency_id="compare")
-    return {"studies": studies, "load_studies": lambda: studies_frame(studio)}
+    return {"studies": studies, "load_studies": lambda: studies_frame(studio), "pareto": pareto,
+            "confirmed": confirmed}
