@@ -192,3 +192,40 @@ def test_training_objective_scores_masked_tokens_only():
     xt2 = torch.where(hidden, xt, changed)
     assert torch.allclose(loss, masked_diffusion_loss(model, changed, xt, hidden, t))
     assert not torch.allclose(loss, masked_diffusion_loss(model, changed, xt2, hidden, t))
+
+
+def test_compare_history_and_presets_take_a_diffusion_lm(studio_factory):
+    from studio.compare import parse_configs, run_compare
+    from studio.presets import parse_preset
+
+    studio = studio_factory()
+    request = Request("text", "dummy-dllm", PROMPTS[0], seed=0,
+                      params={"max_new_tokens": 16, "steps": 16, "block_length": 8})
+    report = run_compare(studio, request, parse_configs("fast_dllm(threshold=0.0)\ndkv_cache"), repeats=1,
+                         warmup=False, perplexity=True)
+    base, fast, dkv = report.rows
+    assert not (base.error or fast.error or dkv.error)
+    assert base.quality["token_agreement"] == 1.0 and base.quality["perplexity_delta_pct"] == 0
+    assert fast.quality["perplexity"] > 1 and fast.model_evals < base.model_evals  # generated-code perplexity
+    assert studio.history.count(compare_group=report.group, status="ok") == 3
+    preset = parse_preset({"name": "dllm fast", "modality": "text", "model": "dummy-dllm",
+                           "params": {"max_new_tokens": 16, "steps": 16},
+                           "methods": [{"name": "fast_dllm", "params": {"threshold": 0.8}}]})
+    studio.presets.save(preset)
+    assert studio.presets.get("dllm fast").methods[0].params["threshold"] == 0.8
+
+
+def test_benchmark_cli_reports_generated_code_perplexity(tmp_path):
+    import json
+
+    from benchmarks.cli import main
+
+    out = tmp_path / "d.json"
+    assert main(["--modality", "text", "--model", "dummy-dllm", "--methods", "fast_dllm(threshold=1.0, cache=none),"
+                 "dkv_cache", "--repeats", "1", "--prompts", "1", "--prompt-kind", "code", "--max-new-tokens", "16",
+                 "--params", '{"max_new_tokens": 16, "block_length": 8}', "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    exact = rows["fast_dllm(threshold=1.0, cache=none)"]
+    assert exact["all_exact"] is True and exact["quality"]["perplexity_delta_pct"] == 0
+    assert rows["baseline"]["quality"]["perplexity"] > 1
+    assert rows["dkv_cache"]["method_stats"]["dkv_cache"]["positions_recomputed_share"] < 1
