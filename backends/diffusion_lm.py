@@ -40,7 +40,7 @@ from backends.types import Request, ValidationError
 FAMILY = "diffusion-lm"
 DEFAULT_BLOCK_LENGTH = 32
 LLADA_MASK_ID = 126336  # LLaDA's [MASK] (its remote config does not name it)
-HUB_NAME = re.compile(r"llada|dream", re.IGNORECASE)
+HUB_NAME = re.compile(r"llada|^dream(-|_|$)", re.IGNORECASE)  # LLaDA-8B-Instruct, Dream-v0-Instruct-7B
 REMOTE_TYPES = {"llada", "dream"}
 
 

@@ -164,7 +164,7 @@ def test_hub_diffusion_lms_are_recognised_and_fail_offline_in_one_line(tmp_path)
     from backends.types import ModelLoadError
 
     assert is_diffusion_lm("GSAI-ML/LLaDA-8B-Instruct") and is_diffusion_lm("Dream-org/Dream-v0-Instruct-7B")
-    assert not is_diffusion_lm("HuggingFaceTB/SmolLM2-135M")
+    assert not is_diffusion_lm("HuggingFaceTB/SmolLM2-135M") and not is_diffusion_lm("dreamlike-art/dreamlike-diffusion-1.0")
     (tmp_path / "config.json").write_text('{"model_type": "llama", "diffusion_lm": {"mask_token_id": 3}}')
     assert is_diffusion_lm(str(tmp_path))
     with pytest.raises(ModelLoadError) as err:
@@ -199,6 +199,7 @@ def test_compare_history_and_presets_take_a_diffusion_lm(studio_factory):
     from studio.presets import parse_preset
 
     studio = studio_factory()
+    assert studio.describe_model("text", "dummy-dllm")["family"] == "diffusion-lm"  # the Text tab shows its methods
     request = Request("text", "dummy-dllm", PROMPTS[0], seed=0,
                       params={"max_new_tokens": 16, "steps": 16, "block_length": 8})
     report = run_compare(studio, request, parse_configs("fast_dllm(threshold=0.0)\ndkv_cache"), repeats=1,
