@@ -24,6 +24,11 @@ text() {
     --max-new-tokens 64 --params '{"max_new_tokens": 64, "steps": 64, "block_length": 32}' \
     --methods "fast_dllm(threshold=1.0, cache=prefix),fast_dllm(threshold=1.0),fast_dllm,dkv_cache" \
     --json "$OUT/text-edit-tiny-code-dllm.json"
+  for kind in code edit; do  # 128 tokens in 128 steps: four blocks, where the block caches save more
+    $PY -m benchmarks --modality text --model tiny-code-dllm --threads 1 --repeats 2 --prompts 3 --prompt-kind $kind \
+      --max-new-tokens 128 --params '{"max_new_tokens": 128, "steps": 128, "block_length": 32}' \
+      --methods "fast_dllm(threshold=1.0),fast_dllm,dkv_cache" --json "$OUT/text-${kind}128-tiny-code-dllm.json"
+  done
 }
 image() {
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 16 --steps 25 --guidance 5 \
