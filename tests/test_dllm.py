@@ -230,3 +230,12 @@ def test_benchmark_cli_reports_generated_code_perplexity(tmp_path):
     assert exact["all_exact"] is True and exact["quality"]["perplexity_delta_pct"] == 0
     assert rows["baseline"]["quality"]["perplexity"] > 1
     assert rows["dkv_cache"]["method_stats"]["dkv_cache"]["positions_recomputed_share"] < 1
+
+
+def test_auto_tune_searches_the_diffusion_lm_methods():
+    from studio.tune_spec import build_space
+
+    space = build_space("text", "diffusion-lm", None, {"max_new_tokens": 16}, exact=False)
+    assert set(space.methods) == {"fast_dllm", "dkv_cache"}
+    assert {s.name for s in dict(space.groups)["dllm-decoding"]} == {"fast_dllm", "dkv_cache"}
+    assert build_space("text", "diffusion-lm", None, {}, exact=True).methods == []  # none is lossless
