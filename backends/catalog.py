@@ -36,6 +36,8 @@ class BundledModel:
     # the task grader of its outputs (a key of ``studio.metrics.TASK_GRADERS``): the small
     # classifier trained beside it scores prompt adherence; None = no task score
     grader: str | None = None
+    # text: "diffusion-lm" for a masked-diffusion LM (LLaDA-style decoding; never a draft)
+    family: str | None = None
 
     @property
     def path(self) -> Path:
@@ -62,6 +64,9 @@ BUNDLED: tuple[BundledModel, ...] = (
                  recommended=(("steps", 25), ("guidance", 3.0)), grader="moving-shapes"),
     BundledModel("tiny-code-llama", "text", "Tiny code Llama (12 layers)",
                  "Llama layout LM trained here on Python's standard library.", draft="tiny-code-draft"),
+    BundledModel("tiny-code-dllm", "text", "Tiny code diffusion LM (masked, 12 layers)",
+                 "LLaDA-style masked-diffusion LM adapted here from tiny-code-llama (bidirectional, denoising "
+                 "steps over blocks).", recommended=(("max_new_tokens", 64), ("steps", 64), ("block_length", 32)), family="diffusion-lm"),
     BundledModel("tiny-code-draft", "text", "Tiny code draft (1 layer)",
                  "1-layer draft with the same tokenizer, for speculative decoding."),
     BundledModel("tiny-audio-synth", "audio", "Tiny audio UNet - synth sounds",

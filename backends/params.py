@@ -152,6 +152,12 @@ MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
         ModalityParam("max_new_tokens", int, 128, 1, 2048, 1, "Max new tokens", noun="max new tokens"),
         ModalityParam("temperature", float, 0.0, 0, 5, 0.05, "Temperature (0 = greedy)", noun="temperature"),
         ModalityParam("chat_template", bool, True, label="Apply the chat template when the tokenizer has one"),
+        # diffusion LMs only (tiny-code-dllm, LLaDA, Dream); causal LMs ignore them
+        ModalityParam("steps", int, 0, 1, 2048, 1, "Denoising steps (diffusion LMs; 0 = one per new token)",
+                      noun="denoising steps", zero_means_default=True),
+        ModalityParam("block_length", int, 0, 1, 2048, 1, "Block length (diffusion LMs; 0 = 32)",
+                      "semi-autoregressive blocks decoded left to right", noun="block length",
+                      zero_means_default=True),
         ModalityParam("top_p", float, None, 0.01, 1, 0.01, "Top-p", "nucleus sampling (1 = off)", noun="top-p",
                       control=False),
         ModalityParam("top_k", int, None, 0, 1000, 1, "Top-k", "sample from the k likeliest tokens (0 = off)",

@@ -93,6 +93,10 @@ class TextBackend(DraftingBackend):
 
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "TextBackend":
+        from backends.diffusion_lm import DiffusionLMBackend, is_diffusion_lm
+
+        if cls is TextBackend and is_diffusion_lm(source):  # a masked-diffusion LM: its own decoding loop
+            return DiffusionLMBackend.from_pretrained(model_id, source, device, dtype)
         model, tokenizer = load_causal_lm(source, device, dtype)
         entry = find_bundled(model_id)
         return cls(model_id, model, tokenizer, device, dtype, draft_id=entry.draft if entry else None)

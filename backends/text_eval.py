@@ -141,3 +141,48 @@ def decoding_perplexity(backend: Any, request: Any, built: Sequence[Any], ids: t
             total += torch.nn.functional.cross_entropy(scores, y, reduction="sum").item()
             count += y.numel()
     return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- generated text
+
+JUDGE_MODEL = "tiny-code-llama"  # the AR code model that scores what a diffusion LM wrote
+_JUDGES: dict[str, tuple[Any, Any]] = {}
+
+
+def judge(model_id: str = JUDGE_MODEL) -> tuple[Any, Any]:
+    """(model, tokenizer) of the bundled causal LM that scores generated code, loaded once."""
+    if model_id not in _JUDGES:
+        from backends.catalog import resolve_source
+        from backends.text import load_causal_lm
+
+        _JUDGES[model_id] = load_causal_lm(resolve_source(model_id), torch.device("cpu"), torch.float32)
+    return _JUDGES[model_id]
+
+
+@torch.inference_mode()
+def continuation_nll(model: Any, tokenizer: Any, prompt: str, text: str) -> tuple[float, int]:
+    """Summed next-token NLL of ``text`` given ``prompt`` under a causal LM, and its token
+    count (the prompt is context, not scored)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    head = bos + tokenizer(prompt, add_special_tokens=False).input_ids
+    tail = tokenizer(text, add_special_tokens=False).input_ids
+    if not tail or not head:
+        return 0.0, 0
+    limit = getattr(model.config, "max_position_embeddings", 1024)
+    ids = torch.tensor([(head + tail)[-limit:]])
+    n = min(len(tail), ids.shape[1] - 1)
+    logits = model(input_ids=ids).logits[0, -n - 1:-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, -n:], reduction="sum").item(), n
+
+
+def output_perplexity(prompts: Sequence[str], outputs: Sequence[str], model_id: str = JUDGE_MODEL) -> float | None:
+    """Perplexity of generated continuations under the judge model (tiny-code-llama):
+    exp of the mean NLL per generated token over all outputs. A quality figure that needs
+    no reference and compares across decoding methods of a model that writes code (the
+    diffusion LM), where token agreement falls off after the first changed token."""
+    model, tokenizer = judge(model_id)
+    total, count = 0.0, 0
+    for prompt, text in zip(prompts, outputs):
+        nll, n = continuation_nll(model, tokenizer, prompt, text)
+        total, count = total + nll, count + n
+    return math.exp(total / count) if count else None

@@ -131,15 +131,29 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
         }
         if modality == "text":
             row.update(text_figures(results, base_out, [base_last[i] for i in range(len(prompts))]))
+        if modality == "text" and getattr(backend, "family", "") == "diffusion-lm" and perplexity:
+            row["quality"].update(generated_code_perplexity(prompts, [r.output for r in results], rows))
         if modality == "audio":  # seconds of audio made per second of compute (> 1: faster than real time)
             made = sum(len(r.output[0]) / r.output[1] for r in results)
             row["real_time_factor"] = round(made / max(sum(r.total_seconds for r in results), 1e-9), 3)
         if getattr(backend, "family", "") == "codec-lm":
             row.update(codec_figures(results, [base_last[i] for i in range(len(prompts))]))
         rows.append(row)
-    if modality == "text" and perplexity:
+    if modality == "text" and perplexity and getattr(backend, "family", "") != "diffusion-lm":
         add_perplexity(backend, configs, rows, log)
     return rows
+
+
+def generated_code_perplexity(prompts: list[str], outputs: list[str], rows_so_far: list[dict[str, Any]]) -> dict:
+    """Diffusion LMs: perplexity of the generated code under tiny-code-llama and its change
+    from the baseline row's (the first row), the figure comparable across their methods."""
+    from backends.text_eval import output_perplexity
+
+    value = output_perplexity(prompts, outputs)
+    if value is None:
+        return {}
+    base = rows_so_far[0]["quality"].get("perplexity", value) if rows_so_far else value
+    return {"perplexity": round(value, 4), "perplexity_delta_pct": round(100 * (value / base - 1), 3)}
 
 
 def add_perplexity(backend, configs: list[CompareConfig], rows: list[dict[str, Any]], log=print) -> None:

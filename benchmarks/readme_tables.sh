@@ -15,6 +15,20 @@ text() {
     --json "$OUT/text-code-tiny-code-llama.json"
   $PY -m benchmarks --modality text --model tiny-code-llama --threads 1 --repeats 2 --prompts 3 --prompt-kind edit \
     --max-new-tokens 96 --methods "speculative,speculative(num_assistant_tokens=3),prompt_lookup,lookahead" --json "$OUT/text-edit-tiny-code-llama.json"
+  # the diffusion LM (issue 21): LLaDA decoding, 64 tokens in 64 steps, blocks of 32
+  $PY -m benchmarks --modality text --model tiny-code-dllm --threads 1 --repeats 2 --prompts 3 --prompt-kind code \
+    --max-new-tokens 64 --params '{"max_new_tokens": 64, "steps": 64, "block_length": 32}' \
+    --methods "fast_dllm(threshold=1.0, cache=none),fast_dllm(cache=none),fast_dllm(threshold=1.0, cache=prefix),fast_dllm(threshold=1.0, cache=dual),fast_dllm,fast_dllm(threshold=0.7),dkv_cache,dkv_cache(refresh_interval=8)" \
+    --json "$OUT/text-code-tiny-code-dllm.json"
+  $PY -m benchmarks --modality text --model tiny-code-dllm --threads 1 --repeats 2 --prompts 3 --prompt-kind edit \
+    --max-new-tokens 64 --params '{"max_new_tokens": 64, "steps": 64, "block_length": 32}' \
+    --methods "fast_dllm(threshold=1.0, cache=prefix),fast_dllm(threshold=1.0),fast_dllm,dkv_cache" \
+    --json "$OUT/text-edit-tiny-code-dllm.json"
+  for kind in code edit; do  # 128 tokens in 128 steps: four blocks, where the block caches save more
+    $PY -m benchmarks --modality text --model tiny-code-dllm --threads 1 --repeats 2 --prompts 3 --prompt-kind $kind \
+      --max-new-tokens 128 --params '{"max_new_tokens": 128, "steps": 128, "block_length": 32}' \
+      --methods "fast_dllm(threshold=1.0),fast_dllm,dkv_cache" --json "$OUT/text-${kind}128-tiny-code-dllm.json"
+  done
 }
 image() {
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --repeats 2 --prompts 16 --steps 25 --guidance 5 \

@@ -331,7 +331,11 @@ def run_compare(
                                           [request.prompt] * len(row.outputs))
         row.findings = row_findings(request.modality, row, base)
     if perplexity and request.modality == "text":
-        add_perplexity(studio.manager.get("text", request.model), rows)
+        backend = studio.manager.get("text", request.model)
+        if getattr(backend, "family", "") == "diffusion-lm":
+            add_output_perplexity(rows, request.prompt)
+        else:
+            add_perplexity(backend, rows)
     for row in rows:
         for run_id in row.run_ids:
             studio.history.update_metrics(run_id, {"quality": row.quality, "speedup": row.speedup, "task": row.task})
@@ -347,6 +351,27 @@ def row_findings(modality: str, row: CompareRow, base: CompareRow) -> list[dict[
     found = detectors.compared_findings(modality, row.outputs, row.stats, baselines=base.outputs,
                                         speedup=row.speedup, lossless=lossless, is_baseline=row is base)
     return detectors.as_dicts(found)
+
+
+def add_output_perplexity(rows: list[CompareRow], prompt: str) -> None:
+    """Diffusion LMs: the perplexity of each row's generated code under tiny-code-llama
+    (``backends.text_eval.output_perplexity``) and its change from the baseline's, as
+    quality columns: held-out perplexity needs next-token prediction, which a masked
+    diffusion LM does not do, and its methods change how it decodes, not what it scores."""
+    from backends.text_eval import output_perplexity
+
+    for row in rows:
+        if row.error or not row.outputs:
+            continue
+        try:
+            row.quality["perplexity"] = output_perplexity([prompt] * len(row.outputs), row.outputs)
+        except Exception:  # noqa: BLE001 - one row's evaluation must not lose the others' metrics
+            log.exception("output perplexity of %s failed", row.label)
+            row.notes = [*row.notes, "perplexity could not be computed (the server log has the details)"]
+    base = rows[0].quality.get("perplexity") if rows else None
+    for row in rows:
+        if base and row.quality.get("perplexity"):
+            row.quality["perplexity_delta_pct"] = 100 * (row.quality["perplexity"] / base - 1)
 
 
 def add_perplexity(backend: Any, rows: list[CompareRow]) -> None:

@@ -198,6 +198,26 @@ def test_text_tab_streams_generated_text(page, served):
     assert (row.modality, row.model, row.status) == ("text", "tiny-code-llama", "ok")
 
 
+def test_text_tab_runs_the_diffusion_lm(page, served):
+    from backends.catalog import find_bundled
+
+    if not find_bundled("tiny-code-dllm").available:
+        pytest.skip("assets/tiny-code-dllm is not built")
+    _, studio = served
+    open_tab(page, "Text")
+    choose_model(page, "text-model", "tiny-code-dllm")
+    wait_for_text(page, "text-family", "diffusion-lm")  # its methods (Fast-dLLM, dKV-Cache) are the ones shown
+    set_slider(page, "text-max-new-tokens", 16)
+    set_slider(page, "text-steps", 8)
+    page.locator("#text-generate").click()
+    wait_for_text(page, "text-info", "Run #")
+    assert page.locator("#text-output textarea").input_value().strip(), "the diffusion LM wrote something"
+    no_error_toast(page)
+    shot(page, "4b-text-dllm")
+    row = studio.history.query(limit=1)[0]
+    assert (row.modality, row.model, row.status) == ("text", "tiny-code-dllm", "ok")
+
+
 def test_story_tab_writes_and_draws_without_restyling_the_page(page, served):
     open_tab(page, "Story")
     set_slider(page, "story-steps", 2)

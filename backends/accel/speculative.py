@@ -115,7 +115,8 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
 
 
 class SpeculativeConfig(MethodConfig):
-    draft: str = param("auto", choices=("auto", *(m.name for m in bundled("text", available_only=False))),
+    draft: str = param("auto", choices=("auto", *(m.name for m in bundled("text", available_only=False)
+                                                 if m.family != "diffusion-lm")),
                        help="draft model; 'auto' = the model's paired draft (bundled models name theirs)")
     num_assistant_tokens: int = param(5, min=1, max=32, help="tokens drafted per target forward (transformers "
                                                              "default 20; 3-8 suits small drafts)")

@@ -100,13 +100,14 @@ def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
 
 
 def register_dummy_models(manager) -> None:
-    """Make ``dummy-sd``, ``dummy-flux`` (image), ``dummy-llama`` (text), ``dummy-wan``
+    """Make ``dummy-sd``, ``dummy-flux`` (image), ``dummy-llama``, ``dummy-dllm`` (text), ``dummy-wan``
     (video) and ``dummy-musicgen`` (audio, codec LM) loadable (tests, ``app.py --dummy-models``)."""
     from backends.image import ImageBackend
 
     manager.register_factory("image", "dummy-sd", lambda d, t: ImageBackend("dummy-sd", dummy_sd_pipeline().to(d, t), d, t))
     manager.register_factory("image", "dummy-flux", lambda d, t: ImageBackend("dummy-flux", dummy_flux_pipeline().to(d, t), d, t))
     register_dummy_text_model(manager)
+    register_dummy_dllm(manager)
     from backends.tiny.dummy_video import register_dummy_video_models
 
     register_dummy_video_models(manager)
@@ -153,3 +154,23 @@ def register_dummy_text_model(manager) -> None:
         return TextBackend.from_model(model.to(device), tokenizer, model_id="dummy-llama")
 
     manager.register_factory("text", "dummy-llama", factory)
+
+
+def dummy_dllm(layers: int = 2, seed: int = 0):
+    """A tiny random masked-diffusion LM (Llama layout, a ``<|mask|>`` token) and its tokenizer."""
+    model, tokenizer = dummy_llama(layers, seed)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|mask|>"]})
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model.eval(), tokenizer
+
+
+def register_dummy_dllm(manager) -> None:
+    """Make ``dummy-dllm`` (text, diffusion LM) loadable."""
+    from backends.diffusion_lm import DiffusionLMBackend
+
+    def factory(device, dtype):
+        model, tokenizer = dummy_dllm()
+        return DiffusionLMBackend.from_model(model.to(device), tokenizer, model_id="dummy-dllm",
+                                             mask_id=tokenizer.convert_tokens_to_ids("<|mask|>"))
+
+    manager.register_factory("text", "dummy-dllm", factory)

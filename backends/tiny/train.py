@@ -17,6 +17,7 @@ RECIPES: dict[str, str] = {
     "shapes-classifier": "backends.tiny.shapes:train_classifier_main",
     "shapes-video": "backends.tiny.video_models:train_video_main",
     "code-lm": "backends.tiny.text_models:train_main",
+    "code-dllm": "backends.tiny.dllm_models:train_main",
     "synth-audio": "backends.tiny.audio_models:train_audio_main",
     "synth-audio-classifier": "backends.tiny.audio_data:train_audio_classifier_main",
 }
