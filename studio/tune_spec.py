@@ -314,15 +314,17 @@ def canonical_config(methods: Sequence[MethodChoice]) -> str:
 # Methods left out unless named: they switch an implementation (compile takes minutes per
 # configuration on a CPU; an attention backend is the same maths), they do not trade
 # quality for speed; or their speed comes from the history of earlier prompts
-# (approx_cache), which the tuner's repeated prompts would fill with themselves.
-NOT_SEARCHED_BY_DEFAULT = ("compile", "attention_backend", "approx_cache")
+# (approx_cache), which the tuner's repeated prompts would fill with themselves; or they
+# fit a request's token count rather than a model (sparse_vdit's blocks must tile the
+# clip's tokens, and its patterns come from a calibration pass of that size).
+NOT_SEARCHED_BY_DEFAULT = ("compile", "attention_backend", "approx_cache", "sparse_vdit")
 # Parameters kept at their defaults: they pick an implementation or a data source.
 FIXED_PARAMS = {"sta": {"backend"}, "attention_backend": {"backend"}, "speculative": {"draft"},
                 "mag_cache": {"ratios"}, "teacache": {"rescale"}, "compile": {"scope", "mode", "compiler", "fullgraph"},
                 "int8_attention": {"kernel"}, "dynamic_tree": {"draft"}, "retrieval_draft": {"corpus_tokens"},
                 "awq": {"calib_tokens", "grid"}, "prefix_cache": {"budget_mb", "disk"},
                 "token_recycling": {"persist"}, "chunk_cache": {"budget_mb", "separator"},
-                "prompt_compress": {"scorer"}}
+                "prompt_compress": {"scorer"}, "t_stitch": {"small_model"}, "sparse_vdit": {"backend"}}
 # Without a loaded model to ask (``Method.limits``): LCM needs a distilled model, fp8
 # weights a GPU with fp8 support. With one, its limits decide.
 UNUSABLE_CHOICES = {("sampler", "scheduler"): {"lcm"}, ("weight_quant", "weights"): {"fp8"}}

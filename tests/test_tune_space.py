@@ -123,6 +123,7 @@ MODELS = [  # modality, model, request params (a short run)
     ("audio", "tiny-ddim-audio", {"steps": 4, "seconds": 0.5}),
     ("text", "dummy-llama", {"max_new_tokens": 4}),
     ("audio", "dummy-musicgen", {"seconds": 0.5}),
+    ("text", "dummy-dllm", {"max_new_tokens": 8}),
 ]
 
 

@@ -234,7 +234,8 @@ class Limits:
                 continue
             low, high = self.bounds(name, values)
             value = values[name]
-            if low is not None and value < low or high is not None and value > high:
+            # a bound read from another value (low_start + 0.05) carries float error: 1e-9 slack
+            if low is not None and value < low - 1e-9 or high is not None and value > high + 1e-9:
                 bound_low, bound_high = self.ranges[name]
                 return f"{method}: {name} must be {_span(bound_low, bound_high, values)}, got {value}"
         return None

@@ -24,7 +24,7 @@ import torch
 
 from backends.accel._multires import (MultiResRun, Stage, check_steps, down_area, down_nearest, flow_x0,
                                       layout_for, lift_noise, solver_note, stage_sigmas, up_nearest, up_smooth)
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
@@ -94,6 +94,14 @@ class BottleneckSamplingMethod(Method):
         config=BottleneckSamplingConfig,
         slots=("resolution", "dit-cache"),  # block caches keep token-count-shaped state across steps
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """The low-resolution stage has a width: low_end > low_start (any model). The search
+        keeps every stage at least 0.3 of the steps wide, so that a short tune run still
+        gives each stage a step (a narrower stage is refused at attach for that step count)."""
+        return Limits(ranges={"low_end": (("low_start", 0.05), None)},
+                      search_ranges={"low_start": (None, 0.5), "low_end": (("low_start", 0.3), 0.8)})
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         config = self.config

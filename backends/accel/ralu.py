@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from backends.accel._multires import (FluxLayout, MultiResRun, Stage, block_correlated_noise, check_steps,
                                       down_nearest, flow_x0, layout_for, lift_noise, solver_note, stage_sigmas,
                                       up_nearest)
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
@@ -152,6 +152,11 @@ class RALUMethod(Method):
         slots=("resolution", "dit-cache"),  # block caches keep token-count-shaped state across steps
     )
     attach_first = False
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """The mixed stage ends after the low one: end_mixed > end_low (any model)."""
+        return Limits(ranges={"end_mixed": (("end_low", 0.05), None)})
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         config = self.config

@@ -32,7 +32,7 @@ import torch
 
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel._patch import ForwardPatch, StepCallback
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.catalog import bundled
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
@@ -147,6 +147,15 @@ class TStitchMethod(Method):
     # (id of the full pipeline, id of the small one) pairs already checked: the weight
     # comparison runs once per pair, not once per run
     checked: ClassVar[set[tuple[int, int]]] = set()
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """small_model='auto' means the model's paired sibling: with none, the search leaves
+        the method out (small_model is not searched); the attach refuses it with the reason."""
+        if getattr(backend, "sibling_id", None):
+            return Limits()
+        choices = tuple(c for c in cls.spec.param("small_model").choices if c != "auto")
+        return Limits(search_choices={"small_model": choices})
 
     def small_id(self, backend) -> str:
         if self.config.small_model != "auto":
