@@ -126,7 +126,12 @@ def _guidance(default: float) -> ModalityParam:
 MAX_TEXT_INPUT_CHARS = 16_000
 
 MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
-    "image": (_size("width", 2048), _size("height", 2048), _steps(), _guidance(5.0)),
+    "image": (_size("width", 2048), _size("height", 2048), _steps(), _guidance(5.0),
+              # autoregressive (token) image models only; diffusion pipelines ignore them
+              ModalityParam("temperature", float, None, 0, 5, 0.05, "Token temperature (AR image models; 0 = greedy)",
+                            noun="temperature", control=False),
+              ModalityParam("top_k", int, None, 0, 65536, 1, "Token top-k (AR image models; 0 = all codes)",
+                            noun="top-k", zero_means_default=True, control=False)),
     "video": (
         _size("width", 1280), _size("height", 1280),
         ModalityParam("frames", int, 0, 1, 257, 1, "Frames (0 = model default)", zero_means_default=True),

@@ -58,7 +58,7 @@ def test_task_score_follows_the_catalogs_grader_not_the_models_name(monkeypatch)
     for model in shipped:
         assert model.grader is None or model.grader in metrics.TASK_GRADERS, model.name
     assert {m.name for m in shipped if m.grader} == {"tiny-sd-shapes", "tiny-flux-shapes",
-                                                             "tiny-video-shapes", "tiny-audio-synth"}
+                                                             "tiny-video-shapes", "tiny-audio-synth", "tiny-ar-shapes"}
 
 
 # -- the method registry is complete however the framework is first imported ------------------
