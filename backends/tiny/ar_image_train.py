@@ -81,20 +81,25 @@ def train_vq_main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=cfg.minutes)
     p.add_argument("--max-steps", type=int, default=cfg.max_steps)
     p.add_argument("--out", type=Path, default=AR_DIR)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the tokenizer already in --out (a second budget on a busy machine)")
     args = p.parse_args(argv)
     cfg.minutes, cfg.max_steps = args.minutes, args.max_steps
     _threads()
-    torch.manual_seed(cfg.seed)
-    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    vq = ShapesVQ(VQConfig(image_size=IMAGE_SIZE))
+    previous = _previous_runs(args.out / "tokenizer") if args.resume else []
+    torch.manual_seed(cfg.seed + len(previous))
+    rng, gen = random.Random(cfg.seed + len(previous)), torch.Generator().manual_seed(cfg.seed + len(previous))
+    if args.resume:
+        vq = ShapesVQ.from_pretrained(args.out / "tokenizer").train().requires_grad_(True)
+    else:
+        vq = ShapesVQ(VQConfig(image_size=IMAGE_SIZE))
     opt = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, weight_decay=0.0)
     usage = torch.ones(vq.cfg.codebook_size)
-    t0, step, budget, est_total = time.time(), 0, cfg.minutes * 60, cfg.max_steps
+    t0, step, budget = time.time(), 0, cfg.minutes * 60
     while step < cfg.max_steps and time.time() - t0 < budget:
-        if step == 20:
-            est_total = min(cfg.max_steps, int(budget / ((time.time() - t0) / 20)))
+        progress = min(step / cfg.max_steps, (time.time() - t0) / budget)  # by the clock (see train_ar_main)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, est_total, cfg.lr, warmup=50)
+            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
         x = render_batch([random_spec(rng) for _ in range(cfg.batch_size)], rng, IMAGE_SIZE)
         rec_loss, code_loss, idx = _vq_losses(vq, x, cfg.commitment)
         loss = rec_loss + code_loss
@@ -103,14 +108,14 @@ def train_vq_main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
         opt.step()
         usage.mul_(0.99).add_(torch.bincount(idx.flatten(), minlength=len(usage)).float() / idx.numel() * 0.01 * len(usage))
-        if step % cfg.restart_every == 0 and step < 0.8 * est_total:
+        if step % cfg.restart_every == 0 and progress < 0.8:
             with torch.no_grad():
                 z = F.normalize(vq.encoder(x), dim=1).permute(0, 2, 3, 1).reshape(-1, vq.cfg.code_dim)
             restarted = _restart_dead_codes(vq, usage, z, gen)
         else:
             restarted = 0
         if step % 50 == 0:
-            print(f"vq step {step}/{est_total} rec {rec_loss.item():.4f} code {code_loss.item():.4f} "
+            print(f"vq step {step} ({progress:.0%}) rec {rec_loss.item():.4f} code {code_loss.item():.4f} "
                   f"used {(usage > 0.01).sum().item()} restarted {restarted} {time.time() - t0:.0f}s", flush=True)
         step += 1
     vq.eval()
@@ -122,10 +127,17 @@ def train_vq_main(argv: list[str] | None = None) -> int:
     vq.save(args.out / "tokenizer")
     report = dict(recipe="shapes-vq", config=asdict(cfg), steps=step, minutes=round((time.time() - t0) / 60, 2),
                   heldout_mse=round(mse, 5), codes_used=int(idx.unique().numel()),
-                  params=sum(p.numel() for p in vq.parameters()))
+                  params=sum(p.numel() for p in vq.parameters()), previous_runs=previous)
     (args.out / "tokenizer" / "training_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2), flush=True)
     return 0
+
+
+def _previous_runs(folder: Path) -> list[dict]:
+    """The reports of the runs a resumed tokenizer already had (oldest first)."""
+    report = json.loads((folder / "training_report.json").read_text())
+    earlier = report.pop("previous_runs", [])
+    return [*earlier, report]
 
 
 # ----------------------------------------------------------------------------- AR transformer
