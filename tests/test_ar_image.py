@@ -161,3 +161,26 @@ def test_ar_methods_share_one_slot_and_refuse_diffusion_models(pipe):
         instantiate([MethodChoice("sjd"), MethodChoice("zipar")], "image", "ar-image")
     with pytest.raises(ValidationError, match="does not apply"):
         instantiate([MethodChoice("sjd")], "image", "unet")
+
+
+# -- the studio around it ------------------------------------------------------------------------
+def test_studio_compare_history_and_presets_take_the_ar_model(studio_factory):
+    from studio.compare import parse_configs, run_compare
+    from studio.presets import Preset
+
+    studio = studio_factory()
+    request = Request("image", "dummy-ar", PROMPT, seed=4, params={"guidance": 3.0, "temperature": 0.0, "top_k": 0},
+                      methods=[MethodChoice("zipar", {"window": 2})])
+    outcome = studio.generate(request)
+    row = studio.history.query(limit=1)[0]
+    assert (row.model, row.status, row.methods[0]["name"]) == ("dummy-ar", "ok", "zipar")
+    assert outcome.result.method_stats["zipar"]["transformer_forwards"] == 7 * 2 + 8
+    report = run_compare(studio, Request("image", "dummy-ar", PROMPT, seed=4, params={"temperature": 0.0}),
+                         parse_configs("sjd(window=8); zipar(window=8)"), repeats=1, warmup=False)
+    rows = {r["config"]: r for r in report.table()}
+    assert set(rows) == {"baseline", "sjd(window=8)", "zipar(window=8)"} and not any(r["error"] for r in rows.values())
+    # greedy: SJD is exact, and ZipAR with a window of a whole row is raster order
+    for config in ("sjd(window=8)", "zipar(window=8)"):
+        assert (rows[config]["psnr"], rows[config]["ssim"], rows[config]["model_evals"]) == (100.0, 1.0, 64)
+    studio.presets.save(Preset("ar-fast", "image", "dummy-ar", {"guidance": 3.0}, [MethodChoice("sjd", {"window": 8})]))
+    assert studio.presets.get("ar-fast").methods[0].name == "sjd"
