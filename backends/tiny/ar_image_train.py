@@ -97,7 +97,7 @@ def train_vq_main(argv: list[str] | None = None) -> int:
     usage = torch.ones(vq.cfg.codebook_size)
     t0, step, budget = time.time(), 0, cfg.minutes * 60
     while step < cfg.max_steps and time.time() - t0 < budget:
-        progress = min(step / cfg.max_steps, (time.time() - t0) / budget)  # by the clock (see train_ar_main)
+        progress = max(step / cfg.max_steps, (time.time() - t0) / budget)  # by the clock (see train_ar_main)
         for g in opt.param_groups:
             g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
         x = render_batch([random_spec(rng) for _ in range(cfg.batch_size)], rng, IMAGE_SIZE)
@@ -203,7 +203,7 @@ def train_ar_main(argv: list[str] | None = None) -> int:
     t1, step, budget = time.time(), 0, cfg.minutes * 60 - (time.time() - t0)
     while step < cfg.max_steps and time.time() - t1 < budget:
         # the schedule follows the clock, not a step estimate: the shared CPU's speed varies 3x
-        progress = min(step / cfg.max_steps, (time.time() - t1) / budget)
+        progress = max(step / cfg.max_steps, (time.time() - t1) / budget)
         for g in opt.param_groups:
             g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
         pick = torch.randint(0, len(tokens), (cfg.batch_size,), generator=gen)
