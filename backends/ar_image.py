@@ -28,7 +28,7 @@ from backends.types import Request
 
 FAMILY = "ar-image"
 DEFAULT_SIZE = 64
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 1.5
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_K = 0
 

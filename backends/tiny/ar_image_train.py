@@ -156,7 +156,7 @@ class ARTrainConfig:
     layers: int = 4
     heads: int = 4
     seed: int = 0
-    eval_guidance: float = 3.0
+    eval_guidance: float = 1.5
     eval_temperature: float = 1.0
     eval_top_k: int = 0
 
