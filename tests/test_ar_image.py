@@ -181,6 +181,7 @@ def test_studio_compare_history_and_presets_take_the_ar_model(studio_factory):
     assert set(rows) == {"baseline", "sjd(window=8)", "zipar(window=8)"} and not any(r["error"] for r in rows.values())
     # greedy: SJD is exact, and ZipAR with a window of a whole row is raster order
     for config in ("sjd(window=8)", "zipar(window=8)"):
-        assert (rows[config]["psnr"], rows[config]["ssim"], rows[config]["model_evals"]) == (100.0, 1.0, 64)
+        assert (rows[config]["psnr"], rows[config]["ssim"]) == (100.0, 1.0)
+    assert rows["zipar(window=8)"]["model_evals"] == 64 >= rows["sjd(window=8)"]["model_evals"]
     studio.presets.save(Preset("ar-fast", "image", "dummy-ar", {"guidance": 3.0}, [MethodChoice("sjd", {"window": 8})]))
     assert studio.presets.get("ar-fast").methods[0].name == "sjd"
