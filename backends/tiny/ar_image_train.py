@@ -247,5 +247,5 @@ def evaluate(pipe: ARImagePipeline, cfg: ARTrainConfig, n: int, out: Path) -> di
         tokens, _ = sample_plain(pipe, prompt, sampling, seed=i)
         images += pipe.decode(tokens, size=64)
     save_grid(images[:16], prompts[:16], out / "samples.png")
-    return dict(eval_call=asdict(sampling), eval_samples=n, scores=score_images(images, prompts),
+    return dict(eval_sampling=asdict(sampling), eval_samples=n, scores=score_images(images, prompts),
                 eval_seconds=round(time.time() - t0, 1))
