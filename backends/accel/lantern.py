@@ -67,6 +67,8 @@ class LanternMethod(Method):
         lossless=False,
         config=LanternConfig,
         slots=(AR_SLOT,),
+        defaults_note="k is the paper's share of the codebook (1000 of LlamaGen's 16384 codes, ~6%) on this "
+                      "model's 256 codes",
     )
 
     def attach(self, backend: Any, plan: ARImagePlan) -> ARLoopHandle:
