@@ -179,9 +179,11 @@ class LoopStats:
     accepted: int = 0  # of them, accepted
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        figures = {
             "transformer_forwards": self.forwards,
             "tokens": self.tokens,
             "tokens_per_forward": round(self.tokens / self.forwards, 3) if self.forwards else 0.0,
-            "draft_acceptance": round(self.accepted / self.drafted, 3) if self.drafted else 0.0,
         }
+        if self.drafted:  # loops that verify drafts (sjd, lantern): the share of verified drafts kept
+            figures["draft_acceptance"] = round(self.accepted / self.drafted, 3)
+        return figures
