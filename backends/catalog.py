@@ -59,6 +59,10 @@ BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-flux-shapes", "image", "Tiny FLUX (DiT) - shapes",
                  "FLUX layout transformer trained here on rendered coloured shapes.", default_size=(64, 64),
                  recommended=(("steps", 25), ("guidance", 4.0)), grader="shapes"),
+    BundledModel("tiny-ar-shapes", "image", "Tiny LlamaGen (AR tokens) - shapes",
+                 "Autoregressive Llama over an 8x8 grid of VQ tokens (LlamaGen layout) trained here on rendered "
+                 "coloured shapes; guidance is CFG over a null prompt, steps do not apply.",
+                 default_size=(64, 64), recommended=(("guidance", 1.5),), grader="shapes"),
     BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
                  "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes.",
                  recommended=(("steps", 25), ("guidance", 3.0)), grader="moving-shapes"),

@@ -197,6 +197,16 @@ class DiffusionBackend(Backend):
 class ImageBackend(DiffusionBackend):
     modality = "image"
 
+    @classmethod
+    def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> Any:
+        """An autoregressive token model's folder (``layout.json``: the bundled tiny-ar-shapes)
+        loads as an ``ARImageBackend``; every other folder or hub id as a diffusers pipeline."""
+        from backends.ar_image import ARImageBackend, is_ar_image_source
+
+        if is_ar_image_source(source):
+            return ARImageBackend.from_pretrained(model_id, source, device, dtype)
+        return super().from_pretrained(model_id, source, device, dtype)
+
     def default_size(self) -> tuple[int, int]:
         from backends.catalog import find_bundled
 

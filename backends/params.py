@@ -136,6 +136,11 @@ MODALITY_PARAMS: dict[str, tuple[ModalityParam, ...]] = {
                       control=False),
         ModalityParam("strength", float, None, 0, 1, 0.05, "Strength",
                       "img2img: how much of the schedule runs (1 = all of it, from pure noise)", control=False),
+        # autoregressive (token) image models only; diffusion pipelines ignore them
+        ModalityParam("temperature", float, None, 0, 5, 0.05, "Token temperature (AR image models; 0 = greedy)",
+                      noun="temperature", control=False),
+        ModalityParam("top_k", int, None, 0, 65536, 1, "Token top-k (AR image models; 0 = all codes)",
+                      noun="top-k", zero_means_default=True, control=False),
     ),
     "video": (
         _size("width", 1280), _size("height", 1280),

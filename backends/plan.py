@@ -90,6 +90,19 @@ class DecodingPlan(RunPlan):
     prompt_edits: list[Callable[[Any, torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class ARImagePlan(RunPlan):
+    """An autoregressive image model's token loop (``backends/ar_image.py``). ``decoder``:
+    ``loop(session, progress) -> tokens``, the plain loop unless a method replaced it
+    (``backends/accel/_ar_decoding.py``); ``sampling``: an ``ARSampling`` (CFG, temperature,
+    top-k); ``size``: the (height, width) the decoded image is resized to."""
+
+    prompt: str = ""
+    sampling: Any = None
+    decoder: Callable[..., Any] | None = None
+    size: tuple[int, int] = (64, 64)
+
+
 class Handle(Protocol):
     """One method attached to one run."""
 

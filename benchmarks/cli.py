@@ -138,6 +138,8 @@ def run_benchmark(manager: BackendManager, modality: str, model: str, configs: l
             row["real_time_factor"] = round(made / max(sum(r.total_seconds for r in results), 1e-9), 3)
         if getattr(backend, "family", "") == "codec-lm":
             row.update(codec_figures(results, [base_last[i] for i in range(len(prompts))]))
+        if getattr(backend, "family", "") == "ar-image":
+            row.update(ar_image_figures(results))
         rows.append(row)
     if modality == "text" and perplexity and getattr(backend, "family", "") != "diffusion-lm":
         add_perplexity(backend, configs, rows, log)
@@ -194,6 +196,14 @@ def text_figures(results, baseline_texts, baseline_results=()) -> dict[str, Any]
         "first_divergence": [first_divergence(r.extra.get("output_token_ids", []), b.extra.get("output_token_ids", []))
                              for r, b in zip(results, baseline_results)],
     }
+
+
+def ar_image_figures(results) -> dict[str, Any]:
+    """AR image models: image tokens per transformer forward (1.0 for plain sampling), the
+    work the parallel token loops save."""
+    tokens = sum(r.extra.get("tokens", 0) for r in results)
+    forwards = sum(r.extra.get("transformer_forwards", 0) for r in results)
+    return {"tokens_per_forward": round(tokens / forwards, 3) if forwards else None}
 
 
 def codec_figures(results, baseline) -> dict[str, Any]:

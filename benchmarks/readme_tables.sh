@@ -40,6 +40,10 @@ image() {
   $PY -m benchmarks --modality image --model tiny-sd-shapes --threads 1 --overhead --repeats 5 --prompts 4 --steps 25 \
     --json "$OUT/overhead-tiny-sd-shapes.json"
 }
+arimage() {  # issue 21: the autoregressive (LlamaGen-style) image model and its token-loop methods
+  $PY -m benchmarks --modality image --model tiny-ar-shapes --threads 1 --repeats 2 --prompts 16 --guidance 1.5 \
+    --methods "sjd,sjd(window=8),lantern,zipar,zipar(window=2)" --json "$OUT/image-tiny-ar-shapes.json"
+}
 video() {
   $PY -m benchmarks --modality video --model tiny-video-shapes --threads 1 --repeats 2 --prompts 12 \
     --params '{"steps": 25, "guidance": 3.0}' \
@@ -157,7 +161,7 @@ rasbac() {  # issue 19 items 2 and 5: RAS and BAC on the bundled DiTs (BAC also 
     --params '{"steps": 25, "guidance": 3.0}' --methods "bac(update_ratio=0.25, bubble_top_k=4)" \
     --json "$OUT/bac-confirm-tiny-video-shapes.json"
 }
-# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires|approx_cache|rasbac ...]: the named series only (default: all,
+# ./readme_tables.sh [text|image|video|audio|ideal|calibration|quant|quant_attention|textseeds|textlossy|textctx|multires|approx_cache|rasbac|arimage ...]: the named series only (default: all,
 # two at a time, one thread each), then the tables from every JSON present.
 series=("$@")
 [ ${#series[@]} -eq 0 ] && series=(text image video audio ideal)  # ideal last, alone: it times Compare too

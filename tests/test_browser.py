@@ -148,6 +148,24 @@ def test_image_tab_streams_live_from_a_webcam(page):
     page.locator("#stream-webcam").get_by_text("Stop").click()
 
 
+def test_image_tab_runs_an_autoregressive_model_with_sjd(page, served):
+    """Issue 21: a token (LlamaGen-style) model in the image tab, its own methods offered."""
+    _, studio = served
+    open_tab(page, "Image")
+    choose_model(page, "image-model", "dummy-ar")
+    wait_for_text(page, "image-family", "ar-image")
+    page.locator("#image-prompt textarea").fill("a blue square at bottom right on black")
+    page.locator("#image-method-sjd input").check()
+    page.locator("#image-generate").click()
+    info = wait_for_text(page, "image-info", "Model evaluations")
+    assert "sjd" in info
+    page.wait_for_selector("#image-output img", state="visible")
+    no_error_toast(page)
+    row = studio.history.query(limit=1)[0]
+    assert row.model == "dummy-ar" and row.methods[0]["name"] == "sjd"
+    page.locator("#image-method-sjd input").uncheck()
+
+
 def test_video_tab_generates(page, served):
     _, studio = served
     open_tab(page, "Video")

@@ -59,7 +59,7 @@ def test_task_score_follows_the_catalogs_grader_not_the_models_name(monkeypatch)
         assert model.grader is None or model.grader in metrics.TASK_GRADERS, model.name
     assert {m.name for m in shipped if m.grader} == {"tiny-sd-shapes", "tiny-flux-shapes",
                                                              "tiny-video-shapes", "tiny-audio-synth",
-                                                             "tiny-sd-shapes-small"}
+                                                             "tiny-sd-shapes-small", "tiny-ar-shapes"}
 
 
 # -- the method registry is complete however the framework is first imported ------------------

@@ -100,12 +100,13 @@ def dummy_flux_pipeline(seed: int = 0, layers: int = 2, single_layers: int = 4):
 
 
 def register_dummy_models(manager) -> None:
-    """Make ``dummy-sd``, ``dummy-flux`` (image), ``dummy-llama``, ``dummy-dllm`` (text), ``dummy-wan``
+    """Make ``dummy-sd``, ``dummy-flux``, ``dummy-ar`` (image; the last an AR token model), ``dummy-llama``, ``dummy-dllm`` (text), ``dummy-wan``
     (video) and ``dummy-musicgen`` (audio, codec LM) loadable (tests, ``app.py --dummy-models``)."""
     from backends.image import ImageBackend
 
     manager.register_factory("image", "dummy-sd", lambda d, t: ImageBackend("dummy-sd", dummy_sd_pipeline().to(d, t), d, t))
     manager.register_factory("image", "dummy-flux", lambda d, t: ImageBackend("dummy-flux", dummy_flux_pipeline().to(d, t), d, t))
+    manager.register_factory("image", "dummy-ar", _dummy_ar_backend)
     register_dummy_text_model(manager)
     register_dummy_dllm(manager)
     from backends.tiny.dummy_video import register_dummy_video_models
@@ -174,3 +175,14 @@ def register_dummy_dllm(manager) -> None:
                                              mask_id=tokenizer.convert_tokens_to_ids("<|mask|>"))
 
     manager.register_factory("text", "dummy-dllm", factory)
+
+
+def _dummy_ar_backend(device, dtype):
+    """A random-weight LlamaGen-style token model (``backends/ar_image.py``)."""
+    from backends.ar_image import ARImageBackend
+    from backends.tiny.ar_image import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline(seed=0)
+    pipe.transformer.to(device, dtype)
+    pipe.vq.to(device, dtype)
+    return ARImageBackend.from_pipeline(pipe, "dummy-ar")

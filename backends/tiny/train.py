@@ -20,6 +20,8 @@ RECIPES: dict[str, str] = {
     "code-dllm": "backends.tiny.dllm_models:train_main",
     "synth-audio": "backends.tiny.audio_models:train_audio_main",
     "synth-audio-classifier": "backends.tiny.audio_data:train_audio_classifier_main",
+    "shapes-vq": "backends.tiny.ar_image_train:train_vq_main",
+    "shapes-ar": "backends.tiny.ar_image_train:train_ar_main",
 }
 
 

@@ -1,0 +1,78 @@
+"""LANTERN (Jang et al. 2024, "LANTERN: Accelerating Visual Autoregressive Models with Relaxed
+Speculative Decoding"), here on top of speculative Jacobi decoding (``sjd.py``).
+
+Image models spread their probability over many interchangeable codes (token selection
+ambiguity), so a draft is often rejected although a code that paints nearly the same patch
+was likely. LANTERN relaxes the acceptance test: a draft ``x`` counts as likely as itself
+plus its nearest neighbours in the tokenizer's latent space, ``p~(x) = p(x) + sum of p over
+the first neighbours``, taking neighbours (nearest first, at most ``k``) only while the
+mass moved stays within ``delta`` (the total-variation bound between ``p`` and the relaxed
+distribution). ``x`` is then kept with probability ``min(1, p~(x) / q(x))``; a rejected
+draft is replaced from ``norm(max(0, p - q))`` as in SJD. Lossy, by at most ``delta`` in
+total variation per token; ``delta = 0`` is SJD exactly.
+
+Neighbours: cosine distance between the VQ codebook's (l2-normalised) code vectors,
+computed once per run from the loaded tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, uniform
+from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.sjd import AcceptRule, ARLoopHandle, attach_loop, sjd_loop
+from backends.plan import ARImagePlan
+
+
+def latent_neighbours(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """(V, k): each code's ``k`` nearest other codes by cosine similarity, nearest first."""
+    unit = torch.nn.functional.normalize(codes.float(), dim=-1)
+    sim = unit @ unit.t()
+    sim.fill_diagonal_(float("-inf"))
+    return sim.topk(min(k, len(codes) - 1), dim=-1).indices
+
+
+def relaxed_accept(neighbours: torch.Tensor, delta: float) -> AcceptRule:
+    def accept(p: torch.Tensor, q: torch.Tensor, x: int, gen: torch.Generator) -> bool:
+        moved = p[neighbours[x]].cumsum(0)
+        extra = float(moved[moved <= delta][-1]) if bool((moved <= delta).any()) else 0.0
+        return uniform(gen) * float(q[x]) < float(p[x]) + extra
+
+    return accept
+
+
+class LanternConfig(MethodConfig):
+    window: int = param(16, min=1, max=64, help="draft tokens verified per forward (as in sjd)")
+    k: int = param(16, min=1, max=1024, paper=1000,
+                   help="latent neighbours a draft may borrow probability from (paper: 1000 of LlamaGen's 16384 "
+                        "codes, ~6%; 16 of this codebook's 256)")
+    delta: float = param(0.2, min=0.0, max=1.0, step=0.05,
+                         help="total-variation bound: most probability moved onto a draft (0 = plain SJD)")
+
+
+@register
+class LanternMethod(Method):
+    spec = MethodSpec(
+        name="lantern",
+        title="LANTERN (relaxed acceptance, on SJD)",
+        modalities=("image",),
+        families=(AR_FAMILY,),
+        summary="Speculative Jacobi decoding whose acceptance also counts the probability of a draft's "
+                "latent-space neighbours, within a total-variation bound: more tokens per forward, lossy.",
+        paper="Jang et al. 2024, LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative "
+              "Decoding (ICLR 2025)",
+        lossless=False,
+        config=LanternConfig,
+        slots=(AR_SLOT,),
+        defaults_note="k is the paper's share of the codebook (1000 of LlamaGen's 16384 codes, ~6%) on this "
+                      "model's 256 codes",
+    )
+
+    def attach(self, backend: Any, plan: ARImagePlan) -> ARLoopHandle:
+        cfg = self.config
+        accept = relaxed_accept(latent_neighbours(backend.pipe.vq.codes().detach().cpu(), cfg.k), cfg.delta)
+        return attach_loop(plan, lambda stats: lambda session, progress: sjd_loop(
+            session, progress, cfg.window, accept=accept, stats=stats))

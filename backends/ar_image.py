@@ -1,0 +1,104 @@
+"""Text-to-image with an autoregressive token model (LlamaGen style): a Llama writes VQ codes
+in raster order after the prompt, with classifier-free guidance, and the VQ decoder paints them.
+
+The image tab treats it like any image model (``ImageBackend.from_pretrained`` hands a
+folder with a ``layout.json`` to this class); the acceleration methods that apply are the
+AR-image ones (family ``ar-image``: ``sjd``, ``zipar``, ``lantern``), which replace the
+token loop in the plan (``ARImagePlan.decoder``), as text methods replace ``generate``.
+
+Request parameters: ``guidance`` (CFG scale, 1 = no null-prompt row), ``temperature``
+(0 = greedy) and ``top_k`` (0 = every code); ``steps`` has no meaning for a token model
+and is ignored; ``width``/``height`` resize the decoded image (default 64x64, the
+shapes classifier's size; the tokenizer paints 32x32).
+Result figures (``Result.extra``): tokens, transformer forwards and tokens per forward,
+the work the parallel loops save.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backends.accel._ar_decoding import ARSampling, ARSession, plain_loop
+from backends.base import Backend, ProgressFn, module_bytes
+from backends.plan import ARImagePlan
+from backends.timing import StageTimer
+from backends.types import Request
+
+FAMILY = "ar-image"
+DEFAULT_SIZE = 64
+DEFAULT_GUIDANCE = 1.5
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 0
+
+
+def is_ar_image_source(source: str) -> bool:
+    """A local folder saved by ``ARImagePipeline.save_pretrained``."""
+    from pathlib import Path
+
+    return (Path(source) / "layout.json").is_file() and (Path(source) / "transformer").is_dir()
+
+
+class ARImageBackend(Backend):
+    modality = "image"
+
+    def __init__(self, model_id: str, pipe: Any, device: torch.device, dtype: torch.dtype):
+        super().__init__(model_id, device, dtype)
+        self.pipe = pipe
+        self.family = FAMILY
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "ARImageBackend":
+        from backends.tiny.ar_image import ARImagePipeline
+
+        # fp32 on CPU; the codebook lookup and the sampling ratios of the speculative loops
+        # want full-precision probabilities, so half precision is only used on accelerators
+        pipe = ARImagePipeline.from_pretrained(source, dtype=dtype)
+        return cls(model_id, pipe.to(device), device, dtype)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, model_id: str = "in-memory") -> "ARImageBackend":
+        """Wrap an in-memory pipeline (tests: a tiny random one)."""
+        device = next(pipe.transformer.parameters()).device
+        return cls(model_id, pipe, device, next(pipe.transformer.parameters()).dtype)
+
+    @property
+    def denoiser(self) -> torch.nn.Module | None:
+        return self.pipe.transformer if self.pipe is not None else None
+
+    def memory_bytes(self) -> int:
+        return module_bytes(self.pipe.transformer, self.pipe.vq) if self.pipe is not None else 0
+
+    def unload(self) -> None:
+        self.pipe = None
+
+    def default_size(self) -> tuple[int, int]:
+        return DEFAULT_SIZE, DEFAULT_SIZE
+
+    def build_plan(self, request: Request) -> ARImagePlan:
+        params = request.params
+        sampling = ARSampling(
+            guidance=float(params.get("guidance") if params.get("guidance") is not None else DEFAULT_GUIDANCE),
+            temperature=float(params.get("temperature") if params.get("temperature") is not None
+                              else DEFAULT_TEMPERATURE),
+            top_k=int(params.get("top_k") or DEFAULT_TOP_K),
+        )
+        size = (int(params.get("height") or DEFAULT_SIZE), int(params.get("width") or DEFAULT_SIZE))
+        return ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed)
+
+    def generate(self, plan: ARImagePlan, timer: StageTimer, progress: ProgressFn | None) -> Any:
+        session = ARSession(self.pipe, plan.prompt, plan.sampling, plan.seed, self.device)
+        with timer.stage("denoise"):  # the token loop: the stage the methods act on
+            tokens = plan.decoder(session, progress)
+        with timer.stage("decode"):
+            image = self.pipe.decode(tokens)[0]
+        height, width = plan.size
+        if image.size != (width, height):
+            from PIL import Image
+
+            image = image.resize((width, height), Image.BILINEAR)
+        n = int(tokens.numel())
+        plan.extra.update(tokens=n, transformer_forwards=session.forwards,
+                          tokens_per_forward=round(n / max(1, session.forwards), 3))
+        return image

@@ -1,0 +1,251 @@
+"""Recipes for ``assets/tiny-ar-shapes`` (see ``backends/tiny/ar_image.py``), one process at a time:
+
+    python -m backends.tiny.train shapes-vq --minutes 12   # tokenizer -> assets/tiny-ar-shapes/tokenizer
+    python -m backends.tiny.train shapes-ar --minutes 12   # transformer + training_report.json
+
+Data: the same jittered shapes renders and 8-word prompts as tiny-sd-shapes, drawn at 32x32.
+VQ: L1 + MSE reconstruction, codebook loss + 0.25 commitment (straight-through), codes
+that fall out of use restarted on encoder outputs. AR: next-token cross-entropy on the
+image tokens only, 10% of prompts replaced by nulls so classifier-free guidance works.
+Both budgets are wall-clock (one thread), with a cosine schedule sized to the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from backends.tiny.ar_image import (
+    AR_DIR,
+    ARImagePipeline,
+    ShapesVQ,
+    TokenLayout,
+    VQConfig,
+    llama_config,
+    prompt_words,
+)
+from backends.tiny.image_models import eval_prompts, folder_mb, lr_at, render_batch, save_grid
+from backends.tiny.shapes import prompt_for, random_spec, score_images
+
+IMAGE_SIZE = 32
+
+
+def _threads() -> None:
+    torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
+
+
+# ----------------------------------------------------------------------------- VQ
+
+
+@dataclass
+class VQTrainConfig:
+    minutes: float = 12.0
+    max_steps: int = 20000
+    batch_size: int = 32
+    lr: float = 2e-3
+    commitment: float = 0.25
+    restart_every: int = 100
+    seed: int = 0
+
+
+def _vq_losses(vq: ShapesVQ, x: torch.Tensor, commitment: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    z, idx = vq.encode(x)
+    q = vq.lookup(idx)
+    code_loss = F.mse_loss(q, z.detach()) + commitment * F.mse_loss(z, q.detach())
+    rec = vq.decoder(z + (q - z).detach())
+    rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    return rec_loss, code_loss, idx
+
+
+@torch.no_grad()
+def _restart_dead_codes(vq: ShapesVQ, usage: torch.Tensor, z_pool: torch.Tensor, gen: torch.Generator) -> int:
+    dead = (usage < 0.05).nonzero().flatten()
+    if len(dead) and len(z_pool):
+        pick = torch.randint(0, len(z_pool), (len(dead),), generator=gen)
+        vq.codebook.weight[dead] = z_pool[pick]
+        usage[dead] = 1.0
+    return len(dead)
+
+
+def train_vq_main(argv: list[str] | None = None) -> int:
+    cfg = VQTrainConfig()
+    p = argparse.ArgumentParser(prog="shapes-vq")
+    p.add_argument("--minutes", type=float, default=cfg.minutes)
+    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    p.add_argument("--out", type=Path, default=AR_DIR)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the tokenizer already in --out (a second budget on a busy machine)")
+    args = p.parse_args(argv)
+    cfg.minutes, cfg.max_steps = args.minutes, args.max_steps
+    _threads()
+    previous = _previous_runs(args.out / "tokenizer") if args.resume else []
+    torch.manual_seed(cfg.seed + len(previous))
+    rng, gen = random.Random(cfg.seed + len(previous)), torch.Generator().manual_seed(cfg.seed + len(previous))
+    if args.resume:
+        vq = ShapesVQ.from_pretrained(args.out / "tokenizer").train().requires_grad_(True)
+    else:
+        vq = ShapesVQ(VQConfig(image_size=IMAGE_SIZE))
+    opt = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, weight_decay=0.0)
+    usage = torch.ones(vq.cfg.codebook_size)
+    t0, step, budget = time.time(), 0, cfg.minutes * 60
+    while step < cfg.max_steps and time.time() - t0 < budget:
+        progress = max(step / cfg.max_steps, (time.time() - t0) / budget)  # by the clock (see train_ar_main)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
+        x = render_batch([random_spec(rng) for _ in range(cfg.batch_size)], rng, IMAGE_SIZE)
+        rec_loss, code_loss, idx = _vq_losses(vq, x, cfg.commitment)
+        loss = rec_loss + code_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
+        opt.step()
+        usage.mul_(0.99).add_(torch.bincount(idx.flatten(), minlength=len(usage)).float() / idx.numel() * 0.01 * len(usage))
+        if step % cfg.restart_every == 0 and progress < 0.8:
+            with torch.no_grad():
+                z = F.normalize(vq.encoder(x), dim=1).permute(0, 2, 3, 1).reshape(-1, vq.cfg.code_dim)
+            restarted = _restart_dead_codes(vq, usage, z, gen)
+        else:
+            restarted = 0
+        if step % 50 == 0:
+            print(f"vq step {step} ({progress:.0%}) rec {rec_loss.item():.4f} code {code_loss.item():.4f} "
+                  f"used {(usage > 0.01).sum().item()} restarted {restarted} {time.time() - t0:.0f}s", flush=True)
+        step += 1
+    vq.eval()
+    with torch.no_grad():
+        x = render_batch([random_spec(rng) for _ in range(256)], rng, IMAGE_SIZE)
+        _, idx = vq.encode(x)
+        rec = vq.decode_indices(idx)
+        mse = F.mse_loss(rec, x).item()
+    vq.save(args.out / "tokenizer")
+    report = dict(recipe="shapes-vq", config=asdict(cfg), steps=step, minutes=round((time.time() - t0) / 60, 2),
+                  heldout_mse=round(mse, 5), codes_used=int(idx.unique().numel()),
+                  params=sum(p.numel() for p in vq.parameters()), previous_runs=previous)
+    (args.out / "tokenizer" / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), flush=True)
+    return 0
+
+
+def _previous_runs(folder: Path) -> list[dict]:
+    """The reports of the runs a resumed tokenizer already had (oldest first)."""
+    report = json.loads((folder / "training_report.json").read_text())
+    earlier = report.pop("previous_runs", [])
+    return [*earlier, report]
+
+
+# ----------------------------------------------------------------------------- AR transformer
+
+
+@dataclass
+class ARTrainConfig:
+    minutes: float = 12.0
+    max_steps: int = 50000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    p_uncond: float = 0.1
+    pool_size: int = 20000
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    seed: int = 0
+    eval_guidance: float = 1.5
+    eval_temperature: float = 1.0
+    eval_top_k: int = 0
+
+
+@torch.no_grad()
+def _token_pool(vq: ShapesVQ, layout: TokenLayout, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids (n, 8), image tokens (n, 64)) of ``n`` jittered renders."""
+    rng = random.Random(seed)
+    specs = [random_spec(rng) for _ in range(n)]
+    tokens = []
+    for i in range(0, n, 256):
+        x = render_batch(specs[i : i + 256], rng, IMAGE_SIZE)
+        tokens.append(vq.encode(x)[1].flatten(1))
+    prompts = torch.tensor([layout.prompt_ids(prompt_for(s)) for s in specs])
+    return prompts, torch.cat(tokens)
+
+
+def train_ar_main(argv: list[str] | None = None) -> int:
+    from transformers import LlamaForCausalLM
+
+    cfg = ARTrainConfig()
+    p = argparse.ArgumentParser(prog="shapes-ar")
+    p.add_argument("--minutes", type=float, default=cfg.minutes)
+    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    p.add_argument("--pool-size", type=int, default=cfg.pool_size)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--out", type=Path, default=AR_DIR)
+    args = p.parse_args(argv)
+    cfg.minutes, cfg.max_steps, cfg.pool_size = args.minutes, args.max_steps, args.pool_size
+    _threads()
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    vq = ShapesVQ.from_pretrained(args.out / "tokenizer")
+    layout = TokenLayout(vq.cfg.codebook_size, tuple(prompt_words()), vq.cfg.grid)
+    prompts, tokens = _token_pool(vq, layout, cfg.pool_size, cfg.seed + 1)
+    print(f"token pool {tuple(tokens.shape)} in {time.time() - t0:.0f}s", flush=True)
+    model = LlamaForCausalLM(llama_config(layout, cfg.hidden, cfg.layers, cfg.heads))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    null = torch.tensor(layout.null_ids())
+    t1, step, budget = time.time(), 0, cfg.minutes * 60 - (time.time() - t0)
+    while step < cfg.max_steps and time.time() - t1 < budget:
+        # the schedule follows the clock, not a step estimate: the shared CPU's speed varies 3x
+        progress = max(step / cfg.max_steps, (time.time() - t1) / budget)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
+        pick = torch.randint(0, len(tokens), (cfg.batch_size,), generator=gen)
+        prefix = prompts[pick].clone()
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond
+        prefix[drop] = null
+        ids = torch.cat([prefix, tokens[pick]], dim=1)
+        labels = ids.clone()
+        labels[:, : prefix.shape[1]] = -100
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            print(f"ar step {step} ({progress:.0%}) loss {loss.item():.4f} {time.time() - t1:.0f}s", flush=True)
+        step += 1
+    model.eval()
+    pipe = ARImagePipeline(vq, model, layout)
+    pipe.save_pretrained(args.out)  # saved before the evaluation: a failing eval never loses the weights
+    report = dict(recipe="shapes-ar", config=asdict(cfg), steps=step, minutes=round((time.time() - t0) / 60, 2),
+                  samples_seen=step * cfg.batch_size, final_loss=round(loss.item(), 5),
+                  transformer_params=sum(p.numel() for p in model.parameters()),
+                  tokenizer=json.loads((args.out / "tokenizer" / "training_report.json").read_text()))
+    report.update(evaluate(pipe, cfg, args.eval_samples, args.out))
+    report["folder_mb"] = folder_mb(args.out)
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), flush=True)
+    return 0
+
+
+def evaluate(pipe: ARImagePipeline, cfg: ARTrainConfig, n: int, out: Path) -> dict:
+    """Sample ``n`` fixed prompts (seed i for prompt i) and grade them with the shapes checker."""
+    from backends.accel._ar_decoding import ARSampling, sample_plain
+
+    t0 = time.time()
+    prompts = eval_prompts(n)
+    sampling = ARSampling(guidance=cfg.eval_guidance, temperature=cfg.eval_temperature, top_k=cfg.eval_top_k)
+    images = []
+    for i, prompt in enumerate(prompts):
+        tokens, _ = sample_plain(pipe, prompt, sampling, seed=i)
+        images += pipe.decode(tokens, size=64)
+    save_grid(images[:16], prompts[:16], out / "samples.png")
+    return dict(eval_sampling=asdict(sampling), eval_samples=n, scores=score_images(images, prompts),
+                eval_seconds=round(time.time() - t0, 1))

@@ -1,0 +1,187 @@
+"""The autoregressive image kind (issue 21): the LlamaGen-style backend and its token-loop
+methods (sjd, zipar, lantern), on tiny random pipelines (no assets needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backends.accel._ar_decoding import ARSampling, LoopStats, plain_loop, run_loop
+from backends.accel.lantern import latent_neighbours, relaxed_accept
+from backends.accel.sjd import sjd_loop
+from backends.accel.zipar import zipar_loop
+from backends.ar_image import ARImageBackend
+from backends.tiny.ar_image import ARImagePipeline, ShapesVQ, TokenLayout, VQConfig, llama_config, prompt_words
+from backends.types import MethodChoice, Request
+
+PROMPT = "a red circle at top left on white"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return _tiny()
+
+
+def _tiny():
+    from backends.tiny.ar_image import tiny_random_pipeline
+
+    return tiny_random_pipeline(seed=0)
+
+
+def _small_pipeline(codebook: int = 8, image_size: int = 8, logit_scale: float = 0.3, seed: int = 0):
+    """A 2x2-token, 8-code model with sharpened random logits: its token distributions are
+    far from uniform, so a sampling loop that bends them is caught by a thousand draws
+    (checked: SJD accepting every draft gives p < 1e-4 at three of the five columns)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vq = ShapesVQ(VQConfig(image_size=image_size, width=16, codebook_size=codebook)).eval().requires_grad_(False)
+    layout = TokenLayout(codebook, tuple(prompt_words()), vq.cfg.grid)
+    model = LlamaForCausalLM(llama_config(layout, hidden=32, layers=1, heads=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale / model.lm_head.weight.std())
+    return ARImagePipeline(vq, model, layout)
+
+
+def _run(backend, methods=(), seed=3, **params):
+    request = Request("image", backend.model_id, PROMPT, seed=seed, params={"guidance": 3.0, **params},
+                      methods=[MethodChoice(name, p) for name, p in methods])
+    return backend.run(request)
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.output)
+
+
+# -- the backend ------------------------------------------------------------------------------
+def test_backend_paints_a_seeded_image_of_the_requested_size(pipe):
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    a, b, c = _run(backend, seed=1), _run(backend, seed=1), _run(backend, seed=2)
+    assert a.output.size == (64, 64) and _pixels(a).std() > 0
+    assert np.array_equal(_pixels(a), _pixels(b)) and not np.array_equal(_pixels(a), _pixels(c))
+    assert a.extra["tokens"] == 64 and a.extra["transformer_forwards"] == 64 and a.model_evals == 64
+    assert _run(backend, seed=1, width=32, height=32).output.size == (32, 32)
+
+
+def test_bundled_folder_loads_through_the_image_backend(pipe, tmp_path):
+    from backends.image import ImageBackend
+
+    pipe.save_pretrained(tmp_path / "ar")
+    backend = ImageBackend.from_pretrained("local-ar", str(tmp_path / "ar"), torch.device("cpu"), torch.float32)
+    assert isinstance(backend, ARImageBackend) and backend.family == "ar-image"
+    original = ARImageBackend.from_pipeline(pipe, "local-ar")
+    assert np.array_equal(_pixels(_run(backend)), _pixels(_run(original)))
+
+
+def test_prompt_words_are_put_in_canonical_order(pipe):
+    layout = pipe.layout
+    assert layout.prompt_ids("white, top left red circle") == layout.prompt_ids(PROMPT)
+    assert layout.prompt_ids("") == layout.null_ids()
+
+
+# -- removal and exactness ----------------------------------------------------------------------
+@pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("zipar", {"window": 2}), ("lantern", {"delta": 0.3})])
+def test_removing_a_method_restores_the_baseline_bit_identically(pipe, method):
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    before = _run(backend)
+    accelerated = _run(backend, [method])
+    after = _run(backend)
+    assert np.array_equal(_pixels(before), _pixels(after))
+    assert accelerated.method_stats[method[0]]["tokens"] == 64
+    assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+
+
+def test_sjd_is_exact_under_greedy_decoding(pipe):
+    greedy = ARSampling(guidance=3.0, temperature=0.0)
+    for seed in (0, 1):
+        plain, _ = run_loop(plain_loop, pipe, PROMPT, greedy, seed)
+        sjd, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), pipe, PROMPT, greedy, seed)
+        assert torch.equal(plain, sjd)
+
+
+def test_sjd_keeps_the_sampling_distribution():
+    """Chi-square, SJD against plain sampling, over 600 seeds each on a 2x2-token model:
+    the marginal of every position and the joint of the last two (which SJD mostly accepts
+    from drafts). A loop that keeps drafts too easily (accepting every draft) fails it."""
+    from scipy.stats import chi2_contingency
+
+    pipe = _small_pipeline()
+    sampling = ARSampling(guidance=2.0, temperature=1.0)
+    n, k = 600, pipe.layout.codebook_size
+    plain = torch.cat([run_loop(plain_loop, pipe, PROMPT, sampling, seed)[0] for seed in range(n)])
+    stats = LoopStats()
+    sjd = torch.cat([run_loop(lambda s, p: sjd_loop(s, p, 3, stats=stats), pipe, PROMPT, sampling, seed + 10**6)[0]
+                     for seed in range(n)])
+    assert stats.accepted > 0.2 * stats.drafted  # the test exercises accepted drafts, not only fresh draws
+    columns = [tokens for tokens in plain.T] + [plain[:, 2] * k + plain[:, 3]]
+    sjd_columns = [tokens for tokens in sjd.T] + [sjd[:, 2] * k + sjd[:, 3]]
+    for a, b in zip(columns, sjd_columns):
+        cells = max(int(a.max()), int(b.max())) + 1
+        table = np.stack([np.bincount(a.numpy(), minlength=cells), np.bincount(b.numpy(), minlength=cells)])
+        table = table[:, table.sum(0) > 0]
+        assert chi2_contingency(table).pvalue > 0.001  # 5 tests: a false alarm about once in 200 runs
+
+
+# -- work done ------------------------------------------------------------------------------------
+def test_sjd_and_lantern_need_fewer_forwards_and_lantern_relaxes_acceptance(pipe):
+    sampling = ARSampling(guidance=3.0, temperature=1.0)
+    neighbours = latent_neighbours(pipe.vq.codes(), 16)
+    forwards = {"plain": 0, "sjd": 0, "lantern": 0, "lantern0": 0}
+    for seed in range(3):
+        forwards["plain"] += run_loop(plain_loop, pipe, PROMPT, sampling, seed)[1]
+        sjd_tokens, f = run_loop(lambda s, p: sjd_loop(s, p, 8), pipe, PROMPT, sampling, seed)
+        forwards["sjd"] += f
+        forwards["lantern"] += run_loop(lambda s, p: sjd_loop(s, p, 8, accept=relaxed_accept(neighbours, 0.5)),
+                                        pipe, PROMPT, sampling, seed)[1]
+        zero, f0 = run_loop(lambda s, p: sjd_loop(s, p, 8, accept=relaxed_accept(neighbours, 0.0)),
+                            pipe, PROMPT, sampling, seed)
+        forwards["lantern0"] += f0
+        assert torch.equal(zero, sjd_tokens)  # delta 0 is SJD exactly
+    assert forwards["sjd"] < forwards["plain"] == 3 * 64
+    assert forwards["lantern"] < forwards["sjd"]
+
+
+def test_zipar_decodes_rows_in_parallel(pipe):
+    sampling = ARSampling(guidance=3.0, temperature=0.0)
+    plain, f_plain = run_loop(plain_loop, pipe, PROMPT, sampling, 0)
+    raster, f_raster = run_loop(lambda s, p: zipar_loop(s, p, 8, LoopStats()), pipe, PROMPT, sampling, 0)
+    assert torch.equal(plain, raster) and f_raster == f_plain == 64  # window = row width: raster order
+    _, f4 = run_loop(lambda s, p: zipar_loop(s, p, 4, LoopStats()), pipe, PROMPT, sampling, 0)
+    _, f2 = run_loop(lambda s, p: zipar_loop(s, p, 2, LoopStats()), pipe, PROMPT, sampling, 0)
+    assert (f4, f2) == (7 * 4 + 8, 7 * 2 + 8)
+
+
+def test_ar_methods_share_one_slot_and_refuse_diffusion_models(pipe):
+    from backends.accel.base import instantiate
+    from backends.types import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot be combined"):
+        instantiate([MethodChoice("sjd"), MethodChoice("zipar")], "image", "ar-image")
+    with pytest.raises(ValidationError, match="does not apply"):
+        instantiate([MethodChoice("sjd")], "image", "unet")
+
+
+# -- the studio around it ------------------------------------------------------------------------
+def test_studio_compare_history_and_presets_take_the_ar_model(studio_factory):
+    from studio.compare import parse_configs, run_compare
+    from studio.presets import Preset
+
+    studio = studio_factory()
+    request = Request("image", "dummy-ar", PROMPT, seed=4, params={"guidance": 3.0, "temperature": 0.0, "top_k": 0},
+                      methods=[MethodChoice("zipar", {"window": 2})])
+    outcome = studio.generate(request)
+    row = studio.history.query(limit=1)[0]
+    assert (row.model, row.status, row.methods[0]["name"]) == ("dummy-ar", "ok", "zipar")
+    assert outcome.result.method_stats["zipar"]["transformer_forwards"] == 7 * 2 + 8
+    report = run_compare(studio, Request("image", "dummy-ar", PROMPT, seed=4, params={"temperature": 0.0}),
+                         parse_configs("sjd(window=8); zipar(window=8)"), repeats=1, warmup=False)
+    rows = {r["config"]: r for r in report.table()}
+    assert set(rows) == {"baseline", "sjd(window=8)", "zipar(window=8)"} and not any(r["error"] for r in rows.values())
+    # greedy: SJD is exact, and ZipAR with a window of a whole row is raster order
+    for config in ("sjd(window=8)", "zipar(window=8)"):
+        assert (rows[config]["psnr"], rows[config]["ssim"]) == (100.0, 1.0)
+    assert rows["zipar(window=8)"]["model_evals"] == 64 >= rows["sjd(window=8)"]["model_evals"]
+    studio.presets.save(Preset("ar-fast", "image", "dummy-ar", {"guidance": 3.0}, [MethodChoice("sjd", {"window": 8})]))
+    assert studio.presets.get("ar-fast").methods[0].name == "sjd"
