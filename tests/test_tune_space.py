@@ -124,6 +124,7 @@ MODELS = [  # modality, model, request params (a short run)
     ("text", "dummy-llama", {"max_new_tokens": 4}),
     ("audio", "dummy-musicgen", {"seconds": 0.5}),
     ("text", "dummy-dllm", {"max_new_tokens": 8}),
+    ("image", "dummy-ar", {"guidance": 1.5}),
 ]
 
 
