@@ -24,7 +24,7 @@ from backends.accel._ar_decoding import ARSampling, ARSession, plain_loop
 from backends.base import Backend, ProgressFn, module_bytes
 from backends.plan import ARImagePlan
 from backends.timing import StageTimer
-from backends.types import Request
+from backends.types import Request, ValidationError
 
 FAMILY = "ar-image"
 DEFAULT_SIZE = 64
@@ -78,6 +78,9 @@ class ARImageBackend(Backend):
 
     def build_plan(self, request: Request) -> ARImagePlan:
         params = request.params
+        if params.get("init_image") or params.get("strength") is not None:
+            raise ValidationError(f"model '{self.model_id}' writes image tokens from the prompt; it does not take an "
+                                  "init image (img2img)")
         sampling = ARSampling(
             guidance=float(params.get("guidance") if params.get("guidance") is not None else DEFAULT_GUIDANCE),
             temperature=float(params.get("temperature") if params.get("temperature") is not None

@@ -103,6 +103,7 @@ class Backend:
                     progress = cancel.guard(progress)
             timer = StageTimer(self.device)
             plan = self.build_plan(request)
+            plan.methods = tuple((m.name, dict(m.params)) for m in request.methods)
             # plan editors (the sampler) attach first, so the others read the final plan
             order = sorted(range(len(methods)), key=lambda i: not methods[i].attach_first)
             with attached(self, plan, [methods[i] for i in order]) as in_order, _stop_hook(self.denoiser, cancel):

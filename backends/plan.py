@@ -31,6 +31,9 @@ class RunPlan:
     kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # the request's methods as (name, params), set before attaching: a method whose state
+    # outlives the run (approx_cache's stored latents) keys it on what else shaped the run
+    methods: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 @dataclass
@@ -192,3 +195,12 @@ def tracking_branches(denoiser: Any, guidance: Guidance) -> Iterator[None]:
         yield
     finally:
         del denoiser.cache_context
+
+
+def require_from_noise(plan: Any, method: str, why: str) -> None:
+    """Refuse an img2img run (``plan.img2img`` set) for a method whose step bookkeeping
+    assumes the whole schedule runs from noise: img2img runs only its tail."""
+    if getattr(plan, "img2img", None):
+        from backends.types import ValidationError
+
+        raise ValidationError(f"{method} does not apply to img2img runs: {why}")

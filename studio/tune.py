@@ -46,6 +46,7 @@ from backends.types import MethodChoice, Request, StudioError, ValidationError, 
 from studio import metrics
 from studio.detectors import outputs_identical
 from studio.compare import format_config
+from studio.latent_cache import retrieve_only
 from studio.measure import Spread, Timed, measure, summarize
 from studio.tune_spec import (MAX_TRIALS, PRIMARY, QUALITY_METRICS, Conflict, QualityFloor, SearchSpace, TuneSpec,
                                build_space, canonical_config)
@@ -172,7 +173,7 @@ class Measurer:
 
         def request(config: int, case: int) -> Request:
             return Request(spec.modality, spec.model, cases.prompts[case], seed=cases.seeds[case], params=self.params,
-                           methods=configs[config][1], compare_group=group)
+                           methods=retrieve_only(configs[config][1]), compare_group=group)
 
         warmed_base = tuple(cases.seeds) in self.baselines
 

@@ -204,6 +204,16 @@ def test_a_comparison_measures_against_the_history_it_started_with(studio):
     assert studio.history.latent_records("dummy-sd") == [] and latent_files(studio) == []
 
 
+def test_never_reuses_a_latent_stored_under_other_methods(studio):
+    """Another method shapes the stored trajectory (here DeepCache's reused features): a run
+    with a different set of methods must not start from it, the same set may."""
+    studio.generate(request(methods=(("approx_cache", LOOSE), ("deepcache", {"interval": 2}))))
+    plain = studio.generate(request(NEAR, seed=2))
+    assert cache_stats(plain)["reused"] is False
+    again = studio.generate(request(NEAR, seed=3, methods=(("approx_cache", LOOSE), ("deepcache", {"interval": 2}))))
+    assert cache_stats(again)["reused"] is True
+
+
 def test_k_grows_with_similarity_on_the_papers_levels():
     config = ApproxCacheConfig(min_similarity=0.9, max_skip=0.5)
     levels = kept_steps(50)

@@ -13,7 +13,7 @@ from backends.accel.sjd import sjd_loop
 from backends.accel.zipar import zipar_loop
 from backends.ar_image import ARImageBackend
 from backends.tiny.ar_image import ARImagePipeline, ShapesVQ, TokenLayout, VQConfig, llama_config, prompt_words
-from backends.types import MethodChoice, Request
+from backends.types import MethodChoice, Request, ValidationError
 
 PROMPT = "a red circle at top left on white"
 
@@ -73,6 +73,13 @@ def test_bundled_folder_loads_through_the_image_backend(pipe, tmp_path):
     assert isinstance(backend, ARImageBackend) and backend.family == "ar-image"
     original = ARImageBackend.from_pipeline(pipe, "local-ar")
     assert np.array_equal(_pixels(_run(backend)), _pixels(_run(original)))
+
+
+def test_an_init_image_is_refused_in_one_line_not_ignored(pipe):
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    with pytest.raises(ValidationError) as err:
+        _run(backend, init_image="data:image/png;base64,AAAA", strength=0.5)
+    assert "img2img" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_prompt_words_are_put_in_canonical_order(pipe):

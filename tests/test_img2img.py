@@ -8,7 +8,7 @@ import torch
 from backends.image import ImageBackend
 from backends.img2img import encode_images, image_to_data_url, seeded_noise
 from backends.tiny.dummy import dummy_flux_pipeline, dummy_sd_pipeline
-from backends.types import Request, ValidationError
+from backends.types import MethodChoice, Request, ValidationError
 from studio.validation import validate_request
 
 PROMPT = "a red circle"
@@ -108,3 +108,17 @@ def test_an_absurd_strength_is_refused_before_any_model_loads():
         with pytest.raises(ValidationError) as err:
             validate_request({"modality": "image", "model": "x", "prompt": "p", "params": {"strength": strength}})
         assert "strength" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["bottleneck_sampling", "ralu", "bac", "approx_cache"])
+def test_methods_that_assume_the_whole_schedule_refuse_img2img_in_one_line(flux, name):
+    """Their stages, update steps or stored latents count the schedule from noise; img2img
+    runs only its tail (found by review: bottleneck_sampling left the image noisy, approx_cache
+    crashed), so they refuse it before any work."""
+    request = Request("image", flux.model_id, PROMPT, seed=3,
+                      params={"steps": 6, "guidance": 3.0, "strength": 0.5,
+                              "init_image": image_to_data_url(init_image(flux.default_size()[0]))},
+                      methods=[MethodChoice(name, {})])
+    with pytest.raises(ValidationError) as err:
+        flux.run(request)
+    assert "\n" not in str(err.value) and "img2img" in str(err.value)

@@ -109,6 +109,10 @@ def trajectory_settings(backend: Any, plan: DiffusionPlan) -> dict[str, Any]:
         "guidance": {k: float(v) for k, v in guidance.items()}, "passes": int(plan.guidance.passes),
         "negative_prompt": kwargs.get("negative_prompt") or "",
         "dtype": str(backend.dtype),
+        # every other method of the run shapes its latents too (a multi-resolution stage, a
+        # cache's reuse): a latent is reused only under the same methods and parameters
+        "methods": sorted(json.dumps([name, params], sort_keys=True, default=str)
+                          for name, params in plan.methods if name != "approx_cache"),
     }
 
 
@@ -246,6 +250,9 @@ class ApproxCacheMethod(Method):
         if not callable(getattr(pipe, "prepare_latents", None)):
             raise ValidationError("approx_cache needs a pipeline that prepares its latents in one place "
                                   "(Stable Diffusion, FLUX and kin)")
+        if getattr(plan, "img2img", None):
+            raise ValidationError("approx_cache starts from an earlier run's noise; an img2img run starts from "
+                                  "its image: turn one of them off")
         settings = trajectory_settings(backend, plan)
         key = settings_key(settings)
         embedding = prompt_embedding(pipe, plan.kwargs.get("prompt", ""))

@@ -42,7 +42,7 @@ from backends.accel._calibration import matching_calibration, plan_settings
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel._patch import ForwardPatch
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.plan import UNCOND, DiffusionPlan, RunHandle, tracking_branches
+from backends.plan import UNCOND, DiffusionPlan, RunHandle, require_from_noise, tracking_branches
 from backends.types import ValidationError
 
 SIMILARITY = "similarity"  # calibration kind
@@ -283,6 +283,7 @@ class BACMethod(Method):
     calibrated: ClassVar[dict[tuple, dict[str, Any]]] = {}
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
+        require_from_noise(plan, "bac", "its update steps are calibrated on the whole schedule")
         denoiser = backend.denoiser
         units = caching_units(denoiser)
         if not units:

@@ -25,7 +25,7 @@ import torch
 from backends.accel._multires import (MultiResRun, Stage, check_steps, down_area, down_nearest, flow_x0,
                                       layout_for, lift_noise, solver_note, stage_sigmas, up_nearest, up_smooth)
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
-from backends.plan import DiffusionPlan, RunHandle
+from backends.plan import DiffusionPlan, RunHandle, require_from_noise
 from backends.types import ValidationError
 
 
@@ -105,6 +105,7 @@ class BottleneckSamplingMethod(Method):
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         config = self.config
+        require_from_noise(plan, "bottleneck_sampling", "its stages are fractions of the whole schedule")
         if config.low_end <= config.low_start:
             raise ValidationError("bottleneck_sampling: low_end must be after low_start")
         layout = layout_for(backend, plan, config.factor, "bottleneck_sampling", config.positions)

@@ -36,7 +36,7 @@ from backends.accel._multires import (FluxLayout, MultiResRun, Stage, block_corr
                                       down_nearest, flow_x0, layout_for, lift_noise, solver_note, stage_sigmas,
                                       up_nearest)
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
-from backends.plan import DiffusionPlan, RunHandle
+from backends.plan import DiffusionPlan, RunHandle, require_from_noise
 from backends.types import ValidationError
 
 FACTOR = 2  # the paper's f0: each side halves in stages 1 and 2
@@ -160,6 +160,7 @@ class RALUMethod(Method):
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         config = self.config
+        require_from_noise(plan, "ralu", "its stages are fractions of the whole schedule")
         layout = layout_for(backend, plan, FACTOR, "ralu", config.positions)
         if not isinstance(layout, FluxLayout):
             raise ValidationError("ralu needs a FLUX-layout transformer (explicit token positions for the mixed "
