@@ -236,15 +236,14 @@ class ImageBackend(DiffusionBackend):
         """An init image makes the run img2img: checked here, before anything runs (no
         image with a strength, a wrong size, a strength that runs no step: one line each).
         ``plan.img2img`` holds the image; ``generate`` encodes it inside the timed run."""
-        from backends.img2img import DEFAULT_STRENGTH, check_size, denoising_steps, image_from_data_url
+        from backends.img2img import DEFAULT_STRENGTH, denoising_steps, image_from_data_url
 
         params = request.params
         if params.get("init_image") is None:
             if params.get("strength") is not None:
                 raise ValidationError("strength applies to img2img: give an init image too")
             return
-        image = image_from_data_url(params["init_image"])
-        check_size(image, plan.kwargs["height"], plan.kwargs["width"])
+        image = image_from_data_url(params["init_image"], (plan.kwargs["height"], plan.kwargs["width"]))
         strength = float(params["strength"] if params.get("strength") is not None else DEFAULT_STRENGTH)
         plan.extra["img2img_steps"] = denoising_steps(plan.steps, strength)
         plan.img2img = {"image": image, "strength": strength}
