@@ -89,7 +89,9 @@ class DiffusionBackend(Backend):
         return pipe_denoiser(self.pipe)
 
     def memory_bytes(self) -> int:
-        siblings = [pipe_denoiser(p) for p in self.siblings.values()]
+        # a sibling (T-Stitch) is kept whole (its VAE and text encoder are compared with
+        # this model's): all of it is held in memory, so all of it counts
+        siblings = [getattr(p, n, None) for p in self.siblings.values() for n in p.components]
         return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components), *siblings)
 
     def weight_bytes(self) -> int:
