@@ -89,7 +89,9 @@ class DiffusionBackend(Backend):
         return pipe_denoiser(self.pipe)
 
     def memory_bytes(self) -> int:
-        siblings = [pipe_denoiser(p) for p in self.siblings.values()]
+        # a sibling (T-Stitch) is kept whole (its VAE and text encoder are compared with
+        # this model's): all of it is held in memory, so all of it counts
+        siblings = [getattr(p, n, None) for p in self.siblings.values() for n in p.components]
         return module_bytes(*(getattr(self.pipe, n, None) for n in self.pipe.components), *siblings)
 
     def weight_bytes(self) -> int:
@@ -236,15 +238,14 @@ class ImageBackend(DiffusionBackend):
         """An init image makes the run img2img: checked here, before anything runs (no
         image with a strength, a wrong size, a strength that runs no step: one line each).
         ``plan.img2img`` holds the image; ``generate`` encodes it inside the timed run."""
-        from backends.img2img import DEFAULT_STRENGTH, check_size, denoising_steps, image_from_data_url
+        from backends.img2img import DEFAULT_STRENGTH, denoising_steps, image_from_data_url
 
         params = request.params
         if params.get("init_image") is None:
             if params.get("strength") is not None:
                 raise ValidationError("strength applies to img2img: give an init image too")
             return
-        image = image_from_data_url(params["init_image"])
-        check_size(image, plan.kwargs["height"], plan.kwargs["width"])
+        image = image_from_data_url(params["init_image"], (plan.kwargs["height"], plan.kwargs["width"]))
         strength = float(params["strength"] if params.get("strength") is not None else DEFAULT_STRENGTH)
         plan.extra["img2img_steps"] = denoising_steps(plan.steps, strength)
         plan.img2img = {"image": image, "strength": strength}

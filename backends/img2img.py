@@ -35,18 +35,27 @@ def image_to_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def image_from_data_url(text: Any) -> Image.Image:
+def image_from_data_url(text: Any, size: tuple[int, int] | None = None) -> Image.Image:
     """The init image of a request; a one-line ValidationError when it is not one.
 
-    Only data URLs are accepted: a server path in a request would let a client read files."""
+    Only data URLs are accepted: a server path in a request would let a client read files.
+    ``size`` (height, width), when given, is checked from the header before the pixels are
+    decoded: a small PNG can declare a huge canvas, which must not be decompressed."""
     if isinstance(text, Image.Image):
-        return text.convert("RGB")
+        image = text.convert("RGB")
+        if size is not None:
+            check_size(image, *size)
+        return image
     if not isinstance(text, str) or not text.startswith(DATA_URL_PREFIX) or ";base64," not in text:
         raise ValidationError("the init image must be a data:image/...;base64 URL (a PNG or JPEG)")
     try:
         raw = base64.b64decode(text.split(";base64,", 1)[1], validate=True)
         image = Image.open(io.BytesIO(raw))
+        if size is not None:
+            check_size(image, *size)  # header only: nothing decoded yet
         image.load()
+    except Image.DecompressionBombError:
+        raise ValidationError("the init image is too large to decode") from None
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
         raise ValidationError("the init image could not be read as an image") from None
     return image.convert("RGB")

@@ -45,7 +45,8 @@ class StreamOutcome:
 
 def read_frames(paths: list[str | Path] | None, limit: int = MAX_STREAM_FRAMES) -> list[Image.Image]:
     """The frames of uploaded files, in order: each video or animated GIF gives all its
-    frames, each image one. One-line errors for anything unreadable."""
+    frames, each image one. One-line errors for anything unreadable. Decoding stops at the
+    first frame past ``limit`` (a long clip is refused without decoding all of it)."""
     frames: list[Image.Image] = []
     for path in paths or []:
         name = Path(str(path)).name
@@ -54,7 +55,10 @@ def read_frames(paths: list[str | Path] | None, limit: int = MAX_STREAM_FRAMES) 
             if suffix in VIDEO_SUFFIXES:
                 import imageio.v3 as iio
 
-                frames += [Image.fromarray(array).convert("RGB") for array in iio.imiter(str(path))]
+                for array in iio.imiter(str(path)):  # decoded one by one: stop past the limit
+                    frames.append(Image.fromarray(array).convert("RGB"))
+                    if len(frames) > limit:
+                        break
             elif suffix in IMAGE_SUFFIXES:
                 with Image.open(path) as image:
                     frames.append(image.convert("RGB"))
@@ -140,15 +144,30 @@ def run_stream(studio, request: Request | dict, frames: list[Image.Image], optio
     result = Result(output=outputs, timings={"total": stats.seconds}, total_seconds=stats.seconds,
                     model_evals=stats.model_evals, method_stats={"streamdiffusion": stats.as_dict()},
                     device=str(backend.device), extra={"fps": stats.fps})
-    path = studio.outputs.save("video", outputs, fps=fps)
-    result.output_path = str(path)
-    try:
-        run_id = studio.history.record_run(recorded, result, status="ok", output_path=studio.outputs.relative(path),
-                                           metrics={"fps": round(stats.fps, 3), "frames": len(outputs)})
-    except Exception:
-        path.unlink(missing_ok=True)  # no row, no file
-        raise
+    run_id, path = _keep(studio, recorded, result, outputs, fps)
     return StreamOutcome(run_id, outputs, stats, str(path), result)
+
+
+def _keep(studio, recorded: Request, result: Result, outputs: list[Image.Image], fps: int) -> tuple[int, Path]:
+    """Save the clip and write the run's row (no row, no file), as ``Studio`` keeps a run:
+    a failure here is a failed row and one line naming only the exception type (a disk or
+    database message can carry server paths or SQL)."""
+    path = None
+    try:
+        path = studio.outputs.save("video", outputs, fps=fps)
+        result.output_path = str(path)
+        run_id = studio.history.record_run(recorded, result, status="ok", output_path=studio.outputs.relative(path),
+                                           metrics={"fps": round(result.extra.get("fps", 0.0), 3),
+                                                    "frames": len(outputs)})
+    except Exception as exc:
+        if path is not None:
+            path.unlink(missing_ok=True)  # no row, no file
+        log.exception("could not keep the stream's output")
+        message = (f"the stream finished but its output could not be saved ({type(exc).__name__}); "
+                   "check the free space of the data dir")
+        studio._record_failure(recorded, message, None)
+        raise StudioError(message) from exc
+    return run_id, path
 
 
 def _run(backend, request: Request, config, frames, progress, token: CancelToken):
@@ -206,8 +225,12 @@ class LiveStream:
     Live frames are not kept in history: there is no end of the run to record."""
 
     def __init__(self, studio, request: Request | dict, options: dict[str, Any] | None = None):
+        from studio.limits import check_cost
+
         self.request = stream_request(request)
         self.config = stream_config(options)
+        check_cost(self.request, studio.max_cost)  # each pushed frame is one image run
+        self.time_limit_s = studio.time_limit_s
         self.backend = studio.manager.get("image", self.request.model)
         pipe = getattr(self.backend, "pipe", None)
         if pipe is None or getattr(pipe, "vae", None) is None:
@@ -235,10 +258,18 @@ class LiveStream:
         return mine == (theirs.model, theirs.prompt, theirs.negative_prompt, theirs.seed, theirs.params,
                         dataclasses.asdict(config))
 
-    def push(self, frame: Image.Image) -> Image.Image | None:
+    def push(self, frame: Image.Image, cancel: Any = None) -> Image.Image | None:
+        """One frame in; the studio's time limit (``--time-limit``) holds per frame, counted
+        once the model's lock is held, and ``cancel`` stops it at the next model call."""
+        from backends.base import _stop_hook
+
         frame = fit_frames([frame], self.height, self.width)[0]
+        token = CancelToken(self.time_limit_s, parent=cancel)
         with self.backend.lock:
-            out = self.session.push(frame)
+            token.start()
+            token.check()
+            with _stop_hook(self.backend.denoiser, token):
+                out = self.session.push(frame)
         if out:
             self.last = out[-1]
         return self.last

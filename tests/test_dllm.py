@@ -239,3 +239,21 @@ def test_auto_tune_searches_the_diffusion_lm_methods():
     assert set(space.methods) == {"fast_dllm", "dkv_cache"}
     assert {s.name for s in dict(space.groups)["dllm-decoding"]} == {"fast_dllm", "dkv_cache"}
     assert build_space("text", "diffusion-lm", None, {}, exact=True).methods == []  # none is lossless
+
+
+def test_limits_leave_the_cache_out_for_a_model_without_a_cache_interface():
+    """The tuner's space and the up-front refusal read these: only cache=none for Fast-dLLM,
+    dKV-Cache not at all, on a runner without a K/V cache (hub LLaDA / Dream)."""
+    from types import SimpleNamespace
+
+    from backends.accel.dkv_cache import DKVCacheMethod
+    from backends.accel.fast_dllm import FastDLLMMethod
+
+    remote = SimpleNamespace(runner=SimpleNamespace(supports_cache=False))
+    local = SimpleNamespace(runner=SimpleNamespace(supports_cache=True))
+    assert FastDLLMMethod.limits(remote).choices == {"cache": ("none",)}
+    assert FastDLLMMethod.limits(remote).refusal("fast_dllm", {"cache": "dual"})
+    assert FastDLLMMethod.limits(remote).refusal("fast_dllm", {"cache": "none"}) is None
+    unfit = DKVCacheMethod.limits(remote).unfit
+    assert "no key/value cache" in unfit and "\n" not in unfit
+    assert FastDLLMMethod.limits(local).choices == {} and not DKVCacheMethod.limits(local).unfit

@@ -122,3 +122,40 @@ def test_methods_that_assume_the_whole_schedule_refuse_img2img_in_one_line(flux,
     with pytest.raises(ValidationError) as err:
         flux.run(request)
     assert "\n" not in str(err.value) and "img2img" in str(err.value)
+
+
+def blank_png_data_url(side: int) -> str:
+    """A 1-bit blank PNG of ``side`` x ``side`` built row by row: a few kB on the wire
+    however large the canvas it declares (nothing of that size is ever held here)."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+           + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def test_a_decompression_bomb_is_a_one_line_refusal(sd):
+    url = blank_png_data_url(14000)
+    assert len(url) < 200_000
+    with pytest.raises(ValidationError) as err:
+        run(sd, init_image=url, strength=0.5)
+    assert "too large" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_init_image_size_is_checked_before_its_pixels_are_decoded(sd, monkeypatch):
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded before the size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ValidationError) as err:
+        run(sd, init_image=blank_png_data_url(2000), strength=0.5)
+    assert "is 2000x2000 but this run makes" in str(err.value)

@@ -189,3 +189,49 @@ def test_scaled_positions_put_low_tokens_at_the_full_grid_coordinates(flux, wan)
     assert torch.equal(low_table.reshape(3, 4, 4, -1), full[:, ::2, ::2])
     assert torch.equal(own_table.reshape(3, 4, 4, -1), full[:, :4, :4])  # a full-size call: untouched
     assert not rope._forward_hooks
+
+
+def test_two_methods_patching_the_scheduler_unwind_to_the_class_methods(flux):
+    """A method that patches ``scheduler.set_timesteps`` first (as Approximate Caching does
+    on a cache hit), then Bottleneck Sampling over it: removed in the run's order (the last
+    attached first), each puts back what was there before it, so no instance attribute is
+    left and the class methods are in force again (a ``delattr`` wiped the first patch and
+    made the first method's own removal raise)."""
+    from backends.accel._patch import patch_attr
+    from backends.accel.base import instantiate
+    from backends.plan import RunHandle, attached
+
+    class EarlierPatch:
+        def attach(self, backend, plan):
+            handle = RunHandle(plan)
+            original = backend.pipe.scheduler.set_timesteps
+            patch_attr(handle, backend.pipe.scheduler, "set_timesteps", lambda *a, **k: original(*a, **k))
+            return handle
+
+    req = request(flux, [("bottleneck_sampling", {})])
+    scheduler = flux.pipe.scheduler
+    before = set(vars(scheduler))
+    methods = [EarlierPatch()] + instantiate(req.methods, flux.modality, flux.family)
+    earlier, bottleneck = methods
+    plan = flux.build_plan(req)
+    first = earlier.attach(flux, plan)
+    patched = vars(scheduler)["set_timesteps"]
+    with attached(flux, plan, [bottleneck]):
+        assert vars(scheduler)["set_timesteps"] is not patched and "step" in vars(scheduler)
+    assert vars(scheduler)["set_timesteps"] is patched  # the earlier patch is back, not wiped
+    first.remove()
+    assert set(vars(scheduler)) == before
+    assert scheduler.set_timesteps.__func__ is type(scheduler).set_timesteps
+    assert scheduler.step.__func__ is type(scheduler).step
+
+
+def test_patch_attr_tolerates_an_attribute_already_gone():
+    from backends.accel._patch import patch_attr
+    from backends.plan import RunHandle
+
+    obj = SimpleNamespace()
+    handle = RunHandle(None)
+    patch_attr(handle, obj, "step", 1)
+    del obj.step
+    handle.remove()
+    assert "step" not in vars(obj)

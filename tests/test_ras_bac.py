@@ -216,3 +216,21 @@ def test_bac_calibration_is_stored_by_the_studio_and_reused_after_a_restart(stud
     assert not again.method_stats["bac"]["calibrated_this_run"]
     assert again.method_stats["bac"]["calibration_id"] == stats["calibration_saved"]
     assert same(first, again)
+
+
+def test_ras_attach_failing_after_its_model_hooks_leaves_the_model_unpatched(flux, monkeypatch):
+    import backends.accel.ras as ras
+    from backends.accel.sta import self_attention_modules
+
+    denoiser = flux.denoiser
+    processors = [m.processor for m in self_attention_modules(denoiser)]
+    hooks = (len(denoiser._forward_pre_hooks), len(denoiser._forward_hooks))
+
+    def broken(self, run):
+        raise RuntimeError("block hooks could not be made")
+
+    monkeypatch.setattr(ras.adapter_for(denoiser).__class__, "hooks", broken)
+    with pytest.raises(RuntimeError):
+        flux.run(request(flux, [("ras", {})]))
+    assert (len(denoiser._forward_pre_hooks), len(denoiser._forward_hooks)) == hooks
+    assert [m.processor for m in self_attention_modules(denoiser)] == processors

@@ -161,3 +161,18 @@ def test_the_studio_hands_stored_patterns_back_and_describes_them():
     request = with_stored_calibrations(History(), _request([("sparse_vdit", {})]))
     assert request.methods[0].calibrations == [record]
     assert describe(record) == "sparse attention patterns: 1 of 2 heads sparse, 62% of key blocks kept"
+
+
+def test_a_failure_midway_through_the_attach_puts_the_processors_back(wan, monkeypatch):
+    import backends.accel.sparse_vdit as sparse_vdit
+
+    wan.run(_request([("sparse_vdit", PARAMS)]))  # patterns found (and kept) first
+    originals = _processors(wan)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("hook could not be made")
+
+    monkeypatch.setattr(sparse_vdit, "_grid_recorder", broken)  # after the processors are swapped
+    with pytest.raises(RuntimeError):
+        wan.run(_request([("sparse_vdit", PARAMS)]))
+    assert _processors(wan) == originals

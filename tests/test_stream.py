@@ -182,3 +182,71 @@ def test_a_stream_over_the_cost_limit_is_refused_in_one_line(studio_factory):
         run_stream(studio, request, frames, {})
     assert "--max-cost" in str(err.value) and "20 frames" in str(err.value) and "\n" not in str(err.value)
     assert studio.history.count() == 0  # refused: not a run
+
+
+def test_a_long_clip_is_refused_without_decoding_all_of_it(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    from studio.streaming import frames_to_gif_bytes, read_frames
+
+    clip = tmp_path / "long.gif"
+    clip.write_bytes(frames_to_gif_bytes([Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(12)]))
+    decoded = []
+    real_imiter = iio.imiter
+
+    def counting(*args, **kwargs):
+        for frame in real_imiter(*args, **kwargs):
+            decoded.append(1)
+            yield frame
+
+    monkeypatch.setattr(iio, "imiter", counting)
+    with pytest.raises(ValidationError) as err:
+        read_frames([clip], limit=3)
+    assert "at most 3" in str(err.value)
+    assert len(decoded) == 4  # stopped at the first frame past the limit
+
+
+def test_a_live_stream_over_the_cost_limit_is_refused_in_one_line(studio_factory):
+    from studio.streaming import LiveStream
+
+    studio = studio_factory(max_cost=0.001)  # one 32x32 frame at 4 steps costs 0.004 units
+    request = Request("image", "dummy-sd", PROMPT, seed=1, params={"steps": 4, "width": 32, "height": 32})
+    with pytest.raises(ValidationError) as err:
+        LiveStream(studio, request, {})
+    assert "--max-cost" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_live_frame_stops_at_the_time_limit(studio_factory, monkeypatch):
+    import backends.control as control
+    from backends.control import RunCancelled
+    from studio.streaming import LiveStream
+
+    studio = studio_factory()
+    studio.time_limit_s = 5.0
+    live = LiveStream(studio, Request("image", "dummy-sd", PROMPT, seed=1, params={"steps": 4}),
+                      {"similarity_filter": False})
+    from types import SimpleNamespace
+
+    clock = iter([0.0] + [100.0] * 1000)  # the deadline is set at 5 s; the first check is at 100 s
+    monkeypatch.setattr(control, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    with pytest.raises(RunCancelled) as err:
+        live.push(Image.new("RGB", (32, 32)))
+    assert "time limit" in str(err.value)
+
+
+def test_a_stream_whose_output_cannot_be_saved_is_a_failed_row_and_one_line(studio_factory, monkeypatch):
+    from studio.streaming import run_stream
+
+    studio = studio_factory()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device: '/srv/secret/outputs'")
+
+    monkeypatch.setattr(studio.outputs, "save", full_disk)
+    request = {"modality": "image", "model": "dummy-sd", "prompt": PROMPT, "params": {"steps": 2}}
+    with pytest.raises(StudioError) as err:
+        run_stream(studio, request, [Image.new("RGB", (32, 32))], {"similarity_filter": False})
+    message = str(err.value)
+    assert "OSError" in message and "/srv" not in message and "\n" not in message
+    assert studio.history.count() == 1
+    assert studio.history.query(limit=1)[0].status == "failed"

@@ -122,3 +122,49 @@ def test_the_bundled_sibling_can_stand_in_for_the_early_steps():
 
     full, small = DiffusionPipeline.from_pretrained(SD_DIR), DiffusionPipeline.from_pretrained(SD_SMALL_DIR)
     assert stitch_mismatch(full, small) is None  # same VAE, text encoder, tokenizer, schedule; smaller UNet
+
+
+def test_the_check_is_not_skipped_for_a_new_model_that_reuses_object_ids(monkeypatch):
+    """Object ids are reused once an object is freed: a model loaded after another one must
+    still have its sibling checked (simulated here: every id equal)."""
+    import backends.accel.t_stitch as t_stitch
+
+    monkeypatch.setattr(t_stitch, "id", lambda obj: 0, raising=False)
+    first = dummy_sd_pipeline()
+    backend = ImageBackend("dummy-sd", first, torch.device("cpu"), torch.float32)
+    backend.siblings[SMALL] = dummy_sd_sibling(first)
+    backend.run(request([("t_stitch", {"small_model": SMALL})]))  # checked, fits
+    pipe = dummy_sd_pipeline()
+    later = ImageBackend("dummy-sd", pipe, torch.device("cpu"), torch.float32)
+    later.siblings[SMALL] = dummy_sd_sibling(dummy_sd_pipeline(seed=5))  # another VAE
+    with pytest.raises(ValidationError, match="its VAE differs"):
+        later.run(request([("t_stitch", {"small_model": SMALL})]))
+
+
+def test_img2img_is_refused_in_one_line(sd):
+    from backends.img2img import image_to_data_url
+    from PIL import Image
+
+    init = image_to_data_url(Image.new("RGB", (sd.default_size()[1], sd.default_size()[0]), (200, 30, 30)))
+    req = request([("t_stitch", {})])
+    req = req.replace(params={**req.params, "init_image": init, "strength": 0.6})
+    with pytest.raises(ValidationError) as err:
+        sd.run(req)
+    assert "img2img" in str(err.value) and "\n" not in str(err.value)
+    assert "forward" not in vars(sd.pipe.unet)
+
+
+def test_memory_counts_the_whole_sibling_it_keeps():
+    """A sibling loaded from disk holds its own VAE and text encoder (equal to the model's,
+    not the same objects): the memory figure counts them."""
+    import copy
+
+    from backends.base import module_bytes
+
+    pipe = dummy_sd_pipeline()
+    sibling = dummy_sd_sibling(pipe)
+    sibling.vae, sibling.text_encoder = copy.deepcopy(pipe.vae), copy.deepcopy(pipe.text_encoder)
+    backend = ImageBackend("dummy-sd", pipe, torch.device("cpu"), torch.float32)
+    backend.siblings[SMALL] = sibling
+    expected = module_bytes(*(getattr(p, n, None) for p in (pipe, sibling) for n in p.components))
+    assert backend.memory_bytes() == expected > module_bytes(pipe.unet, pipe.vae, pipe.text_encoder, sibling.unet)

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from backends.accel._patch import patch_attr
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel.sampler import is_flow_matching
 from backends.types import ValidationError
@@ -357,9 +358,9 @@ class MultiResRun:
                  return_dict: bool = True, **kwargs: Any) -> Any:
             return self._step(model_output, sample, return_dict)
 
-        scheduler.set_timesteps, scheduler.step = set_timesteps, step
-        handle.on_remove(delattr, scheduler, "step")
-        handle.on_remove(delattr, scheduler, "set_timesteps")
+        # earlier patches (another method's) are put back on removal, not deleted
+        patch_attr(handle, scheduler, "set_timesteps", set_timesteps)
+        patch_attr(handle, scheduler, "step", step)
         pre = denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True)
         post = denoiser.register_forward_hook(self._after_call, with_kwargs=True)
         handle.on_remove(post.remove)

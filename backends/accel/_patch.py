@@ -47,3 +47,21 @@ class StepCallback:
         if self.on_step is not None:
             self.on_step(self.step)
         return {}
+
+
+def patch_attr(handle: Any, obj: Any, name: str, value: Any) -> None:
+    """Set an instance attribute over the class's (or over an earlier method's patch) and
+    put back exactly what was there on removal: the earlier patch, or no instance
+    attribute at all. An attribute already gone at removal is tolerated (nothing to undo),
+    so a method removed after another one's patch was undone never raises."""
+    had = name in vars(obj)
+    previous = vars(obj).get(name)
+    setattr(obj, name, value)
+
+    def undo() -> None:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            vars(obj).pop(name, None)
+
+    handle.on_remove(undo)

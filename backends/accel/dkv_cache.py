@@ -16,9 +16,9 @@ sets the plan's fields. Steps and block size stay the request's own.
 
 from __future__ import annotations
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel._dllm_decoding import DiffusionDecodingPlan
-from backends.accel.fast_dllm import DLLM_SLOT, dllm_stats
+from backends.accel.fast_dllm import DLLM_SLOT, dllm_stats, has_kv_cache
 from backends.plan import RunHandle
 
 
@@ -41,6 +41,14 @@ class DKVCacheMethod(Method):
         config=DKVCacheConfig,
         slots=(DLLM_SLOT,),
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """The method is a K/V cache: no use on a model without a K/V cache interface."""
+        if has_kv_cache(backend):
+            return Limits()
+        return Limits(unfit="dkv_cache: this diffusion LM's own code has no key/value cache interface, so the "
+                            "delayed cache cannot run on it; use fast_dllm with cache=none instead")
 
     def attach(self, backend, plan: DiffusionDecodingPlan) -> RunHandle:
         plan.cache = "delayed"

@@ -19,7 +19,7 @@ The loop is ``backends/accel/_dllm_decoding.py``; this method only sets the plan
 
 from __future__ import annotations
 
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel._dllm_decoding import DiffusionDecodingPlan
 from backends.plan import RunHandle
 
@@ -41,6 +41,13 @@ def dllm_stats(plan: DiffusionDecodingPlan) -> dict:
     return {k: plan.extra[k] for k in keys if k in plan.extra}
 
 
+def has_kv_cache(backend) -> bool:
+    """Whether ``backend``'s diffusion LM runner can keep K/V (``Runner.supports_cache``);
+    a backend without a runner is not refused here (the loop's ``check_plan`` still is)."""
+    runner = getattr(backend, "runner", None)
+    return runner is None or bool(getattr(runner, "supports_cache", True))
+
+
 @register
 class FastDLLMMethod(Method):
     spec = MethodSpec(
@@ -56,6 +63,14 @@ class FastDLLMMethod(Method):
         config=FastDLLMConfig,
         slots=(DLLM_SLOT,),
     )
+
+    @classmethod
+    def limits(cls, backend) -> Limits:
+        """A model run through its own code (hub LLaDA / Dream) has no K/V cache interface:
+        only cache=none fits it (parallel decoding alone)."""
+        if has_kv_cache(backend):
+            return Limits()
+        return Limits(choices={"cache": ("none",)})
 
     def attach(self, backend, plan: DiffusionDecodingPlan) -> RunHandle:
         plan.threshold = float(self.config.threshold)

@@ -320,11 +320,16 @@ class RASHooks:
     """The transformer-level hooks: score and choose the tokens before a call, run the call
     on them, put the full output (fresh rows + cached rows) together after it."""
 
-    def __init__(self, denoiser, run: RASRun, guidance, meter: EvalCostMeter):
+    def __init__(self, denoiser, run: RASRun, guidance, meter: EvalCostMeter, handle: RunHandle | None = None):
+        """With ``handle``, the hooks' removal is registered before the first one exists:
+        a failure while adding the others still removes those already added."""
         self.adapter = adapter_for(denoiser)
         self.run, self.guidance, self.meter = run, guidance, meter
-        self.handles = [denoiser.register_forward_pre_hook(self.before, with_kwargs=True),
-                        denoiser.register_forward_hook(self.after, with_kwargs=True)]
+        self.handles: list[Any] = []
+        if handle is not None:
+            handle.on_remove(self.remove)
+        self.handles.append(denoiser.register_forward_pre_hook(self.before, with_kwargs=True))
+        self.handles.append(denoiser.register_forward_hook(self.after, with_kwargs=True))
         self.handles += self.adapter.hooks(run)
 
     def before(self, _module, args, kwargs):
@@ -407,8 +412,7 @@ class RASMethod(Method):
                 processor = RASAttnProcessor(module.processor, run)
                 handle.on_remove(module.set_processor, module.processor)
                 module.set_processor(processor)
-            hooks = RASHooks(denoiser, run, plan.guidance, meter)
-            handle.on_remove(hooks.remove)
+            RASHooks(denoiser, run, plan.guidance, meter, handle)
         return handle
 
     def run_stats(self, run: RASRun, meter: EvalCostMeter) -> dict[str, Any]:

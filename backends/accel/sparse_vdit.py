@@ -284,14 +284,17 @@ class SparseVDiTMethod(Method):
         state, counter = SparseState(), StepCallback()
         plan.callbacks.append(counter)
         handle = RunHandle(plan, lambda: self.run_stats(state, stats, patterns), self.notes)
-        for layer, (module, heads) in enumerate(zip(modules, patterns)):
-            if all(h.kind == "dense" for h in heads):
-                continue  # Wan's own processor: the dense pattern is the baseline exactly
-            masks = head_masks(heads, blocks, frame_blocks)
-            handle.on_remove(module.set_processor, module.processor)
-            module.set_processor(SparseProcessor(module.processor, layer, state, counter, block,
-                                                 self.config.dense_steps, masks=masks, backend=self.config.backend))
-        handle.on_remove(denoiser.register_forward_pre_hook(_grid_recorder(state, patch), with_kwargs=True).remove)
+        with handle.undo_on_error():  # a failure midway puts back the processors already swapped
+            for layer, (module, heads) in enumerate(zip(modules, patterns)):
+                if all(h.kind == "dense" for h in heads):
+                    continue  # Wan's own processor: the dense pattern is the baseline exactly
+                masks = head_masks(heads, blocks, frame_blocks)
+                handle.on_remove(module.set_processor, module.processor)
+                module.set_processor(SparseProcessor(module.processor, layer, state, counter, block,
+                                                     self.config.dense_steps, masks=masks,
+                                                     backend=self.config.backend))
+            handle.on_remove(denoiser.register_forward_pre_hook(_grid_recorder(state, patch),
+                                                                with_kwargs=True).remove)
         return handle
 
     @staticmethod

@@ -22,6 +22,7 @@ import inspect
 import math
 from typing import Any
 
+from backends.accel._patch import patch_attr
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sampler import is_flow_matching
 from backends.plan import DiffusionPlan, RunHandle
@@ -109,8 +110,7 @@ class SwaySamplingMethod(Method):
         patch = _SwaySetTimesteps(scheduler.set_timesteps, self.config.coefficient)
         handle = RunHandle(plan, lambda: {"first_sigmas": [round(s, 4) for s in patch.last_sigmas[:4]]}
                            if patch.last_sigmas else {}, self.notes)
-        scheduler.set_timesteps = patch
-        handle.on_remove(delattr, scheduler, "set_timesteps")  # the class method is in force again
+        patch_attr(handle, scheduler, "set_timesteps", patch)  # puts back an earlier patch, or none
         plan.kwargs.pop("sigmas", None)
         plan.kwargs.pop("timesteps", None)
         return handle

@@ -26,7 +26,7 @@ measured cost of a small call against a full one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -144,9 +144,6 @@ class TStitchMethod(Method):
         lossless=False,
         config=TStitchConfig,
     )
-    # (id of the full pipeline, id of the small one) pairs already checked: the weight
-    # comparison runs once per pair, not once per run
-    checked: ClassVar[set[tuple[int, int]]] = set()
 
     @classmethod
     def limits(cls, backend) -> Limits:
@@ -170,11 +167,17 @@ class TStitchMethod(Method):
         small_id = self.small_id(backend)
         if small_id == backend.model_id:
             raise ValidationError(f"T-Stitch needs a smaller model than '{backend.model_id}' itself")
+        if getattr(plan, "img2img", None):
+            raise ValidationError("T-Stitch does not run img2img: its switch step counts the whole schedule, not "
+                                  "the img2img steps; remove the init image or the method")
         small = backend.get_sibling(small_id)
-        key = (id(backend.pipe), id(small))
-        if key not in self.checked:
+        # the weight comparison runs once per (model, sibling), not once per run: kept on the
+        # loaded model itself (reloaded, it is checked again), never keyed by object ids,
+        # which a later model can reuse
+        checked = vars(backend).setdefault("t_stitch_checked", set())
+        if small_id not in checked:
             check_stitchable(backend.pipe, small, backend.model_id, small_id)
-            self.checked.add(key)
+            checked.add(small_id)
         return apply_t_stitch(backend.denoiser, _denoiser(small), plan, self.config.fraction, small_id,
                               self.notes)
 
