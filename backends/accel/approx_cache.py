@@ -48,6 +48,7 @@ import torch
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
 from backends.plan import DiffusionPlan, RunHandle
+from backends.accel._patch import patch_attr
 from backends.types import ValidationError
 
 log = logging.getLogger(__name__)
@@ -179,15 +180,6 @@ class LatentCapture:
         if done in self.keep and "latents" in tensors:
             self.latents[done] = tensors["latents"].detach().to("cpu", copy=True).contiguous()
         return {}
-
-
-def patch_attr(handle: RunHandle, obj: Any, name: str, value: Any) -> None:
-    """Set an instance attribute over the class's (or over an earlier patch, put back on
-    removal)."""
-    had = name in vars(obj)
-    previous = vars(obj).get(name)
-    setattr(obj, name, value)
-    handle.on_remove(lambda: setattr(obj, name, previous) if had else delattr(obj, name))
 
 
 def start_at(handle: RunHandle, pipe: Any, latent: torch.Tensor, skip: int) -> None:
