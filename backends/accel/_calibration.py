@@ -52,6 +52,19 @@ def plan_settings(backend, plan: DiffusionPlan) -> dict[str, Any]:
     return settings
 
 
+def calibration_call(backend, plan: DiffusionPlan) -> dict[str, Any]:
+    """The pipeline call of an untimed calibration pass inside ``attach``: the run's own
+    arguments, a copy of its seeded generator (the timed run still draws the same noise)
+    and latent output (no decode)."""
+    run = {**plan.kwargs, "num_inference_steps": plan.steps}
+    generator = plan.kwargs.get("generator")
+    if isinstance(generator, torch.Generator):
+        run["generator"] = torch.Generator(generator.device).set_state(generator.get_state())
+    if "output_type" in backend.call_params:
+        run["output_type"] = "latent"
+    return run
+
+
 def matching_calibration(records: Iterable[dict[str, Any]], kind: str, settings: dict[str, Any],
                          exact: bool = True) -> dict[str, Any] | None:
     """The newest record of ``kind`` made with exactly ``settings``; with ``exact=False``,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from backends.accel._block_span import block_lists
-from backends.accel._calibration import matching_calibration, plan_settings
+from backends.accel._calibration import calibration_call, matching_calibration, plan_settings
 from backends.accel._eval_cost import EvalCostMeter
 from backends.accel._patch import ForwardPatch
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
@@ -184,12 +184,7 @@ def calibrate(backend, plan: DiffusionPlan) -> dict[str, Any]:
                 recorded[index].append(_flat(output))
         return hook
 
-    run = {**plan.kwargs, "num_inference_steps": plan.steps}
-    generator = plan.kwargs.get("generator")
-    if isinstance(generator, torch.Generator):
-        run["generator"] = torch.Generator(generator.device).set_state(generator.get_state())
-    if "output_type" in backend.call_params:
-        run["output_type"] = "latent"
+    run = calibration_call(backend, plan)
     handles = [module.register_forward_hook(recorder(i)) for i, (_, module, _) in enumerate(units)]
     try:
         with torch.no_grad(), tracking_branches(denoiser, guidance):

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from backends.accel._block_span import block_lists, block_metadata
-from backends.accel._calibration import RATIOS, matching_calibration, plan_settings
+from backends.accel._calibration import RATIOS, calibration_call, matching_calibration, plan_settings
 from backends.accel._diffusers_cache import DiffusersCacheMethod
 from backends.accel.base import MethodConfig, MethodSpec, param, register
 from backends.plan import UNCOND, DiffusionPlan, tracking_branches
@@ -73,12 +73,7 @@ def calibrate_mag_ratios(backend, plan: DiffusionPlan) -> list[float]:
             ratios.append((norm / (prev_norm + 1e-8)).mean().item())
         seen["previous"] = residual
 
-    run = {**plan.kwargs, "num_inference_steps": plan.steps}
-    generator = plan.kwargs.get("generator")
-    if isinstance(generator, torch.Generator):
-        run["generator"] = torch.Generator(generator.device).set_state(generator.get_state())
-    if "output_type" in backend.call_params:
-        run["output_type"] = "latent"
+    run = calibration_call(backend, plan)
     handles = [blocks[0].register_forward_pre_hook(head, with_kwargs=True),
                blocks[-1].register_forward_hook(tail, with_kwargs=True)]
     try:

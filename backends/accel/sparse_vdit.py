@@ -42,7 +42,7 @@ import torch
 from backends.accel._calibration import matching_calibration, plan_settings
 from backends.accel._patch import StepCallback
 from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
-from backends.accel.sta import _apply_rotary_emb, self_attention_modules
+from backends.accel.sta import _apply_rotary_emb, wan_self_attention
 from backends.plan import DiffusionPlan, RunHandle
 from backends.types import ValidationError
 
@@ -168,26 +168,13 @@ def _grid_recorder(state: SparseState, patch_size: tuple[int, ...]):
     return record_grid
 
 
-def _checked_modules(denoiser) -> tuple[list[torch.nn.Module], tuple[int, ...]]:
-    modules = self_attention_modules(denoiser) if denoiser is not None else []
-    if not modules:
-        raise ValidationError(f"Sparse-vDiT supports Wan video transformers (WanAttention self-attention); "
-                              f"{type(denoiser).__name__} has none")
-    patch = getattr(denoiser.config, "patch_size", None)
-    if patch is None or len(patch) != 3:
-        raise ValidationError("Sparse-vDiT needs a transformer with a 3-D patch_size (t, h, w)")
-    if any(isinstance(m.processor, torch.nn.Module) for m in modules):
-        raise ValidationError("Sparse-vDiT cannot replace an attention processor that holds weights")
-    return modules, tuple(int(p) for p in patch)
-
-
 def record_block_mass(backend, plan: DiffusionPlan, block: int, dense_steps: int) -> tuple[dict[int, torch.Tensor],
                                                                                              tuple[int, int, int]]:
     """Run the plan once without decoding (its own generator copy, none of the plan's other
     callbacks) and return, per layer, the mean block mass ``[heads, nb, nb]`` over the
     self-attention calls from step ``dense_steps`` on, and the token grid."""
     denoiser = backend.denoiser
-    modules, patch = _checked_modules(denoiser)
+    modules, patch = wan_self_attention(denoiser, "Sparse-vDiT")
     state, counter = SparseState(), StepCallback()
     calibration = replace(plan, kwargs=dict(plan.kwargs), callbacks=[counter], guidance=replace(plan.guidance))
     generator = plan.kwargs.get("generator")
@@ -272,7 +259,7 @@ class SparseVDiTMethod(Method):
         from kernels.sparse_heads import HeadPattern, head_masks
 
         denoiser = backend.denoiser
-        modules, patch = _checked_modules(denoiser)
+        modules, patch = wan_self_attention(denoiser, "Sparse-vDiT")
         stats: dict[str, Any] = {"calibrated_this_run": False}
         record = self.patterns(backend, plan, stats)
         patterns = [[HeadPattern.from_dict(h) for h in layer] for layer in record["patterns"]]

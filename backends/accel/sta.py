@@ -110,6 +110,22 @@ def self_attention_modules(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in denoiser.modules() if isinstance(m, WanAttention) and not m.is_cross_attention]
 
 
+def wan_self_attention(denoiser, method: str) -> tuple[list[torch.nn.Module], tuple[int, ...]]:
+    """The Wan self-attention modules a sparse-attention method replaces the processor of,
+    and the 3-D patch size that maps tokens to the (t, h, w) grid; a one-line refusal for
+    any other denoiser (shared by STA and Sparse-vDiT)."""
+    modules = self_attention_modules(denoiser) if denoiser is not None else []
+    if not modules:
+        raise ValidationError(f"{method} supports Wan video transformers (WanAttention self-attention); "
+                              f"{type(denoiser).__name__} has none")
+    patch = getattr(denoiser.config, "patch_size", None)
+    if patch is None or len(patch) != 3:
+        raise ValidationError(f"{method} needs a transformer with a 3-D patch_size (t, h, w)")
+    if any(isinstance(m.processor, torch.nn.Module) for m in modules):
+        raise ValidationError(f"{method} cannot replace an attention processor that holds weights")
+    return modules, tuple(int(p) for p in patch)
+
+
 class STAConfig(MethodConfig):
     tile_t: int = param(6, min=1, max=64, help="tokens per tile along time (paper: 6)")
     tile_h: int = param(8, min=1, max=128, help="tokens per tile along height (paper: 8)")
@@ -151,16 +167,8 @@ class STAMethod(Method):
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
         denoiser = backend.denoiser
-        modules = self_attention_modules(denoiser) if denoiser is not None else []
-        if not modules:
-            raise ValidationError(f"STA supports Wan video transformers (WanAttention self-attention); "
-                                  f"{type(denoiser).__name__} has none")
-        patch = getattr(denoiser.config, "patch_size", None)
-        if patch is None or len(patch) != 3:
-            raise ValidationError("STA needs a transformer with a 3-D patch_size (t, h, w)")
-        if any(isinstance(m.processor, torch.nn.Module) for m in modules):
-            raise ValidationError("STA cannot replace an attention processor that holds weights")
-        state, counter, patch_size = STAState(), StepCallback(), tuple(int(p) for p in patch)
+        modules, patch_size = wan_self_attention(denoiser, "STA")
+        state, counter = STAState(), StepCallback()
         plan.callbacks.append(counter)
 
         def record_grid(_module, args, kwargs) -> None:
