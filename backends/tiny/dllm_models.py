@@ -15,6 +15,7 @@ bidirectional, and Dream's *shifted* prediction kept (the logits at position i p
 token i + 1), so the head keeps the meaning it had in the AR model.
 
     python -m backends.tiny.train code-dllm --minutes 14 --threads 1
+    python -m backends.tiny.train code-dllm --minutes 14 --threads 1 --resume   # continue the bundled one
     python -m backends.tiny.train code-dllm --minutes 0.2 --out runs/dllm-smoke   # smoke test
 
 Output: ``assets/tiny-code-dllm/``, a ``LlamaForCausalLM`` folder whose config.json holds a
