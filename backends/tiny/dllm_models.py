@@ -15,6 +15,7 @@ bidirectional, and Dream's *shifted* prediction kept (the logits at position i p
 token i + 1), so the head keeps the meaning it had in the AR model.
 
     python -m backends.tiny.train code-dllm --minutes 14 --threads 1
+    python -m backends.tiny.train code-dllm --minutes 14 --threads 1 --resume   # continue the bundled one
     python -m backends.tiny.train code-dllm --minutes 0.2 --out runs/dllm-smoke   # smoke test
 
 Output: ``assets/tiny-code-dllm/``, a ``LlamaForCausalLM`` folder whose config.json holds a
@@ -87,6 +88,8 @@ def bidirectional_mask(batch: int, q_len: int, kv_len: int) -> torch.Tensor:
 def add_mask_token(tok, model) -> int:
     """Add ``<|mask|>`` to the tokenizer and the (tied) embedding; its row starts as the
     mean embedding, a neutral input the model learns to read as 'unknown'."""
+    if MASK in tok.get_vocab():  # resuming from a model that already has it
+        return tok.convert_tokens_to_ids(MASK)
     tok.add_special_tokens({"additional_special_tokens": [MASK]})
     mask_id = tok.convert_tokens_to_ids(MASK)
     with torch.no_grad():
@@ -176,9 +179,22 @@ def lr_at(cfg: DLLMConfig, step: int, time_frac: float) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cos)
 
 
+def _earlier_run(source: Path) -> dict | None:
+    """The figures of the run a resumed training continues, kept in its report so the
+    total optimisation behind the weights stays on record."""
+    path = source / "training_report.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    keys = ("adapted_from", "steps", "tokens_seen", "train_minutes", "heldout_masked_ce")
+    return {k: old.get(k) for k in keys} | ({"continued_from": old["continued_from"]}
+                                           if "continued_from" in old else {})
+
+
 def train(cfg: DLLMConfig, source: Path, folder: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    earlier = _earlier_run(source) if cfg.init_from == cfg.name else None
     tok = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     mask_id = add_mask_token(tok, model)
@@ -209,7 +225,7 @@ def train(cfg: DLLMConfig, source: Path, folder: Path) -> dict:
             "heldout_tokens": len(held_ids), "train_corpus_tokens": len(train_ids),
             "corpus": "CPython stdlib *.py (tests excluded), every 20th file held out",
             "weights_dtype": "float16 on disk, float32 on load",
-        }
+        } | ({"continued_from": earlier} if earlier else {})
 
     def save(status: str, nll: dict, extra: dict | None = None) -> None:
         rep = report(status, time.perf_counter() - start, nll) | (extra or {})
@@ -265,11 +281,15 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=DLLMConfig.minutes)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "assets")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the bundled tiny-code-dllm instead of adapting tiny-code-llama "
+                        "(a fresh optimiser and schedule; the report adds the earlier run's steps)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     cfg = DLLMConfig(minutes=args.minutes,
-                     checkpoint_minutes=min(DLLMConfig.checkpoint_minutes, max(args.minutes / 2, 0.05)))
+                     checkpoint_minutes=min(DLLMConfig.checkpoint_minutes, max(args.minutes / 2, 0.05)),
+                     **({"init_from": DLLMConfig.name} if args.resume else {}))
     train(cfg, args.out / cfg.init_from if (args.out / cfg.init_from).exists()
           else REPO_ROOT / "assets" / cfg.init_from, args.out / cfg.name)
     return 0
