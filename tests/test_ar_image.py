@@ -1,5 +1,5 @@
 """The autoregressive image kind (issue 21): the LlamaGen-style backend and its token-loop
-methods (sjd, zipar, lantern), on tiny random pipelines (no assets needed)."""
+methods (sjd, zipar, lantern, gsd), on tiny random pipelines (no assets needed)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backends.accel._ar_decoding import ARSampling, LoopStats, plain_loop, run_loop
+from backends.accel.gsd import draft_group, grouped_accept
 from backends.accel.lantern import latent_neighbours, relaxed_accept
 from backends.accel.sjd import sjd_loop
 from backends.accel.zipar import zipar_loop
@@ -89,7 +90,8 @@ def test_prompt_words_are_put_in_canonical_order(pipe):
 
 
 # -- removal and exactness ----------------------------------------------------------------------
-@pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("zipar", {"window": 2}), ("lantern", {"delta": 0.3})])
+@pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("zipar", {"window": 2}), ("lantern", {"delta": 0.3}),
+                                    ("gsd", {"group": 10})])
 def test_removing_a_method_restores_the_baseline_bit_identically(pipe, method):
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
     before = _run(backend)
@@ -148,6 +150,40 @@ def test_sjd_and_lantern_need_fewer_forwards_and_lantern_relaxes_acceptance(pipe
         assert torch.equal(zero, sjd_tokens)  # delta 0 is SJD exactly
     assert forwards["sjd"] < forwards["plain"] == 3 * 64
     assert forwards["lantern"] < forwards["sjd"]
+
+
+def test_gsd_needs_fewer_forwards_than_sjd_and_a_group_of_one_is_sjd(pipe):
+    sampling = ARSampling(guidance=3.0, temperature=1.0)
+    neighbours = latent_neighbours(pipe.vq.codes(), 16)
+    forwards = {"plain": 0, "sjd": 0, "gsd": 0}
+    for seed in range(3):
+        forwards["plain"] += run_loop(plain_loop, pipe, PROMPT, sampling, seed)[1]
+        sjd_tokens, f = run_loop(lambda s, p: sjd_loop(s, p, 8), pipe, PROMPT, sampling, seed)
+        forwards["sjd"] += f
+        forwards["gsd"] += run_loop(lambda s, p: sjd_loop(s, p, 8, accept=grouped_accept(neighbours, 10)),
+                                    pipe, PROMPT, sampling, seed)[1]
+        one, _ = run_loop(lambda s, p: sjd_loop(s, p, 8, accept=grouped_accept(neighbours, 1)),
+                          pipe, PROMPT, sampling, seed)
+        assert torch.equal(one, sjd_tokens)  # group 1 is SJD exactly
+    assert forwards["gsd"] < forwards["sjd"] < forwards["plain"] == 3 * 64
+
+
+def test_gsd_method_with_a_group_of_one_paints_sjd_bit_identically(pipe):
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    sjd = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
+    one = _run(backend, [("gsd", {"window": 8, "group": 1})], temperature=1.0)
+    grouped = _run(backend, [("gsd", {"window": 8, "group": 10})], temperature=1.0)
+    assert np.array_equal(_pixels(sjd), _pixels(one))
+    assert grouped.method_stats["gsd"]["transformer_forwards"] < sjd.method_stats["sjd"]["transformer_forwards"]
+
+
+def test_gsd_group_is_the_draft_plus_its_most_probable_neighbours():
+    p = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05])
+    neighbours = torch.tensor([[1, 3], [0, 2], [3, 1], [2, 4], [3, 2]])
+    assert draft_group(p, 0, neighbours, 1).tolist() == [0]
+    assert draft_group(p, 0, neighbours, 3).tolist() == [0, 1]  # 2 is probable but not a neighbour of 0
+    assert draft_group(p, 4, neighbours, 4).tolist() == [4, 2, 3]
+    assert draft_group(p, 4, neighbours, 2).tolist() == [4]  # the top-1 (token 1) is not 4's neighbour
 
 
 def test_zipar_decodes_rows_in_parallel(pipe):
