@@ -69,11 +69,11 @@ class GSDMethod(Method):
                 "probable tokens among its latent neighbours) is likely enough: more tokens per forward, lossy.",
         paper="So et al. 2025, Grouped Speculative Decoding for Autoregressive Image Generation (ICCV 2025)",
         lossless=False,
-        defaults_note="a group of 10 among 16 latent neighbours: our choice, the paper's own group size was not "
-                      "available to us",
         config=GSDConfig,
         slots=(AR_SLOT,),
-        defaults_note="group 1 is plain SJD; neighbours by cosine distance of the VQ codes, as lantern",
+        defaults_note="a group of up to 10 among 16 latent neighbours, our choice (the paper's own group size was "
+                      "not available to us); group 1 is plain SJD; neighbours by cosine distance of the VQ codes, "
+                      "as lantern",
     )
 
     def attach(self, backend: Any, plan: Any) -> ARLoopHandle:
