@@ -92,9 +92,7 @@ class Backend:
         passes; the methods are removed as on any other exit, so the next run is normal."""
         if request.modality != self.modality:
             raise ValidationError(f"a {request.modality} request was sent to a {self.modality} model")
-        methods = _instantiate(request, self.family)
-        for method in methods:  # a value this model cannot take: refused before any work
-            method.check_limits(self)
+        methods = _instantiate(request, self)
         with self.lock:
             if cancel is not None:
                 cancel.start()  # the time limit counts from here, not from the queue
@@ -137,13 +135,17 @@ def _branch_of(plan: RunPlan) -> Callable[[], str | None]:
     return lambda: getattr(guidance, "branch", None)
 
 
-def _instantiate(request: Request, family: str) -> list[Any]:
-    """The request's methods, checked against this backend's modality, family and slots.
-    Imported here, when a run needs it: the method registry imports every method module,
-    which this module must not depend on."""
+def _instantiate(request: Request, backend: "Backend") -> list[Any]:
+    """The request's methods, checked against this backend's modality, family and slots,
+    and against what its loaded model allows (``Method.limits``): a value the model cannot
+    take is refused here, before any work. Imported here, when a run needs it: the method
+    registry imports every method module, which this module must not depend on."""
     from backends.accel.base import instantiate
 
-    return instantiate(request.methods, request.modality, family)
+    methods = instantiate(request.methods, request.modality, backend.family)
+    for method in methods:
+        method.check_limits(backend)
+    return methods
 
 
 @contextlib.contextmanager

@@ -96,7 +96,7 @@ def backend_perplexity(backend: Any, methods: Sequence[Any] = (), max_tokens: in
     from backends.base import _instantiate
 
     request = Request("text", backend.model_id, "x", params={"max_new_tokens": 1}, methods=list(methods))
-    built = _instantiate(request, backend.family)
+    built = _instantiate(request, backend)
     ids = heldout_ids(backend.tokenizer, max_tokens)
     context = min(CONTEXT, getattr(backend.model.config, "max_position_embeddings", CONTEXT))
     if any(getattr(method, "acts_while_decoding", False) for method in built):

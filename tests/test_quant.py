@@ -43,7 +43,7 @@ def build(backend, methods):
     from backends.base import _instantiate
 
     req = request(backend, methods)
-    return backend.build_plan(req), _instantiate(req, backend.family)
+    return backend.build_plan(req), _instantiate(req, backend)
 
 
 @torch.no_grad()

@@ -205,7 +205,7 @@ def test_perplexity_of_decode_time_methods_is_measured_by_teacher_forced_decodin
     tokens = 256
     plain = backend_perplexity(llama, [], max_tokens=tokens)
     request = Request("text", "tiny-code-llama", "x", params={"max_new_tokens": 1})
-    decoded = decoding_perplexity(llama, request, _instantiate(request, llama.family),
+    decoded = decoding_perplexity(llama, request, _instantiate(request, llama),
                                   heldout_ids(llama.tokenizer, tokens), 256)
     assert decoded == pytest.approx(plain, rel=1e-4)
     skipped = backend_perplexity(llama, [MethodChoice("ffn_skip")], max_tokens=tokens)

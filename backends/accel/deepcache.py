@@ -107,7 +107,6 @@ class DeepCacheMethod(Method):
         return Limits(ranges={"branch": (None, len(unet.up_blocks) - 2)})
 
     def attach(self, backend, plan: DiffusionPlan) -> RunHandle:
-        self.check_limits(backend)
         unet = backend.pipe.unet
         state, counter, interval, branch = DeepCacheState(), StepCallback(), self.config.interval, self.config.branch
         plan.callbacks.append(counter)

@@ -56,7 +56,6 @@ class PABMethod(DiffusersCacheMethod):
         from diffusers.hooks import PyramidAttentionBroadcastConfig
 
         c = self.config
-        self.check_limits(backend)
         window = (c.timestep_low, c.timestep_high)
         return PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=c.spatial_skip or None,

@@ -237,7 +237,6 @@ class RetrievalDraftMethod(Method):
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         require_greedy(plan, "retrieval drafting")
-        self.check_limits(backend)
         config = self.config
         store, source = load_datastore(backend, config.corpus_tokens, config.max_ngram)
         run = TreeStats()

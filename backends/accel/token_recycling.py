@@ -145,7 +145,6 @@ class TokenRecyclingMethod(Method):
 
     def attach(self, backend, plan: DecodingPlan) -> DecodingHandle:
         require_greedy(plan, "token recycling")
-        self.check_limits(backend)
         config = self.config
         matrix = recycling_matrix(backend, config.k, config.persist)
         template = tree_template(config.tree_size, config.depth, config.k)
