@@ -42,6 +42,7 @@ def is_ar_image_source(source: str) -> bool:
 
 class ARImageBackend(Backend):
     modality = "image"
+    unused_params = ("steps",)  # one forward per token (or fewer): no denoising schedule
 
     def __init__(self, model_id: str, pipe: Any, device: torch.device, dtype: torch.dtype):
         super().__init__(model_id, device, dtype)
@@ -88,7 +89,22 @@ class ARImageBackend(Backend):
             top_k=int(params.get("top_k") or DEFAULT_TOP_K),
         )
         size = (int(params.get("height") or DEFAULT_SIZE), int(params.get("width") or DEFAULT_SIZE))
-        return ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed)
+        plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed)
+        plan.notes.extend(self._prompt_notes(request))
+        return plan
+
+    def _prompt_notes(self, request: Request) -> list[str]:
+        """What of the request the model cannot read, said instead of silently dropped: a
+        tiny token model knows a few dozen words and has no negative prompt."""
+        notes = []
+        layout = self.pipe.layout
+        ignored = layout.ignored_words(request.prompt) if hasattr(layout, "ignored_words") else []
+        if ignored:
+            notes.append(f"'{self.model_id}' ignored the words {', '.join(ignored)}: it reads the first "
+                         f"{layout.prompt_len} words of its own vocabulary ({', '.join(layout.words)})")
+        if request.negative_prompt:
+            notes.append(f"'{self.model_id}' has no negative prompt; it was ignored")
+        return notes
 
     def generate(self, plan: ARImagePlan, timer: StageTimer, progress: ProgressFn | None) -> Any:
         session = ARSession(self.pipe, plan.prompt, plan.sampling, plan.seed, self.device)

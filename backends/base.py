@@ -52,6 +52,9 @@ class Backend:
     """
 
     modality: ClassVar[str] = ""
+    # request parameters of the modality this kind of model does not read (a token image
+    # model has no denoising steps); the tabs hide their controls for it
+    unused_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_id: str, device: torch.device, dtype: torch.dtype):
         self.model_id = model_id
@@ -80,7 +83,8 @@ class Backend:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_id, "modality": self.modality, "family": self.family, "device": str(self.device)}
+        return {"model": self.model_id, "modality": self.modality, "family": self.family, "device": str(self.device),
+                "unused_params": list(self.unused_params)}
 
     def unload(self) -> None:
         """Drop references to the weights so memory can be reclaimed."""
@@ -122,7 +126,7 @@ class Backend:
             weight_bytes=weight_bytes,
             model_evals=max(0, evals.count - skipped),
             method_stats=method_stats,
-            notes=notes,
+            notes=notes + plan.notes,
             device=str(self.device),
             extra=plan.extra,
             timeline=evals.records if isinstance(plan, DiffusionPlan) else [],  # steps: denoiser calls

@@ -56,6 +56,7 @@ def load_codec_lm(source: str, device: torch.device, dtype: torch.dtype) -> tupl
 
 class CodecLMBackend(DraftingBackend):
     modality = "audio"
+    unused_params = ("steps",)  # a token LM: no denoising schedule
     load_model = staticmethod(load_codec_lm)
 
     def __init__(self, model_id: str, model: Any, processor: Any, device: torch.device | str | None = None,

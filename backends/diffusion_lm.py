@@ -118,6 +118,8 @@ def load_diffusion_lm(source: str, device: torch.device, dtype: torch.dtype) -> 
 class DiffusionLMBackend(TextBackend):
     """A masked-diffusion LM: the Text tab's backend with LLaDA decoding as its loop."""
 
+    unused_params = ()
+
     def __init__(self, model_id: str, model: Any, tokenizer: Any, runner: Any,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(model_id, model, tokenizer, device, dtype, draft_id=None)

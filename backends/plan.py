@@ -26,7 +26,9 @@ COND, UNCOND = "cond", "uncond"
 class RunPlan:
     """Fields every plan has. ``kwargs``: keyword arguments of the library call (the
     diffusers pipeline, transformers' ``generate``), under the library's own names.
-    ``extra``: fields the run adds to ``Result.extra``."""
+    ``extra``: fields the run adds to ``Result.extra``. ``notes``: what the model itself
+    wants the user told about this run (words a tiny model does not know), shown with the
+    methods' warnings."""
 
     kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -34,6 +36,7 @@ class RunPlan:
     # the request's methods as (name, params), set before attaching: a method whose state
     # outlives the run (approx_cache's stored latents) keys it on what else shaped the run
     methods: tuple[tuple[str, dict[str, Any]], ...] = ()
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -80,6 +80,7 @@ class TextBackend(DraftingBackend):
     """A causal LM and its tokenizer; drafts for speculative decoding are cached here."""
 
     modality = "text"
+    unused_params = ("steps", "block_length")  # a diffusion LM's denoising settings
     load_model = staticmethod(load_causal_lm)
 
     def __init__(self, model_id: str, model: Any, tokenizer: Any, device: torch.device | str | None = None,

@@ -33,6 +33,7 @@ def is_tts_source(source: str) -> bool:
 
 class TTSBackend(Backend):
     modality = "audio"
+    unused_params = ("steps", "guidance")  # one forward pass, no schedule, no guidance
 
     def __init__(self, model_id: str, pipe: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(model_id, torch.device(device or pipe.model.device), dtype or pipe.model.dtype)

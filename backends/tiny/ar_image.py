@@ -137,6 +137,10 @@ class TokenLayout:
         return self.codebook_size
 
     @property
+    def prompt_len(self) -> int:
+        return PROMPT_LEN
+
+    @property
     def vocab_size(self) -> int:
         return self.codebook_size + 1 + len(self.words)
 
@@ -154,6 +158,16 @@ class TokenLayout:
         words = (prompt_for(spec) if spec is not None else (prompt or "").lower()).split()
         ids = [self.word_id(w) for w in words][:PROMPT_LEN]
         return ids + [self.null_id] * (PROMPT_LEN - len(ids))
+
+    def ignored_words(self, prompt: str) -> list[str]:
+        """The words of ``prompt`` the model never sees: outside its vocabulary, or past the
+        prefix length. A prompt that names a shape, colour, position and background is read
+        in its canonical form, so nothing of it is lost."""
+        if parse_prompt(prompt or "") is not None:
+            return []
+        words = (prompt or "").lower().replace(",", " ").split()
+        unknown = [w for w in words if w not in self.words]
+        return list(dict.fromkeys(unknown + [w for w in words[PROMPT_LEN:] if w in self.words]))
 
     def null_ids(self) -> list[int]:
         return [self.null_id] * PROMPT_LEN

@@ -173,7 +173,7 @@ def format_result(result, run_id: int | None) -> str:
         else:
             lines.append(f"- `{name}` applied")
     for key, value in (result.extra or {}).items():
-        if not isinstance(value, (list, dict)):  # token id lists and the like stay in history only
+        if value is not None and not isinstance(value, (list, dict)):  # token id lists stay in history only
             lines.append(f"- {key.replace('_', ' ')}: {value}")
     for note in result.notes:
         lines.append(f"> ⚠️ {note}")
@@ -196,21 +196,29 @@ def progress_adapter(progress: gr.Progress | None):
     return report
 
 
-def wire_model_change(studio, modality: str, model: gr.Dropdown, family: gr.Markdown, panel: AccelPanel) -> dict:
-    """When the model changes: first the model's family and the methods that fit it, then,
-    as a separate step, what history says of each method (``Studio.method_hints``). The page
-    and the dropdown answer before any history is read; the hints arrive after."""
+def wire_model_change(studio, modality: str, model: gr.Dropdown, family: gr.Markdown, panel: AccelPanel,
+                      controls: dict[str, gr.components.Component] | None = None) -> dict:
+    """When the model changes: first the model's family, the methods that fit it and the
+    parameter ``controls`` (name -> component) it reads (a token model has no denoising
+    steps: its Steps slider is hidden), then, as a separate step, what history says of each
+    method (``Studio.method_hints``). The page and the dropdown answer before any history
+    is read; the hints arrive after."""
+    controls = controls or {}
+
+    def shown_controls(unused) -> list[Any]:
+        return [gr.update(visible=name not in unused) for name in controls]
 
     @user_errors
     def describe(model_id):
         if not model_id:
-            return ["", *panel.visibility_for(None)]
+            return ["", *panel.visibility_for(None), *shown_controls(())]
         try:
             described = studio.describe_model(modality, model_id)
         except StudioError as exc:
-            return [f"⚠️ {exc}", *panel.visibility_for(None)]
+            return [f"⚠️ {exc}", *panel.visibility_for(None), *shown_controls(())]
         return [f"Family: **{described.get('family')}** · device `{described.get('device')}`",
-                *panel.visibility_for(described.get("family"))]
+                *panel.visibility_for(described.get("family")),
+                *shown_controls(set(described.get("unused_params") or ()))]
 
     def hints(model_id):
         found = {}
@@ -221,7 +229,7 @@ def wire_model_change(studio, modality: str, model: gr.Dropdown, family: gr.Mark
                 log.warning("method hints for %s unavailable", model_id, exc_info=True)
         return [gr.update(value=found.get(cls.spec.name, "")) for cls in panel.methods]
 
-    describe_outputs, hint_outputs = [family, *panel.groups], list(panel.hints)
+    describe_outputs, hint_outputs = [family, *panel.groups, *controls.values()], list(panel.hints)
     model.change(describe, inputs=[model], outputs=describe_outputs, api_name=False).then(
         hints, inputs=[model], outputs=hint_outputs, api_name=False)
     return {"describe": describe, "hints": hints, "describe_outputs": describe_outputs,

@@ -175,7 +175,8 @@ def build_generation_tab(studio, modality: str, examples: list[str] | None = Non
     cancel.click(runs.cancel_session, inputs=None, outputs=None, cancels=events, queue=False,
                  api_name=f"cancel_{modality}")
 
-    tab.extra["model_change"] = wire_model_change(studio, modality, model, family, panel)
+    tab.extra["model_change"] = wire_model_change(studio, modality, model, family, panel,
+                                                  dict(zip((spec.name for spec in controls_for(modality)), controls)))
 
     @user_errors
     def on_model_input(model_id):

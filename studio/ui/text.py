@@ -80,7 +80,8 @@ def build_text_tab(studio) -> GenerationTab:
 
     cancel.click(runs.cancel_session, inputs=None, outputs=None, cancels=events, queue=False, api_name="cancel_text")
 
-    tab.extra["model_change"] = wire_model_change(studio, "text", model, family, panel)
+    tab.extra["model_change"] = wire_model_change(studio, "text", model, family, panel,
+                                                  dict(zip((spec.name for spec in controls_for("text")), controls)))
 
     @user_errors
     def save_preset(name, description, *values):
