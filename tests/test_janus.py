@@ -209,16 +209,18 @@ def test_zipar_with_a_row_wide_window_is_raster_order_through_positions_and_mask
     plain, _ = _tokens(backend, plain_loop)
     raster, forwards = _tokens(backend, lambda s, p: zipar_loop(s, p, GRID, LoopStats()))
     assert torch.equal(plain, raster) and forwards == GRID * GRID
-    # the mask is the model's: hiding the prompt from an image token changes its distribution
+    # the positions and the mask reach the model: a token placed a row further on, or one
+    # hidden from the prompt, has another distribution
     from backends.accel._ar_decoding import ARSampling, ARSession
 
-    def after_first_token(mask):
+    def after_first_token(mask, position=0):
         session = ARSession(backend.pipe, PROMPT, ARSampling(guidance=GUIDANCE), seed=0)
         n = session.prefix.shape[1]
         session.prefill()
-        return session.forward([int(plain[0, 0])], positions=[0], mask=None if mask is None else mask(n))
+        return session.forward([int(plain[0, 0])], positions=[position], mask=None if mask is None else mask(n))
 
     causal = after_first_token(None)
+    assert not torch.allclose(after_first_token(None, position=GRID + 1), causal)  # RoPE reads the position
     assert torch.allclose(after_first_token(lambda n: torch.ones(1, n + 1, dtype=torch.bool)), causal, atol=1e-6)
     hidden = after_first_token(lambda n: torch.cat([torch.zeros(1, n, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)], 1))
     assert not torch.allclose(hidden, causal)
