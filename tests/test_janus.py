@@ -115,6 +115,8 @@ def test_janus_sources_are_recognised_and_the_hub_ids_fail_offline_in_one_line(j
         BackendManager(device="cpu").get("image", HUB_MODELS[0])
     message = str(err.value)
     assert "\n" not in message and "Traceback" not in message and "local folder" in message
+    with pytest.raises(ModelLoadError, match="is an image model: choose it in the Image tab"):
+        BackendManager(device="cpu").get("text", HUB_MODELS[1])
 
 
 def test_the_studio_paints_janus_images_of_the_requested_size_with_every_method(janus_dir, studio_factory):
