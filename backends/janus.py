@@ -19,8 +19,9 @@ pipeline interface ``ARSession`` reads, following ``generate(generation_mode="im
   embeddings and aligner; the image logits come from the generation head (not ``lm_head``)
   over the language model's hidden states;
 - pixels: the VQ model decodes the codes; the image processor's mean and std undo the
-  normalisation (written here: transformers 5.24's PIL image processor fails in
-  ``postprocess`` on channels-last arrays).
+  normalisation, as its ``postprocess`` does (written out here: transformers 5.24's PIL
+  image processor fails in ``postprocess`` on the channels-last arrays that
+  ``decode_image_tokens`` returns; the test checks both paint the same pixels).
 
 What differs from transformers' loop: ours keeps a ``DynamicCache`` (theirs a static one),
 so that the speculative loops can crop rejected drafts; with greedy decoding the tokens

@@ -154,6 +154,10 @@ def test_greedy_plain_loop_writes_transformers_own_image_tokens(backend):
     assert torch.equal(ours, theirs) and forwards == GRID * GRID
     null = layout.null_ids(layout.prompt_ids(PROMPT))
     assert null[0] == layout.bos_id and null[-1] == layout.boi_id and set(null[1:-1]) == {layout.pad_id}
+    # pixels: the image processor's own postprocess (given channels-first arrays, which its PIL
+    # backend handles) paints what ours does
+    library = pipe.processor.postprocess(list(pipe.vq.decode(theirs).float()), return_tensors="PIL.Image.Image")
+    assert np.array_equal(np.asarray(pipe.decode(ours)[0]), np.asarray(library["pixel_values"][0]))
 
 
 def test_sjd_is_exact_under_greedy_decoding_on_janus(backend):
