@@ -128,6 +128,9 @@ def test_the_studio_paints_janus_images_of_the_requested_size_with_every_method(
                                           params={"width": 40, "height": 32, "guidance": GUIDANCE}))
         assert outcome.result.output.size == (40, 32) and np.asarray(outcome.result.output).std() > 0
         assert outcome.result.extra["tokens"] == GRID * GRID
+    rows = studio.history.query(limit=5)
+    assert [r.methods[0]["name"] for r in rows[:4]][::-1] == ["sjd", "lantern", "zipar", "gsd"]
+    assert all(r.status == "ok" for r in rows)
     backend = studio.manager.get("image", model_id)
     assert backend.family == "ar-image" and backend.default_size() == (2 * GRID, 2 * GRID)
     assert _run(backend).output.size == (2 * GRID, 2 * GRID)  # no size asked: the model's own
@@ -228,8 +231,8 @@ def test_zipar_with_a_row_wide_window_is_raster_order_through_positions_and_mask
     causal = after_first_token(None)
     assert not torch.allclose(after_first_token(None, position=GRID + 1), causal)  # RoPE reads the position
     assert torch.allclose(after_first_token(lambda n: torch.ones(1, n + 1, dtype=torch.bool)), causal, atol=1e-6)
-    hidden = after_first_token(lambda n: torch.cat([torch.zeros(1, n, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)], 1))
-    assert not torch.allclose(hidden, causal)
+    only_itself = lambda n: torch.arange(n + 1)[None] == n  # noqa: E731
+    assert not torch.allclose(after_first_token(only_itself), causal)
 
 
 def test_method_limits_follow_the_janus_codebook_and_grid(backend):
