@@ -2,14 +2,16 @@
 in raster order after the prompt, with classifier-free guidance, and the VQ decoder paints them.
 
 The image tab treats it like any image model (``ImageBackend.from_pretrained`` hands a
-folder with a ``layout.json`` to this class); the acceleration methods that apply are the
+folder with a ``layout.json``, or a Janus / Janus-Pro checkpoint (``backends/janus.py``:
+``deepseek-community/Janus-Pro-1B`` or a local folder), to this class); the acceleration methods that apply are the
 AR-image ones (family ``ar-image``: ``sjd``, ``zipar``, ``lantern``), which replace the
 token loop in the plan (``ARImagePlan.decoder``), as text methods replace ``generate``.
 
 Request parameters: ``guidance`` (CFG scale, 1 = no null-prompt row), ``temperature``
 (0 = greedy) and ``top_k`` (0 = every code); ``steps`` has no meaning for a token model
 and is ignored; ``width``/``height`` resize the decoded image (default 64x64, the
-shapes classifier's size; the tokenizer paints 32x32).
+shapes classifier's size, where the tokenizer paints 32x32; Janus-Pro: 384x384, its own).
+Default guidance: 1.5 (the bundled model's), 5 for Janus (its own).
 Result figures (``Result.extra``): tokens, transformer forwards and tokens per forward,
 the work the parallel loops save.
 """
@@ -34,10 +36,25 @@ DEFAULT_TOP_K = 0
 
 
 def is_ar_image_source(source: str) -> bool:
-    """A local folder saved by ``ARImagePipeline.save_pretrained``."""
+    """A local folder saved by ``ARImagePipeline.save_pretrained``, or a Janus checkpoint
+    (a hub id naming Janus, or a folder whose config.json says ``model_type: janus``)."""
     from pathlib import Path
 
-    return (Path(source) / "layout.json").is_file() and (Path(source) / "transformer").is_dir()
+    from backends.janus import is_janus_source
+
+    if (Path(source) / "layout.json").is_file() and (Path(source) / "transformer").is_dir():
+        return True
+    return is_janus_source(source)
+
+
+def load_ar_pipeline(source: str, dtype: torch.dtype) -> Any:
+    """The bundled layout (``ARImagePipeline``) or Janus through transformers (``JanusPipeline``)."""
+    from backends.janus import JanusPipeline, is_janus_source
+    from backends.tiny.ar_image import ARImagePipeline
+
+    if is_janus_source(source):
+        return JanusPipeline.from_pretrained(source, dtype=dtype)
+    return ARImagePipeline.from_pretrained(source, dtype=dtype)
 
 
 class ARImageBackend(Backend):
@@ -51,11 +68,9 @@ class ARImageBackend(Backend):
 
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "ARImageBackend":
-        from backends.tiny.ar_image import ARImagePipeline
-
         # fp32 on CPU; the codebook lookup and the sampling ratios of the speculative loops
         # want full-precision probabilities, so half precision is only used on accelerators
-        pipe = ARImagePipeline.from_pretrained(source, dtype=dtype)
+        pipe = load_ar_pipeline(source, dtype)
         return cls(model_id, pipe.to(device), device, dtype)
 
     @classmethod
@@ -75,20 +90,23 @@ class ARImageBackend(Backend):
         self.pipe = None
 
     def default_size(self) -> tuple[int, int]:
-        return DEFAULT_SIZE, DEFAULT_SIZE
+        """The bundled model: 64 (the shapes classifier's size); a hub model: its own (Janus-Pro 384)."""
+        return getattr(self.pipe, "default_size", None) or (DEFAULT_SIZE, DEFAULT_SIZE)
 
     def build_plan(self, request: Request) -> ARImagePlan:
         params = request.params
         if params.get("init_image") or params.get("strength") is not None:
             raise ValidationError(f"model '{self.model_id}' writes image tokens from the prompt; it does not take an "
                                   "init image (img2img)")
+        default_guidance = getattr(self.pipe, "default_guidance", DEFAULT_GUIDANCE)
         sampling = ARSampling(
-            guidance=float(params.get("guidance") if params.get("guidance") is not None else DEFAULT_GUIDANCE),
+            guidance=float(params.get("guidance") if params.get("guidance") is not None else default_guidance),
             temperature=float(params.get("temperature") if params.get("temperature") is not None
                               else DEFAULT_TEMPERATURE),
             top_k=int(params.get("top_k") or DEFAULT_TOP_K),
         )
-        size = (int(params.get("height") or DEFAULT_SIZE), int(params.get("width") or DEFAULT_SIZE))
+        default_height, default_width = self.default_size()
+        size = (int(params.get("height") or default_height), int(params.get("width") or default_width))
         plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed)
         plan.notes.extend(self._prompt_notes(request))
         return plan

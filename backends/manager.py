@@ -21,11 +21,14 @@ import torch
 
 from backends.base import Backend
 from backends.catalog import find_bundled, resolve_source
+from backends.janus import HUB_MODELS as JANUS_HUB_MODELS
 from backends.types import MODALITIES, ModelLoadError, StudioError, ValidationError
 
 log = logging.getLogger(__name__)
 
 Factory = Callable[[torch.device, torch.dtype], Backend]
+# hub ids the studio knows the kind of before loading them (the AR image loader's Janus-Pro)
+KNOWN_HUB_MODELS = {hub_id: "image" for hub_id in JANUS_HUB_MODELS}
 
 
 def pick_device(preference: str | None = "auto") -> torch.device:
@@ -116,6 +119,8 @@ class BackendManager:
         entry = find_bundled(model_id)
         if entry is not None:
             found.add(entry.modality)
+        if model_id in KNOWN_HUB_MODELS:
+            found.add(KNOWN_HUB_MODELS[model_id])
         return found
 
     def check_modality(self, modality: str, model_id: str) -> None:

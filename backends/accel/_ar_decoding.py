@@ -60,6 +60,13 @@ def uniform(gen: torch.Generator) -> float:
 class ARSession:
     """One image being written: the pipeline, the prompt prefix, the KV cache, the counters.
 
+    The pipeline is any object with ``layout`` (``prompt_ids(prompt)``, ``null_ids(prompt_ids)``,
+    ``image_tokens``, ``codebook_size``, ``grid``), ``transformer`` (a module: device, dtype)
+    and ``token_logits(ids, position_ids, cache, attention_mask, prefix)`` -> logits over
+    the image codes (rows, n, codebook_size): the bundled ``ARImagePipeline`` (one Llama
+    over one vocabulary) or a hub model's adapter (``backends/janus.py``: text embeddings
+    for the prefix, the generation embeddings and head for image tokens).
+
     ``forward(tokens, positions=None, mask=None)`` appends ``tokens`` to the cache and
     returns the sampling distribution after each of them; ``crop(n)`` keeps the first
     ``n`` cached tokens (speculative loops drop rejected drafts). ``forwards`` counts
@@ -75,8 +82,8 @@ class ARSession:
         self.device = device or next(pipe.transformer.parameters()).device
         self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
         rows = [self.layout.prompt_ids(prompt)]
-        if sampling.uses_cfg:
-            rows.append(self.layout.null_ids())
+        if sampling.uses_cfg:  # the null row has the prompt row's length (Janus: its own pads)
+            rows.append(self.layout.null_ids(rows[0]))
         self.prefix = torch.tensor(rows, device=self.device)
         self.cache = DynamicCache()
         self.forwards = 0
@@ -93,7 +100,7 @@ class ARSession:
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         """Run the prompt prefix; the distribution of the first image token (V,)."""
-        return self._run(self.prefix, None, None)[-1]
+        return self._run(self.prefix, None, None, prefix=True)[-1]
 
     @torch.no_grad()
     def forward(self, tokens: list[int], positions: list[int] | None = None,
@@ -104,22 +111,23 @@ class ARSession:
         ids = torch.tensor([tokens], device=self.device).expand(self.prefix.shape[0], -1)
         return self._run(ids, positions, mask)
 
-    def _run(self, ids: torch.Tensor, positions: list[int] | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, positions: list[int] | None, mask: torch.Tensor | None,
+             prefix: bool = False) -> torch.Tensor:
         n = ids.shape[1]
         if positions is None:
             pos = torch.arange(self.cached, self.cached + n, device=self.device)
         else:
             pos = torch.tensor(positions, device=self.device) + self.prefix.shape[1]
-        kwargs: dict[str, Any] = {}
+        attention_mask = None
         if mask is not None:  # a 4-D additive mask: transformers uses it as given
             additive = torch.zeros(mask.shape, dtype=self.pipe.transformer.dtype, device=self.device)
             additive.masked_fill_(~mask.to(self.device), torch.finfo(additive.dtype).min)
-            kwargs["attention_mask"] = additive[None, None].expand(ids.shape[0], 1, -1, -1)
-        out = self.pipe.transformer(input_ids=ids, position_ids=pos[None].expand(ids.shape[0], -1),
-                                    past_key_values=self.cache, use_cache=True, **kwargs)
+            attention_mask = additive[None, None].expand(ids.shape[0], 1, -1, -1)
+        logits = self.pipe.token_logits(ids, pos[None].expand(ids.shape[0], -1), self.cache, attention_mask,
+                                        prefix=prefix)
         self.forwards += 1
         self.cached += n
-        return self.sampling.probs(out.logits[..., : self.codebook_size])
+        return self.sampling.probs(logits)
 
     def crop(self, n: int) -> None:
         """Keep the first ``n`` cached tokens (prefix included)."""
@@ -152,6 +160,12 @@ def run_loop(loop: Callable[..., torch.Tensor], pipe: Any, prompt: str, sampling
              seed: int) -> tuple[torch.Tensor, int]:
     session = ARSession(pipe, prompt, sampling, seed)
     return loop(session, None), session.forwards
+
+
+def loaded_layout(backend: Any) -> Any | None:
+    """The token layout of ``backend``'s loaded AR image model (None: not one, or unloaded):
+    where the methods' limits read the codebook size and the grid."""
+    return getattr(getattr(backend, "pipe", None), "layout", None)
 
 
 AR_SLOT = "ar-decoder"  # the token loop of an AR image model: one method replaces it at a time

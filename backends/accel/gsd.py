@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, uniform
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, loaded_layout, uniform
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel.lantern import latent_neighbours
 from backends.accel.sjd import AcceptRule, ARLoopHandle, attach_loop, sjd_loop
 
@@ -76,8 +76,16 @@ class GSDMethod(Method):
                       "as lantern",
     )
 
+    @classmethod
+    def limits(cls, backend: Any) -> Limits:
+        """``k``: at most the codebook less the code itself; ``group``: at most the codebook."""
+        layout = loaded_layout(backend)
+        if layout is None:
+            return Limits()
+        return Limits(ranges={"k": (None, layout.codebook_size - 1), "group": (None, layout.codebook_size)})
+
     def attach(self, backend: Any, plan: Any) -> ARLoopHandle:
         cfg = self.config
-        accept = grouped_accept(latent_neighbours(backend.pipe.vq.codes().detach().cpu(), cfg.k), cfg.group)
+        accept = grouped_accept(latent_neighbours(backend.pipe.codebook_vectors().detach().cpu(), cfg.k), cfg.group)
         return attach_loop(plan, lambda stats: lambda session, progress: sjd_loop(
             session, progress, cfg.window, accept=accept, stats=stats))

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, uniform
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, loaded_layout, uniform
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sjd import AcceptRule, ARLoopHandle, attach_loop, sjd_loop
 from backends.plan import ARImagePlan
 
@@ -33,6 +33,13 @@ def latent_neighbours(codes: torch.Tensor, k: int) -> torch.Tensor:
     sim = unit @ unit.t()
     sim.fill_diagonal_(float("-inf"))
     return sim.topk(min(k, len(codes) - 1), dim=-1).indices
+
+
+def neighbour_limits(backend: Any) -> Limits:
+    """``k`` neighbours: at most the codebook size less the code itself (255 of the bundled
+    model's 256 codes; Janus's 16,384 leave the Config's 1,024)."""
+    layout = loaded_layout(backend)
+    return Limits(ranges={"k": (None, layout.codebook_size - 1)}) if layout is not None else Limits()
 
 
 def relaxed_accept(neighbours: torch.Tensor, delta: float) -> AcceptRule:
@@ -71,8 +78,12 @@ class LanternMethod(Method):
                       "model's 256 codes",
     )
 
+    @classmethod
+    def limits(cls, backend: Any) -> Limits:
+        return neighbour_limits(backend)
+
     def attach(self, backend: Any, plan: ARImagePlan) -> ARLoopHandle:
         cfg = self.config
-        accept = relaxed_accept(latent_neighbours(backend.pipe.vq.codes().detach().cpu(), cfg.k), cfg.delta)
+        accept = relaxed_accept(latent_neighbours(backend.pipe.codebook_vectors().detach().cpu(), cfg.k), cfg.delta)
         return attach_loop(plan, lambda stats: lambda session, progress: sjd_loop(
             session, progress, cfg.window, accept=accept, stats=stats))

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, ARSession, LoopStats, ProgressFn, draw
-from backends.accel.base import Method, MethodConfig, MethodSpec, param, register
+from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, ARSession, LoopStats, ProgressFn, draw, loaded_layout
+from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sjd import ARLoopHandle, attach_loop
 from backends.plan import ARImagePlan
 
@@ -113,6 +113,13 @@ class ZipARMethod(Method):
         config=ZipARConfig,
         slots=(AR_SLOT,),
     )
+
+    @classmethod
+    def limits(cls, backend: Any) -> Limits:
+        """``window``: at most the grid's width (8 for the bundled model, 24 for Janus-Pro's
+        384 px), which is already plain raster order; a wider one would only be the same run."""
+        layout = loaded_layout(backend)
+        return Limits(ranges={"window": (None, layout.grid)}) if layout is not None else Limits()
 
     def attach(self, backend: Any, plan: ARImagePlan) -> ARLoopHandle:
         window = self.config.window

@@ -169,7 +169,8 @@ class TokenLayout:
         unknown = [w for w in words if w not in self.words]
         return list(dict.fromkeys(unknown + [w for w in words[PROMPT_LEN:] if w in self.words]))
 
-    def null_ids(self) -> list[int]:
+    def null_ids(self, prompt_ids: list[int] | None = None) -> list[int]:
+        """The classifier-free guidance row: 8 null tokens whatever the prompt."""
         return [self.null_id] * PROMPT_LEN
 
     def to_dict(self) -> dict:
@@ -220,6 +221,19 @@ class ARImagePipeline:
         self.vq.to(device)
         self.transformer.to(device)
         return self
+
+    def token_logits(self, ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None,
+                     prefix: bool = False) -> torch.Tensor:
+        """Logits over the image codes (rows, n, codebook) after ``ids``: one vocabulary, so the
+        prefix and the image tokens go through the same embedding and head (``ARSession``)."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        out = self.transformer(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                               **kwargs)
+        return out.logits[..., : self.layout.codebook_size]
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """The VQ code vectors (codebook, dim): latent neighbours for lantern and gsd."""
+        return self.vq.codes()
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, size: int | None = None) -> list[Image.Image]:

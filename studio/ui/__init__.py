@@ -94,6 +94,8 @@ def build_app(studio) -> gr.Blocks:
         tabs: dict = {}
         with gr.Tabs() as tabs_component:
             with gr.Tab("Image", id="image"):
+                gr.Markdown("Any diffusers text-to-image pipeline by hub id or local folder (SD, FLUX...), or an "
+                            "autoregressive Janus-Pro (`deepseek-community/Janus-Pro-1B`, `-7B`).")
                 tabs["image"] = build_generation_tab(studio, "image", EXAMPLES["image"])
                 build_stream_section(studio)  # img2img over frames (StreamDiffusion)
             with gr.Tab("Video", id="video"):
