@@ -2,16 +2,18 @@
 in raster order after the prompt, with classifier-free guidance, and the VQ decoder paints them.
 
 The image tab treats it like any image model (``ImageBackend.from_pretrained`` hands a
-folder with a ``layout.json``, or a Janus / Janus-Pro checkpoint (``backends/janus.py``:
-``deepseek-community/Janus-Pro-1B`` or a local folder), to this class); the acceleration methods that apply are the
+folder with a ``layout.json``, a Janus / Janus-Pro checkpoint (``backends/janus.py``:
+``deepseek-community/Janus-Pro-1B`` or a local folder), or an Emu3-Gen one (``backends/emu3.py``:
+``BAAI/Emu3-Gen-hf``), to this class); the acceleration methods that apply are the
 AR-image ones (family ``ar-image``: ``sjd``, ``zipar``, ``lantern``), which replace the
 token loop in the plan (``ARImagePlan.decoder``), as text methods replace ``generate``.
 
 Request parameters: ``guidance`` (CFG scale, 1 = no null-prompt row), ``temperature``
 (0 = greedy) and ``top_k`` (0 = every code); ``steps`` has no meaning for a token model
 and is ignored; ``width``/``height`` resize the decoded image (default 64x64, the
-shapes classifier's size, where the tokenizer paints 32x32; Janus-Pro: 384x384, its own).
-Default guidance: 1.5 (the bundled model's), 5 for Janus (its own).
+shapes classifier's size, where the tokenizer paints 32x32; Janus-Pro: 384x384, its own;
+Emu3-Gen: 720x720). Default guidance: 1.5 (the bundled model's), 5 for Janus, 3 for Emu3 (their own).
+A negative prompt is read by Emu3 (its guidance row); the others say they ignored it.
 Result figures (``Result.extra``): tokens, transformer forwards and tokens per forward,
 the work the parallel loops save.
 """
@@ -36,24 +38,30 @@ DEFAULT_TOP_K = 0
 
 
 def is_ar_image_source(source: str) -> bool:
-    """A local folder saved by ``ARImagePipeline.save_pretrained``, or a Janus checkpoint
-    (a hub id naming Janus, or a folder whose config.json says ``model_type: janus``)."""
+    """A local folder saved by ``ARImagePipeline.save_pretrained``, or a Janus or Emu3-Gen
+    checkpoint (a hub id naming it, or a folder whose config.json says ``model_type: janus``
+    / ``emu3``)."""
     from pathlib import Path
 
+    from backends.emu3 import is_emu3_source
     from backends.janus import is_janus_source
 
     if (Path(source) / "layout.json").is_file() and (Path(source) / "transformer").is_dir():
         return True
-    return is_janus_source(source)
+    return is_janus_source(source) or is_emu3_source(source)
 
 
 def load_ar_pipeline(source: str, dtype: torch.dtype) -> Any:
-    """The bundled layout (``ARImagePipeline``) or Janus through transformers (``JanusPipeline``)."""
+    """The bundled layout (``ARImagePipeline``), or Janus / Emu3 through transformers
+    (``JanusPipeline``, ``Emu3Pipeline``)."""
+    from backends.emu3 import Emu3Pipeline, is_emu3_source
     from backends.janus import JanusPipeline, is_janus_source
     from backends.tiny.ar_image import ARImagePipeline
 
     if is_janus_source(source):
         return JanusPipeline.from_pretrained(source, dtype=dtype)
+    if is_emu3_source(source):
+        return Emu3Pipeline.from_pretrained(source, dtype=dtype)
     return ARImagePipeline.from_pretrained(source, dtype=dtype)
 
 
@@ -107,7 +115,8 @@ class ARImageBackend(Backend):
         )
         default_height, default_width = self.default_size()
         size = (int(params.get("height") or default_height), int(params.get("width") or default_width))
-        plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed)
+        plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed,
+                           negative_prompt=request.negative_prompt or None)
         plan.notes.extend(self._prompt_notes(request))
         return plan
 
@@ -120,12 +129,13 @@ class ARImageBackend(Backend):
         if ignored:
             notes.append(f"'{self.model_id}' ignored the words {', '.join(ignored)}: it reads the first "
                          f"{layout.prompt_len} words of its own vocabulary ({', '.join(layout.words)})")
-        if request.negative_prompt:
+        if request.negative_prompt and not hasattr(layout, "negative_ids"):  # Emu3 reads one
             notes.append(f"'{self.model_id}' has no negative prompt; it was ignored")
         return notes
 
     def generate(self, plan: ARImagePlan, timer: StageTimer, progress: ProgressFn | None) -> Any:
-        session = ARSession(self.pipe, plan.prompt, plan.sampling, plan.seed, self.device)
+        session = ARSession(self.pipe, plan.prompt, plan.sampling, plan.seed, self.device,
+                            negative_prompt=plan.negative_prompt)
         with timer.stage("denoise"):  # the token loop: the stage the methods act on
             tokens = plan.decoder(session, progress)
         with timer.stage("decode"):

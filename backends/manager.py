@@ -21,14 +21,15 @@ import torch
 
 from backends.base import Backend
 from backends.catalog import find_bundled, resolve_source
+from backends.emu3 import HUB_MODELS as EMU3_HUB_MODELS
 from backends.janus import HUB_MODELS as JANUS_HUB_MODELS
 from backends.types import MODALITIES, ModelLoadError, StudioError, ValidationError
 
 log = logging.getLogger(__name__)
 
 Factory = Callable[[torch.device, torch.dtype], Backend]
-# hub ids the studio knows the kind of before loading them (the AR image loader's Janus-Pro)
-KNOWN_HUB_MODELS = {hub_id: "image" for hub_id in JANUS_HUB_MODELS}
+# hub ids the studio knows the kind of before loading them (the AR image loader's Janus-Pro, Emu3-Gen)
+KNOWN_HUB_MODELS = {hub_id: "image" for hub_id in JANUS_HUB_MODELS + EMU3_HUB_MODELS}
 
 
 def pick_device(preference: str | None = "auto") -> torch.device:

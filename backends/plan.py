@@ -107,6 +107,7 @@ class ARImagePlan(RunPlan):
     sampling: Any = None
     decoder: Callable[..., Any] | None = None
     size: tuple[int, int] = (64, 64)
+    negative_prompt: str | None = None  # the guidance row's text, for a model that reads one (Emu3)
 
 
 class Handle(Protocol):

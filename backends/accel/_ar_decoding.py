@@ -73,7 +73,8 @@ class ARSession:
     transformer calls, the work the parallel loops save.
     """
 
-    def __init__(self, pipe: Any, prompt: str, sampling: ARSampling, seed: int, device: torch.device | None = None):
+    def __init__(self, pipe: Any, prompt: str, sampling: ARSampling, seed: int, device: torch.device | None = None,
+                 negative_prompt: str | None = None):
         from transformers import DynamicCache
 
         self.pipe = pipe
@@ -82,12 +83,17 @@ class ARSession:
         self.device = device or next(pipe.transformer.parameters()).device
         self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
         rows = [self.layout.prompt_ids(prompt)]
-        if sampling.uses_cfg:  # the null row has the prompt row's length (Janus: its own pads)
-            rows.append(self.layout.null_ids(rows[0]))
-        self.prefix = torch.tensor(rows, device=self.device)
+        if sampling.uses_cfg:  # Janus: the prompt's length, its own pads; Emu3: a negative prompt's own length
+            rows.append(_null_row(self.layout, rows[0], negative_prompt))
+        width = max(len(row) for row in rows)
+        # rows of different lengths are left-padded; the pads are hidden from every query
+        self.pads = [width - len(row) for row in rows]
+        pad_id = getattr(self.layout, "pad_id", 0)
+        self.prefix = torch.tensor([[pad_id] * pad + row for pad, row in zip(self.pads, rows)], device=self.device)
         self.cache = DynamicCache()
         self.forwards = 0
-        self.cached = 0  # tokens in the cache
+        self.cached = 0  # entries in the cache: prefix tokens and image tokens (an image token's fillers included)
+        self._spans: list[int] = []  # sequence tokens each cached entry holds (1, or 1 + its fillers)
 
     @property
     def n_tokens(self) -> int:
@@ -100,7 +106,12 @@ class ARSession:
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         """Run the prompt prefix; the distribution of the first image token (V,)."""
-        return self._run(self.prefix, None, None, prefix=True)[-1]
+        n = self.prefix.shape[1]
+        positions = torch.arange(n, device=self.device)
+        mask = None
+        if any(self.pads):
+            mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        return self._run(self.prefix, positions, mask, [1] * n, prefix=True)[-1]
 
     @torch.no_grad()
     def forward(self, tokens: list[int], positions: list[int] | None = None,
@@ -108,33 +119,101 @@ class ARSession:
         """Image tokens at raster ``positions`` (default: right after the cache) -> (len, V).
 
         ``mask``: (len, cached + len) booleans, True where a query may attend (default causal)."""
-        ids = torch.tensor([tokens], device=self.device).expand(self.prefix.shape[0], -1)
-        return self._run(ids, positions, mask)
+        start = self.cached - self.prefix.shape[1]  # raster position after the cache (plain and Jacobi loops)
+        raster = positions if positions is not None else list(range(start, start + len(tokens)))
+        ids, offsets, spans = _sequence(self.layout, tokens, raster)
+        seq_pos = torch.tensor(offsets, device=self.device) + self.prefix.shape[1]
+        if mask is not None:
+            mask = _expand_mask(mask.to(self.device), self._spans, spans)
+        elif any(self.pads):
+            n, keys = len(ids), sum(self._spans) + len(ids)
+            mask = torch.ones(n, keys, dtype=torch.bool, device=self.device).tril(keys - n)
+        rows = self.prefix.shape[0]
+        probs = self._run(torch.tensor([ids], device=self.device).expand(rows, -1), seq_pos, mask, spans)
+        last = torch.tensor(spans).cumsum(0) - 1  # each token's last sequence entry: its distribution
+        return probs[last.to(probs.device)] if len(ids) != len(tokens) else probs
 
-    def _run(self, ids: torch.Tensor, positions: list[int] | None, mask: torch.Tensor | None,
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, spans: list[int],
              prefix: bool = False) -> torch.Tensor:
-        n = ids.shape[1]
-        if positions is None:
-            pos = torch.arange(self.cached, self.cached + n, device=self.device)
-        else:
-            pos = torch.tensor(positions, device=self.device) + self.prefix.shape[1]
+        rows = ids.shape[0]
+        pads = torch.tensor(self.pads, device=self.device)
+        pos = (positions[None] - pads[:, None]).clamp_min(0) if any(self.pads) else positions[None].expand(rows, -1)
         attention_mask = None
         if mask is not None:  # a 4-D additive mask: transformers uses it as given
+            if any(self.pads):
+                mask = self._hide_pads(mask, prefix)
             additive = torch.zeros(mask.shape, dtype=self.pipe.transformer.dtype, device=self.device)
-            additive.masked_fill_(~mask.to(self.device), torch.finfo(additive.dtype).min)
-            attention_mask = additive[None, None].expand(ids.shape[0], 1, -1, -1)
-        logits = self.pipe.token_logits(ids, pos[None].expand(ids.shape[0], -1), self.cache, attention_mask,
-                                        prefix=prefix)
+            additive.masked_fill_(~mask, torch.finfo(additive.dtype).min)
+            attention_mask = additive[None, None].expand(rows, 1, -1, -1) if additive.dim() == 2 else additive[:, None]
+        logits = self.pipe.token_logits(ids, pos, self.cache, attention_mask, prefix=prefix)
         self.forwards += 1
-        self.cached += n
+        self.cached += len(spans)
+        self._spans += spans
         return self.sampling.probs(logits)
 
+    def _hide_pads(self, mask: torch.Tensor, prefix: bool) -> torch.Tensor:
+        """(n, keys) -> (rows, n, keys): a padded row's pads are seen by no query but themselves."""
+        mask = mask[None].expand(len(self.pads), -1, -1).clone()
+        for row, pad in enumerate(self.pads):
+            mask[row, :, :pad] = False
+            if prefix and pad:
+                mask[row, :pad, :pad] = torch.eye(pad, dtype=torch.bool, device=self.device)
+        return mask
+
     def crop(self, n: int) -> None:
-        """Keep the first ``n`` cached tokens (prefix included)."""
+        """Keep the first ``n`` cached entries (prefix included; an image token with its fillers)."""
         from backends.accel._decoding import crop_cache
 
-        crop_cache(self.cache, n)
+        crop_cache(self.cache, sum(self._spans[:n]))
+        del self._spans[n:]
         self.cached = n
+
+
+def _null_row(layout: Any, prompt_ids: list[int], negative_prompt: str | None) -> list[int]:
+    """The guidance row: a negative prompt's ids where the layout reads one (Emu3), else the
+    layout's null row for the prompt (the bundled model's, Janus's pads)."""
+    if negative_prompt and hasattr(layout, "negative_ids"):
+        return layout.negative_ids(negative_prompt)
+    return layout.null_ids(prompt_ids)
+
+
+def _sequence(layout: Any, tokens: list[int], raster: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Image tokens at raster positions -> (input ids, sequence offsets after the prefix, entries per token).
+
+    A layout whose model writes tokens of its own between grid tokens (Emu3: an end-of-line
+    after each row) names them with ``fillers(p)`` (what follows raster position ``p``), places
+    a grid token with ``sequence_offset(p)`` and gives the model's own id of a code with
+    ``input_id(code)``; the others (the bundled model, Janus) feed codes at their raster positions."""
+    fillers = getattr(layout, "fillers", None)
+    if fillers is None:
+        return list(tokens), list(raster), [1] * len(tokens)
+    ids, offsets, spans = [], [], []
+    for token, p in zip(tokens, raster):
+        after = fillers(p)
+        start = layout.sequence_offset(p)
+        ids += [layout.input_id(token)] + list(after)
+        offsets += list(range(start, start + 1 + len(after)))
+        spans.append(1 + len(after))
+    return ids, offsets, spans
+
+
+def _expand_mask(mask: torch.Tensor, cached_spans: list[int], spans: list[int]) -> torch.Tensor:
+    """A (tokens, cached + tokens) mask over grid tokens -> the same over sequence entries: an
+    entry's fillers are seen where it is seen; a fed token's fillers see what it sees, and within
+    its own group each entry sees the ones before it (causal)."""
+    if all(s == 1 for s in spans) and all(s == 1 for s in cached_spans):
+        return mask
+    key_spans = torch.tensor(cached_spans + spans, device=mask.device)
+    query_spans = torch.tensor(spans, device=mask.device)
+    out = mask.repeat_interleave(key_spans, dim=1).repeat_interleave(query_spans, dim=0)
+    first_key = sum(cached_spans)
+    row = 0
+    for span in spans:
+        own = torch.ones(span, span, dtype=torch.bool, device=mask.device).tril()
+        out[row:row + span, first_key:first_key + span] = own
+        first_key += span
+        row += span
+    return out
 
 
 def plain_loop(session: ARSession, progress: ProgressFn | None = None) -> torch.Tensor:

@@ -95,7 +95,8 @@ def build_app(studio) -> gr.Blocks:
         with gr.Tabs() as tabs_component:
             with gr.Tab("Image", id="image"):
                 gr.Markdown("Any diffusers text-to-image pipeline by hub id or local folder (SD, FLUX...), or an "
-                            "autoregressive Janus-Pro (`deepseek-community/Janus-Pro-1B`, `-7B`).")
+                            "autoregressive Janus-Pro (`deepseek-community/Janus-Pro-1B`, `-7B`) or Emu3-Gen "
+                            "(`BAAI/Emu3-Gen-hf`).")
                 tabs["image"] = build_generation_tab(studio, "image", EXAMPLES["image"])
                 build_stream_section(studio)  # img2img over frames (StreamDiffusion)
             with gr.Tab("Video", id="video"):

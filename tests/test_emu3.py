@@ -1,0 +1,261 @@
+"""Emu3-Gen as an AR image model (``backends/emu3.py``): a tiny random Emu3 built from configs
+(as transformers' own tests build theirs) with an offline tokenizer and processor, saved to a
+folder and loaded through the studio's path; checked against transformers' own ``generate``
+run as its Emu3 docs run image generation (prefix constraints, image-size header, CFG with a
+negative prompt), and with every AR-image method across the end-of-line tokens that split
+Emu3's grid in the sequence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backends.types import MethodChoice, Request, ValidationError
+
+PROMPT = "a red circle at top left on white"
+NEGATIVE = "lowres blurry"
+WORDS = "a red green blue yellow circle square triangle at top bottom left right center on white black lowres blurry".split()
+SPECIALS = ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<image>", "<|image start|>", "<|image end|>",
+            "<|image token|>", "<|extra_200|>", "<|extra_201|>", "<pad>"]
+GRID, CODES = 6, 48  # 36 codes in 6 rows of 6 (+ 6 end-of-lines) from a 48-code VQ (Emu3-Gen: 90 x 90 of 32,768)
+GUIDANCE = 3.0
+
+
+def build_tiny_emu3(folder) -> None:
+    """A random-weight Emu3 (2-layer text model 32 wide, 2-level VQ) and its processor, saved in
+    transformers format: what ``BAAI/Emu3-Gen-hf`` is, small. The processor's generation area
+    (6 x 8 px a side: a 6x6 grid) goes in its processor_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
+                              PreTrainedTokenizerFast)
+
+    visual = [f"<|visual token{i:06d}|>" for i in range(CODES)]
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS + list("0123456789*,.") + visual)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([  # "6*6" -> 6 * 6, as Emu3's BPE splits the size header
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|extra_203|>", eos_token="<|extra_204|>", pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+                              "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"})
+    special = {"pad_token_id": vocab["<pad>"], "bos_token_id": vocab["<|extra_203|>"],
+               "eos_token_id": vocab["<|extra_204|>"]}
+    config = Emu3Config(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, **special},
+        vq_config={"codebook_size": CODES, "embed_dim": 8, "latent_channels": 8, "base_channels": 32,
+                   "channel_multiplier": [1, 1], "num_res_blocks": 1, "attn_resolutions": [], "hidden_size": 32,
+                   "temporal_downsample_factor": 1},
+        vocabulary_map=vocab)
+    torch.manual_seed(0)
+    model = Emu3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # weights 10x the 0.02-std init: varied, peaked distributions (see test_janus)
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and name.startswith(("model.text_model", "lm_head")):
+                weight.mul_(10.0)
+    model.save_pretrained(folder)
+    processor = Emu3Processor(image_processor=Emu3ImageProcessor(min_pixels=8 * 8, max_pixels=64 * 64),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    saved = folder / "processor_config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "image_area": (8 * GRID) ** 2}))
+
+
+@pytest.fixture(scope="module")
+def emu3_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("emu3") / "tiny-emu3"
+    build_tiny_emu3(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backend(emu3_dir):
+    """Loaded the way the studio loads a folder typed as the model id."""
+    from backends.manager import BackendManager
+
+    return BackendManager(device="cpu").get("image", str(emu3_dir))
+
+
+def _run(backend, methods=(), seed=3, **params):
+    request = Request("image", backend.model_id, PROMPT, seed=seed, negative_prompt=NEGATIVE,
+                      params={"guidance": GUIDANCE, **params}, methods=[MethodChoice(name, p) for name, p in methods])
+    return backend.run(request)
+
+
+def _tokens(backend, loop, seed=0, temperature=0.0):
+    from backends.accel._ar_decoding import ARSampling, ARSession
+
+    session = ARSession(backend.pipe, PROMPT, ARSampling(guidance=GUIDANCE, temperature=temperature), seed,
+                        negative_prompt=NEGATIVE)
+    return loop(session, None), session.forwards
+
+
+# -- recognition and loading --------------------------------------------------------------------
+def test_emu3_sources_are_recognised_and_the_hub_id_fails_offline_in_one_line(emu3_dir, tmp_path):
+    from backends.ar_image import is_ar_image_source
+    from backends.emu3 import HUB_MODELS, is_emu3_source
+    from backends.manager import BackendManager
+    from backends.types import ModelLoadError
+
+    assert all(is_ar_image_source(hub_id) for hub_id in HUB_MODELS) and is_ar_image_source(str(emu3_dir))
+    assert not is_emu3_source("BAAI/Emu3-Chat-hf") and not is_emu3_source("stabilityai/sd-turbo")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert not is_emu3_source(str(tmp_path))
+    with pytest.raises(ModelLoadError) as err:  # conftest sets HF_HUB_OFFLINE: no hub here
+        BackendManager(device="cpu").get("image", HUB_MODELS[0])
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message and "local folder" in message
+    with pytest.raises(ModelLoadError, match="is an image model: choose it in the Image tab"):
+        BackendManager(device="cpu").get("video", HUB_MODELS[0])
+
+
+def test_the_studio_paints_emu3_images_of_the_requested_size_with_every_method(emu3_dir, studio_factory):
+    studio = studio_factory()
+    model_id = str(emu3_dir)
+    for methods in ([], [MethodChoice("sjd", {"window": 8})], [MethodChoice("lantern", {"k": 8})],
+                    [MethodChoice("zipar", {"window": 2})], [MethodChoice("gsd", {"k": 8, "group": 4})]):
+        outcome = studio.generate(Request("image", model_id, PROMPT, seed=1, methods=methods, negative_prompt=NEGATIVE,
+                                          params={"width": 40, "height": 32, "guidance": GUIDANCE}))
+        assert outcome.result.output.size == (40, 32) and np.asarray(outcome.result.output).std() > 0
+        assert outcome.result.extra["tokens"] == GRID * GRID
+        assert not any("negative prompt" in note for note in outcome.result.notes)  # Emu3 reads it
+    rows = studio.history.query(limit=5)
+    assert [r.methods[0]["name"] for r in rows[:4]][::-1] == ["sjd", "lantern", "zipar", "gsd"]
+    assert all(r.status == "ok" for r in rows)
+    backend = studio.manager.get("image", model_id)
+    assert backend.family == "ar-image" and backend.default_size() == (2 * GRID, 2 * GRID)
+    assert _run(backend).output.size == (2 * GRID, 2 * GRID)  # no size asked: the model's own
+
+
+# -- the same model as transformers' own loop -------------------------------------------------
+def _their_image_tokens(pipe, negative_ids):
+    """transformers' ``generate`` as its Emu3 docs generate an image: the processor's image
+    header, a prefix constraint (visual tokens, an end-of-line after each row, then end of
+    frame, image and text) and classifier-free guidance against a negative prompt."""
+    layout, tokenizer = pipe.layout, pipe.processor.tokenizer
+    inputs = pipe.processor(text=PROMPT, return_for_image_generation=True, image_area=layout.image_area,
+                            return_tensors="pt")
+    height, width = inputs.pop("image_sizes")[0]
+    visual = pipe.model.vocabulary_mapping.image_tokens
+    after_row = (width + 1) * height
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - int(torch.nonzero(input_ids == tokenizer.image_wrapper_token_id)[0, 0])
+        if offset % (width + 1) == 0:
+            return (layout.eol_id,)
+        closing = {after_row + 1: tokenizer.eof_token_id, after_row + 2: tokenizer.eoi_token_id,
+                   after_row + 3: tokenizer.eos_token_id}
+        return (closing.get(offset, tokenizer.pad_token_id),) if offset > after_row else visual
+
+    out = pipe.model.generate(**inputs, max_new_tokens=after_row + 3, prefix_allowed_tokens_fn=allowed,
+                              do_sample=False, guidance_scale=GUIDANCE, negative_prompt_ids=torch.tensor([negative_ids]))
+    return inputs["input_ids"], out[:, inputs["input_ids"].shape[1]:], (height, width)
+
+
+def test_greedy_plain_loop_writes_transformers_own_image_tokens(backend):
+    """Ours (one batch of two left-padded rows over a DynamicCache, end-of-lines fed by the
+    session, logits read at the visual tokens) against transformers' own loop (unbatched
+    negative-prompt CFG, prefix constraint), greedy at the same guidance."""
+    from backends.accel._ar_decoding import plain_loop
+
+    pipe, layout = backend.pipe, backend.pipe.layout
+    negative_ids = layout.negative_ids(NEGATIVE)
+    prompt_ids, theirs, (height, width) = _their_image_tokens(pipe, negative_ids)
+    assert prompt_ids[0].tolist() == layout.prompt_ids(PROMPT) and (height, width) == (GRID, GRID)
+    assert len(negative_ids) != len(prompt_ids[0])  # the rows differ in length: the pads are exercised
+    rows = theirs[0, :-3].view(GRID, GRID + 1)
+    assert set(rows[:, -1].tolist()) == {layout.eol_id}  # a row of codes, then its end-of-line
+    codes = pipe.model.vocabulary_mapping.convert_bpe2img(rows).flatten()
+    ours, forwards = _tokens(backend, plain_loop)
+    assert len(set(codes.tolist())) > 3  # not a constant image
+    assert torch.equal(ours[0], codes.long()) and forwards == GRID * GRID
+    # pixels: transformers' own decode and the image processor's postprocess paint what ours does
+    image = pipe.model.decode_image_tokens(image_tokens=theirs, height=height, width=width)
+    library = pipe.processor.postprocess(list(image.float()), return_tensors="PIL.Image.Image")
+    assert np.array_equal(np.asarray(pipe.decode(ours)[0]), np.asarray(library["pixel_values"][0]))
+
+
+def test_the_requests_negative_prompt_is_the_guidance_row(backend):
+    """The studio's run reads the request's negative prompt (Emu3's own when none is given)."""
+    from backends.accel._ar_decoding import plain_loop
+
+    asked = np.asarray(_run(backend, temperature=0.0).output)
+    ours, _ = _tokens(backend, plain_loop)
+    assert np.array_equal(asked, np.asarray(backend.pipe.decode(ours)[0]))
+    request = Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE, "temperature": 0.0})
+    assert not np.array_equal(np.asarray(backend.run(request).output), asked)
+
+
+def test_sjd_is_exact_under_greedy_decoding_on_emu3(backend):
+    from backends.accel._ar_decoding import plain_loop
+    from backends.accel.sjd import sjd_loop
+
+    for seed in (0, 1):
+        plain, _ = _tokens(backend, plain_loop, seed)
+        sjd, forwards = _tokens(backend, lambda s, p: sjd_loop(s, p, 8), seed)
+        assert torch.equal(plain, sjd) and forwards < GRID * GRID
+
+
+def test_zipar_with_a_row_wide_window_is_raster_order_across_the_end_of_lines(backend):
+    """ZipAR feeds stand-in queries at raster positions under a 4-D mask: on Emu3 the session
+    places them past the end-of-lines and widens the mask over them; with a window of a whole
+    row it must write plain decoding's tokens."""
+    from backends.accel._ar_decoding import plain_loop
+    from backends.accel.zipar import LoopStats, zipar_loop
+
+    plain, _ = _tokens(backend, plain_loop)
+    raster, forwards = _tokens(backend, lambda s, p: zipar_loop(s, p, GRID, LoopStats()))
+    assert torch.equal(plain, raster) and forwards == GRID * GRID
+    _, rows = _tokens(backend, lambda s, p: zipar_loop(s, p, 2, LoopStats()))
+    assert rows == (GRID - 1) * 2 + GRID  # a row starts once the one above leads by 2
+
+
+# -- removal, work done, limits -----------------------------------------------------------------
+@pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("lantern", {"k": 8, "delta": 0.3}),
+                                    ("zipar", {"window": 2}), ("gsd", {"k": 8, "group": 4})])
+def test_removing_a_method_restores_the_emu3_baseline_bit_identically(backend, method):
+    from backends.accel._ar_decoding import plain_loop
+
+    before = _run(backend, temperature=1.0)
+    accelerated = _run(backend, [method], temperature=1.0)
+    after = _run(backend, temperature=1.0)
+    assert np.array_equal(np.asarray(before.output), np.asarray(after.output))
+    assert accelerated.method_stats[method[0]]["tokens"] == GRID * GRID
+    assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+
+
+def test_lantern_and_gsd_take_fewer_forwards_than_sjd_on_emu3(backend):
+    from backends.accel._ar_decoding import plain_loop
+    from backends.accel.gsd import grouped_accept
+    from backends.accel.lantern import latent_neighbours, relaxed_accept
+    from backends.accel.sjd import sjd_loop
+
+    neighbours = latent_neighbours(backend.pipe.codebook_vectors().detach(), 8)
+    forwards = {"plain": 0, "sjd": 0, "lantern": 0, "gsd": 0}
+    for seed in range(3):
+        forwards["plain"] += _tokens(backend, plain_loop, seed, 1.0)[1]
+        forwards["sjd"] += _tokens(backend, lambda s, p: sjd_loop(s, p, 8), seed, 1.0)[1]
+        forwards["lantern"] += _tokens(backend, lambda s, p: sjd_loop(
+            s, p, 8, accept=relaxed_accept(neighbours, 0.5)), seed, 1.0)[1]
+        forwards["gsd"] += _tokens(backend, lambda s, p: sjd_loop(
+            s, p, 8, accept=grouped_accept(neighbours, 8)), seed, 1.0)[1]
+    assert forwards["lantern"] < forwards["sjd"] <= forwards["plain"] == 3 * GRID * GRID
+    assert forwards["gsd"] < forwards["sjd"]
+
+
+def test_method_limits_follow_the_emu3_codebook_and_grid(backend):
+    from backends.accel.base import get_method
+
+    lantern, gsd, zipar = (get_method(name).limits(backend) for name in ("lantern", "gsd", "zipar"))
+    assert lantern.bounds("k", {}) == (None, CODES - 1) and gsd.bounds("group", {}) == (None, CODES)
+    assert zipar.bounds("window", {}) == (None, GRID)
+    for method in (("lantern", {"k": CODES}), ("zipar", {"window": GRID + 1})):
+        with pytest.raises(ValidationError, match="must be") as err:
+            _run(backend, [method])
+        assert "\n" not in str(err.value)
+    assert _run(backend, [("zipar", {"window": GRID})]).method_stats["zipar"]["tokens"] == GRID * GRID
