@@ -215,6 +215,23 @@ def test_zipar_with_a_row_wide_window_is_raster_order_across_the_end_of_lines(ba
     assert rows == (GRID - 1) * 2 + GRID  # a row starts once the one above leads by 2
 
 
+def test_a_grid_mask_over_a_row_end_is_widened_to_the_causal_sequence_mask(backend):
+    """Tokens fed with their raster positions and a causal mask over grid tokens (as ZipAR
+    feeds them) get the distributions the plain feed gets: the session places them past the
+    end-of-lines, and the mask lets each end-of-line be seen by what comes after it only."""
+    from backends.accel._ar_decoding import ARSampling, ARSession, plain_loop
+
+    tokens = _tokens(backend, plain_loop)[0][0, :GRID + 3].tolist()  # across the first row's end
+    outputs = []
+    for masked in (False, True):
+        session = ARSession(backend.pipe, PROMPT, ARSampling(guidance=GUIDANCE), seed=0, negative_prompt=NEGATIVE)
+        session.prefill()
+        n, cached = len(tokens), session.cached
+        mask = torch.ones(n, cached + n, dtype=torch.bool).tril(cached) if masked else None
+        outputs.append(session.forward(tokens, positions=list(range(n)) if masked else None, mask=mask))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
 # -- removal, work done, limits -----------------------------------------------------------------
 @pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("lantern", {"k": 8, "delta": 0.3}),
                                     ("zipar", {"window": 2}), ("gsd", {"k": 8, "group": 4})])
