@@ -65,12 +65,23 @@ class ARSession:
     and ``token_logits(ids, position_ids, cache, attention_mask, prefix)`` -> logits over
     the image codes (rows, n, codebook_size): the bundled ``ARImagePipeline`` (one Llama
     over one vocabulary) or a hub model's adapter (``backends/janus.py``: text embeddings
-    for the prefix, the generation embeddings and head for image tokens).
+    for the prefix, the generation embeddings and head for image tokens; ``backends/emu3.py``).
 
     ``forward(tokens, positions=None, mask=None)`` appends ``tokens`` to the cache and
     returns the sampling distribution after each of them; ``crop(n)`` keeps the first
-    ``n`` cached tokens (speculative loops drop rejected drafts). ``forwards`` counts
+    ``n`` cache entries (speculative loops drop rejected drafts). ``forwards`` counts
     transformer calls, the work the parallel loops save.
+
+    The loops speak of the grid only: raster positions, one cache entry per token, masks
+    over tokens. Two things a hub model may need are mapped here, so that every loop runs
+    unchanged: (1) a model that writes tokens of its own between grid tokens (Emu3: an
+    end-of-line after each row) has a layout with ``fillers``/``sequence_offset``/``input_id``;
+    a token is fed with its fillers, placed at its sequence position, counted as one cache
+    entry of 1 + fillers tokens, read off its last filler's output, and a mask over tokens is
+    widened over the fillers (``_sequence``, ``_expand_mask``); (2) guidance rows of different
+    lengths (Emu3's negative prompt) are left-padded, each row's positions start at its first
+    real token and the pads are hidden from every query. For the bundled model and Janus
+    (no fillers, rows of one length) both are the identity: the same calls as before.
     """
 
     def __init__(self, pipe: Any, prompt: str, sampling: ARSampling, seed: int, device: torch.device | None = None,
@@ -94,6 +105,7 @@ class ARSession:
         self.forwards = 0
         self.cached = 0  # entries in the cache: prefix tokens and image tokens (an image token's fillers included)
         self._spans: list[int] = []  # sequence tokens each cached entry holds (1, or 1 + its fillers)
+        self._ends: list[int] = []  # the cache's sequence length after each entry (crop reads it)
 
     @property
     def n_tokens(self) -> int:
@@ -124,9 +136,11 @@ class ARSession:
         ids, offsets, spans = _sequence(self.layout, tokens, raster)
         seq_pos = torch.tensor(offsets, device=self.device) + self.prefix.shape[1]
         if mask is not None:
-            mask = _expand_mask(mask.to(self.device), self._spans, spans)
+            mask = mask.to(self.device)
+            if hasattr(self.layout, "fillers"):
+                mask = _expand_mask(mask, self._spans, spans)
         elif any(self.pads):
-            n, keys = len(ids), sum(self._spans) + len(ids)
+            n, keys = len(ids), self._sequence_length(self.cached) + len(ids)
             mask = torch.ones(n, keys, dtype=torch.bool, device=self.device).tril(keys - n)
         rows = self.prefix.shape[0]
         probs = self._run(torch.tensor([ids], device=self.device).expand(rows, -1), seq_pos, mask, spans)
@@ -149,6 +163,8 @@ class ARSession:
         self.forwards += 1
         self.cached += len(spans)
         self._spans += spans
+        for span in spans:
+            self._ends.append(self._sequence_length(len(self._ends)) + span)
         return self.sampling.probs(logits)
 
     def _hide_pads(self, mask: torch.Tensor, prefix: bool) -> torch.Tensor:
@@ -164,9 +180,13 @@ class ARSession:
         """Keep the first ``n`` cached entries (prefix included; an image token with its fillers)."""
         from backends.accel._decoding import crop_cache
 
-        crop_cache(self.cache, sum(self._spans[:n]))
-        del self._spans[n:]
+        crop_cache(self.cache, self._sequence_length(n))
+        del self._spans[n:], self._ends[n:]
         self.cached = n
+
+    def _sequence_length(self, entries: int) -> int:
+        """Sequence tokens in the first ``entries`` cache entries."""
+        return self._ends[entries - 1] if entries else 0
 
 
 def _null_row(layout: Any, prompt_ids: list[int], negative_prompt: str | None) -> list[int]:
