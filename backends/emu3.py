@@ -148,6 +148,8 @@ class Emu3Pipeline:
                                  _generation_side(processor, area), area,
                                  tuple(int(img2bpe[code]) for code in range(codebook)))
         self._code_rows = torch.tensor(self.layout.code_ids)
+        first = self.layout.code_ids[0]
+        self._code_run = self.layout.code_ids == tuple(range(first, first + codebook))  # one ascending run of ids
 
     @classmethod
     def from_pretrained(cls, source: str, dtype: torch.dtype = torch.float32) -> "Emu3Pipeline":
@@ -177,8 +179,15 @@ class Emu3Pipeline:
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
         out = self.model.model.text_model(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True,
                                           **kwargs)
-        rows = self._code_rows.to(ids.device)
-        return torch.nn.functional.linear(out.last_hidden_state, self.model.lm_head.weight[rows])
+        return torch.nn.functional.linear(out.last_hidden_state, self._code_head())
+
+    def _code_head(self) -> torch.Tensor:
+        """``lm_head``'s rows of the visual tokens, in code order: a view when they are one
+        ascending run of ids (Emu3-Gen's 32,768 are), else a gather."""
+        weight, ids = self.model.lm_head.weight, self.layout.code_ids
+        if self._code_run:
+            return weight[ids[0]:ids[0] + len(ids)]
+        return weight[self._code_rows.to(weight.device)]
 
     def codebook_vectors(self) -> torch.Tensor:
         """The VQ code vectors (32,768 x 4 for Emu3): latent neighbours for lantern and gsd."""

@@ -174,6 +174,7 @@ def test_greedy_plain_loop_writes_transformers_own_image_tokens(backend):
     ours, forwards = _tokens(backend, plain_loop)
     assert len(set(codes.tolist())) > 3  # not a constant image
     assert torch.equal(ours[0], codes.long()) and forwards == GRID * GRID
+    assert torch.equal(pipe._code_head(), pipe.model.lm_head.weight[list(layout.code_ids)])  # the visual rows
     # pixels: transformers' own decode and the image processor's postprocess paint what ours does
     image = pipe.model.decode_image_tokens(image_tokens=theirs, height=height, width=width)
     library = pipe.processor.postprocess(list(image.float()), return_tensors="PIL.Image.Image")
