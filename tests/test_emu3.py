@@ -87,11 +87,11 @@ def _run(backend, methods=(), seed=3, **params):
     return backend.run(request)
 
 
-def _tokens(backend, loop, seed=0, temperature=0.0):
+def _tokens(backend, loop, seed=0, temperature=0.0, negative=NEGATIVE):
     from backends.accel._ar_decoding import ARSampling, ARSession
 
     session = ARSession(backend.pipe, PROMPT, ARSampling(guidance=GUIDANCE, temperature=temperature), seed,
-                        negative_prompt=NEGATIVE)
+                        negative_prompt=negative)
     return loop(session, None), session.forwards
 
 
@@ -157,21 +157,22 @@ def _their_image_tokens(pipe, negative_ids):
     return inputs["input_ids"], out[:, inputs["input_ids"].shape[1]:], (height, width)
 
 
-def test_greedy_plain_loop_writes_transformers_own_image_tokens(backend):
+@pytest.mark.parametrize("negative", [NEGATIVE, None])  # shorter than the prompt; Emu3's own, longer
+def test_greedy_plain_loop_writes_transformers_own_image_tokens(backend, negative):
     """Ours (one batch of two left-padded rows over a DynamicCache, end-of-lines fed by the
     session, logits read at the visual tokens) against transformers' own loop (unbatched
     negative-prompt CFG, prefix constraint), greedy at the same guidance."""
     from backends.accel._ar_decoding import plain_loop
 
     pipe, layout = backend.pipe, backend.pipe.layout
-    negative_ids = layout.negative_ids(NEGATIVE)
+    negative_ids = layout.negative_ids(negative) if negative else layout.null_ids()
     prompt_ids, theirs, (height, width) = _their_image_tokens(pipe, negative_ids)
     assert prompt_ids[0].tolist() == layout.prompt_ids(PROMPT) and (height, width) == (GRID, GRID)
     assert len(negative_ids) != len(prompt_ids[0])  # the rows differ in length: the pads are exercised
     rows = theirs[0, :-3].view(GRID, GRID + 1)
     assert set(rows[:, -1].tolist()) == {layout.eol_id}  # a row of codes, then its end-of-line
     codes = pipe.model.vocabulary_mapping.convert_bpe2img(rows).flatten()
-    ours, forwards = _tokens(backend, plain_loop)
+    ours, forwards = _tokens(backend, plain_loop, negative=negative)
     assert len(set(codes.tolist())) > 3  # not a constant image
     assert torch.equal(ours[0], codes.long()) and forwards == GRID * GRID
     assert torch.equal(pipe._code_head(), pipe.model.lm_head.weight[list(layout.code_ids)])  # the visual rows
