@@ -228,3 +228,45 @@ def test_studio_compare_history_and_presets_take_the_ar_model(studio_factory):
     assert rows["zipar(window=8)"]["model_evals"] == 64 >= rows["sjd(window=8)"]["model_evals"]
     studio.presets.save(Preset("ar-fast", "image", "dummy-ar", {"guidance": 3.0}, [MethodChoice("sjd", {"window": 8})]))
     assert studio.presets.get("ar-fast").methods[0].name == "sjd"
+
+
+# -- review fixes: devices, guidance <= 1, neighbour cache, cache keyword ------------------------
+class _AcceleratorTensor(torch.Tensor):
+    """A CPU tensor that says it lives on an accelerator: what a CUDA model's logits are to
+    ``ARSession`` on a machine without one (the ops still run here; ``.cpu()`` drops the guise)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+class _OnAccelerator:
+    """The tiny pipeline, its logits handed back as if from an accelerator."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def token_logits(self, *args, **kwargs):
+        return self._pipe.token_logits(*args, **kwargs).as_subclass(_AcceleratorTensor)
+
+
+def test_session_hands_the_loops_cpu_probabilities_whatever_the_models_device(pipe):
+    """The loops draw with a CPU ``torch.Generator`` (seeds mean the same image on every
+    device) and mix in CPU tensors (sjd's uniform q, the latent neighbours): the session's
+    probabilities must be on the CPU, also when the model runs on CUDA."""
+    from backends.accel._ar_decoding import ARSession
+
+    sampling = ARSampling(guidance=3.0, temperature=1.0)
+    session = ARSession(_OnAccelerator(pipe), PROMPT, sampling, seed=0)
+    first = session.prefill()
+    assert first.device.type == "cpu" and first.dtype == torch.float32
+    assert session.forward([int(first.argmax())]).device.type == "cpu"
+    on_cpu, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), pipe, PROMPT, sampling, 0)
+    disguised, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), _OnAccelerator(pipe), PROMPT, sampling, 0)
+    assert torch.equal(on_cpu, disguised)

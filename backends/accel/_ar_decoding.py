@@ -68,7 +68,7 @@ class ARSession:
     for the prefix, the generation embeddings and head for image tokens).
 
     ``forward(tokens, positions=None, mask=None)`` appends ``tokens`` to the cache and
-    returns the sampling distribution after each of them; ``crop(n)`` keeps the first
+    returns the sampling distribution after each of them (float32, on the CPU); ``crop(n)`` keeps the first
     ``n`` cached tokens (speculative loops drop rejected drafts). ``forwards`` counts
     transformer calls, the work the parallel loops save.
     """
@@ -127,7 +127,9 @@ class ARSession:
                                         prefix=prefix)
         self.forwards += 1
         self.cached += n
-        return self.sampling.probs(logits)
+        # on the CPU whatever the model's device: the loops draw with the CPU generator (a
+        # seed is one image on every device) and mix in CPU tensors (sjd's q, the neighbours)
+        return self.sampling.probs(logits).float().cpu()
 
     def crop(self, n: int) -> None:
         """Keep the first ``n`` cached tokens (prefix included)."""
