@@ -7,7 +7,7 @@ folder with a ``layout.json``, or a Janus / Janus-Pro checkpoint (``backends/jan
 AR-image ones (family ``ar-image``: ``sjd``, ``zipar``, ``lantern``), which replace the
 token loop in the plan (``ARImagePlan.decoder``), as text methods replace ``generate``.
 
-Request parameters: ``guidance`` (CFG scale, 1 = no null-prompt row), ``temperature``
+Request parameters: ``guidance`` (CFG scale, 1 or less = no null-prompt row), ``temperature``
 (0 = greedy) and ``top_k`` (0 = every code); ``steps`` has no meaning for a token model
 and is ignored; ``width``/``height`` resize the decoded image (default 64x64, the
 shapes classifier's size, where the tokenizer paints 32x32; Janus-Pro: 384x384, its own).

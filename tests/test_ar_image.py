@@ -270,3 +270,17 @@ def test_session_hands_the_loops_cpu_probabilities_whatever_the_models_device(pi
     on_cpu, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), pipe, PROMPT, sampling, 0)
     disguised, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), _OnAccelerator(pipe), PROMPT, sampling, 0)
     assert torch.equal(on_cpu, disguised)
+
+
+def test_guidance_of_one_or_less_runs_one_row_and_reads_the_prompt(pipe):
+    """As the Image tab says ("1 or less runs one pass") and as transformers applies CFG
+    (only above 1): guidance 0 or 0.5 is no guidance, not a mix that drops the prompt."""
+    from backends.accel._ar_decoding import ARSession
+
+    for guidance in (0.0, 0.5, 1.0):
+        assert ARSession(pipe, PROMPT, ARSampling(guidance=guidance), seed=0).prefix.shape[0] == 1
+    assert ARSession(pipe, PROMPT, ARSampling(guidance=1.5), seed=0).prefix.shape[0] == 2
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    one = _pixels(_run(backend, guidance=1.0))
+    assert np.array_equal(_pixels(_run(backend, guidance=0.5)), one)
+    assert np.array_equal(_pixels(_run(backend, guidance=0.0)), one)

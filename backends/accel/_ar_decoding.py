@@ -33,7 +33,9 @@ class ARSampling:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.guidance != 1.0
+        """Guidance above 1 only, as transformers applies CFG and as the Image tab says ("1 or
+        less runs one pass"): below 1 the mix would push away from the prompt, at 0 drop it."""
+        return self.guidance > 1.0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (rows, n, V) of the cond [and uncond] rows -> probabilities (n, V)."""
