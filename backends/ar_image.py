@@ -81,7 +81,13 @@ class ARImageBackend(Backend):
 
     @property
     def denoiser(self) -> torch.nn.Module | None:
-        return self.pipe.transformer if self.pipe is not None else None
+        """The module called once per forward (evaluations are counted and a cancel checked
+        on its forward): the pipeline's ``denoiser`` where the module it calls is not its
+        ``transformer`` (Janus: the language model inside the whole model)."""
+        if self.pipe is None:
+            return None
+        denoiser = getattr(self.pipe, "denoiser", None)  # a module's truth is its length, if it has one
+        return denoiser if denoiser is not None else self.pipe.transformer
 
     def memory_bytes(self) -> int:
         return module_bytes(self.pipe.transformer, self.pipe.vq) if self.pipe is not None else 0

@@ -100,13 +100,17 @@ def _special_ids(model: Any, processor: Any) -> tuple[int | None, int, int]:
 class JanusPipeline:
     """A ``JanusForConditionalGeneration`` + ``JanusProcessor`` seen as the studio's AR image
     pipeline (``ARImagePipeline``'s interface: ``layout``, ``transformer``, ``vq``,
-    ``token_logits``, ``codebook_vectors``, ``decode``, ``to``)."""
+    ``token_logits``, ``codebook_vectors``, ``decode``, ``to``), plus ``denoiser``: the
+    language model, the module ``token_logits`` calls."""
 
     default_guidance = DEFAULT_GUIDANCE
 
     def __init__(self, model: Any, processor: Any):
         self.model = model.eval()
         self.transformer = self.model  # device, dtype and the size the studio reports
+        # the module each forward calls (``token_logits``): where evaluations are counted and a
+        # cancel or time limit is checked (the whole model's own forward never runs)
+        self.denoiser = self.model.model.language_model
         self.vq = self.model.model.vqmodel
         self.processor = processor
         bos, pad, boi = _special_ids(self.model, processor)

@@ -245,3 +245,35 @@ def test_method_limits_follow_the_janus_codebook_and_grid(backend):
         _run(backend, [("lantern", {"k": CODES})])
     assert "\n" not in str(err.value)
     assert _run(backend, [("lantern", {"k": CODES - 1})]).method_stats["lantern"]["tokens"] == GRID * GRID
+
+
+# -- review fixes: evaluations counted, cancel without progress, recommended settings, format ----
+def test_janus_runs_count_each_language_model_forward_as_a_model_evaluation(backend):
+    plain = _run(backend)
+    assert plain.model_evals == plain.extra["transformer_forwards"] == GRID * GRID
+    fast = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
+    assert fast.model_evals == fast.method_stats["sjd"]["transformer_forwards"] < GRID * GRID
+
+
+def test_a_cancel_stops_a_janus_run_at_the_next_forward_without_a_progress_callback(backend):
+    """The API's /run passes no progress callback: the check before every forward of the
+    module actually called (the language model) is what stops it."""
+    from backends.control import CancelToken, RunCancelled
+
+    before = _run(backend)
+    token, calls = CancelToken(), []
+
+    def cancel_after_three(*_args) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            token.cancel("test")
+
+    handle = backend.pipe.model.model.language_model.register_forward_pre_hook(cancel_after_three)
+    try:
+        with pytest.raises(RunCancelled):
+            backend.run(Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}),
+                        cancel=token)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
