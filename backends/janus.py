@@ -148,8 +148,7 @@ class JanusPipeline:
         else:
             embeds = self.model.prepare_embeddings_for_image_generation(ids)
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        out = self.model.model.language_model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache,
-                                              use_cache=True, **kwargs)
+        out = self.denoiser(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
         return self.model.model.generation_head(out.last_hidden_state)
 
     def codebook_vectors(self) -> torch.Tensor:

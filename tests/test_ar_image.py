@@ -284,3 +284,15 @@ def test_guidance_of_one_or_less_runs_one_row_and_reads_the_prompt(pipe):
     one = _pixels(_run(backend, guidance=1.0))
     assert np.array_equal(_pixels(_run(backend, guidance=0.5)), one)
     assert np.array_equal(_pixels(_run(backend, guidance=0.0)), one)
+
+
+def test_token_loop_passes_the_cache_by_its_current_keyword(pipe):
+    """transformers 5.24 deprecates ``past_key_values=`` (removed in 5.40) with a
+    FutureWarning on every forward."""
+    import warnings
+
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(backend, [("sjd", {"window": 8})])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

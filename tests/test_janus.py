@@ -277,3 +277,12 @@ def test_a_cancel_stops_a_janus_run_at_the_next_forward_without_a_progress_callb
         handle.remove()
     assert len(calls) == 3
     assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
+
+
+def test_janus_forwards_pass_the_cache_by_its_current_keyword(backend):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(backend, [("sjd", {"window": 8})])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

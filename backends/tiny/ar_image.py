@@ -227,8 +227,7 @@ class ARImagePipeline:
         """Logits over the image codes (rows, n, codebook) after ``ids``: one vocabulary, so the
         prefix and the image tokens go through the same embedding and head (``ARSession``)."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        out = self.transformer(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                               **kwargs)
+        out = self.transformer(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
         return out.logits[..., : self.layout.codebook_size]
 
     def codebook_vectors(self) -> torch.Tensor:
