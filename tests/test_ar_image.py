@@ -286,6 +286,36 @@ def test_guidance_of_one_or_less_runs_one_row_and_reads_the_prompt(pipe):
     assert np.array_equal(_pixels(_run(backend, guidance=0.0)), one)
 
 
+def test_latent_neighbours_are_computed_once_per_loaded_model_and_k(monkeypatch):
+    import backends.accel.lantern as lantern
+
+    calls = []
+    compute = lantern.latent_neighbours
+
+    def counted(codes, k):
+        calls.append(k)
+        return compute(codes, k)
+
+    monkeypatch.setattr(lantern, "latent_neighbours", counted)
+    fresh = _tiny()  # its own pipeline: nothing cached on it yet
+    backend = ARImageBackend.from_pipeline(fresh, "tiny-ar-random")
+    first = _run(backend, [("lantern", {"k": 16})], temperature=1.0)
+    again = _run(backend, [("lantern", {"k": 16})], temperature=1.0)
+    _run(backend, [("gsd", {"k": 16, "group": 4})], temperature=1.0)
+    assert calls == [16]  # the second lantern run and gsd reuse the first run's neighbours
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert first.method_stats == again.method_stats
+    _run(backend, [("lantern", {"k": 8})], temperature=1.0)
+    assert calls == [16, 8]
+    codes = fresh.codebook_vectors().detach().cpu()
+    assert torch.equal(lantern.neighbours_of(fresh, 16), compute(codes, 16))
+    # computed a block of rows at a time: the same neighbours as the whole similarity matrix
+    unit = torch.nn.functional.normalize(codes.float(), dim=-1)
+    whole = (unit @ unit.t()).fill_diagonal_(float("-inf")).topk(16, dim=-1).indices
+    monkeypatch.setattr(lantern, "NEIGHBOUR_ROWS", 24)
+    assert torch.equal(compute(codes, 16), whole)
+
+
 def test_token_loop_passes_the_cache_by_its_current_keyword(pipe):
     """transformers 5.24 deprecates ``past_key_values=`` (removed in 5.40) with a
     FutureWarning on every forward."""
