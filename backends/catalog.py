@@ -90,10 +90,23 @@ def find_bundled(name: str) -> BundledModel | None:
     return next((m for m in BUNDLED if m.name == name), None)
 
 
+# hub models whose own settings the studio knows (lower-case ids: the hub ignores case).
+# The Image tab's guidance slider always sends a value, so a model's own default guidance
+# reaches a run only from here. Janus-Pro: its generation config's guidance_scale (5) and
+# its 384 px (24 x 24 tokens, backends/janus.py)
+HUB_RECOMMENDED: dict[str, tuple[tuple[str, float], ...]] = {
+    "deepseek-community/janus-pro-1b": (("guidance", 5.0), ("width", 384), ("height", 384)),
+    "deepseek-community/janus-pro-7b": (("guidance", 5.0), ("width", 384), ("height", 384)),
+}
+
+
 def recommended_params(model_id: str) -> dict[str, float]:
-    """The sampling settings a bundled model is meant to run with ({} for any other model)."""
-    entry = find_bundled((model_id or "").strip())
-    return dict(entry.recommended) if entry is not None else {}
+    """The sampling settings a bundled or known hub model is meant to run with ({} for any other model)."""
+    model_id = (model_id or "").strip()
+    entry = find_bundled(model_id)
+    if entry is not None:
+        return dict(entry.recommended)
+    return dict(HUB_RECOMMENDED.get(model_id.lower(), ()))
 
 
 def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> str:

@@ -279,6 +279,18 @@ def test_a_cancel_stops_a_janus_run_at_the_next_forward_without_a_progress_callb
     assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
 
 
+def test_the_janus_pro_hub_ids_recommend_janus_own_guidance_and_size():
+    """The Image tab's guidance slider always sends a value: the model's own guidance
+    reaches a run only as the catalog's recommended setting."""
+    from backends.catalog import recommended_params
+    from backends.janus import DEFAULT_GUIDANCE, HUB_MODELS
+
+    for hub_id in HUB_MODELS:
+        assert recommended_params(hub_id) == {"guidance": DEFAULT_GUIDANCE, "width": 384, "height": 384}
+    assert recommended_params("deepseek-community/janus-pro-1b")["guidance"] == DEFAULT_GUIDANCE
+    assert recommended_params("someone/Janus-Pro-1B-finetune") == {}
+
+
 def test_janus_forwards_pass_the_cache_by_its_current_keyword(backend):
     import warnings
 
