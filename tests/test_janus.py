@@ -291,6 +291,30 @@ def test_the_janus_pro_hub_ids_recommend_janus_own_guidance_and_size():
     assert recommended_params("someone/Janus-Pro-1B-finetune") == {}
 
 
+def test_deepseeks_own_janus_format_is_refused_in_one_line_naming_the_transformers_repos(tmp_path, monkeypatch):
+    """``deepseek-ai/Janus-Pro-7B`` is DeepSeek's ``multi_modality`` code, not transformers'
+    ``janus``: the loader reads the config first and says where the loadable ones are."""
+    from transformers import PretrainedConfig
+    from backends.ar_image import is_ar_image_source
+    from backends.manager import BackendManager
+    from backends.types import ModelLoadError
+
+    folder = tmp_path / "Janus-Pro-7B"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "multi_modality", "architectures": ["MultiModalityCausalLM"]}')
+    assert is_ar_image_source(str(folder))
+    with pytest.raises(ModelLoadError) as err:
+        BackendManager(device="cpu").get("image", str(folder))
+    message = str(err.value)
+    assert "\n" not in message and "multi_modality" in message and str(tmp_path) not in message
+    assert "deepseek-community/Janus-Pro-1B" in message and "deepseek-community/Janus-Pro-7B" in message
+    # a hub id: its config.json as the hub would serve it (no hub here)
+    deepseek_config = {"model_type": "multi_modality"}
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", classmethod(lambda cls, source, **_: (deepseek_config, {})))
+    with pytest.raises(ModelLoadError, match="multi_modality.*deepseek-community/Janus-Pro-1B"):
+        BackendManager(device="cpu").get("image", "deepseek-ai/Janus-Pro-7B")
+
+
 def test_janus_forwards_pass_the_cache_by_its_current_keyword(backend):
     import warnings
 
