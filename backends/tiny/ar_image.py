@@ -229,13 +229,20 @@ class ARImagePipeline:
         return self
 
     def token_logits(self, ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None,
-                     prefix: bool = False) -> torch.Tensor:
+                     prefix: bool = False, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the image codes (rows, n, codebook) after ``ids``: one vocabulary, so the
-        prefix and the image tokens go through the same embedding and head (``ARSession``)."""
+        prefix and the image tokens go through the same embedding and head (``ARSession``).
+        ``cache_position``: where a static cache writes (``static_cache``)."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        if cache_position is not None:
+            kwargs["cache_position"] = cache_position
         out = self.transformer(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
                                **kwargs)
         return out.logits[..., : self.layout.codebook_size]
+
+    def static_cache_config(self):
+        """The config a ``StaticCache`` for this transformer is sized from (``static_cache``)."""
+        return self.transformer.config
 
     def codebook_vectors(self) -> torch.Tensor:
         """The VQ code vectors (codebook, dim): latent neighbours for lantern and gsd."""
