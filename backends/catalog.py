@@ -25,7 +25,7 @@ class BundledModel:
     modality: str
     title: str
     description: str
-    draft: str | None = None  # text: the paired draft model for speculative decoding
+    draft: str | None = None  # text, AR image: the paired draft model for speculative decoding
     # image: the smaller sibling (same latents, prompt encoding and schedule) that runs the early
     # denoising steps under T-Stitch (``backends.accel.t_stitch``)
     sibling: str | None = None
@@ -36,7 +36,8 @@ class BundledModel:
     # the task grader of its outputs (a key of ``studio.metrics.TASK_GRADERS``): the small
     # classifier trained beside it scores prompt adherence; None = no task score
     grader: str | None = None
-    # text: "diffusion-lm" for a masked-diffusion LM (LLaDA-style decoding; never a draft)
+    # text: "diffusion-lm" for a masked-diffusion LM (LLaDA-style decoding; never a draft);
+    # image: "ar-image" for an autoregressive token model (its drafts are of that family too)
     family: str | None = None
 
     @property
@@ -62,7 +63,11 @@ BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-ar-shapes", "image", "Tiny LlamaGen (AR tokens) - shapes",
                  "Autoregressive Llama over an 8x8 grid of VQ tokens (LlamaGen layout) trained here on rendered "
                  "coloured shapes; guidance is CFG over a null prompt, steps do not apply.",
-                 default_size=(64, 64), recommended=(("guidance", 1.5),), grader="shapes"),
+                 default_size=(64, 64), recommended=(("guidance", 1.5),), grader="shapes", draft="tiny-ar-shapes-draft",
+                 family="ar-image"),
+    BundledModel("tiny-ar-shapes-draft", "image", "Tiny LlamaGen draft (1 layer) - shapes",
+                 "1-layer model of tiny-ar-shapes' layout and tokenizer, distilled from it: the draft of its "
+                 "speculative decoding.", default_size=(64, 64), recommended=(("guidance", 1.5),), family="ar-image"),
     BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
                  "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes.",
                  recommended=(("steps", 25), ("guidance", 3.0)), grader="moving-shapes"),

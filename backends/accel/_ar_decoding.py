@@ -80,6 +80,7 @@ class ARSession:
 
         self.pipe = pipe
         self.layout = pipe.layout
+        self.prompt = prompt
         self.sampling = sampling
         self.device = device or next(pipe.transformer.parameters()).device
         self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -88,8 +89,28 @@ class ARSession:
             rows.append(self.layout.null_ids(rows[0]))
         self.prefix = torch.tensor(rows, device=self.device)
         self.cache = DynamicCache()
+        self.static = False  # a preallocated StaticCache (``use_static_cache``)
         self.forwards = 0
         self.cached = 0  # tokens in the cache
+
+    def companion(self, pipe: Any) -> "ARSession":
+        """A session of another model of the same layout (a draft) on this request, drawing
+        from this session's generator: one seed, one stream of randomness for the whole loop."""
+        other = ARSession(pipe, self.prompt, self.sampling, 0, self.device)
+        other.gen = self.gen
+        return other
+
+    def use_static_cache(self) -> None:
+        """Hold K/V in a transformers ``StaticCache`` allocated once at prefix + image tokens
+        (the ``static_cache`` method), before the first forward. Only for loops that never
+        crop: a static cache has no shorter length to go back to."""
+        from transformers import StaticCache
+
+        if self.cached:
+            raise RuntimeError("the static cache must be set before the first forward")
+        self.cache = StaticCache(config=self.pipe.static_cache_config(),
+                                 max_cache_len=self.prefix.shape[1] + self.n_tokens)
+        self.static = True
 
     @property
     def n_tokens(self) -> int:
@@ -121,12 +142,15 @@ class ARSession:
         else:
             pos = torch.tensor(positions, device=self.device) + self.prefix.shape[1]
         attention_mask = None
+        kwargs: dict[str, Any] = {}
+        if self.static:  # where to write in the preallocated cache: the next free slots
+            kwargs["cache_position"] = torch.arange(self.cached, self.cached + n, device=self.device)
         if mask is not None:  # a 4-D additive mask: transformers uses it as given
             additive = torch.zeros(mask.shape, dtype=self.pipe.transformer.dtype, device=self.device)
             additive.masked_fill_(~mask.to(self.device), torch.finfo(additive.dtype).min)
             attention_mask = additive[None, None].expand(ids.shape[0], 1, -1, -1)
         logits = self.pipe.token_logits(ids, pos[None].expand(ids.shape[0], -1), self.cache, attention_mask,
-                                        prefix=prefix)
+                                        prefix=prefix, **kwargs)
         self.forwards += 1
         self.cached += n
         # on the CPU whatever the model's device: the loops draw with the CPU generator (a
@@ -136,6 +160,9 @@ class ARSession:
     def crop(self, n: int) -> None:
         """Keep the first ``n`` cached tokens (prefix included)."""
         from backends.accel._decoding import crop_cache
+
+        if self.static:
+            raise RuntimeError("a static cache cannot be cropped")
 
         crop_cache(self.cache, n)
         self.cached = n
@@ -152,6 +179,13 @@ def plain_loop(session: ARSession, progress: ProgressFn | None = None) -> torch.
         if i + 1 < total:
             probs = session.forward([tokens[-1]])[-1]
     return torch.tensor([tokens])
+
+
+def static_cache_loop(session: ARSession, progress: ProgressFn | None = None) -> torch.Tensor:
+    """The plain loop over a preallocated ``StaticCache`` (the ``static_cache`` method): the
+    same forwards on the same K/V, written in place instead of concatenated."""
+    session.use_static_cache()
+    return plain_loop(session, progress)
 
 
 def sample_plain(pipe: Any, prompt: str, sampling: ARSampling, seed: int) -> tuple[torch.Tensor, int]:
