@@ -247,6 +247,17 @@ def test_method_limits_follow_the_janus_codebook_and_grid(backend):
     assert _run(backend, [("lantern", {"k": CODES - 1})]).method_stats["lantern"]["tokens"] == GRID * GRID
 
 
+
+def test_the_draft_and_static_cache_methods_are_refused_on_janus_in_one_line(backend):
+    """Janus has no paired draft and no static-cache path: both say so before any work."""
+    from backends.accel.base import get_method
+
+    assert "static-cache" in get_method("static_cache").limits(backend).unfit
+    for method in ("static_cache", "speculative"):
+        with pytest.raises(ValidationError) as err:
+            _run(backend, [(method, {})])
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
 # -- review fixes: evaluations counted, cancel without progress, recommended settings, format ----
 def test_janus_runs_count_each_language_model_forward_as_a_model_evaluation(backend):
     plain = _run(backend)
