@@ -5,10 +5,13 @@ The image tab treats it like any image model (``ImageBackend.from_pretrained`` h
 folder with a ``layout.json``, a Janus / Janus-Pro checkpoint (``backends/janus.py``:
 ``deepseek-community/Janus-Pro-1B`` or a local folder), or an Emu3-Gen one (``backends/emu3.py``:
 ``BAAI/Emu3-Gen-hf``), to this class); the acceleration methods that apply are the
-AR-image ones (family ``ar-image``: ``sjd``, ``zipar``, ``lantern``), which replace the
-token loop in the plan (``ARImagePlan.decoder``), as text methods replace ``generate``.
+AR-image ones (family ``ar-image``: ``sjd``, ``zipar``, ``lantern``, ``gsd``, and the text
+methods ``speculative`` with a draft model and ``static_cache``), which replace the token
+loop in the plan (``ARImagePlan.decoder``), as text methods replace ``generate``. A bundled
+model names its paired draft in the catalog (``tiny-ar-shapes`` -> ``tiny-ar-shapes-draft``,
+a 1-layer model of the same layout), loaded on first use by ``get_draft``.
 
-Request parameters: ``guidance`` (CFG scale, 1 = no null-prompt row), ``temperature``
+Request parameters: ``guidance`` (CFG scale, 1 or less = no null-prompt row), ``temperature``
 (0 = greedy) and ``top_k`` (0 = every code); ``steps`` has no meaning for a token model
 and is ignored; ``width``/``height`` resize the decoded image (default 64x64, the
 shapes classifier's size, where the tokenizer paints 32x32; Janus-Pro: 384x384, its own;
@@ -69,10 +72,16 @@ class ARImageBackend(Backend):
     modality = "image"
     unused_params = ("steps",)  # one forward per token (or fewer): no denoising schedule
 
-    def __init__(self, model_id: str, pipe: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model_id: str, pipe: Any, device: torch.device, dtype: torch.dtype,
+                 draft_id: str | None = None):
+        from backends.catalog import find_bundled
+
         super().__init__(model_id, device, dtype)
         self.pipe = pipe
         self.family = FAMILY
+        # the paired draft ('auto' in the speculative method), as text models name theirs
+        self.draft_id = draft_id if draft_id is not None else getattr(find_bundled(model_id), "draft", None)
+        self.drafts: dict[str, Any] = {}  # draft pipelines, loaded once and kept (tests pre-seed them)
 
     @classmethod
     def from_pretrained(cls, model_id: str, source: str, device: torch.device, dtype: torch.dtype) -> "ARImageBackend":
@@ -82,20 +91,54 @@ class ARImageBackend(Backend):
         return cls(model_id, pipe.to(device), device, dtype)
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, model_id: str = "in-memory") -> "ARImageBackend":
-        """Wrap an in-memory pipeline (tests: a tiny random one)."""
+    def from_pipeline(cls, pipe: Any, model_id: str = "in-memory",
+                      drafts: dict[str, Any] | None = None) -> "ARImageBackend":
+        """Wrap an in-memory pipeline (tests: a tiny random one); ``drafts`` pre-seeds the
+        draft cache, its first entry being the paired draft."""
         device = next(pipe.transformer.parameters()).device
-        return cls(model_id, pipe, device, next(pipe.transformer.parameters()).dtype)
+        backend = cls(model_id, pipe, device, next(pipe.transformer.parameters()).dtype,
+                      draft_id=next(iter(drafts or {}), None))
+        backend.drafts.update(drafts or {})
+        return backend
+
+    def get_draft(self, draft_id: str) -> tuple[Any, None]:
+        """(draft pipeline, None): loaded once by the same ``from_pretrained`` path as the
+        model, on its device and dtype (the None stands where a text draft has its tokenizer)."""
+        from backends.catalog import resolve_source
+        from backends.tiny.ar_image import ARImagePipeline
+        from backends.types import ModelLoadError
+
+        if draft_id not in self.drafts:
+            source = resolve_source(draft_id)
+            if not is_ar_image_source(source):
+                raise ModelLoadError(f"draft model '{draft_id}' is not an autoregressive image model")
+            try:
+                self.drafts[draft_id] = ARImagePipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+            except Exception as exc:  # noqa: BLE001 - any loader failure is one line for the user
+                raise ModelLoadError(f"could not load draft model '{draft_id}' ({type(exc).__name__})") from exc
+        return self.drafts[draft_id], None
 
     @property
     def denoiser(self) -> torch.nn.Module | None:
-        return self.pipe.transformer if self.pipe is not None else None
+        """The module called once per forward (evaluations are counted and a cancel checked
+        on its forward): the pipeline's ``denoiser`` where the module it calls is not its
+        ``transformer`` (Janus: the language model inside the whole model)."""
+        if self.pipe is None:
+            return None
+        denoiser = getattr(self.pipe, "denoiser", None)  # a module's truth is its length, if it has one
+        return denoiser if denoiser is not None else self.pipe.transformer
 
     def memory_bytes(self) -> int:
-        return module_bytes(self.pipe.transformer, self.pipe.vq) if self.pipe is not None else 0
+        if self.pipe is None:
+            return 0
+        return module_bytes(self.pipe.transformer, self.pipe.vq, *(d.transformer for d in self.drafts.values()))
+
+    def weight_bytes(self) -> int:
+        return module_bytes(self.pipe.transformer, self.pipe.vq) if self.pipe is not None else 0  # not the drafts
 
     def unload(self) -> None:
         self.pipe = None
+        self.drafts.clear()
 
     def default_size(self) -> tuple[int, int]:
         """The bundled model: 64 (the shapes classifier's size); a hub model: its own (Janus-Pro 384)."""

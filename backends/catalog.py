@@ -25,7 +25,7 @@ class BundledModel:
     modality: str
     title: str
     description: str
-    draft: str | None = None  # text: the paired draft model for speculative decoding
+    draft: str | None = None  # text, AR image: the paired draft model for speculative decoding
     # image: the smaller sibling (same latents, prompt encoding and schedule) that runs the early
     # denoising steps under T-Stitch (``backends.accel.t_stitch``)
     sibling: str | None = None
@@ -36,7 +36,8 @@ class BundledModel:
     # the task grader of its outputs (a key of ``studio.metrics.TASK_GRADERS``): the small
     # classifier trained beside it scores prompt adherence; None = no task score
     grader: str | None = None
-    # text: "diffusion-lm" for a masked-diffusion LM (LLaDA-style decoding; never a draft)
+    # text: "diffusion-lm" for a masked-diffusion LM (LLaDA-style decoding; never a draft);
+    # image: "ar-image" for an autoregressive token model (its drafts are of that family too)
     family: str | None = None
 
     @property
@@ -62,7 +63,11 @@ BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("tiny-ar-shapes", "image", "Tiny LlamaGen (AR tokens) - shapes",
                  "Autoregressive Llama over an 8x8 grid of VQ tokens (LlamaGen layout) trained here on rendered "
                  "coloured shapes; guidance is CFG over a null prompt, steps do not apply.",
-                 default_size=(64, 64), recommended=(("guidance", 1.5),), grader="shapes"),
+                 default_size=(64, 64), recommended=(("guidance", 1.5),), grader="shapes", draft="tiny-ar-shapes-draft",
+                 family="ar-image"),
+    BundledModel("tiny-ar-shapes-draft", "image", "Tiny LlamaGen draft (1 layer) - shapes",
+                 "1-layer model of tiny-ar-shapes' layout and tokenizer, distilled from it: the draft of its "
+                 "speculative decoding.", default_size=(64, 64), recommended=(("guidance", 1.5),), family="ar-image"),
     BundledModel("tiny-video-shapes", "video", "Tiny Wan (video DiT) - moving shapes",
                  "Wan layout video transformer (3-D attention) trained here on rendered moving, growing and colour-changing shapes.",
                  recommended=(("steps", 25), ("guidance", 3.0)), grader="moving-shapes"),
@@ -90,10 +95,25 @@ def find_bundled(name: str) -> BundledModel | None:
     return next((m for m in BUNDLED if m.name == name), None)
 
 
+# hub models whose own settings the studio knows (lower-case ids: the hub ignores case).
+# The Image tab's guidance slider always sends a value, so a model's own default guidance
+# reaches a run only from here. Janus-Pro: its generation config's guidance_scale (5) and
+# its 384 px (24 x 24 tokens, backends/janus.py)
+HUB_RECOMMENDED: dict[str, tuple[tuple[str, float], ...]] = {
+    "deepseek-community/janus-pro-1b": (("guidance", 5.0), ("width", 384), ("height", 384)),
+    "deepseek-community/janus-pro-7b": (("guidance", 5.0), ("width", 384), ("height", 384)),
+    # Emu3-Gen: BAAI's example's guidance (3) and its 720 px (90 x 90 codes, backends/emu3.py)
+    "baai/emu3-gen-hf": (("guidance", 3.0), ("width", 720), ("height", 720)),
+}
+
+
 def recommended_params(model_id: str) -> dict[str, float]:
-    """The sampling settings a bundled model is meant to run with ({} for any other model)."""
-    entry = find_bundled((model_id or "").strip())
-    return dict(entry.recommended) if entry is not None else {}
+    """The sampling settings a bundled or known hub model is meant to run with ({} for any other model)."""
+    model_id = (model_id or "").strip()
+    entry = find_bundled(model_id)
+    if entry is not None:
+        return dict(entry.recommended)
+    return dict(HUB_RECOMMENDED.get(model_id.lower(), ()))
 
 
 def resolve_source(model_id: str, allowed_roots: list[Path] | None = None) -> str:

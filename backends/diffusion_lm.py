@@ -18,13 +18,18 @@ bundled (``tiny-code-dllm``, ``backends/tiny/dllm_models.py``)
     uses a given 4D mask as is, so attention is bidirectional) and supports K/V caches
     through ``past_key_values`` with explicit ``position_ids``.
 hub (LLaDA ``GSAI-ML/LLaDA-8B-Instruct``, Dream ``Dream-org/Dream-v0-Instruct-7B``)
-    ``AutoModel.from_pretrained(..., trust_remote_code=True)``: their own modelling code,
-    called with ``input_ids`` only; LLaDA predicts in place, Dream shifted. Their code
-    exposes no K/V cache, so the cached modes refuse them and parallel decoding applies.
+    their own modelling code through ``trust_remote_code`` (``_remote_model_class``, which
+    also makes that 4.x-era code load under transformers 5). LLaDA predicts in place and
+    its forward refuses any K/V cache, so the cached modes refuse it (``RemoteRunner``);
+    Dream predicts shifted (token p from output p - 1) and its forward takes
+    ``past_key_values`` with ``position_ids``, so every mode runs on it (``DreamRunner``).
+    Checked by hand against their real code (README, diffusion-LM section); the committed
+    tests (tests/test_dllm_hub.py) use a tiny remote-code model of ours with their traits.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -60,6 +65,19 @@ def is_diffusion_lm(source: str) -> bool:
     return bool(HUB_NAME.search(source.split("/")[-1]))
 
 
+def _cache_for(past: KV | None, keep: bool) -> Any:
+    """A transformers cache holding ``past`` (K/V of other positions), or an empty one when
+    the forward's own K/V are to be kept, or None."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=past) if past else (DynamicCache() if keep else None)
+
+
+def _kept(cache: Any, n_new: int) -> KV:
+    """The K/V the forward appended for its ``n_new`` tokens (the cache's last entries)."""
+    return [(layer.keys[..., -n_new:, :].clone(), layer.values[..., -n_new:, :].clone()) for layer in cache.layers]
+
+
 class LlamaRunner:
     """The bundled model: a Llama made bidirectional by a 4D all-True mask."""
 
@@ -70,22 +88,18 @@ class LlamaRunner:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, past: KV | None,
                 keep: bool) -> tuple[torch.Tensor, KV | None]:
-        from transformers import DynamicCache
-
         n_past = past[0][0].shape[-2] if past else 0
-        cache = DynamicCache(ddp_cache_data=past) if past else (DynamicCache() if keep else None)
+        cache = _cache_for(past, keep)
         mask = torch.ones(1, 1, ids.shape[1], n_past + ids.shape[1], dtype=torch.bool, device=ids.device)
         out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask,
                          cache=cache, use_cache=cache is not None)
-        kv = None
-        if keep:
-            q = ids.shape[1]
-            kv = [(layer.keys[..., -q:, :].clone(), layer.values[..., -q:, :].clone()) for layer in cache.layers]
-        return out.logits[0], kv
+        return out.logits[0], _kept(cache, ids.shape[1]) if keep else None
 
 
 class RemoteRunner:
-    """LLaDA / Dream through their own code: whole-sequence forwards only."""
+    """LLaDA through its own code: whole-sequence forwards only. Its forward asserts
+    ``past_key_values is None and not use_cache`` ("The kvcache is not suppotred for MDM."),
+    so the cached modes refuse it."""
 
     supports_cache = False
 
@@ -94,12 +108,30 @@ class RemoteRunner:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, past: KV | None,
                 keep: bool) -> tuple[torch.Tensor, KV | None]:
-        return self.model(input_ids=ids).logits[0], None
+        # use_cache given: LLaDA reads config.use_cache when it is None, an attribute the
+        # transformers 5 config of its remote code no longer has
+        return self.model(input_ids=ids, use_cache=False).logits[0], None
+
+
+class DreamRunner(RemoteRunner):
+    """Dream through its own code, with K/V caches: its forward takes ``position_ids`` and
+    ``past_key_values`` (a transformers Cache to which every layer appends its RoPE-rotated
+    K/V) and attends with no mask unless given one, so a forward over some positions
+    against the cached K/V of the others sees the whole sequence, as the bundled model does."""
+
+    supports_cache = True
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, past: KV | None,
+                keep: bool) -> tuple[torch.Tensor, KV | None]:
+        cache = _cache_for(past, keep)
+        out = self.model(input_ids=ids, position_ids=positions[None], past_key_values=cache,
+                         use_cache=cache is not None)
+        return out.logits[0], _kept(cache, ids.shape[1]) if keep else None
 
 
 def load_diffusion_lm(source: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     """(model, tokenizer, runner) for a bundled folder or a LLaDA / Dream checkpoint."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = _local_config(source) or {}
     if "diffusion_lm" in config:
@@ -108,11 +140,96 @@ def load_diffusion_lm(source: str, device: torch.device, dtype: torch.dtype) -> 
         spec = config["diffusion_lm"]
         return model, tokenizer, LlamaRunner(model, int(spec["mask_token_id"]), int(bool(spec.get("logits_shift"))))
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
-    model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=dtype).to(device).eval()
+    model = _remote_model_class(source).from_pretrained(source, trust_remote_code=True, dtype=dtype).to(device).eval()
+    if not hasattr(model.config, "use_cache"):  # LLaDA's forward reads it; transformers 5 dropped the default
+        model.config.use_cache = False
     model_type = str(getattr(model.config, "model_type", "")).lower()
-    mask_id = getattr(model.config, "mask_token_id", None) or getattr(tokenizer, "mask_token_id", None)
-    shift = 1 if model_type == "dream" else 0
-    return model, tokenizer, RemoteRunner(model, int(mask_id if mask_id is not None else LLADA_MASK_ID), shift)
+    mask_id = getattr(model.config, "mask_token_id", None)  # LLaDA 126336, Dream 151666 (their config.json)
+    mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
+    mask_id = int(mask_id if mask_id is not None else LLADA_MASK_ID)
+    if model_type == "dream":  # Dream predicts token p at output p - 1
+        return model, tokenizer, DreamRunner(model, mask_id, shift=1)
+    return model, tokenizer, RemoteRunner(model, mask_id, shift=0)
+
+
+def _default_rope_parameters(config: Any, device: Any = None, seq_len: int | None = None,
+                             **_: Any) -> tuple[torch.Tensor, float]:
+    """Plain RoPE inverse frequencies (no scaling), as transformers 4.x computed them under
+    ``ROPE_INIT_FUNCTIONS["default"]``."""
+    base = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 1e4)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (base ** exponents), 1.0
+
+
+def ensure_default_rope() -> None:
+    """Dream's rotary embedding looks up ``ROPE_INIT_FUNCTIONS["default"]``, an entry
+    transformers 5 removed (loading fails with KeyError 'default', DreamLM/Dream issue 83);
+    put the plain RoPE back under that name when it is missing (additive: no model of the
+    library reads it)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    ROPE_INIT_FUNCTIONS.setdefault("default", _default_rope_parameters)
+
+
+def _recompute_rope_buffers(model: Any) -> None:
+    """Dream keeps its RoPE frequencies in non-persistent ``inv_freq`` buffers computed in
+    ``__init__``; transformers 5 builds the model on the meta device and only re-creates
+    the buffers of its own classes, so a remote model's are left as uninitialised memory
+    (garbage positions, a different answer on every load). Recompute them from the config."""
+    for module in model.modules():
+        init = getattr(module, "rope_init_fn", None)
+        current = getattr(module, "inv_freq", None)
+        if init is None or not isinstance(current, torch.Tensor):
+            continue
+        inv_freq, scaling = init(module.config, current.device, **(getattr(module, "rope_kwargs", None) or {}))
+        module.register_buffer("inv_freq", inv_freq.to(current.device), persistent=False)
+        module.original_inv_freq = module.inv_freq
+        module.attention_scaling = scaling
+
+
+def _remote_model_class(source: str) -> type:
+    """The checkpoint's own ``AutoModel`` class (its auto_map), made loadable by this
+    transformers: LLaDA's ``LLaDAModelLM.__init__`` never calls ``post_init()``, which since
+    transformers 5 is what sets ``all_tied_weights_keys``, so ``from_pretrained`` fails on it
+    (ML-GSAI/LLaDA issue 130), and its ``tie_weights()`` override takes none of the arguments
+    transformers 5 passes; the subclass calls ``post_init`` where the class did not and
+    forwards ``tie_weights`` to the old signature."""
+    from transformers import AutoConfig, PreTrainedModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    ensure_default_rope()
+    config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModel")
+    if not reference:
+        raise ValidationError("this model's config.json names no AutoModel class in its auto_map, "
+                              "so its own code cannot be loaded")
+    remote = get_class_from_dynamic_module(reference, source)
+    old_tie = "recompute_mapping" not in inspect.signature(remote.tie_weights).parameters
+
+    class RemoteDiffusionLM(remote):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            if not hasattr(self, "all_tied_weights_keys"):
+                self.post_init()
+
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+            # Dream overrides from_pretrained only to reload generation_config.json as its
+            # DreamGenerationConfig, whose validate() transformers 5 calls with arguments it does
+            # not take; our decoding reads no Dream generation setting (eos ids come from the
+            # plain GenerationConfig the library loads), so the library's loader is used as is.
+            model = PreTrainedModel.from_pretrained.__func__(cls, *args, **kwargs)
+            _recompute_rope_buffers(model)
+            return model
+
+        def tie_weights(self, *args: Any, **kwargs: Any) -> Any:
+            # LLaDA's override takes no arguments; transformers 5 passes missing_keys / recompute_mapping
+            return remote.tie_weights(self) if old_tie else remote.tie_weights(self, *args, **kwargs)
+
+    RemoteDiffusionLM.__name__ = RemoteDiffusionLM.__qualname__ = remote.__name__
+    return RemoteDiffusionLM
 
 
 class DiffusionLMBackend(TextBackend):

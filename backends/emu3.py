@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 HUB_MODELS = ("BAAI/Emu3-Gen-hf",)
+MODEL_TYPE = "emu3"  # transformers' format (config.json's model_type); BAAI's own code says "Emu3"
 DEFAULT_GUIDANCE = 3.0  # Emu3's own classifier_free_guidance in BAAI's generation example
 # Emu3's own negative prompt (BAAI's generation example and transformers' docs)
 DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
@@ -55,13 +56,28 @@ HUB_NAME = re.compile(r"emu3.*gen", re.IGNORECASE)
 
 
 def is_emu3_source(source: str) -> bool:
-    """A local folder whose config.json says ``model_type: emu3``, or a hub id naming Emu3-Gen."""
+    """A local folder whose config.json says ``model_type: emu3`` (or BAAI's own ``Emu3``, so
+    that the loader says what to use instead), or a hub id naming Emu3-Gen."""
     from backends.catalog import HUB_ID, local_model_type
 
     model_type = local_model_type(source)
     if model_type is not None:
-        return model_type == "emu3"
+        return model_type.lower() == MODEL_TYPE
     return bool(HUB_ID.match(source)) and bool(HUB_NAME.search(source.split("/")[-1]))
+
+
+def check_transformers_format(source: str) -> None:
+    """Refuse, in one line, a checkpoint that is not transformers' Emu3 before loading it
+    (``BAAI/Emu3-Gen`` is BAAI's own remote code, model_type ``Emu3``)."""
+    from backends.janus import checkpoint_model_type
+    from backends.types import ModelLoadError
+
+    model_type = checkpoint_model_type(source)
+    if model_type != MODEL_TYPE:
+        said = f"model_type '{model_type}'" if model_type else "no model_type"
+        own = " (BAAI's own Emu3 code)" if model_type.lower() == MODEL_TYPE else ""
+        raise ModelLoadError(f"this checkpoint's config.json says {said}{own}, not transformers' '{MODEL_TYPE}': "
+                             f"use the transformers-format {' or '.join(HUB_MODELS)}")
 
 
 @dataclass(frozen=True)
@@ -127,13 +143,16 @@ def _image_area(processor: Any, source: str) -> int:
 class Emu3Pipeline:
     """An ``Emu3ForConditionalGeneration`` + ``Emu3Processor`` seen as the studio's AR image
     pipeline (``ARImagePipeline``'s interface: ``layout``, ``transformer``, ``vq``,
-    ``token_logits``, ``codebook_vectors``, ``decode``, ``to``)."""
+    ``token_logits``, ``codebook_vectors``, ``decode``, ``to``), plus ``denoiser``: the
+    text model, the module ``token_logits`` calls (evaluations are counted and a cancel
+    checked on its forwards; the whole model's own forward never runs)."""
 
     default_guidance = DEFAULT_GUIDANCE
 
     def __init__(self, model: Any, processor: Any, image_area: int | None = None):
         self.model = model.eval()
         self.transformer = self.model  # device, dtype and the size the studio reports
+        self.denoiser = self.model.model.text_model
         self.vq = self.model.model.vqmodel
         self.processor = processor
         mapping = self.model.vocabulary_mapping
@@ -157,6 +176,7 @@ class Emu3Pipeline:
         (model + processor saved together)."""
         from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
+        check_transformers_format(source)
         processor = Emu3Processor.from_pretrained(source)
         model = Emu3ForConditionalGeneration.from_pretrained(source, dtype=dtype)
         return cls(model, processor, _image_area(processor, source))
@@ -177,8 +197,7 @@ class Emu3Pipeline:
         ids: text, visual tokens and end-of-lines alike): ``lm_head`` read at the visual
         tokens only, which is the docs' prefix constraint at a grid position."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        out = self.model.model.text_model(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True,
-                                          **kwargs)
+        out = self.denoiser(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
         return torch.nn.functional.linear(out.last_hidden_state, self._code_head())
 
     def _code_head(self) -> torch.Tensor:

@@ -38,19 +38,48 @@ import torch
 from PIL import Image
 
 HUB_MODELS = ("deepseek-community/Janus-Pro-1B", "deepseek-community/Janus-Pro-7B")
+MODEL_TYPE = "janus"  # transformers' format (config.json's model_type)
+DEEPSEEK_MODEL_TYPE = "multi_modality"  # DeepSeek's own format (deepseek-ai/Janus-Pro-*): their code, not transformers'
 DEFAULT_GUIDANCE = 5.0  # Janus-Pro's own cfg_weight (its generation config's guidance_scale)
 # "Janus-Pro-1B", "Janus-1.3B"; not JanusFlow (rectified flow, no image tokens)
 HUB_NAME = re.compile(r"janus(?!-?flow)", re.IGNORECASE)
 
 
 def is_janus_source(source: str) -> bool:
-    """A local folder whose config.json says ``model_type: janus``, or a hub id naming Janus."""
+    """A local folder whose config.json says ``model_type: janus`` (or DeepSeek's own
+    ``multi_modality``), or a hub id naming Janus."""
     from backends.catalog import HUB_ID, local_model_type
 
     model_type = local_model_type(source)
-    if model_type is not None:
-        return model_type == "janus"
+    if model_type is not None:  # DeepSeek's own format too, so that the loader says what to use instead
+        return model_type in (MODEL_TYPE, DEEPSEEK_MODEL_TYPE)
     return bool(HUB_ID.match(source)) and bool(HUB_NAME.search(source.split("/")[-1]))
+
+
+def checkpoint_model_type(source: str) -> str:
+    """``model_type`` of the checkpoint's config.json (a local folder's, or the hub's), read
+    as plain JSON: transformers' AutoConfig fails on a model type it does not know."""
+    from transformers import PretrainedConfig
+
+    from backends.catalog import local_model_type
+
+    model_type = local_model_type(source)
+    if model_type is None:
+        model_type = str(PretrainedConfig.get_config_dict(source)[0].get("model_type") or "")
+    return model_type
+
+
+def check_transformers_format(source: str) -> None:
+    """Refuse, in one line, a checkpoint that is not transformers' Janus before loading it
+    (``deepseek-ai/Janus-Pro-7B`` is DeepSeek's own ``multi_modality`` code)."""
+    from backends.types import ModelLoadError
+
+    model_type = checkpoint_model_type(source)
+    if model_type != MODEL_TYPE:
+        said = f"model_type '{model_type}'" if model_type else "no model_type"
+        own = " (DeepSeek's own Janus code)" if model_type == DEEPSEEK_MODEL_TYPE else ""
+        raise ModelLoadError(f"this checkpoint's config.json says {said}{own}, not transformers' '{MODEL_TYPE}': "
+                             f"use the transformers-format {' or '.join(HUB_MODELS)}")
 
 
 @dataclass(frozen=True)
@@ -100,13 +129,17 @@ def _special_ids(model: Any, processor: Any) -> tuple[int | None, int, int]:
 class JanusPipeline:
     """A ``JanusForConditionalGeneration`` + ``JanusProcessor`` seen as the studio's AR image
     pipeline (``ARImagePipeline``'s interface: ``layout``, ``transformer``, ``vq``,
-    ``token_logits``, ``codebook_vectors``, ``decode``, ``to``)."""
+    ``token_logits``, ``codebook_vectors``, ``decode``, ``to``), plus ``denoiser``: the
+    language model, the module ``token_logits`` calls."""
 
     default_guidance = DEFAULT_GUIDANCE
 
     def __init__(self, model: Any, processor: Any):
         self.model = model.eval()
         self.transformer = self.model  # device, dtype and the size the studio reports
+        # the module each forward calls (``token_logits``): where evaluations are counted and a
+        # cancel or time limit is checked (the whole model's own forward never runs)
+        self.denoiser = self.model.model.language_model
         self.vq = self.model.model.vqmodel
         self.processor = processor
         bos, pad, boi = _special_ids(self.model, processor)
@@ -121,6 +154,7 @@ class JanusPipeline:
         transformers format (model + processor saved together)."""
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
+        check_transformers_format(source)
         processor = JanusProcessor.from_pretrained(source)
         model = JanusForConditionalGeneration.from_pretrained(source, dtype=dtype)
         return cls(model, processor)
@@ -144,8 +178,7 @@ class JanusPipeline:
         else:
             embeds = self.model.prepare_embeddings_for_image_generation(ids)
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        out = self.model.model.language_model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache,
-                                              use_cache=True, **kwargs)
+        out = self.denoiser(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
         return self.model.model.generation_head(out.last_hidden_state)
 
     def codebook_vectors(self) -> torch.Tensor:

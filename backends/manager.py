@@ -240,7 +240,7 @@ def _load_failure_message(model_id: str, source: str, exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if source != model_id:  # a folder: name it as the user typed it, never by its server path
         text = text.replace(source, model_id)
-    if source == model_id and "/" in model_id:
+    if source == model_id and "/" in model_id and not Path(source).is_dir():  # a hub id, not a folder
         return (
             f"could not load '{model_id}' from the model hub (offline, or no such repository): {text[:300]}. "
             "Download it to a local folder and give its path instead."

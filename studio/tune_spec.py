@@ -376,16 +376,15 @@ class SearchSpace:
     def choices(self, method: str, p: Param) -> list[Any]:
         """The choices of ``p`` searched for this model."""
         allowed = self.limits.get(method, NO_LIMITS).searched_choices(p.name)
+        options = (False, True) if p.kind == "bool" else p.choices  # a model may refuse one side of a switch
         if allowed is None:
             banned = UNUSABLE_CHOICES.get((method, p.name), set())
-            return [c for c in p.choices if c not in banned]
-        return [c for c in p.choices if c in allowed]
+            return [c for c in options if c not in banned]
+        return [c for c in options if c in allowed]
 
     def _suggest_param(self, trial, method: str, p: Param, values: Mapping[str, Any]) -> Any:
         key = f"{method}.{p.name}"
-        if p.kind == "bool":
-            return trial.suggest_categorical(key, [False, True])
-        if p.kind == "choice":
+        if p.kind in ("bool", "choice"):
             return trial.suggest_categorical(key, self.choices(method, p))
         low, high = self.bounds[(method, p.name)]
         # a bound naming another parameter (tree_size >= depth) narrows this trial's range;

@@ -165,7 +165,9 @@ def test_a_deepcache_that_never_skips_fails_its_method_test(sd, monkeypatch):
 # image methods whose test needs more than a backend: their own test file covers the same
 # ground (work changed, removal bit-identical) through the studio
 COVERED_ELSEWHERE = {"approx_cache",  # tests/test_approx_cache.py: reuse needs the history of earlier runs
-                     "t_stitch"}  # tests/test_t_stitch.py: needs a smaller sibling model beside the full one
+                     "t_stitch",  # tests/test_t_stitch.py: needs a smaller sibling model beside the full one
+                     # tests/test_ar_speculative.py: the text methods on the AR-image token loop
+                     "speculative", "static_cache"}
 
 
 def test_every_image_method_is_covered():

@@ -228,3 +228,101 @@ def test_studio_compare_history_and_presets_take_the_ar_model(studio_factory):
     assert rows["zipar(window=8)"]["model_evals"] == 64 >= rows["sjd(window=8)"]["model_evals"]
     studio.presets.save(Preset("ar-fast", "image", "dummy-ar", {"guidance": 3.0}, [MethodChoice("sjd", {"window": 8})]))
     assert studio.presets.get("ar-fast").methods[0].name == "sjd"
+
+
+# -- review fixes: devices, guidance <= 1, neighbour cache, cache keyword ------------------------
+class _AcceleratorTensor(torch.Tensor):
+    """A CPU tensor that says it lives on an accelerator: what a CUDA model's logits are to
+    ``ARSession`` on a machine without one (the ops still run here; ``.cpu()`` drops the guise)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+class _OnAccelerator:
+    """The tiny pipeline, its logits handed back as if from an accelerator."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def token_logits(self, *args, **kwargs):
+        return self._pipe.token_logits(*args, **kwargs).as_subclass(_AcceleratorTensor)
+
+
+def test_session_hands_the_loops_cpu_probabilities_whatever_the_models_device(pipe):
+    """The loops draw with a CPU ``torch.Generator`` (seeds mean the same image on every
+    device) and mix in CPU tensors (sjd's uniform q, the latent neighbours): the session's
+    probabilities must be on the CPU, also when the model runs on CUDA."""
+    from backends.accel._ar_decoding import ARSession
+
+    sampling = ARSampling(guidance=3.0, temperature=1.0)
+    session = ARSession(_OnAccelerator(pipe), PROMPT, sampling, seed=0)
+    first = session.prefill()
+    assert first.device.type == "cpu" and first.dtype == torch.float32
+    assert session.forward([int(first.argmax())]).device.type == "cpu"
+    on_cpu, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), pipe, PROMPT, sampling, 0)
+    disguised, _ = run_loop(lambda s, p: sjd_loop(s, p, 8), _OnAccelerator(pipe), PROMPT, sampling, 0)
+    assert torch.equal(on_cpu, disguised)
+
+
+def test_guidance_of_one_or_less_runs_one_row_and_reads_the_prompt(pipe):
+    """As the Image tab says ("1 or less runs one pass") and as transformers applies CFG
+    (only above 1): guidance 0 or 0.5 is no guidance, not a mix that drops the prompt."""
+    from backends.accel._ar_decoding import ARSession
+
+    for guidance in (0.0, 0.5, 1.0):
+        assert ARSession(pipe, PROMPT, ARSampling(guidance=guidance), seed=0).prefix.shape[0] == 1
+    assert ARSession(pipe, PROMPT, ARSampling(guidance=1.5), seed=0).prefix.shape[0] == 2
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    one = _pixels(_run(backend, guidance=1.0))
+    assert np.array_equal(_pixels(_run(backend, guidance=0.5)), one)
+    assert np.array_equal(_pixels(_run(backend, guidance=0.0)), one)
+
+
+def test_latent_neighbours_are_computed_once_per_loaded_model_and_k(monkeypatch):
+    import backends.accel.lantern as lantern
+
+    calls = []
+    compute = lantern.latent_neighbours
+
+    def counted(codes, k):
+        calls.append(k)
+        return compute(codes, k)
+
+    monkeypatch.setattr(lantern, "latent_neighbours", counted)
+    fresh = _tiny()  # its own pipeline: nothing cached on it yet
+    backend = ARImageBackend.from_pipeline(fresh, "tiny-ar-random")
+    first = _run(backend, [("lantern", {"k": 16})], temperature=1.0)
+    again = _run(backend, [("lantern", {"k": 16})], temperature=1.0)
+    _run(backend, [("gsd", {"k": 16, "group": 4})], temperature=1.0)
+    assert calls == [16]  # the second lantern run and gsd reuse the first run's neighbours
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert first.method_stats == again.method_stats
+    _run(backend, [("lantern", {"k": 8})], temperature=1.0)
+    assert calls == [16, 8]
+    codes = fresh.codebook_vectors().detach().cpu()
+    assert torch.equal(lantern.neighbours_of(fresh, 16), compute(codes, 16))
+    # computed a block of rows at a time: the same neighbours as the whole similarity matrix
+    unit = torch.nn.functional.normalize(codes.float(), dim=-1)
+    whole = (unit @ unit.t()).fill_diagonal_(float("-inf")).topk(16, dim=-1).indices
+    monkeypatch.setattr(lantern, "NEIGHBOUR_ROWS", 24)
+    assert torch.equal(compute(codes, 16), whole)
+
+
+def test_token_loop_passes_the_cache_by_its_current_keyword(pipe):
+    """transformers 5.24 deprecates ``past_key_values=`` (removed in 5.40) with a
+    FutureWarning on every forward."""
+    import warnings
+
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(backend, [("sjd", {"window": 8})])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -243,7 +243,7 @@ def test_auto_tune_searches_the_diffusion_lm_methods():
 
 def test_limits_leave_the_cache_out_for_a_model_without_a_cache_interface():
     """The tuner's space and the up-front refusal read these: only cache=none for Fast-dLLM,
-    dKV-Cache not at all, on a runner without a K/V cache (hub LLaDA / Dream)."""
+    dKV-Cache not at all, on a runner without a K/V cache (hub LLaDA; Dream has one)."""
     from types import SimpleNamespace
 
     from backends.accel.dkv_cache import DKVCacheMethod

@@ -278,3 +278,69 @@ def test_method_limits_follow_the_emu3_codebook_and_grid(backend):
             _run(backend, [method])
         assert "\n" not in str(err.value)
     assert _run(backend, [("zipar", {"window": GRID})]).method_stats["zipar"]["tokens"] == GRID * GRID
+
+
+# -- as the Janus loader: drafts and static cache refused, evaluations, cancel, settings, format ----
+def test_the_draft_and_static_cache_methods_are_refused_on_emu3_in_one_line(backend):
+    """Emu3 has no paired draft and no static-cache path: both say so before any work."""
+    from backends.accel.base import get_method
+
+    assert "static-cache" in get_method("static_cache").limits(backend).unfit
+    for method in ("static_cache", "speculative"):
+        with pytest.raises(ValidationError) as err:
+            _run(backend, [(method, {})])
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_emu3_runs_count_each_text_model_forward_as_a_model_evaluation(backend):
+    plain = _run(backend)
+    assert plain.model_evals == plain.extra["transformer_forwards"] == GRID * GRID
+    fast = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
+    assert fast.model_evals == fast.method_stats["sjd"]["transformer_forwards"] < GRID * GRID
+
+
+def test_a_cancel_stops_an_emu3_run_at_the_next_forward_without_a_progress_callback(backend):
+    from backends.control import CancelToken, RunCancelled
+
+    before = _run(backend)
+    token, calls = CancelToken(), []
+
+    def cancel_after_three(*_args) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            token.cancel("test")
+
+    handle = backend.pipe.model.model.text_model.register_forward_pre_hook(cancel_after_three)
+    try:
+        with pytest.raises(RunCancelled):
+            backend.run(Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}),
+                        cancel=token)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
+
+
+def test_the_emu3_gen_hub_id_recommends_its_own_guidance_and_size():
+    from backends.catalog import recommended_params
+    from backends.emu3 import DEFAULT_GUIDANCE, HUB_MODELS
+
+    assert recommended_params(HUB_MODELS[0]) == {"guidance": DEFAULT_GUIDANCE, "width": 720, "height": 720}
+    assert recommended_params("baai/emu3-gen-hf")["guidance"] == DEFAULT_GUIDANCE
+
+
+def test_baais_own_emu3_format_is_refused_in_one_line_naming_the_transformers_repo(tmp_path):
+    """``BAAI/Emu3-Gen`` is BAAI's remote code (model_type ``Emu3``), not transformers' ``emu3``."""
+    from backends.ar_image import is_ar_image_source
+    from backends.manager import BackendManager
+    from backends.types import ModelLoadError
+
+    folder = tmp_path / "Emu3-Gen"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "Emu3", "architectures": ["Emu3ForCausalLM"]}')
+    assert is_ar_image_source(str(folder))
+    with pytest.raises(ModelLoadError) as err:
+        BackendManager(device="cpu").get("image", str(folder))
+    message = str(err.value)
+    assert "\n" not in message and "BAAI's own" in message and "BAAI/Emu3-Gen-hf" in message
+    assert str(tmp_path) not in message

@@ -245,3 +245,91 @@ def test_method_limits_follow_the_janus_codebook_and_grid(backend):
         _run(backend, [("lantern", {"k": CODES})])
     assert "\n" not in str(err.value)
     assert _run(backend, [("lantern", {"k": CODES - 1})]).method_stats["lantern"]["tokens"] == GRID * GRID
+
+
+
+def test_the_draft_and_static_cache_methods_are_refused_on_janus_in_one_line(backend):
+    """Janus has no paired draft and no static-cache path: both say so before any work."""
+    from backends.accel.base import get_method
+
+    assert "static-cache" in get_method("static_cache").limits(backend).unfit
+    for method in ("static_cache", "speculative"):
+        with pytest.raises(ValidationError) as err:
+            _run(backend, [(method, {})])
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+# -- review fixes: evaluations counted, cancel without progress, recommended settings, format ----
+def test_janus_runs_count_each_language_model_forward_as_a_model_evaluation(backend):
+    plain = _run(backend)
+    assert plain.model_evals == plain.extra["transformer_forwards"] == GRID * GRID
+    fast = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
+    assert fast.model_evals == fast.method_stats["sjd"]["transformer_forwards"] < GRID * GRID
+
+
+def test_a_cancel_stops_a_janus_run_at_the_next_forward_without_a_progress_callback(backend):
+    """The API's /run passes no progress callback: the check before every forward of the
+    module actually called (the language model) is what stops it."""
+    from backends.control import CancelToken, RunCancelled
+
+    before = _run(backend)
+    token, calls = CancelToken(), []
+
+    def cancel_after_three(*_args) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            token.cancel("test")
+
+    handle = backend.pipe.model.model.language_model.register_forward_pre_hook(cancel_after_three)
+    try:
+        with pytest.raises(RunCancelled):
+            backend.run(Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}),
+                        cancel=token)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
+
+
+def test_the_janus_pro_hub_ids_recommend_janus_own_guidance_and_size():
+    """The Image tab's guidance slider always sends a value: the model's own guidance
+    reaches a run only as the catalog's recommended setting."""
+    from backends.catalog import recommended_params
+    from backends.janus import DEFAULT_GUIDANCE, HUB_MODELS
+
+    for hub_id in HUB_MODELS:
+        assert recommended_params(hub_id) == {"guidance": DEFAULT_GUIDANCE, "width": 384, "height": 384}
+    assert recommended_params("deepseek-community/janus-pro-1b")["guidance"] == DEFAULT_GUIDANCE
+    assert recommended_params("someone/Janus-Pro-1B-finetune") == {}
+
+
+def test_deepseeks_own_janus_format_is_refused_in_one_line_naming_the_transformers_repos(tmp_path, monkeypatch):
+    """``deepseek-ai/Janus-Pro-7B`` is DeepSeek's ``multi_modality`` code, not transformers'
+    ``janus``: the loader reads the config first and says where the loadable ones are."""
+    from transformers import PretrainedConfig
+    from backends.ar_image import is_ar_image_source
+    from backends.manager import BackendManager
+    from backends.types import ModelLoadError
+
+    folder = tmp_path / "Janus-Pro-7B"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "multi_modality", "architectures": ["MultiModalityCausalLM"]}')
+    assert is_ar_image_source(str(folder))
+    with pytest.raises(ModelLoadError) as err:
+        BackendManager(device="cpu").get("image", str(folder))
+    message = str(err.value)
+    assert "\n" not in message and "multi_modality" in message and str(tmp_path) not in message
+    assert "deepseek-community/Janus-Pro-1B" in message and "deepseek-community/Janus-Pro-7B" in message
+    # a hub id: its config.json as the hub would serve it (no hub here)
+    deepseek_config = {"model_type": "multi_modality"}
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", classmethod(lambda cls, source, **_: (deepseek_config, {})))
+    with pytest.raises(ModelLoadError, match="multi_modality.*deepseek-community/Janus-Pro-1B"):
+        BackendManager(device="cpu").get("image", "deepseek-ai/Janus-Pro-7B")
+
+
+def test_janus_forwards_pass_the_cache_by_its_current_keyword(backend):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(backend, [("sjd", {"window": 8})])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

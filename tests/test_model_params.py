@@ -30,15 +30,19 @@ def test_token_image_model_names_the_words_it_ignored():
     ignored, negative = odd.notes
     assert "purple, gray" in ignored and "red" in ignored  # what it skipped, and what it knows
     assert "negative prompt" in negative
-    # a prompt with every attribute is read in canonical order: nothing is lost
-    assert backend.run(Request("image", backend.model_id, "white background, circle, red, top left",
-                               seed=1)).notes == []
+    # a prompt with every attribute is read in canonical order: only what that form leaves out is lost
+    assert backend.run(Request("image", backend.model_id, "white, circle, red, top left", seed=1)).notes == []
+    assert "big, shiny" in backend.run(Request("image", backend.model_id,
+                                               "a big shiny red circle at top left on white", seed=1)).notes[0]
 
 
 def test_ignored_words_include_words_past_the_prefix():
     layout = _ar_backend().pipe.layout
     words = "a red a red a red a red circle".split()  # nine known words, no full spec
     assert layout.ignored_words(" ".join(words)) == ["circle"]
+    # commas are not part of a word: "red, circle, blue" is read as three known words
+    assert layout.ignored_words("red, circle, blue") == []
+    assert layout.prompt_ids("red, circle, blue")[:3] == [layout.word_id(w) for w in ("red", "circle", "blue")]
 
 
 def test_tabs_hide_the_controls_a_model_kind_does_not_read(studio_factory):

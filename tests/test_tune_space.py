@@ -63,9 +63,7 @@ def proposals(space):
             defaults = {f"{spec.name}.{k}": v for k, v in spec.defaults().items()}
             picks = [(None, None)]
             for p in space.params[spec.name]:
-                if p.kind == "bool":
-                    picks += [(p.name, False), (p.name, True)]
-                elif p.kind == "choice":
+                if p.kind in ("bool", "choice"):  # a switch's sides: those the model takes
                     picks += [(p.name, c) for c in space.choices(spec.name, p)]
                 else:
                     picks += [(p.name, "low"), (p.name, "high")]

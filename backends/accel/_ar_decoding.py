@@ -33,7 +33,9 @@ class ARSampling:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.guidance != 1.0
+        """Guidance above 1 only, as transformers applies CFG and as the Image tab says ("1 or
+        less runs one pass"): below 1 the mix would push away from the prompt, at 0 drop it."""
+        return self.guidance > 1.0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (rows, n, V) of the cond [and uncond] rows -> probabilities (n, V)."""
@@ -68,8 +70,8 @@ class ARSession:
     for the prefix, the generation embeddings and head for image tokens; ``backends/emu3.py``).
 
     ``forward(tokens, positions=None, mask=None)`` appends ``tokens`` to the cache and
-    returns the sampling distribution after each of them; ``crop(n)`` keeps the first
-    ``n`` cache entries (speculative loops drop rejected drafts). ``forwards`` counts
+    returns the sampling distribution after each of them (float32, on the CPU); ``crop(n)``
+    keeps the first ``n`` cache entries (speculative loops drop rejected drafts). ``forwards`` counts
     transformer calls, the work the parallel loops save.
 
     The loops speak of the grid only: raster positions, one cache entry per token, masks
@@ -90,6 +92,8 @@ class ARSession:
 
         self.pipe = pipe
         self.layout = pipe.layout
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
         self.sampling = sampling
         self.device = device or next(pipe.transformer.parameters()).device
         self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -102,10 +106,30 @@ class ARSession:
         pad_id = getattr(self.layout, "pad_id", 0)
         self.prefix = torch.tensor([[pad_id] * pad + row for pad, row in zip(self.pads, rows)], device=self.device)
         self.cache = DynamicCache()
+        self.static = False  # a preallocated StaticCache (``use_static_cache``)
         self.forwards = 0
         self.cached = 0  # entries in the cache: prefix tokens and image tokens (an image token's fillers included)
         self._spans: list[int] = []  # sequence tokens each cached entry holds (1, or 1 + its fillers)
         self._ends: list[int] = []  # the cache's sequence length after each entry (crop reads it)
+
+    def companion(self, pipe: Any) -> "ARSession":
+        """A session of another model of the same layout (a draft) on this request, drawing
+        from this session's generator: one seed, one stream of randomness for the whole loop."""
+        other = ARSession(pipe, self.prompt, self.sampling, 0, self.device, negative_prompt=self.negative_prompt)
+        other.gen = self.gen
+        return other
+
+    def use_static_cache(self) -> None:
+        """Hold K/V in a transformers ``StaticCache`` allocated once at prefix + image tokens
+        (the ``static_cache`` method), before the first forward. Only for loops that never
+        crop: a static cache has no shorter length to go back to."""
+        from transformers import StaticCache
+
+        if self.cached:
+            raise RuntimeError("the static cache must be set before the first forward")
+        self.cache = StaticCache(config=self.pipe.static_cache_config(),
+                                 max_cache_len=self.prefix.shape[1] + _grid_sequence_length(self.layout))
+        self.static = True
 
     @property
     def n_tokens(self) -> int:
@@ -153,19 +177,25 @@ class ARSession:
         pads = torch.tensor(self.pads, device=self.device)
         pos = (positions[None] - pads[:, None]).clamp_min(0) if any(self.pads) else positions[None].expand(rows, -1)
         attention_mask = None
+        kwargs: dict[str, Any] = {}
+        if self.static:  # where to write in the preallocated cache: the next free slots
+            written = self._sequence_length(self.cached)
+            kwargs["cache_position"] = torch.arange(written, written + ids.shape[1], device=self.device)
         if mask is not None:  # a 4-D additive mask: transformers uses it as given
             if any(self.pads):
                 mask = self._hide_pads(mask, prefix)
             additive = torch.zeros(mask.shape, dtype=self.pipe.transformer.dtype, device=self.device)
             additive.masked_fill_(~mask, torch.finfo(additive.dtype).min)
             attention_mask = additive[None, None].expand(rows, 1, -1, -1) if additive.dim() == 2 else additive[:, None]
-        logits = self.pipe.token_logits(ids, pos, self.cache, attention_mask, prefix=prefix)
+        logits = self.pipe.token_logits(ids, pos, self.cache, attention_mask, prefix=prefix, **kwargs)
         self.forwards += 1
         self.cached += len(spans)
         self._spans += spans
         for span in spans:
             self._ends.append(self._sequence_length(len(self._ends)) + span)
-        return self.sampling.probs(logits)
+        # on the CPU whatever the model's device: the loops draw with the CPU generator (a
+        # seed is one image on every device) and mix in CPU tensors (sjd's q, the neighbours)
+        return self.sampling.probs(logits).float().cpu()
 
     def _hide_pads(self, mask: torch.Tensor, prefix: bool) -> torch.Tensor:
         """(n, keys) -> (rows, n, keys): a padded row's pads are seen by no query but themselves."""
@@ -179,6 +209,9 @@ class ARSession:
     def crop(self, n: int) -> None:
         """Keep the first ``n`` cached entries (prefix included; an image token with its fillers)."""
         from backends.accel._decoding import crop_cache
+
+        if self.static:
+            raise RuntimeError("a static cache cannot be cropped")
 
         crop_cache(self.cache, self._sequence_length(n))
         del self._spans[n:], self._ends[n:]
@@ -195,6 +228,14 @@ def _null_row(layout: Any, prompt_ids: list[int], negative_prompt: str | None) -
     if negative_prompt and hasattr(layout, "negative_ids"):
         return layout.negative_ids(negative_prompt)
     return layout.null_ids(prompt_ids)
+
+
+def _grid_sequence_length(layout: Any) -> int:
+    """Sequence tokens of the whole grid: the image tokens, plus the fillers between them."""
+    last = layout.image_tokens - 1
+    if not hasattr(layout, "fillers"):
+        return layout.image_tokens
+    return layout.sequence_offset(last) + 1 + len(layout.fillers(last))
 
 
 def _sequence(layout: Any, tokens: list[int], raster: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -247,6 +288,13 @@ def plain_loop(session: ARSession, progress: ProgressFn | None = None) -> torch.
         if i + 1 < total:
             probs = session.forward([tokens[-1]])[-1]
     return torch.tensor([tokens])
+
+
+def static_cache_loop(session: ARSession, progress: ProgressFn | None = None) -> torch.Tensor:
+    """The plain loop over a preallocated ``StaticCache`` (the ``static_cache`` method): the
+    same forwards on the same K/V, written in place instead of concatenated."""
+    session.use_static_cache()
+    return plain_loop(session, progress)
 
 
 def sample_plain(pipe: Any, prompt: str, sampling: ARSampling, seed: int) -> tuple[torch.Tensor, int]:

@@ -66,7 +66,7 @@ class FastDLLMMethod(Method):
 
     @classmethod
     def limits(cls, backend) -> Limits:
-        """A model run through its own code (hub LLaDA / Dream) has no K/V cache interface:
+        """A model whose own code has no K/V cache interface (hub LLaDA; Dream has one):
         only cache=none fits it (parallel decoding alone)."""
         if has_kv_cache(backend):
             return Limits()

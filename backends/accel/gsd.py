@@ -25,7 +25,7 @@ import torch
 
 from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, loaded_layout, uniform
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
-from backends.accel.lantern import latent_neighbours
+from backends.accel.lantern import neighbours_of
 from backends.accel.sjd import AcceptRule, ARLoopHandle, attach_loop, sjd_loop
 
 
@@ -86,6 +86,6 @@ class GSDMethod(Method):
 
     def attach(self, backend: Any, plan: Any) -> ARLoopHandle:
         cfg = self.config
-        accept = grouped_accept(latent_neighbours(backend.pipe.codebook_vectors().detach().cpu(), cfg.k), cfg.group)
+        accept = grouped_accept(neighbours_of(backend.pipe, cfg.k), cfg.group)
         return attach_loop(plan, lambda stats: lambda session, progress: sjd_loop(
             session, progress, cfg.window, accept=accept, stats=stats))

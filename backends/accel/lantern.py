@@ -12,7 +12,7 @@ draft is replaced from ``norm(max(0, p - q))`` as in SJD. Lossy, by at most ``de
 total variation per token; ``delta = 0`` is SJD exactly.
 
 Neighbours: cosine distance between the VQ codebook's (l2-normalised) code vectors,
-computed once per run from the loaded tokenizer.
+computed from the loaded tokenizer once per model and ``k`` (``neighbours_of``).
 """
 
 from __future__ import annotations
@@ -27,12 +27,34 @@ from backends.accel.sjd import AcceptRule, ARLoopHandle, attach_loop, sjd_loop
 from backends.plan import ARImagePlan
 
 
+NEIGHBOUR_ROWS = 2048  # codes per block of the similarity matrix (Janus: 2048 x 16,384 floats, 128 MiB)
+KEPT_NEIGHBOUR_SETS = 4  # k values whose neighbours a loaded model keeps (a tune may sweep k)
+
+
 def latent_neighbours(codes: torch.Tensor, k: int) -> torch.Tensor:
-    """(V, k): each code's ``k`` nearest other codes by cosine similarity, nearest first."""
+    """(V, k): each code's ``k`` nearest other codes by cosine similarity, nearest first;
+    a block of rows at a time, so the whole V x V matrix is never held."""
     unit = torch.nn.functional.normalize(codes.float(), dim=-1)
-    sim = unit @ unit.t()
-    sim.fill_diagonal_(float("-inf"))
-    return sim.topk(min(k, len(codes) - 1), dim=-1).indices
+    k = min(k, len(codes) - 1)
+    blocks = []
+    for start in range(0, len(unit), NEIGHBOUR_ROWS):
+        sim = unit[start:start + NEIGHBOUR_ROWS] @ unit.t()
+        rows = torch.arange(len(sim))
+        sim[rows, rows + start] = float("-inf")  # not its own neighbour
+        blocks.append(sim.topk(k, dim=-1).indices)
+    return torch.cat(blocks)
+
+
+def neighbours_of(pipe: Any, k: int) -> torch.Tensor:
+    """``latent_neighbours`` of ``pipe``'s codebook, computed once per loaded model and ``k``
+    (Janus's 16,384 codes take seconds each time) and kept on the pipeline object, so they go
+    when the model is unloaded; at most ``KEPT_NEIGHBOUR_SETS`` values of ``k``, oldest dropped."""
+    kept = vars(pipe).setdefault("_latent_neighbours", {})
+    if k not in kept:
+        while len(kept) >= KEPT_NEIGHBOUR_SETS:
+            kept.pop(next(iter(kept)))
+        kept[k] = latent_neighbours(pipe.codebook_vectors().detach().cpu(), k)
+    return kept[k]
 
 
 def neighbour_limits(backend: Any) -> Limits:
@@ -84,6 +106,6 @@ class LanternMethod(Method):
 
     def attach(self, backend: Any, plan: ARImagePlan) -> ARLoopHandle:
         cfg = self.config
-        accept = relaxed_accept(latent_neighbours(backend.pipe.codebook_vectors().detach().cpu(), cfg.k), cfg.delta)
+        accept = relaxed_accept(neighbours_of(backend.pipe, cfg.k), cfg.delta)
         return attach_loop(plan, lambda stats: lambda session, progress: sjd_loop(
             session, progress, cfg.window, accept=accept, stats=stats))

@@ -19,6 +19,15 @@ Codec language models (MusicGen) get the same idea through our own loop
 (``backends.accel._codec_decoding.speculative_loop``), since transformers' MusicGen
 ``generate`` has no assisted mode: the draft is a smaller model of the same family
 (musicgen-small for musicgen-medium) proposing whole positions of K codebook tokens.
+
+Autoregressive image models (family ``ar-image``, LlamaGen style) run ``ar_speculative_loop``
+in the token-loop slot that SJD, LANTERN, ZipAR and GSD take (``ARImagePlan.decoder``): the
+draft is a smaller model of the same token layout (``tiny-ar-shapes-draft``, 1 layer, for the
+4-layer ``tiny-ar-shapes``). Both run classifier-free guidance, so the acceptance compares
+the distributions a sample is actually drawn from: each model's CFG-mixed logits, divided by
+the temperature and top-k filtered (``ARSampling.probs``). Leviathan/Chen's rule then keeps
+the target's distribution exactly (``tests/test_ar_image.py``: a chi-square test over seeds),
+and greedy output is the plain loop's token for token.
 """
 
 from __future__ import annotations
@@ -27,15 +36,90 @@ from typing import Any
 
 import torch
 
+from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, ARSession, LoopStats, ProgressFn, draw, set_ar_decoder
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
+from backends.accel.sjd import AcceptRule, residual, speculative_accept
 from backends.catalog import bundled
 from backends.accel._codec_decoding import CodecHandle, check_same_codec, speculative_loop
 from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, decoding_stats,
                                       require_greedy, set_decoder)
-from backends.plan import DecodingPlan
+from backends.plan import ARImagePlan, DecodingPlan, RunHandle
 from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
+TEXT_DRAFTS = tuple(m.name for m in bundled("text", available_only=False) if m.family != "diffusion-lm")
+AR_DRAFTS = tuple(m.name for m in bundled("image", available_only=False) if m.family == AR_FAMILY)
+
+
+@torch.no_grad()
+def ar_speculative_loop(session: ARSession, progress: ProgressFn | None, draft_pipe: Any, gamma: int,
+                        confidence: float = 0.0, schedule: str = "constant", accept: AcceptRule = speculative_accept,
+                        stats: LoopStats | None = None, drafting_forwards: list[int] | None = None) -> torch.Tensor:
+    """Speculative sampling of an AR image model's tokens with a draft model (module doc).
+
+    Invariant: the target's cache holds the prefix and every output token but the last,
+    which the next verification forward feeds first, followed by the ``k`` drafts; so output
+    ``j`` of that forward is the target's distribution at draft ``j``'s position, and output
+    ``k`` the one after the last draft. A rejected draft is replaced from
+    ``norm(max(0, p - q))``; if all are kept, one more token comes from output ``k``. All
+    draws, the draft's included, use the target session's generator (one seed, one image).
+    ``confidence`` / ``schedule``: as in the text loop (stop drafting on a doubtful draft;
+    +2 drafts after a fully accepted round, -1 otherwise); neither touches the distribution,
+    which depends only on how each kept token was accepted.
+    """
+    gen, total = session.gen, session.n_tokens
+    stats = stats if stats is not None else LoopStats()
+    drafting = session.companion(draft_pipe)
+    drafting.prefill()
+    prefix = drafting.cached
+    out = [draw(session.prefill(), gen)]
+    while len(out) < total:
+        want = max(1, min(gamma, total - len(out)))
+        q = drafting.forward(out[drafting.cached - prefix:])[-1]  # what the draft has not seen yet
+        drafts: list[tuple[int, torch.Tensor]] = []
+        while True:
+            drafts.append((draw(q, gen), q))
+            if len(drafts) == want:
+                break
+            q = drafting.forward([drafts[-1][0]])[-1]
+            if confidence and float(q.max()) < confidence:
+                break  # the next draft is doubtful: verify what we have
+        before, start = session.cached, len(out)
+        probs = session.forward([out[-1]] + [x for x, _ in drafts])
+        kept, new = 0, None
+        for j, (x, q_j) in enumerate(drafts):
+            if accept(probs[j], q_j, x, gen):
+                kept += 1
+                continue
+            new = draw(residual(probs[j], q_j), gen)
+            break
+        stats.drafted += kept + (new is not None)
+        stats.accepted += kept
+        if new is None and start + kept < total:
+            new = draw(probs[kept], gen)  # every draft kept: one more token from the last output
+        session.crop(before + 1 + kept)
+        drafting.crop(min(drafting.cached, prefix + start + kept))  # the draft keeps what was accepted
+        out += [x for x, _ in drafts[:kept]] + ([new] if new is not None else [])
+        if schedule == "heuristic":
+            gamma = gamma + 2 if kept == len(drafts) else max(1, gamma - 1)
+        if progress is not None:
+            progress(min(len(out), total), total, "decode")
+    stats.forwards, stats.tokens = session.forwards, len(out[:total])
+    if drafting_forwards is not None:
+        drafting_forwards[0] += drafting.forwards
+    return torch.tensor([out[:total]])
+
+
+def check_same_layout(target_pipe: Any, draft_pipe: Any, draft_id: str) -> None:
+    """ValidationError unless the draft writes the target's tokens after the target's prefix."""
+    if draft_pipe.layout != target_pipe.layout:
+        raise ValidationError(f"draft model '{draft_id}' has another token layout (codebook, prompt words or grid) "
+                              "than the target: its tokens would mean other things")
+    target_size = target_pipe.transformer.get_output_embeddings().weight.shape[0]
+    draft_size = draft_pipe.transformer.get_output_embeddings().weight.shape[0]
+    if target_size != draft_size:
+        raise ValidationError(f"draft model '{draft_id}' has {draft_size} output logits but the target has "
+                              f"{target_size}")
 
 
 def paired_draft_limits(cls, backend) -> Limits:
@@ -115,8 +199,7 @@ def greedy_speculative_decode(backend, input_ids: torch.Tensor, state: DecodeSta
 
 
 class SpeculativeConfig(MethodConfig):
-    draft: str = param("auto", choices=("auto", *(m.name for m in bundled("text", available_only=False)
-                                                 if m.family != "diffusion-lm")),
+    draft: str = param("auto", choices=("auto", *TEXT_DRAFTS, *AR_DRAFTS),
                        help="draft model; 'auto' = the model's paired draft (bundled models name theirs)")
     num_assistant_tokens: int = param(5, min=1, max=32, help="tokens drafted per target forward (transformers "
                                                              "default 20; 3-8 suits small drafts)")
@@ -135,22 +218,29 @@ class SpeculativeMethod(Method):
     spec = MethodSpec(
         name="speculative",
         title="Speculative decoding (draft model)",
-        modalities=("text", "audio"),
-        families=("causal-lm", "codec-lm"),
+        modalities=("text", "audio", "image"),
+        families=("causal-lm", "codec-lm", AR_FAMILY),
         summary="A small draft model proposes tokens the target verifies in one forward; exact output "
-                "(greedy) or exact distribution (sampling).",
+                "(greedy) or exact distribution (sampling). AR image models: with CFG, in the token loop.",
         paper="Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding (ICML); "
               "Chen et al. 2023, Accelerating LLM Decoding with Speculative Sampling",
         lossless=True,
         config=SpeculativeConfig,
-        slots=("decoder",),
+        # "decoder": a language model's decoding; AR_SLOT: an AR image model's token loop
+        slots=("decoder", AR_SLOT),
     )
 
     @classmethod
     def limits(cls, backend) -> Limits:
-        return paired_draft_limits(cls, backend)
+        """Drafts of the model's own kind; an AR image draft shares the target's layout, so
+        'universal' (re-tokenizing through text) has no meaning there."""
+        paired = paired_draft_limits(cls, backend)
+        if getattr(backend, "family", None) == AR_FAMILY:
+            return Limits(choices={"draft": ("auto", *AR_DRAFTS), "universal": (False,)},
+                          search_choices=paired.search_choices)
+        return Limits(choices={"draft": ("auto", *TEXT_DRAFTS)}, search_choices=paired.search_choices)
 
-    def attach(self, backend, plan: DecodingPlan) -> DecodingHandle | CodecHandle:
+    def attach(self, backend, plan: DecodingPlan | ARImagePlan) -> DecodingHandle | CodecHandle | RunHandle:
         draft_id = backend.draft_id if self.config.draft == "auto" else self.config.draft
         if not draft_id:
             raise ValidationError(
@@ -158,6 +248,8 @@ class SpeculativeMethod(Method):
             )
         draft, draft_tokenizer = backend.get_draft(draft_id)
         gamma = self.config.num_assistant_tokens
+        if backend.family == AR_FAMILY:
+            return self._attach_ar(backend, plan, draft, draft_id)
         if backend.family == "codec-lm":
             check_same_codec(backend.model, draft, draft_id)
             require_greedy(plan, "speculative decoding of audio codes")
@@ -199,6 +291,17 @@ class SpeculativeMethod(Method):
                 plan.kwargs["assistant_model"] = draft
                 if not same_vocab:
                     plan.kwargs.update(tokenizer=backend.tokenizer, assistant_tokenizer=draft_tokenizer)
+        return handle
+
+    def _attach_ar(self, backend, plan: ARImagePlan, draft_pipe: Any, draft_id: str) -> RunHandle:
+        """The AR image token loop with the draft (``ar_speculative_loop``)."""
+        check_same_layout(backend.pipe, draft_pipe, draft_id)
+        cfg, stats, drafting_forwards = self.config, LoopStats(), [0]
+        handle = RunHandle(plan, stats=lambda: {**stats.as_dict(), "draft": draft_id,
+                                                "draft_forwards": drafting_forwards[0]})
+        handle.on_remove(set_ar_decoder(plan, lambda session, progress: ar_speculative_loop(
+            session, progress, draft_pipe, cfg.num_assistant_tokens, cfg.confidence_threshold, cfg.schedule,
+            stats=stats, drafting_forwards=drafting_forwards)))
         return handle
 
     def _configure_draft(self, handle: DecodingHandle, draft) -> None:

@@ -124,6 +124,11 @@ class ShapesVQ(nn.Module):
 # ----------------------------------------------------------------------------- token layout
 
 
+def _plain_words(prompt: str | None) -> str:
+    """A prompt as the model's words: lower case, commas and full stops as spaces."""
+    return (prompt or "").lower().replace(",", " ").replace(".", " ")
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where image codes, the null token and the prompt words sit in the Llama's vocabulary."""
@@ -155,19 +160,20 @@ class TokenLayout:
         """The 8 prefix tokens of a prompt; a parseable prompt is first put in its canonical
         word order ("red circle top left white" -> "a red circle at top left on white")."""
         spec = parse_prompt(prompt or "")
-        words = (prompt_for(spec) if spec is not None else (prompt or "").lower()).split()
+        words = (prompt_for(spec) if spec is not None else _plain_words(prompt)).split()
         ids = [self.word_id(w) for w in words][:PROMPT_LEN]
         return ids + [self.null_id] * (PROMPT_LEN - len(ids))
 
     def ignored_words(self, prompt: str) -> list[str]:
-        """The words of ``prompt`` the model never sees: outside its vocabulary, or past the
-        prefix length. A prompt that names a shape, colour, position and background is read
-        in its canonical form, so nothing of it is lost."""
-        if parse_prompt(prompt or "") is not None:
-            return []
-        words = (prompt or "").lower().replace(",", " ").split()
-        unknown = [w for w in words if w not in self.words]
-        return list(dict.fromkeys(unknown + [w for w in words[PROMPT_LEN:] if w in self.words]))
+        """The words of ``prompt`` the model never sees, by the same reading as ``prompt_ids``:
+        outside its vocabulary or past the prefix length; for a prompt that names a shape, colour, position and background, the words
+        its canonical form leaves out."""
+        spec = parse_prompt(prompt or "")
+        if spec is not None:
+            read = set(prompt_for(spec).split())
+            return list(dict.fromkeys(w for w in _plain_words(prompt).split() if w not in read))
+        words = _plain_words(prompt).split()
+        return list(dict.fromkeys(w for i, w in enumerate(words) if w not in self.words or i >= PROMPT_LEN))
 
     def null_ids(self, prompt_ids: list[int] | None = None) -> list[int]:
         """The classifier-free guidance row: 8 null tokens whatever the prompt."""
@@ -223,13 +229,19 @@ class ARImagePipeline:
         return self
 
     def token_logits(self, ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None,
-                     prefix: bool = False) -> torch.Tensor:
+                     prefix: bool = False, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the image codes (rows, n, codebook) after ``ids``: one vocabulary, so the
-        prefix and the image tokens go through the same embedding and head (``ARSession``)."""
+        prefix and the image tokens go through the same embedding and head (``ARSession``).
+        ``cache_position``: where a static cache writes (``static_cache``)."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        out = self.transformer(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                               **kwargs)
+        if cache_position is not None:
+            kwargs["cache_position"] = cache_position
+        out = self.transformer(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
         return out.logits[..., : self.layout.codebook_size]
+
+    def static_cache_config(self):
+        """The config a ``StaticCache`` for this transformer is sized from (``static_cache``)."""
+        return self.transformer.config
 
     def codebook_vectors(self) -> torch.Tensor:
         """The VQ code vectors (codebook, dim): latent neighbours for lantern and gsd."""

@@ -2,6 +2,7 @@
 
     python -m backends.tiny.train shapes-vq --minutes 12   # tokenizer -> assets/tiny-ar-shapes/tokenizer
     python -m backends.tiny.train shapes-ar --minutes 12   # transformer + training_report.json
+    python -m backends.tiny.train shapes-ar-draft --minutes 12   # 1-layer draft -> assets/tiny-ar-shapes-draft
 
 Data: the same jittered shapes renders and 8-word prompts as tiny-sd-shapes, drawn at 32x32.
 VQ: L1 + MSE reconstruction, codebook loss + 0.25 commitment (straight-through), codes
@@ -249,3 +250,129 @@ def evaluate(pipe: ARImagePipeline, cfg: ARTrainConfig, n: int, out: Path) -> di
     save_grid(images[:16], prompts[:16], out / "samples.png")
     return dict(eval_sampling=asdict(sampling), eval_samples=n, scores=score_images(images, prompts),
                 eval_seconds=round(time.time() - t0, 1))
+
+
+# ----------------------------------------------------------------------------- 1-layer draft
+
+
+DRAFT_DIR = AR_DIR.parent / "tiny-ar-shapes-draft"
+
+
+@dataclass
+class ARDraftTrainConfig:
+    """The draft distils the 4-layer target (see ``train_ar_draft_main``)."""
+
+    minutes: float = 12.0
+    max_steps: int = 50000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    p_uncond: float = 0.1
+    pool_size: int = 10000
+    hidden: int = 128  # the target's: its embeddings, first layer and head are the draft's starting point
+    layers: int = 1
+    heads: int = 4
+    distill_weight: float = 1.0  # KL(target || draft) on the image positions
+    data_weight: float = 0.1  # plus a little next-token cross-entropy on the real tokens
+    seed: int = 0
+
+
+def _draft_from_target(target, layout: TokenLayout, cfg: ARDraftTrainConfig):
+    """A 1-layer Llama started from the target's embeddings, first layer, final norm and head:
+    the draft begins in the target's representation, so distillation only has to fold the
+    other three layers' work into one."""
+    from transformers import LlamaForCausalLM
+
+    draft = LlamaForCausalLM(llama_config(layout, cfg.hidden, cfg.layers, cfg.heads))
+    own = draft.state_dict()
+    shared = {k: v for k, v in target.state_dict().items() if k in own and own[k].shape == v.shape}
+    draft.load_state_dict(shared, strict=False)
+    return draft, len(shared)
+
+
+def train_ar_draft_main(argv: list[str] | None = None) -> int:
+    """Distil ``assets/tiny-ar-shapes`` into a 1-layer draft for speculative decoding.
+
+    Why distillation rather than the shapes-ar token data alone: speculative sampling accepts
+    a draft token with probability min(1, p/q), so the expected acceptance is 1 - TV(p, q):
+    what matters is matching the target's full next-token distribution (conditional and null
+    prompt alike, as CFG mixes both), which the KL to the target's soft labels trains for
+    directly and with more signal per sample than the one-hot data tokens.
+    """
+    from transformers import LlamaForCausalLM
+
+    cfg = ARDraftTrainConfig()
+    p = argparse.ArgumentParser(prog="shapes-ar-draft")
+    p.add_argument("--minutes", type=float, default=cfg.minutes)
+    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    p.add_argument("--pool-size", type=int, default=cfg.pool_size)
+    p.add_argument("--target", type=Path, default=AR_DIR)
+    p.add_argument("--out", type=Path, default=DRAFT_DIR)
+    args = p.parse_args(argv)
+    cfg.minutes, cfg.max_steps, cfg.pool_size = args.minutes, args.max_steps, args.pool_size
+    _threads()
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    target_pipe = ARImagePipeline.from_pretrained(args.target)
+    target = target_pipe.transformer.requires_grad_(False)
+    layout = target_pipe.layout
+    prompts, tokens = _token_pool(target_pipe.vq, layout, cfg.pool_size, cfg.seed + 2)
+    print(f"token pool {tuple(tokens.shape)} in {time.time() - t0:.0f}s", flush=True)
+    draft, copied = _draft_from_target(target, layout, cfg)
+    print(f"draft starts from {copied} target tensors", flush=True)
+    decay = [p for n, p in draft.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in draft.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    null = torch.tensor(layout.null_ids())
+    n_prefix = len(layout.null_ids())
+    t1, step, budget = time.time(), 0, cfg.minutes * 60 - (time.time() - t0)
+    while step < cfg.max_steps and time.time() - t1 < budget:
+        progress = max(step / cfg.max_steps, (time.time() - t1) / budget)  # by the clock (see train_ar_main)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
+        pick = torch.randint(0, len(tokens), (cfg.batch_size,), generator=gen)
+        prefix = prompts[pick].clone()
+        prefix[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = null
+        ids = torch.cat([prefix, tokens[pick]], dim=1)
+        span = slice(n_prefix - 1, ids.shape[1] - 1)  # the positions that predict image tokens
+        with torch.no_grad():
+            teacher = F.log_softmax(target(input_ids=ids).logits[:, span].float(), dim=-1)
+        student = F.log_softmax(draft(input_ids=ids).logits[:, span].float(), dim=-1)
+        kl = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+        ce = F.nll_loss(student.flatten(0, 1), ids[:, n_prefix:].flatten())
+        loss = cfg.distill_weight * kl + cfg.data_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            print(f"draft step {step} ({progress:.0%}) kl {kl.item():.4f} ce {ce.item():.4f} "
+                  f"{time.time() - t1:.0f}s", flush=True)
+        step += 1
+    draft.eval()
+    # a whole pipeline (the target's tokenizer and layout): the draft loads through the same
+    # from_pretrained path and runs on its own like any bundled model (as tiny-code-draft does)
+    ARImagePipeline(target_pipe.vq, draft, layout).save_pretrained(args.out)  # saved before the evaluation
+    report = dict(recipe="shapes-ar-draft", target=args.target.name, config=asdict(cfg), steps=step,
+                  minutes=round((time.time() - t0) / 60, 2), samples_seen=step * cfg.batch_size,
+                  final_kl=round(kl.item(), 5), final_ce=round(ce.item(), 5), copied_from_target=copied,
+                  transformer_params=sum(p.numel() for p in draft.parameters()))
+    report.update(_draft_agreement(target_pipe, draft, *_token_pool(target_pipe.vq, layout, 512, cfg.seed + 3)))
+    report["folder_mb"] = folder_mb(args.out)
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), flush=True)
+    return 0
+
+
+@torch.no_grad()
+def _draft_agreement(target_pipe: ARImagePipeline, draft, prompts: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Teacher-forced agreement on held-out renders (their own seed): 1 - TV(p, q) is the expected
+    speculative acceptance per token (temperature 1, no guidance), argmax agreement the greedy one."""
+    ids = torch.cat([prompts, tokens], dim=1)
+    span = slice(prompts.shape[1] - 1, ids.shape[1] - 1)
+    p = F.softmax(target_pipe.transformer(input_ids=ids).logits[:, span].float(), -1)
+    q = F.softmax(draft(input_ids=ids).logits[:, span].float(), -1)
+    return dict(expected_acceptance=round(1 - 0.5 * (p - q).abs().sum(-1).mean().item(), 4),
+                argmax_agreement=round((p.argmax(-1) == q.argmax(-1)).float().mean().item(), 4))

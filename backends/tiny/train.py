@@ -22,6 +22,7 @@ RECIPES: dict[str, str] = {
     "synth-audio-classifier": "backends.tiny.audio_data:train_audio_classifier_main",
     "shapes-vq": "backends.tiny.ar_image_train:train_vq_main",
     "shapes-ar": "backends.tiny.ar_image_train:train_ar_main",
+    "shapes-ar-draft": "backends.tiny.ar_image_train:train_ar_draft_main",
 }
 
 

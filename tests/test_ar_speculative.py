@@ -1,0 +1,170 @@
+"""Speculative decoding with a draft model and the static cache on the autoregressive image
+kind (issue 21): the text methods ``speculative`` and ``static_cache`` extended to the AR
+token loop, on tiny random pipelines (no assets needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backends.accel._ar_decoding import ARSampling, LoopStats, plain_loop, run_loop, static_cache_loop
+from backends.accel.speculative import ar_speculative_loop
+from backends.ar_image import ARImageBackend
+from backends.tiny.ar_image import ARImagePipeline, ShapesVQ, TokenLayout, VQConfig, llama_config, prompt_words
+from backends.types import MethodChoice, Request, ValidationError
+
+PROMPT = "a red circle at top left on white"
+DRAFT = "tiny-ar-random-draft"
+
+
+def _truncated_draft(pipe: ARImagePipeline, layers: int = 1) -> ARImagePipeline:
+    """The target's own weights with its last layers dropped: a draft of the same layout whose
+    distributions are close to the target's (most drafts accepted), built in milliseconds."""
+    from transformers import LlamaForCausalLM
+
+    cfg = pipe.transformer.config
+    draft = LlamaForCausalLM(llama_config(pipe.layout, cfg.hidden_size, layers, cfg.num_attention_heads)).eval()
+    draft.load_state_dict(pipe.transformer.state_dict(), strict=False)
+    return ARImagePipeline(pipe.vq, draft, pipe.layout)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from backends.tiny.ar_image import tiny_random_pipeline
+
+    torch.set_num_threads(1)
+    pipe = tiny_random_pipeline(seed=0)
+    return pipe, _truncated_draft(pipe)
+
+
+def _small_pipeline(seed: int, layers: int = 1) -> ARImagePipeline:
+    """A 2x2-token, 8-code model with sharpened random logits (as in test_ar_image's SJD test):
+    distributions far from uniform, so a loop that bends them is caught by a few hundred draws."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)  # the same tokenizer for every seed: only the transformer differs
+    vq = ShapesVQ(VQConfig(image_size=8, width=16, codebook_size=8)).eval().requires_grad_(False)
+    layout = TokenLayout(8, tuple(prompt_words()), vq.cfg.grid)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(layout, hidden=32, layers=layers, heads=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.3 / model.lm_head.weight.std())
+    return ARImagePipeline(vq, model, layout)
+
+
+def _run(backend, methods=(), seed=3, **params):
+    request = Request("image", backend.model_id, PROMPT, seed=seed, params={"guidance": 3.0, **params},
+                      methods=[MethodChoice(name, p) for name, p in methods])
+    return backend.run(request)
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.output)
+
+
+# -- speculative decoding with a draft --------------------------------------------------------------
+def test_draft_speculation_is_exact_under_greedy_and_needs_fewer_target_forwards(pair):
+    pipe, draft = pair
+    greedy = ARSampling(guidance=3.0, temperature=0.0)
+    for seed in (0, 1):
+        plain, f_plain = run_loop(plain_loop, pipe, PROMPT, greedy, seed)
+        stats = LoopStats()
+        spec, f_spec = run_loop(lambda s, p: ar_speculative_loop(s, p, draft, 4, stats=stats), pipe, PROMPT, greedy,
+                                seed)
+        assert torch.equal(plain, spec)
+        assert f_spec < f_plain == 64 and stats.accepted > 0
+
+
+def test_draft_speculation_keeps_the_sampling_distribution_and_a_broken_rule_fails_the_test():
+    """Chi-square, speculative sampling against plain sampling, 500 seeds each, on a 2x2-token
+    model with a draft of other weights (acceptance well below 1, so rejections and residual
+    draws are exercised): every position's marginal and the joint of the last two. The same
+    test on a loop that keeps every draft (so its tokens follow the draft) must fail."""
+    from scipy.stats import chi2_contingency
+
+    target, draft = _small_pipeline(seed=0), _small_pipeline(seed=1)
+    sampling = ARSampling(guidance=2.0, temperature=1.0)
+    n, k = 500, target.layout.codebook_size
+
+    def tokens(loop, offset):
+        return torch.cat([run_loop(loop, target, PROMPT, sampling, seed + offset)[0] for seed in range(n)])
+
+    def columns(t):
+        return [c for c in t.T] + [t[:, 2] * k + t[:, 3]]
+
+    def pvalues(a, b):
+        out = []
+        for x, y in zip(columns(a), columns(b)):
+            cells = max(int(x.max()), int(y.max())) + 1
+            table = np.stack([np.bincount(x.numpy(), minlength=cells), np.bincount(y.numpy(), minlength=cells)])
+            out.append(chi2_contingency(table[:, table.sum(0) > 0]).pvalue)
+        return out
+
+    plain = tokens(plain_loop, 0)
+    stats = LoopStats()
+    spec = tokens(lambda s, p: ar_speculative_loop(s, p, draft, 3, stats=stats), 10**6)
+    assert 0.2 * stats.drafted < stats.accepted < 0.9 * stats.drafted  # drafts both kept and replaced
+    assert min(pvalues(plain, spec)) > 0.001  # 5 tests: a false alarm about once in 200 runs
+    broken = tokens(lambda s, p: ar_speculative_loop(s, p, draft, 3, accept=lambda *_: True), 2 * 10**6)
+    assert min(pvalues(plain, broken)) < 0.001
+
+
+def test_speculative_method_on_the_ar_model_removes_bit_identically_and_reports_its_work(pair):
+    pipe, draft = pair
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: draft})
+    before = _run(backend, temperature=0.0)
+    spec = _run(backend, [("speculative", {"num_assistant_tokens": 4})], temperature=0.0)
+    after = _run(backend, temperature=0.0)
+    assert np.array_equal(_pixels(before), _pixels(after)) and np.array_equal(_pixels(before), _pixels(spec))
+    stats = spec.method_stats["speculative"]
+    assert stats["draft"] == DRAFT and stats["tokens"] == 64 and stats["draft_forwards"] > 0
+    assert stats["transformer_forwards"] < 64 and spec.model_evals < before.model_evals == 64
+    sampled = _run(backend, [("speculative", {"schedule": "heuristic", "confidence_threshold": 0.2})])
+    assert sampled.method_stats["speculative"]["tokens"] == 64
+    assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+
+
+def test_speculative_on_the_ar_model_needs_a_draft_of_its_layout(pair):
+    pipe, _ = pair
+    alone = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    with pytest.raises(ValidationError, match="no paired draft") as err:
+        _run(alone, [("speculative", {})])
+    assert "\n" not in str(err.value)
+    other = _small_pipeline(seed=0)
+    mismatched = ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: other})
+    with pytest.raises(ValidationError, match="another token layout"):
+        _run(mismatched, [("speculative", {})])
+    with pytest.raises(ValidationError, match="universal"):  # a text-only setting is refused, not ignored
+        _run(ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: pair[1]}),
+             [("speculative", {"universal": True})])
+    assert _run(alone).extra["transformer_forwards"] == 64  # a refused method leaves nothing behind
+
+
+def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair):
+    from backends.accel.speculative import SpeculativeMethod
+    from backends.catalog import find_bundled
+
+    assert find_bundled("tiny-ar-shapes").draft == "tiny-ar-shapes-draft"
+    assert find_bundled("tiny-ar-shapes-draft").family == "ar-image"
+    backend = ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes")
+    assert backend.draft_id == "tiny-ar-shapes-draft"
+    choices = SpeculativeMethod.limits(backend).choices["draft"]
+    assert "tiny-ar-shapes-draft" in choices and "tiny-code-draft" not in choices
+
+
+# -- static cache -------------------------------------------------------------------------------------
+def test_static_cache_paints_the_same_image_and_removes_bit_identically(pair):
+    pipe, _ = pair
+    sampling = ARSampling(guidance=3.0, temperature=1.0)
+    plain, _ = run_loop(plain_loop, pipe, PROMPT, sampling, 5)
+    static, forwards = run_loop(static_cache_loop, pipe, PROMPT, sampling, 5)
+    assert torch.equal(plain, static) and forwards == 64
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    before = _run(backend)
+    cached = _run(backend, [("static_cache", {})])
+    after = _run(backend)
+    assert np.array_equal(_pixels(before), _pixels(cached)) and np.array_equal(_pixels(before), _pixels(after))
+    assert cached.method_stats["static_cache"]["static_cache"] is True
+    with pytest.raises(ValidationError, match="compile"):
+        _run(backend, [("static_cache", {"compile": True})])
