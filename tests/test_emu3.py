@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from backends.types import MethodChoice, Request, ValidationError
+import _ar_adapter_contract as contract
+from _ar_adapter_contract import PROMPT, REMOVABLE_METHODS
+from backends.types import MethodChoice, Request
 
-PROMPT = "a red circle at top left on white"
 NEGATIVE = "lowres blurry"
 WORDS = "a red green blue yellow circle square triangle at top bottom left right center on white black lowres blurry".split()
 SPECIALS = ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<image>", "<|image start|>", "<|image end|>",
@@ -97,39 +98,19 @@ def _tokens(backend, loop, seed=0, temperature=0.0, negative=NEGATIVE):
 
 # -- recognition and loading --------------------------------------------------------------------
 def test_emu3_sources_are_recognised_and_the_hub_id_fails_offline_in_one_line(emu3_dir, tmp_path):
-    from backends.ar_image import is_ar_image_source
     from backends.emu3 import HUB_MODELS, is_emu3_source
-    from backends.manager import BackendManager
-    from backends.types import ModelLoadError
 
-    assert all(is_ar_image_source(hub_id) for hub_id in HUB_MODELS) and is_ar_image_source(str(emu3_dir))
     assert not is_emu3_source("BAAI/Emu3-Chat-hf") and not is_emu3_source("stabilityai/sd-turbo")
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert not is_emu3_source(str(tmp_path))
-    with pytest.raises(ModelLoadError) as err:  # conftest sets HF_HUB_OFFLINE: no hub here
-        BackendManager(device="cpu").get("image", HUB_MODELS[0])
-    message = str(err.value)
-    assert "\n" not in message and "Traceback" not in message and "local folder" in message
-    with pytest.raises(ModelLoadError, match="is an image model: choose it in the Image tab"):
-        BackendManager(device="cpu").get("video", HUB_MODELS[0])
+    contract.check_hub_ids_are_recognised_and_fail_offline_in_one_line(HUB_MODELS, emu3_dir, "video", HUB_MODELS[0])
 
 
 def test_the_studio_paints_emu3_images_of_the_requested_size_with_every_method(emu3_dir, studio_factory):
-    studio = studio_factory()
-    model_id = str(emu3_dir)
-    for methods in ([], [MethodChoice("sjd", {"window": 8})], [MethodChoice("lantern", {"k": 8})],
-                    [MethodChoice("zipar", {"window": 2})], [MethodChoice("gsd", {"k": 8, "group": 4})]):
-        outcome = studio.generate(Request("image", model_id, PROMPT, seed=1, methods=methods, negative_prompt=NEGATIVE,
-                                          params={"width": 40, "height": 32, "guidance": GUIDANCE}))
-        assert outcome.result.output.size == (40, 32) and np.asarray(outcome.result.output).std() > 0
-        assert outcome.result.extra["tokens"] == GRID * GRID
+    outcomes = contract.check_the_studio_paints_every_method(studio_factory(), str(emu3_dir), GRID, _run, GUIDANCE,
+                                                             negative_prompt=NEGATIVE)
+    for outcome in outcomes:
         assert not any("negative prompt" in note for note in outcome.result.notes)  # Emu3 reads it
-    rows = studio.history.query(limit=5)
-    assert [r.methods[0]["name"] for r in rows[:4]][::-1] == ["sjd", "lantern", "zipar", "gsd"]
-    assert all(r.status == "ok" for r in rows)
-    backend = studio.manager.get("image", model_id)
-    assert backend.family == "ar-image" and backend.default_size() == (2 * GRID, 2 * GRID)
-    assert _run(backend).output.size == (2 * GRID, 2 * GRID)  # no size asked: the model's own
 
 
 # -- the same model as transformers' own loop -------------------------------------------------
@@ -194,27 +175,16 @@ def test_the_requests_negative_prompt_is_the_guidance_row(backend):
 
 
 def test_sjd_is_exact_under_greedy_decoding_on_emu3(backend):
-    from backends.accel._ar_decoding import plain_loop
-    from backends.accel.sjd import sjd_loop
-
-    for seed in (0, 1):
-        plain, _ = _tokens(backend, plain_loop, seed)
-        sjd, forwards = _tokens(backend, lambda s, p: sjd_loop(s, p, 8), seed)
-        assert torch.equal(plain, sjd) and forwards < GRID * GRID
+    forwards = contract.check_sjd_is_exact_under_greedy_decoding(backend, _tokens)
+    assert all(count < GRID * GRID for count in forwards)
 
 
 def test_zipar_with_a_row_wide_window_is_raster_order_across_the_end_of_lines(backend):
     """ZipAR feeds stand-in queries at raster positions under a 4-D mask: on Emu3 the session
     places them past the end-of-lines and widens the mask over them; with a window of a whole
     row it must write plain decoding's tokens."""
-    from backends.accel._ar_decoding import plain_loop
-    from backends.accel.zipar import LoopStats, zipar_loop
-
-    plain, _ = _tokens(backend, plain_loop)
-    raster, forwards = _tokens(backend, lambda s, p: zipar_loop(s, p, GRID, LoopStats()))
-    assert torch.equal(plain, raster) and forwards == GRID * GRID
-    _, rows = _tokens(backend, lambda s, p: zipar_loop(s, p, 2, LoopStats()))
-    assert rows == (GRID - 1) * 2 + GRID  # a row starts once the one above leads by 2
+    contract.check_a_row_wide_zipar_window_is_raster_order(backend, GRID, _tokens)
+    contract.check_zipar_starts_a_row_once_the_one_above_leads_by_two(backend, GRID, _tokens)
 
 
 def test_a_grid_mask_over_a_row_end_is_widened_to_the_causal_sequence_mask(backend):
@@ -235,90 +205,36 @@ def test_a_grid_mask_over_a_row_end_is_widened_to_the_causal_sequence_mask(backe
 
 
 # -- removal, work done, limits -----------------------------------------------------------------
-@pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("lantern", {"k": 8, "delta": 0.3}),
-                                    ("zipar", {"window": 2}), ("gsd", {"k": 8, "group": 4})])
+@pytest.mark.parametrize("method", REMOVABLE_METHODS)
 def test_removing_a_method_restores_the_emu3_baseline_bit_identically(backend, method):
-    from backends.accel._ar_decoding import plain_loop
-
-    before = _run(backend, temperature=1.0)
-    accelerated = _run(backend, [method], temperature=1.0)
-    after = _run(backend, temperature=1.0)
-    assert np.array_equal(np.asarray(before.output), np.asarray(after.output))
-    assert accelerated.method_stats[method[0]]["tokens"] == GRID * GRID
-    assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+    contract.check_removing_a_method_restores_the_baseline(backend, method, GRID, _run)
 
 
 def test_lantern_and_gsd_take_fewer_forwards_than_sjd_on_emu3(backend):
-    from backends.accel._ar_decoding import plain_loop
-    from backends.accel.gsd import grouped_accept
-    from backends.accel.lantern import latent_neighbours, relaxed_accept
-    from backends.accel.sjd import sjd_loop
-
-    neighbours = latent_neighbours(backend.pipe.codebook_vectors().detach(), 8)
-    forwards = {"plain": 0, "sjd": 0, "lantern": 0, "gsd": 0}
-    for seed in range(3):
-        forwards["plain"] += _tokens(backend, plain_loop, seed, 1.0)[1]
-        forwards["sjd"] += _tokens(backend, lambda s, p: sjd_loop(s, p, 8), seed, 1.0)[1]
-        forwards["lantern"] += _tokens(backend, lambda s, p: sjd_loop(
-            s, p, 8, accept=relaxed_accept(neighbours, 0.5)), seed, 1.0)[1]
-        forwards["gsd"] += _tokens(backend, lambda s, p: sjd_loop(
-            s, p, 8, accept=grouped_accept(neighbours, 8)), seed, 1.0)[1]
-    assert forwards["lantern"] < forwards["sjd"] <= forwards["plain"] == 3 * GRID * GRID
-    assert forwards["gsd"] < forwards["sjd"]
+    contract.check_lantern_and_gsd_take_fewer_forwards_than_sjd(backend, GRID, _tokens)
 
 
 def test_method_limits_follow_the_emu3_codebook_and_grid(backend):
-    from backends.accel.base import get_method
-
-    lantern, gsd, zipar = (get_method(name).limits(backend) for name in ("lantern", "gsd", "zipar"))
-    assert lantern.bounds("k", {}) == (None, CODES - 1) and gsd.bounds("group", {}) == (None, CODES)
-    assert zipar.bounds("window", {}) == (None, GRID)
-    for method in (("lantern", {"k": CODES}), ("zipar", {"window": GRID + 1})):
-        with pytest.raises(ValidationError, match="must be") as err:
-            _run(backend, [method])
-        assert "\n" not in str(err.value)
-    assert _run(backend, [("zipar", {"window": GRID})]).method_stats["zipar"]["tokens"] == GRID * GRID
+    contract.check_method_limits_follow_the_codebook_and_grid(
+        backend, GRID, CODES, _run,
+        refused=[(("lantern", {"k": CODES}), "must be"), (("zipar", {"window": GRID + 1}), "must be")],
+        accepted=("zipar", {"window": GRID}))
 
 
 # -- as the Janus loader: drafts and static cache refused, evaluations, cancel, settings, format ----
 def test_the_draft_and_static_cache_methods_are_refused_on_emu3_in_one_line(backend):
     """Emu3 has no paired draft and no static-cache path: both say so before any work."""
-    from backends.accel.base import get_method
-
-    assert "static-cache" in get_method("static_cache").limits(backend).unfit
-    for method in ("static_cache", "speculative"):
-        with pytest.raises(ValidationError) as err:
-            _run(backend, [(method, {})])
-        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    contract.check_the_draft_and_static_cache_methods_are_refused_in_one_line(backend, _run)
 
 
 def test_emu3_runs_count_each_text_model_forward_as_a_model_evaluation(backend):
-    plain = _run(backend)
-    assert plain.model_evals == plain.extra["transformer_forwards"] == GRID * GRID
-    fast = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
-    assert fast.model_evals == fast.method_stats["sjd"]["transformer_forwards"] < GRID * GRID
+    contract.check_each_forward_counts_as_a_model_evaluation(backend, GRID, _run)
 
 
 def test_a_cancel_stops_an_emu3_run_at_the_next_forward_without_a_progress_callback(backend):
-    from backends.control import CancelToken, RunCancelled
-
-    before = _run(backend)
-    token, calls = CancelToken(), []
-
-    def cancel_after_three(*_args) -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            token.cancel("test")
-
-    handle = backend.pipe.model.model.text_model.register_forward_pre_hook(cancel_after_three)
-    try:
-        with pytest.raises(RunCancelled):
-            backend.run(Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}),
-                        cancel=token)
-    finally:
-        handle.remove()
-    assert len(calls) == 3
-    assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
+    contract.check_a_cancel_stops_at_the_next_forward(
+        backend, backend.pipe.model.model.text_model,
+        Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}), _run)
 
 
 def test_the_emu3_gen_hub_id_recommends_its_own_guidance_and_size():
@@ -331,16 +247,6 @@ def test_the_emu3_gen_hub_id_recommends_its_own_guidance_and_size():
 
 def test_baais_own_emu3_format_is_refused_in_one_line_naming_the_transformers_repo(tmp_path):
     """``BAAI/Emu3-Gen`` is BAAI's remote code (model_type ``Emu3``), not transformers' ``emu3``."""
-    from backends.ar_image import is_ar_image_source
-    from backends.manager import BackendManager
-    from backends.types import ModelLoadError
-
-    folder = tmp_path / "Emu3-Gen"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "Emu3", "architectures": ["Emu3ForCausalLM"]}')
-    assert is_ar_image_source(str(folder))
-    with pytest.raises(ModelLoadError) as err:
-        BackendManager(device="cpu").get("image", str(folder))
-    message = str(err.value)
-    assert "\n" not in message and "BAAI's own" in message and "BAAI/Emu3-Gen-hf" in message
-    assert str(tmp_path) not in message
+    message = contract.check_a_foreign_format_is_refused_in_one_line(
+        tmp_path / "Emu3-Gen", '{"model_type": "Emu3", "architectures": ["Emu3ForCausalLM"]}')
+    assert "BAAI's own" in message and "BAAI/Emu3-Gen-hf" in message

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from backends.types import MethodChoice, Request, ValidationError
-
-PROMPT = "a red circle at top left on white"
+import _ar_adapter_contract as contract
+from _ar_adapter_contract import PROMPT, REMOVABLE_METHODS
+from backends.types import MethodChoice, Request
 WORDS = "a red green blue yellow circle square triangle at top bottom left right center on white black".split()
 SPECIALS = ["<unk>", "<|begin_of_sentence|>", "<|end_of_sentence|>", "<pad>", "<image_placeholder>",
             "<begin_of_image>", "<end_of_image>", "<|User|>:", "<|Assistant|>:"]
@@ -104,36 +104,15 @@ def _tokens(backend, loop, seed=0, temperature=0.0):
 def test_janus_sources_are_recognised_and_the_hub_ids_fail_offline_in_one_line(janus_dir, tmp_path):
     from backends.ar_image import is_ar_image_source
     from backends.janus import HUB_MODELS, is_janus_source
-    from backends.manager import BackendManager
-    from backends.types import ModelLoadError
 
-    assert all(is_ar_image_source(hub_id) for hub_id in HUB_MODELS) and is_ar_image_source(str(janus_dir))
     assert not is_janus_source("deepseek-ai/JanusFlow-1.3B") and not is_janus_source("stabilityai/sd-turbo")
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert not is_ar_image_source(str(tmp_path))
-    with pytest.raises(ModelLoadError) as err:  # conftest sets HF_HUB_OFFLINE: no hub here
-        BackendManager(device="cpu").get("image", HUB_MODELS[0])
-    message = str(err.value)
-    assert "\n" not in message and "Traceback" not in message and "local folder" in message
-    with pytest.raises(ModelLoadError, match="is an image model: choose it in the Image tab"):
-        BackendManager(device="cpu").get("text", HUB_MODELS[1])
+    contract.check_hub_ids_are_recognised_and_fail_offline_in_one_line(HUB_MODELS, janus_dir, "text", HUB_MODELS[1])
 
 
 def test_the_studio_paints_janus_images_of_the_requested_size_with_every_method(janus_dir, studio_factory):
-    studio = studio_factory()
-    model_id = str(janus_dir)
-    for methods in ([], [MethodChoice("sjd", {"window": 8})], [MethodChoice("lantern", {"k": 8})],
-                    [MethodChoice("zipar", {"window": 2})], [MethodChoice("gsd", {"k": 8, "group": 4})]):
-        outcome = studio.generate(Request("image", model_id, PROMPT, seed=1, methods=methods,
-                                          params={"width": 40, "height": 32, "guidance": GUIDANCE}))
-        assert outcome.result.output.size == (40, 32) and np.asarray(outcome.result.output).std() > 0
-        assert outcome.result.extra["tokens"] == GRID * GRID
-    rows = studio.history.query(limit=5)
-    assert [r.methods[0]["name"] for r in rows[:4]][::-1] == ["sjd", "lantern", "zipar", "gsd"]
-    assert all(r.status == "ok" for r in rows)
-    backend = studio.manager.get("image", model_id)
-    assert backend.family == "ar-image" and backend.default_size() == (2 * GRID, 2 * GRID)
-    assert _run(backend).output.size == (2 * GRID, 2 * GRID)  # no size asked: the model's own
+    contract.check_the_studio_paints_every_method(studio_factory(), str(janus_dir), GRID, _run, GUIDANCE)
 
 
 # -- the same model as transformers' own loop -------------------------------------------------
@@ -164,60 +143,26 @@ def test_greedy_plain_loop_writes_transformers_own_image_tokens(backend):
 
 
 def test_sjd_is_exact_under_greedy_decoding_on_janus(backend):
-    from backends.accel._ar_decoding import plain_loop
-    from backends.accel.sjd import sjd_loop
-
-    for seed in (0, 1):
-        plain, _ = _tokens(backend, plain_loop, seed)
-        sjd, forwards = _tokens(backend, lambda s, p: sjd_loop(s, p, 8), seed)
-        assert torch.equal(plain, sjd) and forwards <= GRID * GRID
+    forwards = contract.check_sjd_is_exact_under_greedy_decoding(backend, _tokens)
+    assert all(count <= GRID * GRID for count in forwards)
 
 
 # -- removal, work done, limits -----------------------------------------------------------------
-@pytest.mark.parametrize("method", [("sjd", {"window": 8}), ("lantern", {"k": 8, "delta": 0.3}),
-                                    ("zipar", {"window": 2}), ("gsd", {"k": 8, "group": 4})])
+@pytest.mark.parametrize("method", REMOVABLE_METHODS)
 def test_removing_a_method_restores_the_janus_baseline_bit_identically(backend, method):
-    from backends.accel._ar_decoding import plain_loop
-
-    before = _run(backend, temperature=1.0)
-    accelerated = _run(backend, [method], temperature=1.0)
-    after = _run(backend, temperature=1.0)
-    assert np.array_equal(np.asarray(before.output), np.asarray(after.output))
-    assert accelerated.method_stats[method[0]]["tokens"] == GRID * GRID
-    assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+    contract.check_removing_a_method_restores_the_baseline(backend, method, GRID, _run)
 
 
 def test_lantern_and_gsd_take_fewer_forwards_than_sjd_and_zipar_fewer_than_raster(backend):
-    from backends.accel._ar_decoding import plain_loop
-    from backends.accel.gsd import grouped_accept
-    from backends.accel.lantern import latent_neighbours, relaxed_accept
-    from backends.accel.sjd import sjd_loop
-    from backends.accel.zipar import LoopStats, zipar_loop
-
-    neighbours = latent_neighbours(backend.pipe.codebook_vectors().detach(), 8)
-    forwards = {"plain": 0, "sjd": 0, "lantern": 0, "gsd": 0}
-    for seed in range(3):
-        forwards["plain"] += _tokens(backend, plain_loop, seed, 1.0)[1]
-        forwards["sjd"] += _tokens(backend, lambda s, p: sjd_loop(s, p, 8), seed, 1.0)[1]
-        forwards["lantern"] += _tokens(backend, lambda s, p: sjd_loop(
-            s, p, 8, accept=relaxed_accept(neighbours, 0.5)), seed, 1.0)[1]
-        forwards["gsd"] += _tokens(backend, lambda s, p: sjd_loop(
-            s, p, 8, accept=grouped_accept(neighbours, 8)), seed, 1.0)[1]
-    assert forwards["lantern"] < forwards["sjd"] < forwards["plain"] == 3 * GRID * GRID
-    assert forwards["gsd"] < forwards["sjd"]
-    _, rows = _tokens(backend, lambda s, p: zipar_loop(s, p, 2, LoopStats()))
-    assert rows == (GRID - 1) * 2 + GRID  # a row starts once the one above leads by 2
+    forwards = contract.check_lantern_and_gsd_take_fewer_forwards_than_sjd(backend, GRID, _tokens)
+    assert forwards["sjd"] < forwards["plain"]  # on Janus SJD itself saves forwards
+    contract.check_zipar_starts_a_row_once_the_one_above_leads_by_two(backend, GRID, _tokens)
 
 
 def test_zipar_with_a_row_wide_window_is_raster_order_through_positions_and_masks(backend):
     """ZipAR feeds stand-in queries at raster positions under a 4-D mask; with a window of a
     whole row it must write plain decoding's tokens: the adapter passes both through."""
-    from backends.accel._ar_decoding import plain_loop
-    from backends.accel.zipar import LoopStats, zipar_loop
-
-    plain, _ = _tokens(backend, plain_loop)
-    raster, forwards = _tokens(backend, lambda s, p: zipar_loop(s, p, GRID, LoopStats()))
-    assert torch.equal(plain, raster) and forwards == GRID * GRID
+    plain = contract.check_a_row_wide_zipar_window_is_raster_order(backend, GRID, _tokens)
     # the positions and the mask reach the model: a token placed a row further on, or one
     # hidden from the prompt, has another distribution
     from backends.accel._ar_decoding import ARSampling, ARSession
@@ -236,58 +181,27 @@ def test_zipar_with_a_row_wide_window_is_raster_order_through_positions_and_mask
 
 
 def test_method_limits_follow_the_janus_codebook_and_grid(backend):
-    from backends.accel.base import get_method
-
-    lantern, gsd, zipar = (get_method(name).limits(backend) for name in ("lantern", "gsd", "zipar"))
-    assert lantern.bounds("k", {}) == (None, CODES - 1) and gsd.bounds("group", {}) == (None, CODES)
-    assert zipar.bounds("window", {}) == (None, GRID)
-    with pytest.raises(ValidationError, match="k must be") as err:
-        _run(backend, [("lantern", {"k": CODES})])
-    assert "\n" not in str(err.value)
-    assert _run(backend, [("lantern", {"k": CODES - 1})]).method_stats["lantern"]["tokens"] == GRID * GRID
-
+    contract.check_method_limits_follow_the_codebook_and_grid(
+        backend, GRID, CODES, _run, refused=[(("lantern", {"k": CODES}), "k must be")],
+        accepted=("lantern", {"k": CODES - 1}))
 
 
 def test_the_draft_and_static_cache_methods_are_refused_on_janus_in_one_line(backend):
     """Janus has no paired draft and no static-cache path: both say so before any work."""
-    from backends.accel.base import get_method
+    contract.check_the_draft_and_static_cache_methods_are_refused_in_one_line(backend, _run)
 
-    assert "static-cache" in get_method("static_cache").limits(backend).unfit
-    for method in ("static_cache", "speculative"):
-        with pytest.raises(ValidationError) as err:
-            _run(backend, [(method, {})])
-        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 # -- review fixes: evaluations counted, cancel without progress, recommended settings, format ----
 def test_janus_runs_count_each_language_model_forward_as_a_model_evaluation(backend):
-    plain = _run(backend)
-    assert plain.model_evals == plain.extra["transformer_forwards"] == GRID * GRID
-    fast = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
-    assert fast.model_evals == fast.method_stats["sjd"]["transformer_forwards"] < GRID * GRID
+    contract.check_each_forward_counts_as_a_model_evaluation(backend, GRID, _run)
 
 
 def test_a_cancel_stops_a_janus_run_at_the_next_forward_without_a_progress_callback(backend):
     """The API's /run passes no progress callback: the check before every forward of the
     module actually called (the language model) is what stops it."""
-    from backends.control import CancelToken, RunCancelled
-
-    before = _run(backend)
-    token, calls = CancelToken(), []
-
-    def cancel_after_three(*_args) -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            token.cancel("test")
-
-    handle = backend.pipe.model.model.language_model.register_forward_pre_hook(cancel_after_three)
-    try:
-        with pytest.raises(RunCancelled):
-            backend.run(Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}),
-                        cancel=token)
-    finally:
-        handle.remove()
-    assert len(calls) == 3
-    assert np.array_equal(np.asarray(_run(backend).output), np.asarray(before.output))
+    contract.check_a_cancel_stops_at_the_next_forward(
+        backend, backend.pipe.model.model.language_model,
+        Request("image", backend.model_id, PROMPT, seed=3, params={"guidance": GUIDANCE}), _run)
 
 
 def test_the_janus_pro_hub_ids_recommend_janus_own_guidance_and_size():
@@ -306,18 +220,12 @@ def test_deepseeks_own_janus_format_is_refused_in_one_line_naming_the_transforme
     """``deepseek-ai/Janus-Pro-7B`` is DeepSeek's ``multi_modality`` code, not transformers'
     ``janus``: the loader reads the config first and says where the loadable ones are."""
     from transformers import PretrainedConfig
-    from backends.ar_image import is_ar_image_source
     from backends.manager import BackendManager
     from backends.types import ModelLoadError
 
-    folder = tmp_path / "Janus-Pro-7B"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "multi_modality", "architectures": ["MultiModalityCausalLM"]}')
-    assert is_ar_image_source(str(folder))
-    with pytest.raises(ModelLoadError) as err:
-        BackendManager(device="cpu").get("image", str(folder))
-    message = str(err.value)
-    assert "\n" not in message and "multi_modality" in message and str(tmp_path) not in message
+    message = contract.check_a_foreign_format_is_refused_in_one_line(
+        tmp_path / "Janus-Pro-7B", '{"model_type": "multi_modality", "architectures": ["MultiModalityCausalLM"]}')
+    assert "multi_modality" in message
     assert "deepseek-community/Janus-Pro-1B" in message and "deepseek-community/Janus-Pro-7B" in message
     # a hub id: its config.json as the hub would serve it (no hub here)
     deepseek_config = {"model_type": "multi_modality"}
