@@ -29,6 +29,23 @@ REMOVABLE_METHODS = [("sjd", {"window": 8}), ("lantern", {"k": 8, "delta": 0.3})
                      ("zipar", {"window": 2}), ("gsd", {"k": 8, "group": 4})]
 
 
+# -- building and loading -----------------------------------------------------------------------
+def saved_tiny_model(tmp_path_factory, name: str, build):
+    """A folder holding the tiny random model ``build(folder)`` saves (one thread: the tests
+    share the CPU)."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp(name) / f"tiny-{name}"
+    build(folder)
+    return folder
+
+
+def load_as_the_studio_does(folder):
+    """The backend for a folder typed as the model id, loaded the way the studio loads it."""
+    from backends.manager import BackendManager
+
+    return BackendManager(device="cpu").get("image", str(folder))
+
+
 # -- recognition and loading --------------------------------------------------------------------
 def check_hub_ids_are_recognised_and_fail_offline_in_one_line(hub_ids, folder, other_kind: str,
                                                               other_hub_id: str) -> None:

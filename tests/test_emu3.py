@@ -68,18 +68,12 @@ def build_tiny_emu3(folder) -> None:
 
 @pytest.fixture(scope="module")
 def emu3_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("emu3") / "tiny-emu3"
-    build_tiny_emu3(folder)
-    return folder
+    return contract.saved_tiny_model(tmp_path_factory, "emu3", build_tiny_emu3)
 
 
 @pytest.fixture(scope="module")
 def backend(emu3_dir):
-    """Loaded the way the studio loads a folder typed as the model id."""
-    from backends.manager import BackendManager
-
-    return BackendManager(device="cpu").get("image", str(emu3_dir))
+    return contract.load_as_the_studio_does(emu3_dir)
 
 
 def _run(backend, methods=(), seed=3, **params):

@@ -74,18 +74,12 @@ def build_tiny_janus(folder) -> None:
 
 @pytest.fixture(scope="module")
 def janus_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("janus") / "tiny-janus"
-    build_tiny_janus(folder)
-    return folder
+    return contract.saved_tiny_model(tmp_path_factory, "janus", build_tiny_janus)
 
 
 @pytest.fixture(scope="module")
 def backend(janus_dir):
-    """Loaded the way the studio loads a folder typed as the model id."""
-    from backends.manager import BackendManager
-
-    return BackendManager(device="cpu").get("image", str(janus_dir))
+    return contract.load_as_the_studio_does(janus_dir)
 
 
 def _run(backend, methods=(), seed=3, **params):
