@@ -13,10 +13,8 @@ from backends.accel.lantern import latent_neighbours, relaxed_accept
 from backends.accel.sjd import sjd_loop
 from backends.accel.zipar import zipar_loop
 from backends.ar_image import ARImageBackend
-from backends.tiny.ar_image import ARImagePipeline, ShapesVQ, TokenLayout, VQConfig, llama_config, prompt_words
 from backends.types import MethodChoice, Request, ValidationError
-
-PROMPT = "a red circle at top left on white"
+from _ar_tiny import PROMPT, pixels, run, small_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -31,39 +29,14 @@ def _tiny():
     return tiny_random_pipeline(seed=0)
 
 
-def _small_pipeline(codebook: int = 8, image_size: int = 8, logit_scale: float = 0.3, seed: int = 0):
-    """A 2x2-token, 8-code model with sharpened random logits: its token distributions are
-    far from uniform, so a sampling loop that bends them is caught by a thousand draws
-    (checked: SJD accepting every draft gives p < 1e-4 at three of the five columns)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    vq = ShapesVQ(VQConfig(image_size=image_size, width=16, codebook_size=codebook)).eval().requires_grad_(False)
-    layout = TokenLayout(codebook, tuple(prompt_words()), vq.cfg.grid)
-    model = LlamaForCausalLM(llama_config(layout, hidden=32, layers=1, heads=2)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(logit_scale / model.lm_head.weight.std())
-    return ARImagePipeline(vq, model, layout)
-
-
-def _run(backend, methods=(), seed=3, **params):
-    request = Request("image", backend.model_id, PROMPT, seed=seed, params={"guidance": 3.0, **params},
-                      methods=[MethodChoice(name, p) for name, p in methods])
-    return backend.run(request)
-
-
-def _pixels(result) -> np.ndarray:
-    return np.asarray(result.output)
-
-
 # -- the backend ------------------------------------------------------------------------------
 def test_backend_paints_a_seeded_image_of_the_requested_size(pipe):
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
-    a, b, c = _run(backend, seed=1), _run(backend, seed=1), _run(backend, seed=2)
-    assert a.output.size == (64, 64) and _pixels(a).std() > 0
-    assert np.array_equal(_pixels(a), _pixels(b)) and not np.array_equal(_pixels(a), _pixels(c))
+    a, b, c = run(backend, seed=1), run(backend, seed=1), run(backend, seed=2)
+    assert a.output.size == (64, 64) and pixels(a).std() > 0
+    assert np.array_equal(pixels(a), pixels(b)) and not np.array_equal(pixels(a), pixels(c))
     assert a.extra["tokens"] == 64 and a.extra["transformer_forwards"] == 64 and a.model_evals == 64
-    assert _run(backend, seed=1, width=32, height=32).output.size == (32, 32)
+    assert run(backend, seed=1, width=32, height=32).output.size == (32, 32)
 
 
 def test_bundled_folder_loads_through_the_image_backend(pipe, tmp_path):
@@ -73,13 +46,13 @@ def test_bundled_folder_loads_through_the_image_backend(pipe, tmp_path):
     backend = ImageBackend.from_pretrained("local-ar", str(tmp_path / "ar"), torch.device("cpu"), torch.float32)
     assert isinstance(backend, ARImageBackend) and backend.family == "ar-image"
     original = ARImageBackend.from_pipeline(pipe, "local-ar")
-    assert np.array_equal(_pixels(_run(backend)), _pixels(_run(original)))
+    assert np.array_equal(pixels(run(backend)), pixels(run(original)))
 
 
 def test_an_init_image_is_refused_in_one_line_not_ignored(pipe):
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
     with pytest.raises(ValidationError) as err:
-        _run(backend, init_image="data:image/png;base64,AAAA", strength=0.5)
+        run(backend, init_image="data:image/png;base64,AAAA", strength=0.5)
     assert "img2img" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -94,10 +67,10 @@ def test_prompt_words_are_put_in_canonical_order(pipe):
                                     ("gsd", {"group": 10})])
 def test_removing_a_method_restores_the_baseline_bit_identically(pipe, method):
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
-    before = _run(backend)
-    accelerated = _run(backend, [method])
-    after = _run(backend)
-    assert np.array_equal(_pixels(before), _pixels(after))
+    before = run(backend)
+    accelerated = run(backend, [method])
+    after = run(backend)
+    assert np.array_equal(pixels(before), pixels(after))
     assert accelerated.method_stats[method[0]]["tokens"] == 64
     assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
 
@@ -116,7 +89,7 @@ def test_sjd_keeps_the_sampling_distribution():
     from drafts). A loop that keeps drafts too easily (accepting every draft) fails it."""
     from scipy.stats import chi2_contingency
 
-    pipe = _small_pipeline()
+    pipe = small_pipeline()
     sampling = ARSampling(guidance=2.0, temperature=1.0)
     n, k = 600, pipe.layout.codebook_size
     plain = torch.cat([run_loop(plain_loop, pipe, PROMPT, sampling, seed)[0] for seed in range(n)])
@@ -170,10 +143,10 @@ def test_gsd_needs_fewer_forwards_than_sjd_and_a_group_of_one_is_sjd(pipe):
 
 def test_gsd_method_with_a_group_of_one_paints_sjd_bit_identically(pipe):
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
-    sjd = _run(backend, [("sjd", {"window": 8})], temperature=1.0)
-    one = _run(backend, [("gsd", {"window": 8, "group": 1})], temperature=1.0)
-    grouped = _run(backend, [("gsd", {"window": 8, "group": 10})], temperature=1.0)
-    assert np.array_equal(_pixels(sjd), _pixels(one))
+    sjd = run(backend, [("sjd", {"window": 8})], temperature=1.0)
+    one = run(backend, [("gsd", {"window": 8, "group": 1})], temperature=1.0)
+    grouped = run(backend, [("gsd", {"window": 8, "group": 10})], temperature=1.0)
+    assert np.array_equal(pixels(sjd), pixels(one))
     assert grouped.method_stats["gsd"]["transformer_forwards"] < sjd.method_stats["sjd"]["transformer_forwards"]
 
 
@@ -281,9 +254,9 @@ def test_guidance_of_one_or_less_runs_one_row_and_reads_the_prompt(pipe):
         assert ARSession(pipe, PROMPT, ARSampling(guidance=guidance), seed=0).prefix.shape[0] == 1
     assert ARSession(pipe, PROMPT, ARSampling(guidance=1.5), seed=0).prefix.shape[0] == 2
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
-    one = _pixels(_run(backend, guidance=1.0))
-    assert np.array_equal(_pixels(_run(backend, guidance=0.5)), one)
-    assert np.array_equal(_pixels(_run(backend, guidance=0.0)), one)
+    one = pixels(run(backend, guidance=1.0))
+    assert np.array_equal(pixels(run(backend, guidance=0.5)), one)
+    assert np.array_equal(pixels(run(backend, guidance=0.0)), one)
 
 
 def test_latent_neighbours_are_computed_once_per_loaded_model_and_k(monkeypatch):
@@ -299,13 +272,13 @@ def test_latent_neighbours_are_computed_once_per_loaded_model_and_k(monkeypatch)
     monkeypatch.setattr(lantern, "latent_neighbours", counted)
     fresh = _tiny()  # its own pipeline: nothing cached on it yet
     backend = ARImageBackend.from_pipeline(fresh, "tiny-ar-random")
-    first = _run(backend, [("lantern", {"k": 16})], temperature=1.0)
-    again = _run(backend, [("lantern", {"k": 16})], temperature=1.0)
-    _run(backend, [("gsd", {"k": 16, "group": 4})], temperature=1.0)
+    first = run(backend, [("lantern", {"k": 16})], temperature=1.0)
+    again = run(backend, [("lantern", {"k": 16})], temperature=1.0)
+    run(backend, [("gsd", {"k": 16, "group": 4})], temperature=1.0)
     assert calls == [16]  # the second lantern run and gsd reuse the first run's neighbours
-    assert np.array_equal(_pixels(first), _pixels(again))
+    assert np.array_equal(pixels(first), pixels(again))
     assert first.method_stats == again.method_stats
-    _run(backend, [("lantern", {"k": 8})], temperature=1.0)
+    run(backend, [("lantern", {"k": 8})], temperature=1.0)
     assert calls == [16, 8]
     codes = fresh.codebook_vectors().detach().cpu()
     assert torch.equal(lantern.neighbours_of(fresh, 16), compute(codes, 16))
@@ -324,5 +297,5 @@ def test_token_loop_passes_the_cache_by_its_current_keyword(pipe):
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _run(backend, [("sjd", {"window": 8})])
+        run(backend, [("sjd", {"window": 8})])
     assert not [w for w in caught if "past_key_values" in str(w.message)]

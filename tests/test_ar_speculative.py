@@ -11,10 +11,10 @@ import torch
 from backends.accel._ar_decoding import ARSampling, LoopStats, plain_loop, run_loop, static_cache_loop
 from backends.accel.speculative import ar_speculative_loop
 from backends.ar_image import ARImageBackend
-from backends.tiny.ar_image import ARImagePipeline, ShapesVQ, TokenLayout, VQConfig, llama_config, prompt_words
-from backends.types import MethodChoice, Request, ValidationError
+from backends.tiny.ar_image import ARImagePipeline, llama_config
+from backends.types import Request, ValidationError
+from _ar_tiny import PROMPT, pixels, run, small_pipeline
 
-PROMPT = "a red circle at top left on white"
 DRAFT = "tiny-ar-random-draft"
 
 
@@ -38,31 +38,6 @@ def pair():
     return pipe, _truncated_draft(pipe)
 
 
-def _small_pipeline(seed: int, layers: int = 1) -> ARImagePipeline:
-    """A 2x2-token, 8-code model with sharpened random logits (as in test_ar_image's SJD test):
-    distributions far from uniform, so a loop that bends them is caught by a few hundred draws."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)  # the same tokenizer for every seed: only the transformer differs
-    vq = ShapesVQ(VQConfig(image_size=8, width=16, codebook_size=8)).eval().requires_grad_(False)
-    layout = TokenLayout(8, tuple(prompt_words()), vq.cfg.grid)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(layout, hidden=32, layers=layers, heads=2)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(0.3 / model.lm_head.weight.std())
-    return ARImagePipeline(vq, model, layout)
-
-
-def _run(backend, methods=(), seed=3, **params):
-    request = Request("image", backend.model_id, PROMPT, seed=seed, params={"guidance": 3.0, **params},
-                      methods=[MethodChoice(name, p) for name, p in methods])
-    return backend.run(request)
-
-
-def _pixels(result) -> np.ndarray:
-    return np.asarray(result.output)
-
-
 # -- speculative decoding with a draft --------------------------------------------------------------
 def test_draft_speculation_is_exact_under_greedy_and_needs_fewer_target_forwards(pair):
     pipe, draft = pair
@@ -83,7 +58,7 @@ def test_draft_speculation_keeps_the_sampling_distribution_and_a_broken_rule_fai
     test on a loop that keeps every draft (so its tokens follow the draft) must fail."""
     from scipy.stats import chi2_contingency
 
-    target, draft = _small_pipeline(seed=0), _small_pipeline(seed=1)
+    target, draft = small_pipeline(model_seed=0), small_pipeline(model_seed=1)
     sampling = ARSampling(guidance=2.0, temperature=1.0)
     n, k = 500, target.layout.codebook_size
 
@@ -113,14 +88,14 @@ def test_draft_speculation_keeps_the_sampling_distribution_and_a_broken_rule_fai
 def test_speculative_method_on_the_ar_model_removes_bit_identically_and_reports_its_work(pair):
     pipe, draft = pair
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: draft})
-    before = _run(backend, temperature=0.0)
-    spec = _run(backend, [("speculative", {"num_assistant_tokens": 4})], temperature=0.0)
-    after = _run(backend, temperature=0.0)
-    assert np.array_equal(_pixels(before), _pixels(after)) and np.array_equal(_pixels(before), _pixels(spec))
+    before = run(backend, temperature=0.0)
+    spec = run(backend, [("speculative", {"num_assistant_tokens": 4})], temperature=0.0)
+    after = run(backend, temperature=0.0)
+    assert np.array_equal(pixels(before), pixels(after)) and np.array_equal(pixels(before), pixels(spec))
     stats = spec.method_stats["speculative"]
     assert stats["draft"] == DRAFT and stats["tokens"] == 64 and stats["draft_forwards"] > 0
     assert stats["transformer_forwards"] < 64 and spec.model_evals < before.model_evals == 64
-    sampled = _run(backend, [("speculative", {"schedule": "heuristic", "confidence_threshold": 0.2})])
+    sampled = run(backend, [("speculative", {"schedule": "heuristic", "confidence_threshold": 0.2})])
     assert sampled.method_stats["speculative"]["tokens"] == 64
     assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
 
@@ -129,16 +104,16 @@ def test_speculative_on_the_ar_model_needs_a_draft_of_its_layout(pair):
     pipe, _ = pair
     alone = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
     with pytest.raises(ValidationError, match="no paired draft") as err:
-        _run(alone, [("speculative", {})])
+        run(alone, [("speculative", {})])
     assert "\n" not in str(err.value)
-    other = _small_pipeline(seed=0)
+    other = small_pipeline(model_seed=0)
     mismatched = ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: other})
     with pytest.raises(ValidationError, match="another token layout"):
-        _run(mismatched, [("speculative", {})])
+        run(mismatched, [("speculative", {})])
     with pytest.raises(ValidationError, match="universal"):  # a text-only setting is refused, not ignored
-        _run(ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: pair[1]}),
+        run(ARImageBackend.from_pipeline(pipe, "tiny-ar-random", drafts={DRAFT: pair[1]}),
              [("speculative", {"universal": True})])
-    assert _run(alone).extra["transformer_forwards"] == 64  # a refused method leaves nothing behind
+    assert run(alone).extra["transformer_forwards"] == 64  # a refused method leaves nothing behind
 
 
 def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair):
@@ -161,10 +136,10 @@ def test_static_cache_paints_the_same_image_and_removes_bit_identically(pair):
     static, forwards = run_loop(static_cache_loop, pipe, PROMPT, sampling, 5)
     assert torch.equal(plain, static) and forwards == 64
     backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
-    before = _run(backend)
-    cached = _run(backend, [("static_cache", {})])
-    after = _run(backend)
-    assert np.array_equal(_pixels(before), _pixels(cached)) and np.array_equal(_pixels(before), _pixels(after))
+    before = run(backend)
+    cached = run(backend, [("static_cache", {})])
+    after = run(backend)
+    assert np.array_equal(pixels(before), pixels(cached)) and np.array_equal(pixels(before), pixels(after))
     assert cached.method_stats["static_cache"]["static_cache"] is True
     with pytest.raises(ValidationError, match="compile"):
-        _run(backend, [("static_cache", {"compile": True})])
+        run(backend, [("static_cache", {"compile": True})])
