@@ -43,6 +43,12 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("FASTGEN_TRAIN_THREADS", "1")))  # 1: trainings share the CPU
 
 
+def _set_lr(opt: torch.optim.Optimizer, progress: float, peak: float) -> None:
+    """The cosine schedule at ``progress`` (0..1 of the budget) for every parameter group."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(int(1000 * progress), 1000, peak, warmup=30)
+
+
 # ----------------------------------------------------------------------------- VQ
 
 
@@ -99,8 +105,7 @@ def train_vq_main(argv: list[str] | None = None) -> int:
     t0, step, budget = time.time(), 0, cfg.minutes * 60
     while step < cfg.max_steps and time.time() - t0 < budget:
         progress = max(step / cfg.max_steps, (time.time() - t0) / budget)  # by the clock (see train_ar_main)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
+        _set_lr(opt, progress, cfg.lr)
         x = render_batch([random_spec(rng) for _ in range(cfg.batch_size)], rng, IMAGE_SIZE)
         rec_loss, code_loss, idx = _vq_losses(vq, x, cfg.commitment)
         loss = rec_loss + code_loss
@@ -145,7 +150,10 @@ def _previous_runs(folder: Path) -> list[dict]:
 
 
 @dataclass
-class ARTrainConfig:
+class ARRecipeConfig:
+    """What the AR recipes (the transformer and its draft) share: a wall-clock budget, the
+    token pool and its CFG null-prompt dropout, AdamW, and the Llama's shape."""
+
     minutes: float = 12.0
     max_steps: int = 50000
     batch_size: int = 32
@@ -156,6 +164,10 @@ class ARTrainConfig:
     hidden: int = 128
     layers: int = 4
     heads: int = 4
+
+
+@dataclass
+class ARTrainConfig(ARRecipeConfig):
     seed: int = 0
     eval_guidance: float = 1.5
     eval_temperature: float = 1.0
@@ -175,18 +187,50 @@ def _token_pool(vq: ShapesVQ, layout: TokenLayout, n: int, seed: int) -> tuple[t
     return prompts, torch.cat(tokens)
 
 
+def _parse_budget(p: argparse.ArgumentParser, cfg: ARRecipeConfig, argv: list[str] | None) -> argparse.Namespace:
+    """Add the budget options the AR recipes share (wall clock, steps, token pool), parse
+    ``argv`` and set them on ``cfg``."""
+    p.add_argument("--minutes", type=float, default=cfg.minutes)
+    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
+    p.add_argument("--pool-size", type=int, default=cfg.pool_size)
+    args = p.parse_args(argv)
+    cfg.minutes, cfg.max_steps, cfg.pool_size = args.minutes, args.max_steps, args.pool_size
+    return args
+
+
+def _adamw(model: torch.nn.Module, cfg: ARRecipeConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms and biases)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _guided_batch(prompts: torch.Tensor, tokens: torch.Tensor, null: torch.Tensor, cfg: ARRecipeConfig,
+                  gen: torch.Generator) -> torch.Tensor:
+    """A batch of (prompt, image tokens) rows from the pool, with ``cfg.p_uncond`` of the
+    prompts replaced by the null prompt so that classifier-free guidance has an unconditional
+    model to mix with."""
+    pick = torch.randint(0, len(tokens), (cfg.batch_size,), generator=gen)
+    prefix = prompts[pick].clone()
+    prefix[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = null
+    return torch.cat([prefix, tokens[pick]], dim=1)
+
+
+def _save_report(report: dict, out: Path) -> None:
+    report["folder_mb"] = folder_mb(out)
+    (out / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), flush=True)
+
+
 def train_ar_main(argv: list[str] | None = None) -> int:
     from transformers import LlamaForCausalLM
 
     cfg = ARTrainConfig()
     p = argparse.ArgumentParser(prog="shapes-ar")
-    p.add_argument("--minutes", type=float, default=cfg.minutes)
-    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
-    p.add_argument("--pool-size", type=int, default=cfg.pool_size)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--out", type=Path, default=AR_DIR)
-    args = p.parse_args(argv)
-    cfg.minutes, cfg.max_steps, cfg.pool_size = args.minutes, args.max_steps, args.pool_size
+    args = _parse_budget(p, cfg, argv)
     _threads()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -195,25 +239,17 @@ def train_ar_main(argv: list[str] | None = None) -> int:
     prompts, tokens = _token_pool(vq, layout, cfg.pool_size, cfg.seed + 1)
     print(f"token pool {tuple(tokens.shape)} in {time.time() - t0:.0f}s", flush=True)
     model = LlamaForCausalLM(llama_config(layout, cfg.hidden, cfg.layers, cfg.heads))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = _adamw(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     null = torch.tensor(layout.null_ids())
     t1, step, budget = time.time(), 0, cfg.minutes * 60 - (time.time() - t0)
     while step < cfg.max_steps and time.time() - t1 < budget:
         # the schedule follows the clock, not a step estimate: the shared CPU's speed varies 3x
         progress = max(step / cfg.max_steps, (time.time() - t1) / budget)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
-        pick = torch.randint(0, len(tokens), (cfg.batch_size,), generator=gen)
-        prefix = prompts[pick].clone()
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond
-        prefix[drop] = null
-        ids = torch.cat([prefix, tokens[pick]], dim=1)
+        _set_lr(opt, progress, cfg.lr)
+        ids = _guided_batch(prompts, tokens, null, cfg, gen)
         labels = ids.clone()
-        labels[:, : prefix.shape[1]] = -100
+        labels[:, : prompts.shape[1]] = -100
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -230,9 +266,7 @@ def train_ar_main(argv: list[str] | None = None) -> int:
                   transformer_params=sum(p.numel() for p in model.parameters()),
                   tokenizer=json.loads((args.out / "tokenizer" / "training_report.json").read_text()))
     report.update(evaluate(pipe, cfg, args.eval_samples, args.out))
-    report["folder_mb"] = folder_mb(args.out)
-    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2), flush=True)
+    _save_report(report, args.out)
     return 0
 
 
@@ -259,19 +293,13 @@ DRAFT_DIR = AR_DIR.parent / "tiny-ar-shapes-draft"
 
 
 @dataclass
-class ARDraftTrainConfig:
-    """The draft distils the 4-layer target (see ``train_ar_draft_main``)."""
+class ARDraftTrainConfig(ARRecipeConfig):
+    """The draft distils the 4-layer target (see ``train_ar_draft_main``). Its ``hidden`` and
+    ``heads`` are the target's: the target's embeddings, first layer and head are the draft's
+    starting point."""
 
-    minutes: float = 12.0
-    max_steps: int = 50000
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    p_uncond: float = 0.1
     pool_size: int = 10000
-    hidden: int = 128  # the target's: its embeddings, first layer and head are the draft's starting point
     layers: int = 1
-    heads: int = 4
     distill_weight: float = 1.0  # KL(target || draft) on the image positions
     data_weight: float = 0.1  # plus a little next-token cross-entropy on the real tokens
     seed: int = 0
@@ -299,17 +327,11 @@ def train_ar_draft_main(argv: list[str] | None = None) -> int:
     prompt alike, as CFG mixes both), which the KL to the target's soft labels trains for
     directly and with more signal per sample than the one-hot data tokens.
     """
-    from transformers import LlamaForCausalLM
-
     cfg = ARDraftTrainConfig()
     p = argparse.ArgumentParser(prog="shapes-ar-draft")
-    p.add_argument("--minutes", type=float, default=cfg.minutes)
-    p.add_argument("--max-steps", type=int, default=cfg.max_steps)
-    p.add_argument("--pool-size", type=int, default=cfg.pool_size)
     p.add_argument("--target", type=Path, default=AR_DIR)
     p.add_argument("--out", type=Path, default=DRAFT_DIR)
-    args = p.parse_args(argv)
-    cfg.minutes, cfg.max_steps, cfg.pool_size = args.minutes, args.max_steps, args.pool_size
+    args = _parse_budget(p, cfg, argv)
     _threads()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -320,22 +342,15 @@ def train_ar_draft_main(argv: list[str] | None = None) -> int:
     print(f"token pool {tuple(tokens.shape)} in {time.time() - t0:.0f}s", flush=True)
     draft, copied = _draft_from_target(target, layout, cfg)
     print(f"draft starts from {copied} target tensors", flush=True)
-    decay = [p for n, p in draft.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in draft.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = _adamw(draft, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     null = torch.tensor(layout.null_ids())
     n_prefix = len(layout.null_ids())
     t1, step, budget = time.time(), 0, cfg.minutes * 60 - (time.time() - t0)
     while step < cfg.max_steps and time.time() - t1 < budget:
         progress = max(step / cfg.max_steps, (time.time() - t1) / budget)  # by the clock (see train_ar_main)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(int(1000 * progress), 1000, cfg.lr, warmup=30)
-        pick = torch.randint(0, len(tokens), (cfg.batch_size,), generator=gen)
-        prefix = prompts[pick].clone()
-        prefix[torch.rand(cfg.batch_size, generator=gen) < cfg.p_uncond] = null
-        ids = torch.cat([prefix, tokens[pick]], dim=1)
+        _set_lr(opt, progress, cfg.lr)
+        ids = _guided_batch(prompts, tokens, null, cfg, gen)
         span = slice(n_prefix - 1, ids.shape[1] - 1)  # the positions that predict image tokens
         with torch.no_grad():
             teacher = F.log_softmax(target(input_ids=ids).logits[:, span].float(), dim=-1)
@@ -360,9 +375,7 @@ def train_ar_draft_main(argv: list[str] | None = None) -> int:
                   final_kl=round(kl.item(), 5), final_ce=round(ce.item(), 5), copied_from_target=copied,
                   transformer_params=sum(p.numel() for p in draft.parameters()))
     report.update(_draft_agreement(target_pipe, draft, *_token_pool(target_pipe.vq, layout, 512, cfg.seed + 3)))
-    report["folder_mb"] = folder_mb(args.out)
-    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2), flush=True)
+    _save_report(report, args.out)
     return 0
 
 
