@@ -40,7 +40,7 @@ import torch
 from backends.accel._decoding import DecodeState
 from backends.accel._dllm_decoding import KV, DiffusionDecodingPlan, diffusion_generate
 from backends.text import TextBackend
-from backends.types import Request, ValidationError
+from backends.types import ModelLoadError, Request, ValidationError
 
 FAMILY = "diffusion-lm"
 DEFAULT_BLOCK_LENGTH = 32
@@ -203,8 +203,8 @@ def _remote_model_class(source: str) -> type:
     config = AutoConfig.from_pretrained(source, trust_remote_code=True)
     reference = (getattr(config, "auto_map", None) or {}).get("AutoModel")
     if not reference:
-        raise ValidationError("this model's config.json names no AutoModel class in its auto_map, "
-                              "so its own code cannot be loaded")
+        raise ModelLoadError("this model's config.json names no AutoModel class in its auto_map, "
+                             "so its own code cannot be loaded")
     remote = get_class_from_dynamic_module(reference, source)
     old_tie = "recompute_mapping" not in inspect.signature(remote.tie_weights).parameters
 

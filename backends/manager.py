@@ -10,6 +10,7 @@ run, so two sessions never interleave denoising steps on the same pipeline.
 from __future__ import annotations
 
 import gc
+import re
 import logging
 import threading
 from collections import OrderedDict
@@ -236,10 +237,17 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
+# "Checkout 'https://huggingface.co/<folder>/tree/main' for available files." (a local folder's
+# remote code missing): a hub URL built from a server path
+HUB_BROWSE_ADVICE = re.compile(r"\s*Checkout 'https?://huggingface\.co/[^']*'[^.]*\.?")
+
+
 def _load_failure_message(model_id: str, source: str, exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).splitlines()[0].rstrip(": ") if str(exc) else type(exc).__name__
     if source != model_id:  # a folder: name it as the user typed it, never by its server path
         text = text.replace(source, model_id)
+    if Path(source).is_dir():  # transformers' advice to browse a hub repository named after the folder
+        text = HUB_BROWSE_ADVICE.sub("", text).rstrip()
     if source == model_id and "/" in model_id and not Path(source).is_dir():  # a hub id, not a folder
         return (
             f"could not load '{model_id}' from the model hub (offline, or no such repository): {text[:300]}. "

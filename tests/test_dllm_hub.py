@@ -292,8 +292,26 @@ def test_compare_and_history_take_a_remote_code_model(folders, studio_factory):
 
 
 def test_a_broken_local_folder_fails_in_one_line_without_hub_wording(tmp_path, manager):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dream", "auto_map": {
-        "AutoConfig": "missing.Config", "AutoModel": "missing.Model"}}))
-    with pytest.raises(ModelLoadError) as err:
-        manager.get("text", str(tmp_path))
-    assert "\n" not in str(err.value) and "model hub" not in str(err.value)
+    """A folder the tokenizer loads from, whose remote code is missing or names no model:
+    one line, the folder as typed, no hub wording or hub URL built from a server path."""
+    import shutil
+
+    from backends.tiny.dummy import byte_level_tokenizer
+
+    def broken(name: str, auto_map: dict) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        byte_level_tokenizer().save_pretrained(folder)
+        if name == "no-auto-model":  # the config class exists; the model class is not named
+            shutil.copy(build_folder(tmp_path, "dream")[0] / "tiny_dllm.py", folder / "tiny_dllm.py")
+        (folder / "config.json").write_text(json.dumps({"model_type": "dream", "auto_map": auto_map}))
+        return str(folder)
+
+    missing = broken("missing-code", {"AutoConfig": "missing.Config", "AutoModel": "missing.Model"})
+    unnamed = broken("no-auto-model", {"AutoConfig": "tiny_dllm.TinyConfig"})
+    for folder, says in ((missing, "missing.py"), (unnamed, "names no AutoModel")):
+        with pytest.raises(ModelLoadError) as err:
+            manager.get("text", folder)
+        message = str(err.value)
+        assert says in message, message
+        assert "\n" not in message and "model hub" not in message and "huggingface.co" not in message
