@@ -290,4 +290,4 @@ def _decode(backend: DiffusionLMBackend, plan: DiffusionDecodingPlan, input_ids:
     _, stats = diffusion_generate(backend.runner, input_ids, plan, on_step)
     plan.extra.update(stats.as_extra(input_ids.shape[-1] + plan.max_new_tokens),
                       steps=plan.steps, block_length=plan.block_length,
-                      threshold=plan.threshold, cache=plan.cache)
+                      threshold=plan.threshold, factor=plan.factor, cache=plan.cache)

@@ -69,7 +69,9 @@ def quality_keys(result: TuneResult) -> list[str]:
             "text": ["exact_match", "token_agreement"]}[result.modality]
     has_adherence = any("adherence" in c.heldout.figures for c in result.confirmed) or \
         any("adherence" in t.quality for t in result.trials)
-    return keys + (["adherence"] if has_adherence else []) + ["exact"]
+    has_ppl = any("perplexity_delta_pct" in c.heldout.figures for c in result.confirmed) or \
+        any("perplexity_delta_pct" in t.quality for t in result.trials)
+    return keys + (["perplexity_delta_pct"] if has_ppl else []) + (["adherence"] if has_adherence else []) + ["exact"]
 
 
 def print_result(result: TuneResult) -> None:

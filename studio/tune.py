@@ -48,7 +48,7 @@ from studio.detectors import outputs_identical
 from studio.compare import format_config
 from studio.latent_cache import retrieve_only
 from studio.measure import Spread, Timed, measure, summarize
-from studio.tune_spec import (MAX_TRIALS, PRIMARY, QUALITY_METRICS, Conflict, QualityFloor, SearchSpace, TuneSpec,
+from studio.tune_spec import (MAX_TRIALS, OUTPUT_PERPLEXITY, PRIMARY, QUALITY_METRICS, Conflict, QualityFloor, SearchSpace, TuneSpec,
                                build_space, canonical_config)
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,12 @@ class StudioTuneRunner:
 
     def task(self, modality: str, model: str, outputs: list, prompts: list[str]) -> dict[str, float] | None:
         return metrics.task_score(modality, model, outputs, prompts)
+
+    def output_perplexity(self, prompts: list[str], outputs: list[str]) -> float | None:
+        """A diffusion LM's quality figure: its generated code's perplexity under tiny-code-llama."""
+        from backends.text_eval import output_perplexity
+
+        return output_perplexity(prompts, outputs)
 
     def shipped_presets(self, modality: str, model: str) -> list:
         presets, _ = self.studio.presets.shipped()
@@ -162,6 +168,8 @@ class Measurer:
         self.runner, self.spec, self.cancel, self.prefix = runner, spec, cancel, group_prefix
         self.params = spec.request_params()
         self.baselines: dict[tuple, tuple[list[Any], dict | None]] = {}
+        self.output_ppl = spec.quality_floor().needs_output_perplexity
+        self.baseline_ppl: dict[tuple, float | None] = {}
         self.nondeterministic = False
 
     def measure(self, configs: list[tuple[str, list[MethodChoice]]], cases: Cases, tag: str,
@@ -203,7 +211,20 @@ class Measurer:
             row.speedup = summary.speedup
             row.device = runs.trials[-1].device if runs.trials else ""
             row.figures, row.task = self._figures(base_out, base_task, outputs, cases.prompts)
+            if self.output_ppl:
+                row.figures.update(self._perplexity_figures(cases, base_out, outputs))
         return rows, False
+
+    def _perplexity_figures(self, cases: Cases, base_out: list[Any], outputs: list[Any]) -> dict[str, float]:
+        """The generated text's perplexity under tiny-code-llama and its change (%) from the
+        baseline's on the same prompts (the diffusion LM's floor, ``perplexity_delta_pct``)."""
+        key = tuple(cases.seeds)
+        if key not in self.baseline_ppl:
+            self.baseline_ppl[key] = self.runner.output_perplexity(cases.prompts, base_out)
+        base, value = self.baseline_ppl[key], self.runner.output_perplexity(cases.prompts, outputs)
+        if not base or value is None:
+            return {}
+        return {"perplexity": float(value), OUTPUT_PERPLEXITY: 100.0 * (value / base - 1)}
 
     def _baseline(self, cases: Cases, outputs: list[Any]) -> dict | None:
         key = tuple(cases.seeds)
@@ -295,6 +316,7 @@ class TuneResult:
     def quality_keys(self) -> list[str]:
         keys = list(QUALITY_METRICS[self.modality])
         seen = [c.heldout.figures for c in self.confirmed] + [t.quality for t in self.trials]
+        keys += [OUTPUT_PERPLEXITY] if any(OUTPUT_PERPLEXITY in f for f in seen) else []
         return keys + (["adherence"] if any("adherence" in f for f in seen) else []) + ["exact"]
 
     def pareto_rows(self) -> list[dict[str, Any]]:
@@ -490,6 +512,9 @@ def run_tune(studio_or_runner, spec: TuneSpec, progress: Callable[[int, int, str
     primary, sign = PRIMARY[spec.modality]
     tune_cases, heldout_cases = split_prompts(spec.prompt_list(), spec.split, spec.seed)
     family = runner.family(spec.modality, spec.model)
+    if floor.needs_output_perplexity and family != "diffusion-lm":
+        raise ValidationError(f"{OUTPUT_PERPLEXITY} is the diffusion LM's quality figure; for this model use exact "
+                              "or token_agreement>=0.9")
     space = build_space(spec.modality, family, spec.methods, spec.request_params(), floor.exact,
                         _model_limits(runner, spec, family))
     if not space.methods:
@@ -777,6 +802,8 @@ def describe_winner(result: TuneResult, spec: TuneSpec) -> str:
     parts = [f"held-out speedup {held.median:.2f}x (min {held.low:.2f}-max {held.high:.2f}x) on "
              f"{len(result.heldout_prompts)} prompt(s)"]
     parts += [f"{k} {q[k]:.3f}" for k in QUALITY_METRICS[spec.modality] if k in q]
+    if OUTPUT_PERPLEXITY in q:
+        parts.append(f"generated-code perplexity {q[OUTPUT_PERPLEXITY]:+.1f}% vs baseline")
     if "adherence" in q:
         parts.append(f"adherence {q['adherence']:+.1f} pts vs baseline")
     if w.tune and w.tune.speedup:

@@ -32,6 +32,10 @@ QUALITY_METRICS = {"image": ("psnr", "ssim"), "video": ("psnr", "ssim"), "audio"
 GRADED = ("image", "video", "audio")  # modalities whose bundled models have a task grader
 # The one quality number per modality the search maximises (the Compare plot's axis).
 PRIMARY = {"image": ("psnr", 1.0), "video": ("psnr", 1.0), "audio": ("lsd", -1.0), "text": ("token_agreement", 1.0)}
+# Diffusion LMs: the change (%) of their generated code's perplexity under tiny-code-llama
+# from the baseline's (``backends.text_eval.output_perplexity``), their comparable quality
+# figure: token agreement falls off after the first changed token of a lossy run.
+OUTPUT_PERPLEXITY = "perplexity_delta_pct"
 _CLAUSE = re.compile(r"^([a-z_]+)\s*(>=|<=|>|<|=)?\s*([+-]?\d+(?:\.\d+)?)?\s*(%)?$")
 
 
@@ -68,6 +72,10 @@ class QualityFloor:
     @property
     def exact(self) -> bool:
         return any(c.metric == "exact" for c in self.clauses)
+
+    @property
+    def needs_output_perplexity(self) -> bool:
+        return any(c.metric == OUTPUT_PERPLEXITY for c in self.clauses)
 
     @property
     def needs_grader(self) -> bool:
@@ -117,7 +125,13 @@ def _parse_clause(part: str, modality: str) -> FloorClause:
     metric, op, value, percent = match.groups()
     if metric == "perplexity":
         raise ValidationError("the text backend does not report held-out perplexity, so a perplexity floor cannot "
-                              "be checked; use exact or token_agreement>=0.9")
+                              f"be checked; use exact or token_agreement>=0.9 ({OUTPUT_PERPLEXITY}<=5 for a "
+                              "diffusion LM)")
+    if metric == OUTPUT_PERPLEXITY and modality == "text":
+        if not op or value is None:
+            raise ValidationError(f"the floor condition {shown(part)} needs a comparison and a number, "
+                                  f"e.g. {OUTPUT_PERPLEXITY}<=5")
+        return FloorClause(metric, op, float(value))
     known = floor_metrics(modality)
     if metric == "exact":
         if op or value:

@@ -16,7 +16,7 @@ import torch
 torch.set_num_threads(1)
 
 from backends.accel._dllm_decoding import (  # noqa: E402
-    commit_count, steps_per_block, transfer_schedule,
+    commit_count, factor_count, steps_per_block, transfer_schedule,
 )
 from backends.diffusion_lm import DiffusionLMBackend, is_diffusion_lm  # noqa: E402
 from backends.types import MethodChoice, Request, ValidationError  # noqa: E402
@@ -54,6 +54,18 @@ def test_schedules_follow_llada():
     assert commit_count(3, conf, 1.0) == 3 and commit_count(1, conf, 0.0) == 4
 
 
+def test_factor_rule_follows_the_paper():
+    """Fast-dLLM's factor rule: the largest n with (n + 1)(1 - c_n) < f, at least one;
+    it admits tokens the 0.9 threshold does not, and replaces the threshold when set."""
+    conf = torch.tensor([0.1, 0.8, 0.75])  # sorted 0.8, 0.75, 0.1: 2*0.2, 3*0.25 < 1; 4*0.9 >= 1
+    assert factor_count(conf, 1.0) == 2 and commit_count(1, conf, 0.9) == 1
+    assert commit_count(1, conf, 0.9, 1.0) == 2 and commit_count(1, conf, 0.0, 1.0) == 2
+    assert factor_count(conf, 0.3) == 1  # 2*0.2 = 0.4 >= 0.3: only the forced first token
+    assert factor_count(conf, 4.0) == 3 and commit_count(3, conf, None, 0.3) == 3
+    assert factor_count(torch.tensor([0.2, 0.3]), 1e-9) == 1
+    assert factor_count(torch.tensor([0.5, 0.5]), 1.5) == 1  # strict: 3 * 0.5 = 1.5 is not < 1.5
+
+
 def test_baseline_is_deterministic_streams_and_counts(backend):
     seen = []
     first = run(backend, PROMPTS[0], progress=lambda n, total, text: seen.append((n, total, text)))
@@ -81,6 +93,7 @@ def test_fewer_steps_commit_more_tokens_per_forward(backend):
 
 
 @pytest.mark.parametrize("method", [("fast_dllm", {}), ("fast_dllm", {"cache": "prefix", "threshold": 0.5}),
+                                    ("fast_dllm", {"factor": 1.0}), ("fast_dllm", {"factor": 32.0, "cache": "none"}),
                                     ("dkv_cache", {}), ("dkv_cache", {"refresh_interval": 4})])
 def test_removal_restores_the_baseline_bit_identically(backend, method):
     before = {k: v.clone() for k, v in backend.model.state_dict().items()}
@@ -108,6 +121,17 @@ def test_parallel_decoding_takes_fewer_forwards(backend):
     # threshold 0: every masked token of a block in one step -> one forward per block
     assert fast.extra["denoising_forwards"] == GEN // 8 < base.extra["denoising_forwards"]
     assert len(ids(fast)) == len(ids(base))
+
+
+def test_factor_rule_takes_fewer_forwards_and_replaces_the_threshold(backend):
+    base = run(backend, PROMPTS[0])
+    # factor 32 > (n + 1) for every n of a block of 8: the whole block in one step, even
+    # with a threshold of 1.0 (which alone would decode exactly as the baseline)
+    fast = run(backend, PROMPTS[0], [("fast_dllm", {"factor": 32.0, "threshold": 1.0, "cache": "none"})])
+    assert fast.extra["denoising_forwards"] == GEN // 8 < base.extra["denoising_forwards"]
+    assert fast.extra["factor"] == 32.0 and len(ids(fast)) == len(ids(base))
+    off = run(backend, PROMPTS[0], [("fast_dllm", {"factor": 0.0, "threshold": 1.0, "cache": "none"})])
+    assert ids(off) == ids(base) and off.extra["factor"] is None
 
 
 @pytest.mark.parametrize("method,share_below", [(("fast_dllm", {"threshold": 1.0, "cache": "dual"}), 0.6),
@@ -257,3 +281,67 @@ def test_limits_leave_the_cache_out_for_a_model_without_a_cache_interface():
     unfit = DKVCacheMethod.limits(remote).unfit
     assert "no key/value cache" in unfit and "\n" not in unfit
     assert FastDLLMMethod.limits(local).choices == {} and not DKVCacheMethod.limits(local).unfit
+
+
+class FakeDLLMRunner:
+    """A diffusion LM for the tuner: fast_dllm 2.5x at +30% generated-code perplexity,
+    dkv_cache 1.8x at +2%, both together 3x at +40% (every setting of each the same)."""
+
+    device, parallel = "fake-device", 1
+    speed = {frozenset(): 1.0, frozenset({"fast_dllm"}): 2.5, frozenset({"dkv_cache"}): 1.8}
+    ppl = {(): 10.0, ("fast_dllm",): 13.0, ("dkv_cache",): 10.2}
+
+    def __init__(self, url, family="diffusion-lm"):
+        self.storage_url, self.saved, self._family = url, [], family
+
+    def family(self, modality, model):
+        return self._family
+
+    def run(self, request, cancel):
+        from studio.measure import Timed
+
+        names = tuple(sorted(m.name for m in request.methods))
+        return Timed(1.0 / self.speed[frozenset(names)], f"{'+'.join(names)}:{request.prompt}", None, self.device)
+
+    def warm(self, request, cancel):
+        pass
+
+    def quality(self, modality, reference, output):
+        same = float(reference == output)
+        return {"exact_match": same, "token_agreement": same, "exact": same}
+
+    def task(self, modality, model, outputs, prompts):
+        return None
+
+    def output_perplexity(self, prompts, outputs):
+        names = tuple(n for n in outputs[0].split(":")[0].split("+") if n)
+        return self.ppl[names]
+
+    def shipped_presets(self, modality, model):
+        return []
+
+    def save_preset(self, preset):
+        self.saved.append(preset)
+
+
+def test_auto_tune_floors_a_diffusion_lm_on_its_generated_code_perplexity(tmp_path):
+    """The diffusion LM's quality figure is a floor the tuner checks: fast_dllm is faster
+    but fails perplexity_delta_pct<=5, so dkv_cache wins; the floor is refused in one line
+    for a model of another family."""
+    from studio.tune import run_tune
+    from studio.tune_spec import TuneSpec, parse_floor
+
+    assert parse_floor("perplexity_delta_pct<=5", "text").met({"perplexity_delta_pct": 2.0})
+    spec = TuneSpec("text", "fake-dllm", "perplexity_delta_pct<=5", prompts=("a", "b", "c", "d"), trials=4,
+                    repeats=1, methods=("fast_dllm", "dkv_cache"), confirm_top=4, compare_singles=True)
+    runner = FakeDLLMRunner(f"sqlite:///{tmp_path / 'opt.db'}")
+    result = run_tune(runner, spec)
+    assert result.winner is not None and [m.name for m in result.winner.heldout.methods] == ["dkv_cache"]
+    assert result.winner.heldout.figures["perplexity_delta_pct"] == pytest.approx(2.0)
+    single = [c for c in result.confirmed if c.kind == "single" and c.heldout.methods[0].name == "fast_dllm"]
+    assert single and not single[0].feasible and single[0].heldout.figures["perplexity_delta_pct"] == pytest.approx(30.0)
+    assert "perplexity" in runner.saved[0].description
+    other = FakeDLLMRunner(f"sqlite:///{tmp_path / 'other.db'}", family="causal-lm")
+    with pytest.raises(ValidationError) as info:
+        run_tune(other, spec)
+    assert "diffusion LM's quality figure" in str(info.value) and "\n" not in str(info.value)

@@ -14,6 +14,13 @@ What methods change (fields of ``DiffusionDecodingPlan``):
     each step also commits every masked token whose confidence exceeds the threshold, so
     a step commits ``max(k, #above)`` tokens: with a threshold of 1.0 nothing exceeds it
     and decoding is the baseline's, exactly.
+``factor`` (Fast-dLLM's factor-based rule, the paper's alternative to the threshold)
+    each step commits the ``n`` most confident masked tokens of the block for the largest
+    ``n`` with ``(n + 1) * (1 - c_n) < factor`` (``c_n``: the n-th highest confidence; at
+    least one, at least the schedule's ``k``). The paper's bound says a product of marginals
+    this confident is a good stand-in for the joint; the admitted confidence falls as
+    ``1 - factor / (n + 1)``, so a second token needs ``c > 1 - factor / 3`` (0.67 at factor
+    1). Set, it replaces the threshold rule.
 ``cache``
     how much of the sequence each forward recomputes. ``none``: all of it (the baseline).
     ``prefix`` (Fast-dLLM prefix cache): one full forward at the start of each block keeps
@@ -53,6 +60,7 @@ class DiffusionDecodingPlan(DecodingPlan):
     steps: int = 0
     block_length: int = 32
     threshold: float | None = None
+    factor: float | None = None
     cache: str = "none"
     refresh_interval: int = 0
 
@@ -231,11 +239,24 @@ def choose(logits: torch.Tensor, sampling: Any) -> tuple[torch.Tensor, torch.Ten
     return pred, conf
 
 
-def commit_count(scheduled: int, conf: torch.Tensor, threshold: float | None) -> int:
-    """Tokens committed this step: the schedule's count, or more where ``threshold`` is set
-    and more predictions are that confident (Fast-dLLM), never more than are masked."""
+def factor_count(conf: torch.Tensor, factor: float) -> int:
+    """Fast-dLLM's factor rule: the largest ``n`` with ``(n + 1) * (1 - c_n) < factor`` over
+    the confidences sorted high to low (the left side never falls as ``n`` grows, so it is
+    the length of the prefix that passes), and at least one token."""
+    ranked = torch.sort(conf.double(), descending=True).values
+    n = torch.arange(2, ranked.numel() + 2, dtype=torch.float64)
+    return max(1, int(((n * (1 - ranked)) < factor).long().cumprod(0).sum()))
+
+
+def commit_count(scheduled: int, conf: torch.Tensor, threshold: float | None,
+                 factor: float | None = None) -> int:
+    """Tokens committed this step: the schedule's count, or more where a Fast-dLLM rule is
+    set and more predictions are confident enough (``factor`` replaces ``threshold``),
+    never more than are masked."""
     k = scheduled
-    if threshold is not None:
+    if factor is not None:
+        k = max(k, factor_count(conf, factor))
+    elif threshold is not None:
         k = max(k, int((conf > threshold).sum()))
     return min(k, conf.numel())
 
@@ -261,7 +282,7 @@ def diffusion_generate(runner: Runner, prompt: torch.Tensor, plan: DiffusionDeco
                 break
             targets = canvas.positions[span[0]:span[1]][in_block]
             pred, conf = choose(forwards.logits_for(targets), plan.sampling)
-            k = commit_count(scheduled, conf, plan.threshold)
+            k = commit_count(scheduled, conf, plan.threshold, plan.factor)
             order = torch.sort(conf, descending=True, stable=True).indices[:k]
             canvas.x[targets[order]] = pred[order]
             stats.committed_per_step.append(k)

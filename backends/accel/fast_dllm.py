@@ -13,6 +13,9 @@ steps when the model is sure (the paper argues the product of marginals is then 
 the joint). A threshold of 1.0 commits nothing extra and, with ``cache=none``, decodes
 exactly as the baseline. The number of steps and the block size stay the request's own
 (``steps``, ``block_length``); the paper's setting is block 32, threshold 0.9, dual cache.
+``factor`` > 0 switches to the paper's factor-based rule (its scripts use factor 1.0):
+commit the ``n`` most confident tokens for the largest ``n`` with ``(n + 1)(1 - c_n) <
+factor``, which admits a second token at ``c > 0.67`` where the threshold rule wants 0.9.
 
 The loop is ``backends/accel/_dllm_decoding.py``; this method only sets the plan's fields.
 """
@@ -30,6 +33,10 @@ class FastDLLMConfig(MethodConfig):
     threshold: float = param(0.9, min=0.0, max=1.0, step=0.05,
                              help="commit every masked token of the block whose confidence is above this in one "
                                   "step (1.0 = only the scheduled ones: the baseline's decoding)")
+    factor: float = param(0.0, min=0.0, max=32.0, step=0.5,
+                          help="the paper's factor rule instead of the threshold: commit the n most confident "
+                               "tokens for the largest n with (n + 1)(1 - c_n) < factor (0 = off, threshold rule; "
+                               "the paper's scripts use 1.0)")
     cache: str = param("dual", choices=("dual", "prefix", "none"),
                        help="block-wise approximate KV cache: dual = keep K/V before and after the block, "
                             "prefix = before it only, none = recompute everything every step")
@@ -74,10 +81,11 @@ class FastDLLMMethod(Method):
 
     def attach(self, backend, plan: DiffusionDecodingPlan) -> RunHandle:
         plan.threshold = float(self.config.threshold)
+        plan.factor = float(self.config.factor) if self.config.factor > 0 else None
         plan.cache = self.config.cache
         return RunHandle(plan, stats=lambda: dllm_stats(plan), notes=self._notes)
 
     def _notes(self, plan: DiffusionDecodingPlan) -> list[str]:
-        if plan.threshold >= 1.0 and plan.cache == "none":
+        if plan.factor is None and plan.threshold >= 1.0 and plan.cache == "none":
             return ["threshold 1.0 without a cache decodes exactly as the baseline: nothing is saved"]
         return []

@@ -191,10 +191,33 @@ def _earlier_run(source: Path) -> dict | None:
                                            if "continued_from" in old else {})
 
 
+def _flatten_runs(earlier: dict | None) -> list[dict]:
+    """Every earlier run behind the weights, oldest first, from the nested
+    ``continued_from`` chain (one entry per training chunk)."""
+    runs, node = [], earlier
+    while node:
+        runs.append({k: node.get(k) for k in ("steps", "tokens_seen", "train_minutes",
+                                               "heldout_masked_ce")})
+        node = node.get("continued_from")
+    return runs[::-1]
+
+
+def _history(earlier: dict | None, steps: int, tokens: int, minutes: float, nll: dict) -> dict:
+    """Per-chunk figures and the cumulative optimisation behind the saved weights."""
+    runs = _flatten_runs(earlier) + [{"steps": steps, "tokens_seen": tokens,
+                                      "train_minutes": round(minutes, 2), "heldout_masked_ce": nll}]
+    return {"runs": runs,
+            "cumulative_steps": sum(r["steps"] or 0 for r in runs),
+            "cumulative_tokens_seen": sum(r["tokens_seen"] or 0 for r in runs),
+            "cumulative_train_minutes": round(sum(r["train_minutes"] or 0 for r in runs), 2)}
+
+
 def train(cfg: DLLMConfig, source: Path, folder: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     earlier = _earlier_run(source) if cfg.init_from == cfg.name else None
+    if earlier:  # a fresh data/mask stream per resumed chunk, not a replay of the first one
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + len(_flatten_runs(earlier)))
     tok = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     mask_id = add_mask_token(tok, model)
@@ -225,7 +248,8 @@ def train(cfg: DLLMConfig, source: Path, folder: Path) -> dict:
             "heldout_tokens": len(held_ids), "train_corpus_tokens": len(train_ids),
             "corpus": "CPython stdlib *.py (tests excluded), every 20th file held out",
             "weights_dtype": "float16 on disk, float32 on load",
-        } | ({"continued_from": earlier} if earlier else {})
+        } | ({"continued_from": earlier} if earlier else {}) | _history(
+            earlier, step, tokens_seen, sec / 60, nll)
 
     def save(status: str, nll: dict, extra: dict | None = None) -> None:
         rep = report(status, time.perf_counter() - start, nll) | (extra or {})
