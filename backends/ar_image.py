@@ -103,7 +103,10 @@ class ARImageBackend(Backend):
 
     def get_draft(self, draft_id: str) -> tuple[Any, None]:
         """(draft pipeline, None): loaded once by the same ``from_pretrained`` path as the
-        model, on its device and dtype (the None stands where a text draft has its tokenizer)."""
+        model, on its device and dtype (the None stands where a text draft has its tokenizer).
+        A draft of another token layout is refused before it is kept, so a refusal leaves no
+        draft behind in memory."""
+        from backends.accel.speculative import check_same_layout
         from backends.catalog import resolve_source
         from backends.tiny.ar_image import ARImagePipeline
         from backends.types import ModelLoadError
@@ -113,9 +116,11 @@ class ARImageBackend(Backend):
             if not is_ar_image_source(source):
                 raise ModelLoadError(f"draft model '{draft_id}' is not an autoregressive image model")
             try:
-                self.drafts[draft_id] = ARImagePipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+                draft = ARImagePipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
             except Exception as exc:  # noqa: BLE001 - any loader failure is one line for the user
                 raise ModelLoadError(f"could not load draft model '{draft_id}' ({type(exc).__name__})") from exc
+            check_same_layout(self.pipe, draft, draft_id)
+            self.drafts[draft_id] = draft
         return self.drafts[draft_id], None
 
     @property

@@ -124,8 +124,33 @@ def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair
     assert find_bundled("tiny-ar-shapes-draft").family == "ar-image"
     backend = ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes")
     assert backend.draft_id == "tiny-ar-shapes-draft"
-    choices = SpeculativeMethod.limits(backend).choices["draft"]
-    assert "tiny-ar-shapes-draft" in choices and "tiny-code-draft" not in choices
+    limits = SpeculativeMethod.limits(backend)
+    # only the drafts a catalog entry names, never the model itself nor a text draft
+    assert limits.choices["draft"] == ("auto", "tiny-ar-shapes-draft") and not limits.unfit
+    assert limits.searched_choices("draft") == ("auto",)  # 'auto' is that draft: searched once
+    assert "tiny-ar-shapes" not in SpeculativeMethod.spec.param("draft").choices
+    # a draft has no draft of its own: nothing to offer
+    assert "token layout" in SpeculativeMethod.limits(ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes-draft")).unfit
+
+
+def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept():
+    """A model whose layout no bundled draft shares: speculative is unfit, an explicit draft
+    is refused by the limits before loading, and a draft loaded directly is checked before it
+    is cached (a refusal leaves no draft in memory)."""
+    from backends.accel.speculative import SpeculativeMethod
+    from backends.catalog import find_bundled
+
+    backend = ARImageBackend.from_pipeline(small_pipeline(model_seed=0), "tiny-ar-small")
+    assert "token layout" in SpeculativeMethod.limits(backend).unfit
+    memory = backend.memory_bytes()
+    with pytest.raises(ValidationError, match="token layout") as err:
+        run(backend, [("speculative", {"draft": "tiny-ar-shapes-draft"})])
+    assert "\n" not in str(err.value) and not backend.drafts and backend.memory_bytes() == memory
+    if not find_bundled("tiny-ar-shapes-draft").available:
+        pytest.skip("the bundled draft's assets are not checked out")
+    with pytest.raises(ValidationError, match="another token layout"):
+        backend.get_draft("tiny-ar-shapes-draft")
+    assert not backend.drafts and backend.memory_bytes() == memory
 
 
 # -- static cache -------------------------------------------------------------------------------------
