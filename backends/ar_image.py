@@ -165,12 +165,13 @@ class ARImageBackend(Backend):
         size = (int(params.get("height") or default_height), int(params.get("width") or default_width))
         plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed,
                            negative_prompt=request.negative_prompt or None)
-        plan.notes.extend(self._prompt_notes(request))
+        plan.notes.extend(self._prompt_notes(request, sampling))
         return plan
 
-    def _prompt_notes(self, request: Request) -> list[str]:
+    def _prompt_notes(self, request: Request, sampling: ARSampling) -> list[str]:
         """What of the request the model cannot read, said instead of silently dropped: a
-        tiny token model knows a few dozen words and has no negative prompt."""
+        tiny token model knows a few dozen words and has no negative prompt; a model that
+        reads one (Emu3) reads it only in the guidance row, which guidance <= 1 leaves out."""
         notes = []
         layout = self.pipe.layout
         ignored = layout.ignored_words(request.prompt) if hasattr(layout, "ignored_words") else []
@@ -179,6 +180,9 @@ class ARImageBackend(Backend):
                          f"{layout.prompt_len} words of its own vocabulary ({', '.join(layout.words)})")
         if request.negative_prompt and not hasattr(layout, "negative_ids"):  # Emu3 reads one
             notes.append(f"'{self.model_id}' has no negative prompt; it was ignored")
+        elif request.negative_prompt and not sampling.uses_cfg:
+            notes.append(f"the negative prompt was ignored: guidance {sampling.guidance:g} runs no classifier-free "
+                         "guidance, where the negative prompt is read (use a guidance above 1)")
         return notes
 
     def generate(self, plan: ARImagePlan, timer: StageTimer, progress: ProgressFn | None) -> Any:
