@@ -95,9 +95,25 @@ def test_speculative_method_on_the_ar_model_removes_bit_identically_and_reports_
     stats = spec.method_stats["speculative"]
     assert stats["draft"] == DRAFT and stats["tokens"] == 64 and stats["draft_forwards"] > 0
     assert stats["transformer_forwards"] < 64 and spec.model_evals < before.model_evals == 64
+    assert_evals_are_the_targets_with_the_drafts_shown_beside(spec)
     sampled = run(backend, [("speculative", {"schedule": "heuristic", "confidence_threshold": 0.2})])
     assert sampled.method_stats["speculative"]["tokens"] == 64
     assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+
+
+def assert_evals_are_the_targets_with_the_drafts_shown_beside(result):
+    """Model evaluations count the target's forwards only (as for a text model's draft: the
+    eval counter hooks the model itself); the draft's are shown beside them, not hidden."""
+    from studio.compare import CompareReport, CompareRow
+    from studio.evidence import compact_table
+    from studio.ui.common import format_result
+
+    stats = result.method_stats["speculative"]
+    assert result.model_evals == stats["transformer_forwards"] and stats["draft_forwards"] > 0
+    drafted = f"{stats['draft_forwards']} draft forwards"
+    assert drafted in format_result(result, None)
+    row = CompareRow("speculative", [], model_evals=result.model_evals, stats=result.method_stats)
+    assert drafted in compact_table(CompareReport("g", "image", "m", [row]))["notes"][0]
 
 
 def test_speculative_on_the_ar_model_needs_a_draft_of_its_layout(pair):
