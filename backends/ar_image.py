@@ -68,6 +68,17 @@ def load_ar_pipeline(source: str, dtype: torch.dtype) -> Any:
     return ARImagePipeline.from_pretrained(source, dtype=dtype)
 
 
+def _same_weights(a: Any, b: Any) -> bool:
+    """Whether two modules hold equal tensors under the same names (a draft's VQ tokenizer
+    copied from its target's)."""
+    if not (isinstance(a, torch.nn.Module) and isinstance(b, torch.nn.Module)):
+        return False
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k])
+        for k in mine)
+
+
 class ARImageBackend(Backend):
     modality = "image"
     unused_params = ("steps",)  # one forward per token (or fewer): no denoising schedule
@@ -120,6 +131,8 @@ class ARImageBackend(Backend):
             except Exception as exc:  # noqa: BLE001 - any loader failure is one line for the user
                 raise ModelLoadError(f"could not load draft model '{draft_id}' ({type(exc).__name__})") from exc
             check_same_layout(self.pipe, draft, draft_id)
+            if _same_weights(draft.vq, self.pipe.vq):
+                draft.vq = self.pipe.vq  # a bundled draft ships its target's tokenizer: keep one copy
             self.drafts[draft_id] = draft
         return self.drafts[draft_id], None
 
@@ -134,9 +147,12 @@ class ARImageBackend(Backend):
         return denoiser if denoiser is not None else self.pipe.transformer
 
     def memory_bytes(self) -> int:
+        """The model and every draft it holds, tokenizers included (a VQ a draft shares with
+        the target is counted once)."""
         if self.pipe is None:
             return 0
-        return module_bytes(self.pipe.transformer, self.pipe.vq, *(d.transformer for d in self.drafts.values()))
+        return module_bytes(self.pipe.transformer, self.pipe.vq,
+                            *(module for d in self.drafts.values() for module in (d.transformer, d.vq)))
 
     def weight_bytes(self) -> int:
         return module_bytes(self.pipe.transformer, self.pipe.vq) if self.pipe is not None else 0  # not the drafts

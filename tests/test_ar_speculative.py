@@ -184,3 +184,28 @@ def test_static_cache_paints_the_same_image_and_removes_bit_identically(pair):
     assert cached.method_stats["static_cache"]["static_cache"] is True
     with pytest.raises(ValidationError, match="compile"):
         run(backend, [("static_cache", {"compile": True})])
+
+
+def test_memory_counts_each_loaded_draft_and_a_tokenizer_copy_is_shared(pair, tmp_path):
+    """A draft loaded from a folder: with its target's VQ tokenizer (byte-identical, as the
+    bundled draft ships it) it shares the target's, so one copy is held and counted; with a
+    tokenizer of its own, that one is counted too: memory_bytes is what is loaded."""
+    from backends.base import module_bytes
+    from backends.tiny.ar_image import tiny_random_pipeline
+
+    pipe, draft = pair
+    draft.save_pretrained(tmp_path / "same-vq")
+    other = tiny_random_pipeline(seed=1, layers=1)  # same layout, another random tokenizer
+    other.save_pretrained(tmp_path / "own-vq")
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    target_bytes = module_bytes(pipe.transformer, pipe.vq)
+    assert backend.memory_bytes() == target_bytes
+
+    shared, _ = backend.get_draft(str(tmp_path / "same-vq"))
+    assert shared.vq is pipe.vq
+    assert backend.memory_bytes() == target_bytes + module_bytes(shared.transformer)
+
+    own, _ = backend.get_draft(str(tmp_path / "own-vq"))
+    assert own.vq is not pipe.vq
+    assert backend.memory_bytes() == target_bytes + module_bytes(shared.transformer, own.transformer, own.vq)
+    assert backend.weight_bytes() == target_bytes  # the drafts are not the model's weights
