@@ -146,7 +146,8 @@ def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair
     assert limits.searched_choices("draft") == ("auto",)  # 'auto' is that draft: searched once
     assert "tiny-ar-shapes" not in SpeculativeMethod.spec.param("draft").choices
     # a draft has no draft of its own: nothing to offer
-    assert "token layout" in SpeculativeMethod.limits(ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes-draft")).unfit
+    draft_as_target = ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes-draft")
+    assert "token layout" in SpeculativeMethod.limits(draft_as_target).unfit
 
 
 def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept():

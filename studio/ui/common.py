@@ -168,7 +168,7 @@ def format_result(result, run_id: int | None) -> str:
     lines.append(f"**Total {result.total_seconds:.3f}s** — {stages}")
     weights = f" · weights {result.weight_bytes / 2**20:.1f} MiB" if getattr(result, "weight_bytes", 0) else ""
     drafted = draft_forwards(result.method_stats)  # not in the evaluations, which count the model's own forwards
-    evals = f"{result.model_evals}** (the target's; + {drafted} draft forwards)" if drafted else f"{result.model_evals}**"
+    evals = f"{result.model_evals}**" + (f" (the target's; + {drafted} draft forwards)" if drafted else "")
     lines.append(f"Model evaluations: **{evals} · peak memory {result.peak_memory_bytes / 2**20:.0f} MiB" + weights)
     for name, stats in result.method_stats.items():
         if stats:
