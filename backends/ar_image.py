@@ -68,6 +68,17 @@ def load_ar_pipeline(source: str, dtype: torch.dtype) -> Any:
     return ARImagePipeline.from_pretrained(source, dtype=dtype)
 
 
+def _same_weights(a: Any, b: Any) -> bool:
+    """Whether two modules hold equal tensors under the same names (a draft's VQ tokenizer
+    copied from its target's)."""
+    if not (isinstance(a, torch.nn.Module) and isinstance(b, torch.nn.Module)):
+        return False
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k])
+        for k in mine)
+
+
 class ARImageBackend(Backend):
     modality = "image"
     unused_params = ("steps",)  # one forward per token (or fewer): no denoising schedule
@@ -103,7 +114,10 @@ class ARImageBackend(Backend):
 
     def get_draft(self, draft_id: str) -> tuple[Any, None]:
         """(draft pipeline, None): loaded once by the same ``from_pretrained`` path as the
-        model, on its device and dtype (the None stands where a text draft has its tokenizer)."""
+        model, on its device and dtype (the None stands where a text draft has its tokenizer).
+        A draft of another token layout is refused before it is kept, so a refusal leaves no
+        draft behind in memory."""
+        from backends.accel.speculative import check_same_layout
         from backends.catalog import resolve_source
         from backends.tiny.ar_image import ARImagePipeline
         from backends.types import ModelLoadError
@@ -113,9 +127,13 @@ class ARImageBackend(Backend):
             if not is_ar_image_source(source):
                 raise ModelLoadError(f"draft model '{draft_id}' is not an autoregressive image model")
             try:
-                self.drafts[draft_id] = ARImagePipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+                draft = ARImagePipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
             except Exception as exc:  # noqa: BLE001 - any loader failure is one line for the user
                 raise ModelLoadError(f"could not load draft model '{draft_id}' ({type(exc).__name__})") from exc
+            check_same_layout(self.pipe, draft, draft_id)
+            if _same_weights(draft.vq, self.pipe.vq):
+                draft.vq = self.pipe.vq  # a bundled draft ships its target's tokenizer: keep one copy
+            self.drafts[draft_id] = draft
         return self.drafts[draft_id], None
 
     @property
@@ -129,9 +147,12 @@ class ARImageBackend(Backend):
         return denoiser if denoiser is not None else self.pipe.transformer
 
     def memory_bytes(self) -> int:
+        """The model and every draft it holds, tokenizers included (a VQ a draft shares with
+        the target is counted once)."""
         if self.pipe is None:
             return 0
-        return module_bytes(self.pipe.transformer, self.pipe.vq, *(d.transformer for d in self.drafts.values()))
+        return module_bytes(self.pipe.transformer, self.pipe.vq,
+                            *(module for d in self.drafts.values() for module in (d.transformer, d.vq)))
 
     def weight_bytes(self) -> int:
         return module_bytes(self.pipe.transformer, self.pipe.vq) if self.pipe is not None else 0  # not the drafts
@@ -160,12 +181,13 @@ class ARImageBackend(Backend):
         size = (int(params.get("height") or default_height), int(params.get("width") or default_width))
         plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed,
                            negative_prompt=request.negative_prompt or None)
-        plan.notes.extend(self._prompt_notes(request))
+        plan.notes.extend(self._prompt_notes(request, sampling))
         return plan
 
-    def _prompt_notes(self, request: Request) -> list[str]:
+    def _prompt_notes(self, request: Request, sampling: ARSampling) -> list[str]:
         """What of the request the model cannot read, said instead of silently dropped: a
-        tiny token model knows a few dozen words and has no negative prompt."""
+        tiny token model knows a few dozen words and has no negative prompt; a model that
+        reads one (Emu3) reads it only in the guidance row, which guidance <= 1 leaves out."""
         notes = []
         layout = self.pipe.layout
         ignored = layout.ignored_words(request.prompt) if hasattr(layout, "ignored_words") else []
@@ -174,6 +196,9 @@ class ARImageBackend(Backend):
                          f"{layout.prompt_len} words of its own vocabulary ({', '.join(layout.words)})")
         if request.negative_prompt and not hasattr(layout, "negative_ids"):  # Emu3 reads one
             notes.append(f"'{self.model_id}' has no negative prompt; it was ignored")
+        elif request.negative_prompt and not sampling.uses_cfg:
+            notes.append(f"the negative prompt was ignored: guidance {sampling.guidance:g} runs no classifier-free "
+                         "guidance, where the negative prompt is read (use a guidance above 1)")
         return notes
 
     def generate(self, plan: ARImagePlan, timer: StageTimer, progress: ProgressFn | None) -> Any:

@@ -140,7 +140,7 @@ class Result:
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
     weight_bytes: int = 0  # weights of the model as run (quantized size when quantized)
-    model_evals: int = 0
+    model_evals: int = 0  # forwards of the model itself (a draft model's: its method's ``draft_forwards``)
     method_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"

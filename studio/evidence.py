@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -276,6 +276,13 @@ def primary_metric(modality: str) -> str:
 QUALITY_HEADERS = {"psnr": "PSNR dB", "token_agreement": "agree", "lsd": "LSD dB"}
 
 
+def draft_forwards(method_stats: Mapping[str, Any] | None) -> int:
+    """A run's draft-model forwards (speculative decoding and its kin report
+    ``draft_forwards``). Model evaluations count the model's own (the target's) forwards only,
+    for text, audio and AR images alike; a draft's are shown beside them, never added."""
+    return sum(int(s.get("draft_forwards") or 0) for s in (method_stats or {}).values() if isinstance(s, Mapping))
+
+
 def compact_table(report: CompareReport) -> Any:
     """The table that fits a 1400 px screen: configuration, speedup (min-max), the main
     quality figure, prompt adherence, peak memory, evaluations, notes. Short headers; the
@@ -291,6 +298,9 @@ def compact_table(report: CompareReport) -> Any:
         quality = row.quality.get(metric)
         adherence = (row.task or {}).get("all")
         notes = [f"error: {row.error}"] if row.error else [*row.notes, *(f"⚠️ {f['message']}" for f in row.findings)]
+        drafted = draft_forwards(row.stats)
+        if drafted and not row.error:
+            notes.insert(0, f"evals: the target's only, plus {drafted} draft forwards")
         lines.append({
             "config": row.label,
             "speedup": speed,

@@ -420,10 +420,10 @@ class SearchSpace:
 
     def signature(self) -> str:
         """What optuna's stored distributions depend on: the slots' choices, each searched
-        parameter's choices or static range, the fixed values (a study resumes only in
-        the same space)."""
+        parameter's choices (a switch's too: a model may narrow it to one side) or static
+        range, the fixed values (a study resumes only in the same space)."""
         shape = {"groups": [[slot, [s.name for s in specs]] for slot, specs in self.groups],
-                 "params": {m: [[p.name, p.kind, self.choices(m, p) if p.kind == "choice" else
+                 "params": {m: [[p.name, p.kind, self.choices(m, p) if p.kind in ("bool", "choice") else
                                  list(self.bounds.get((m, p.name), ()))] for p in ps] for m, ps in self.params.items()},
                  "fixed": sorted([f"{m}.{p}", v] for (m, p), v in self.fixed.items())}
         return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -187,14 +187,22 @@ def check_method_limits_follow_the_codebook_and_grid(backend, grid: int, codes: 
 
 
 def check_the_draft_and_static_cache_methods_are_refused_in_one_line(backend, run) -> None:
-    """A hub adapter has no paired draft and no static-cache path: both say so before any work."""
+    """A hub adapter has no paired draft and no static-cache path: both say so before any work.
+    No bundled draft shares its token layout, so speculative is unfit (neither the tuner nor
+    the Image tab offers it), and a bundled draft named explicitly is refused without being
+    loaded and kept."""
     from backends.accel.base import get_method
+    from backends.accel.speculative import AR_DRAFTS
 
     assert "static-cache" in get_method("static_cache").limits(backend).unfit
-    for method in ("static_cache", "speculative"):
+    assert "token layout" in get_method("speculative").limits(backend).unfit
+    memory = backend.memory_bytes()
+    for method, params in [("static_cache", {}), ("speculative", {}),
+                           *[("speculative", {"draft": draft}) for draft in AR_DRAFTS]]:
         with pytest.raises(ValidationError) as err:
-            run(backend, [(method, {})])
+            run(backend, [(method, params)])
         assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert AR_DRAFTS and not backend.drafts and backend.memory_bytes() == memory
 
 
 # -- evaluations counted, cancel ------------------------------------------------------------------

@@ -95,9 +95,25 @@ def test_speculative_method_on_the_ar_model_removes_bit_identically_and_reports_
     stats = spec.method_stats["speculative"]
     assert stats["draft"] == DRAFT and stats["tokens"] == 64 and stats["draft_forwards"] > 0
     assert stats["transformer_forwards"] < 64 and spec.model_evals < before.model_evals == 64
+    assert_evals_are_the_targets_with_the_drafts_shown_beside(spec)
     sampled = run(backend, [("speculative", {"schedule": "heuristic", "confidence_threshold": 0.2})])
     assert sampled.method_stats["speculative"]["tokens"] == 64
     assert backend.build_plan(Request("image", "x", PROMPT)).decoder is plain_loop
+
+
+def assert_evals_are_the_targets_with_the_drafts_shown_beside(result):
+    """Model evaluations count the target's forwards only (as for a text model's draft: the
+    eval counter hooks the model itself); the draft's are shown beside them, not hidden."""
+    from studio.compare import CompareReport, CompareRow
+    from studio.evidence import compact_table
+    from studio.ui.common import format_result
+
+    stats = result.method_stats["speculative"]
+    assert result.model_evals == stats["transformer_forwards"] and stats["draft_forwards"] > 0
+    drafted = f"{stats['draft_forwards']} draft forwards"
+    assert drafted in format_result(result, None)
+    row = CompareRow("speculative", [], model_evals=result.model_evals, stats=result.method_stats)
+    assert drafted in compact_table(CompareReport("g", "image", "m", [row]))["notes"][0]
 
 
 def test_speculative_on_the_ar_model_needs_a_draft_of_its_layout(pair):
@@ -124,8 +140,34 @@ def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair
     assert find_bundled("tiny-ar-shapes-draft").family == "ar-image"
     backend = ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes")
     assert backend.draft_id == "tiny-ar-shapes-draft"
-    choices = SpeculativeMethod.limits(backend).choices["draft"]
-    assert "tiny-ar-shapes-draft" in choices and "tiny-code-draft" not in choices
+    limits = SpeculativeMethod.limits(backend)
+    # only the drafts a catalog entry names, never the model itself nor a text draft
+    assert limits.choices["draft"] == ("auto", "tiny-ar-shapes-draft") and not limits.unfit
+    assert limits.searched_choices("draft") == ("auto",)  # 'auto' is that draft: searched once
+    assert "tiny-ar-shapes" not in SpeculativeMethod.spec.param("draft").choices
+    # a draft has no draft of its own: nothing to offer
+    draft_as_target = ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes-draft")
+    assert "token layout" in SpeculativeMethod.limits(draft_as_target).unfit
+
+
+def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept():
+    """A model whose layout no bundled draft shares: speculative is unfit, an explicit draft
+    is refused by the limits before loading, and a draft loaded directly is checked before it
+    is cached (a refusal leaves no draft in memory)."""
+    from backends.accel.speculative import SpeculativeMethod
+    from backends.catalog import find_bundled
+
+    backend = ARImageBackend.from_pipeline(small_pipeline(model_seed=0), "tiny-ar-small")
+    assert "token layout" in SpeculativeMethod.limits(backend).unfit
+    memory = backend.memory_bytes()
+    with pytest.raises(ValidationError, match="token layout") as err:
+        run(backend, [("speculative", {"draft": "tiny-ar-shapes-draft"})])
+    assert "\n" not in str(err.value) and not backend.drafts and backend.memory_bytes() == memory
+    if not find_bundled("tiny-ar-shapes-draft").available:
+        pytest.skip("the bundled draft's assets are not checked out")
+    with pytest.raises(ValidationError, match="another token layout"):
+        backend.get_draft("tiny-ar-shapes-draft")
+    assert not backend.drafts and backend.memory_bytes() == memory
 
 
 # -- static cache -------------------------------------------------------------------------------------
@@ -143,3 +185,28 @@ def test_static_cache_paints_the_same_image_and_removes_bit_identically(pair):
     assert cached.method_stats["static_cache"]["static_cache"] is True
     with pytest.raises(ValidationError, match="compile"):
         run(backend, [("static_cache", {"compile": True})])
+
+
+def test_memory_counts_each_loaded_draft_and_a_tokenizer_copy_is_shared(pair, tmp_path):
+    """A draft loaded from a folder: with its target's VQ tokenizer (byte-identical, as the
+    bundled draft ships it) it shares the target's, so one copy is held and counted; with a
+    tokenizer of its own, that one is counted too: memory_bytes is what is loaded."""
+    from backends.base import module_bytes
+    from backends.tiny.ar_image import tiny_random_pipeline
+
+    pipe, draft = pair
+    draft.save_pretrained(tmp_path / "same-vq")
+    other = tiny_random_pipeline(seed=1, layers=1)  # same layout, another random tokenizer
+    other.save_pretrained(tmp_path / "own-vq")
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    target_bytes = module_bytes(pipe.transformer, pipe.vq)
+    assert backend.memory_bytes() == target_bytes
+
+    shared, _ = backend.get_draft(str(tmp_path / "same-vq"))
+    assert shared.vq is pipe.vq
+    assert backend.memory_bytes() == target_bytes + module_bytes(shared.transformer)
+
+    own, _ = backend.get_draft(str(tmp_path / "own-vq"))
+    assert own.vq is not pipe.vq
+    assert backend.memory_bytes() == target_bytes + module_bytes(shared.transformer, own.transformer, own.vq)
+    assert backend.weight_bytes() == target_bytes  # the drafts are not the model's weights

@@ -168,6 +168,20 @@ def test_the_requests_negative_prompt_is_the_guidance_row(backend):
     assert not np.array_equal(np.asarray(backend.run(request).output), asked)
 
 
+def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(backend):
+    """At guidance <= 1 there is no guidance row, so the negative prompt changes nothing: the
+    run says so instead of dropping it silently (with guidance, no such note)."""
+    def note(guidance, negative):
+        result = backend.run(Request("image", backend.model_id, PROMPT, seed=3, negative_prompt=negative,
+                                     params={"guidance": guidance, "temperature": 0.0}))
+        return [n for n in result.notes if "negative prompt" in n], np.asarray(result.output)
+
+    (ignored,), with_negative = note(1.0, NEGATIVE)
+    assert "ignored" in ignored and "guidance 1" in ignored and "\n" not in ignored
+    assert np.array_equal(with_negative, note(1.0, None)[1])  # it was indeed ignored
+    assert note(1.0, None)[0] == [] and note(GUIDANCE, NEGATIVE)[0] == []
+
+
 def test_sjd_is_exact_under_greedy_decoding_on_emu3(backend):
     forwards = contract.check_sjd_is_exact_under_greedy_decoding(backend, _tokens)
     assert all(count < GRID * GRID for count in forwards)

@@ -208,3 +208,20 @@ def test_a_value_past_the_models_limits_is_refused_in_one_line_before_any_work(s
                   methods=[MethodChoice("retrieval_draft", {"depth": 8, "tree_size": 4})])
     with pytest.raises(ValidationError, match=r"tree_size must be at least depth \(8\), got 4"):
         text.run(bad)
+
+
+def test_a_switch_narrowed_by_the_model_changes_the_study_signature():
+    """A bool switch the model narrows to one side (static_cache.compile on a model without a
+    compile path) is still a searched parameter, and optuna's stored distribution for it
+    differs, so a study made with both sides must not resume in the narrowed space."""
+    from backends.accel.base import Limits
+
+    def space(compile_choices):
+        return build_space("image", "ar-image", ["static_cache"], {}, exact=True,
+                           limits={"static_cache": Limits(choices={"compile": compile_choices})})
+
+    narrowed, both = space((False,)), space((False, True))
+    switch = next(p for p in narrowed.params["static_cache"] if p.name == "compile")
+    assert narrowed.choices("static_cache", switch) == [False] and both.choices("static_cache", switch) == [False, True]
+    assert narrowed.signature() != both.signature()
+    assert space((False,)).signature() == narrowed.signature()

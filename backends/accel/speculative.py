@@ -32,6 +32,7 @@ and greedy output is the plain loop's token for token.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ import torch
 from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, ARSession, LoopStats, ProgressFn, draw, set_ar_decoder
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
 from backends.accel.sjd import AcceptRule, residual, speculative_accept
-from backends.catalog import bundled
+from backends.catalog import bundled, find_bundled
 from backends.accel._codec_decoding import CodecHandle, check_same_codec, speculative_loop
 from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, decoding_stats,
                                       require_greedy, set_decoder)
@@ -48,7 +49,9 @@ from backends.types import ValidationError
 
 SCHEDULES = {"constant": "constant", "heuristic": "heuristic_transient"}
 TEXT_DRAFTS = tuple(m.name for m in bundled("text", available_only=False) if m.family != "diffusion-lm")
-AR_DRAFTS = tuple(m.name for m in bundled("image", available_only=False) if m.family == AR_FAMILY)
+# the AR image models a catalog entry names as its draft (a target is never offered as a draft)
+AR_DRAFTS = tuple(dict.fromkeys(m.draft for m in bundled("image", available_only=False)
+                                if m.family == AR_FAMILY and m.draft))
 
 
 @torch.no_grad()
@@ -120,6 +123,41 @@ def check_same_layout(target_pipe: Any, draft_pipe: Any, draft_id: str) -> None:
     if target_size != draft_size:
         raise ValidationError(f"draft model '{draft_id}' has {draft_size} output logits but the target has "
                               f"{target_size}")
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_draft_layout(draft_id: str) -> Any:
+    """The token layout a bundled AR draft declares (its ``layout.json``; no weights loaded),
+    or None when its assets are missing."""
+    from backends.tiny.ar_image import read_layout
+
+    entry = find_bundled(draft_id)
+    if entry is None or not entry.available or not (entry.path / "layout.json").is_file():
+        return None
+    return read_layout(entry.path)
+
+
+def ar_draft_limits(backend) -> Limits:
+    """The drafts that can speculate for this AR image model: those of its token layout (a
+    loaded draft's own, a bundled one's ``layout.json``), never the model itself. With none,
+    the method is unfit (a hub model such as Janus or Emu3 has no draft of its layout), so
+    neither the tuner nor the Image tab offers it. 'auto' stays allowed (the attach says why a
+    missing or mismatched paired draft cannot run) but is searched only where it fits."""
+    layout = getattr(backend.pipe, "layout", None)
+
+    def fits(draft_id: str) -> bool:
+        loaded = backend.drafts.get(draft_id)
+        draft_layout = loaded.layout if loaded is not None else bundled_draft_layout(draft_id)
+        return draft_id != backend.model_id and draft_layout is not None and draft_layout == layout
+
+    named = tuple(d for d in AR_DRAFTS if fits(d))
+    paired = bool(backend.draft_id) and fits(backend.draft_id)
+    if not named and not paired:
+        return Limits(unfit="speculative: no bundled draft model shares this model's token layout (codebook, "
+                            "prompt words, grid), and speculative decoding needs one")
+    # 'auto' is the paired draft: the search does not try it twice under its own name
+    searched = ("auto",) * paired + tuple(d for d in named if d != backend.draft_id)
+    return Limits(choices={"draft": ("auto", *named), "universal": (False,)}, search_choices={"draft": searched})
 
 
 def paired_draft_limits(cls, backend) -> Limits:
@@ -234,10 +272,9 @@ class SpeculativeMethod(Method):
     def limits(cls, backend) -> Limits:
         """Drafts of the model's own kind; an AR image draft shares the target's layout, so
         'universal' (re-tokenizing through text) has no meaning there."""
-        paired = paired_draft_limits(cls, backend)
         if getattr(backend, "family", None) == AR_FAMILY:
-            return Limits(choices={"draft": ("auto", *AR_DRAFTS), "universal": (False,)},
-                          search_choices=paired.search_choices)
+            return ar_draft_limits(backend)
+        paired = paired_draft_limits(cls, backend)
         return Limits(choices={"draft": ("auto", *TEXT_DRAFTS)}, search_choices=paired.search_choices)
 
     def attach(self, backend, plan: DecodingPlan | ARImagePlan) -> DecodingHandle | CodecHandle | RunHandle:

@@ -184,6 +184,13 @@ class TokenLayout:
                 "prompt_len": PROMPT_LEN}
 
 
+def read_layout(source: str | Path) -> TokenLayout:
+    """The token layout a saved pipeline folder declares (its ``layout.json``), without
+    loading any weights: what the speculative method compares to find a draft that fits."""
+    cfg = json.loads((Path(source) / "layout.json").read_text())
+    return TokenLayout(cfg["codebook_size"], tuple(cfg["words"]), cfg["grid"])
+
+
 def llama_config(layout: TokenLayout, hidden: int = 128, layers: int = 4, heads: int = 4):
     from transformers import LlamaConfig
 
@@ -211,8 +218,7 @@ class ARImagePipeline:
         from transformers import LlamaForCausalLM
 
         root = Path(source)
-        layout_cfg = json.loads((root / "layout.json").read_text())
-        layout = TokenLayout(layout_cfg["codebook_size"], tuple(layout_cfg["words"]), layout_cfg["grid"])
+        layout = read_layout(root)
         vq = ShapesVQ.from_pretrained(root / "tokenizer").to(dtype)
         transformer = LlamaForCausalLM.from_pretrained(root / "transformer", dtype=dtype).eval()
         return cls(vq, transformer, layout)

@@ -159,14 +159,17 @@ def accel_panel(modality: str, elem_prefix: str = "") -> AccelPanel:
 
 def format_result(result, run_id: int | None) -> str:
     """Markdown summary of a run: stages, evaluations, memory, what each method did."""
+    from studio.evidence import draft_forwards
+
     lines = []
     if run_id is not None:
         lines.append(f"**Run #{run_id}** on `{result.device}` ({result.worker})")
     stages = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items() if k != "total")
     lines.append(f"**Total {result.total_seconds:.3f}s** — {stages}")
     weights = f" · weights {result.weight_bytes / 2**20:.1f} MiB" if getattr(result, "weight_bytes", 0) else ""
-    lines.append(f"Model evaluations: **{result.model_evals}** · peak memory {result.peak_memory_bytes / 2**20:.0f} MiB"
-                 + weights)
+    drafted = draft_forwards(result.method_stats)  # not in the evaluations, which count the model's own forwards
+    evals = f"{result.model_evals}**" + (f" (the target's; + {drafted} draft forwards)" if drafted else "")
+    lines.append(f"Model evaluations: **{evals} · peak memory {result.peak_memory_bytes / 2**20:.0f} MiB" + weights)
     for name, stats in result.method_stats.items():
         if stats:
             lines.append(f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
