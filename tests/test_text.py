@@ -185,6 +185,19 @@ def test_speculative_without_a_paired_draft_says_so(tok, target):
         run(backend, PROMPTS[0], [("speculative", {})])
 
 
+def test_the_tuner_never_tries_a_model_as_its_own_draft(tok, target):
+    from backends.accel.base import get_method
+
+    for paired in (None, "tiny-code-draft"):
+        backend = TextBackend.from_model(target, tok, model_id="tiny-code-llama")
+        backend.draft_id = paired
+        limits = get_method("speculative").limits(backend)
+        assert "tiny-code-llama" in limits.choices["draft"]  # allowed when asked for by name
+        searched = limits.search_choices["draft"]
+        assert "tiny-code-llama" not in searched and "tiny-code-draft" in searched
+        assert ("auto" in searched) == (paired is not None)
+
+
 def test_greedy_only_methods_refuse_sampling(backend):
     for name in ("lookahead", "layer_skip"):
         with pytest.raises(ValidationError, match="greedy"):

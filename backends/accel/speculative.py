@@ -275,7 +275,10 @@ class SpeculativeMethod(Method):
         if getattr(backend, "family", None) == AR_FAMILY:
             return ar_draft_limits(backend)
         paired = paired_draft_limits(cls, backend)
-        return Limits(choices={"draft": ("auto", *TEXT_DRAFTS)}, search_choices=paired.search_choices)
+        choices = ("auto", *TEXT_DRAFTS)
+        # the model as its own draft runs (every draft kept) but only adds a forward: never a trial
+        searched = tuple(c for c in paired.search_choices.get("draft", choices) if c != backend.model_id)
+        return Limits(choices={"draft": choices}, search_choices={"draft": searched})
 
     def attach(self, backend, plan: DecodingPlan | ARImagePlan) -> DecodingHandle | CodecHandle | RunHandle:
         draft_id = backend.draft_id if self.config.draft == "auto" else self.config.draft
