@@ -154,6 +154,7 @@ def test_image_tab_runs_an_autoregressive_model_with_sjd(page, served):
     open_tab(page, "Image")
     choose_model(page, "image-model", "dummy-ar")
     wait_for_text(page, "image-family", "ar-image")
+    page.wait_for_selector("#image-steps", state="hidden")  # a token model has no denoising steps
     page.locator("#image-prompt textarea").fill("a blue square at bottom right on black")
     page.locator("#image-method-sjd input").check()
     page.locator("#image-generate").click()
@@ -167,6 +168,7 @@ def test_image_tab_runs_an_autoregressive_model_with_sjd(page, served):
     page.locator("#image-method-sjd input").uncheck()
     choose_model(page, "image-model", "dummy-sd")  # the later image tests use the diffusion model's methods
     wait_for_text(page, "image-family", "unet")
+    page.wait_for_selector("#image-steps", state="visible")
 
 
 def test_video_tab_generates(page, served):
