@@ -150,6 +150,17 @@ def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair
     assert "token layout" in SpeculativeMethod.limits(draft_as_target).unfit
 
 
+def test_a_missing_paired_draft_is_named_as_missing_not_as_another_layout(pair, monkeypatch):
+    import backends.accel.speculative as speculative
+
+    backend = ARImageBackend.from_pipeline(pair[0], "tiny-ar-shapes")
+    real = speculative.find_bundled
+    monkeypatch.setattr(speculative, "find_bundled", lambda name: None if name == "tiny-ar-shapes-draft" else real(name))
+    assert "'tiny-ar-shapes-draft' is not available" in speculative.SpeculativeMethod.limits(backend).unfit
+    monkeypatch.setattr(speculative, "find_bundled", real)  # its files are back (trained meanwhile): no restart
+    assert not speculative.SpeculativeMethod.limits(backend).unfit
+
+
 def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept():
     """A model whose layout no bundled draft shares: speculative is unfit, an explicit draft
     is refused by the limits before loading, and a draft loaded directly is checked before it

@@ -100,6 +100,13 @@ def test_speculative_refuses_sampling_and_mismatched_drafts(codec):
         del codec.drafts["odd"]
 
 
+def test_the_tuner_tries_a_codec_model_only_with_its_own_paired_draft(codec):
+    from backends.accel.speculative import SpeculativeMethod
+
+    assert codec.family == "codec-lm" and codec.draft_id  # the dummy MusicGen has a paired draft
+    assert SpeculativeMethod.limits(codec).search_choices["draft"] == ("auto",)
+
+
 def test_studio_generates_codec_audio_into_history(studio_factory):
     studio = studio_factory()
     result = studio.generate(request(PROMPTS[2], seconds=0.1, methods=[("speculative", {"num_assistant_tokens": 3})]))

@@ -32,7 +32,6 @@ and greedy output is the plain loop's token for token.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -125,10 +124,10 @@ def check_same_layout(target_pipe: Any, draft_pipe: Any, draft_id: str) -> None:
                               f"{target_size}")
 
 
-@functools.lru_cache(maxsize=None)
 def bundled_draft_layout(draft_id: str) -> Any:
     """The token layout a bundled AR draft declares (its ``layout.json``; no weights loaded),
-    or None when its assets are missing."""
+    or None when its assets are missing. Read each time (a small JSON file), so a draft
+    trained while the studio runs is seen at once."""
     from backends.tiny.ar_image import read_layout
 
     entry = find_bundled(draft_id)
@@ -153,6 +152,10 @@ def ar_draft_limits(backend) -> Limits:
     named = tuple(d for d in AR_DRAFTS if fits(d))
     paired = bool(backend.draft_id) and fits(backend.draft_id)
     if not named and not paired:
+        missing = backend.draft_id and backend.draft_id not in backend.drafts
+        if missing and bundled_draft_layout(backend.draft_id) is None:
+            return Limits(unfit=f"speculative: the paired draft model '{backend.draft_id}' is not available "
+                                "(its files are missing)")
         return Limits(unfit="speculative: no bundled draft model shares this model's token layout (codebook, "
                             "prompt words, grid), and speculative decoding needs one")
     # 'auto' is the paired draft: the search does not try it twice under its own name
@@ -274,10 +277,14 @@ class SpeculativeMethod(Method):
         'universal' (re-tokenizing through text) has no meaning there."""
         if getattr(backend, "family", None) == AR_FAMILY:
             return ar_draft_limits(backend)
-        paired = paired_draft_limits(cls, backend)
         choices = ("auto", *TEXT_DRAFTS)
-        # the model as its own draft runs (every draft kept) but only adds a forward: never a trial
-        searched = tuple(c for c in paired.search_choices.get("draft", choices) if c != backend.model_id)
+        if getattr(backend, "family", None) == "codec-lm":  # text drafts never share a codec's tokens
+            return Limits(choices={"draft": choices}, search_choices={"draft": ("auto",) if backend.draft_id else ()})
+        paired = paired_draft_limits(cls, backend)
+        # the model as its own draft runs (every draft kept) but only adds a forward, and 'auto'
+        # is the paired draft: neither is a trial of its own
+        searched = tuple(c for c in paired.search_choices.get("draft", choices)
+                         if c != backend.model_id and c != backend.draft_id)
         return Limits(choices={"draft": choices}, search_choices={"draft": searched})
 
     def attach(self, backend, plan: DecodingPlan | ARImagePlan) -> DecodingHandle | CodecHandle | RunHandle:
