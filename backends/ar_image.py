@@ -119,13 +119,16 @@ class ARImageBackend(Backend):
         draft behind in memory."""
         from backends.accel.speculative import check_same_layout
         from backends.catalog import resolve_source
-        from backends.tiny.ar_image import ARImagePipeline
+        from backends.tiny.ar_image import ARImagePipeline, read_layout
         from backends.types import ModelLoadError
 
         if draft_id not in self.drafts:
             source = resolve_source(draft_id)
             if not is_ar_image_source(source):
                 raise ModelLoadError(f"draft model '{draft_id}' is not an autoregressive image model")
+            if read_layout(source) != self.pipe.layout:  # refused from its layout.json, before any weights load
+                raise ValidationError(f"draft model '{draft_id}' has another token layout (codebook, prompt words "
+                                      "or grid) than the target: its tokens would mean other things")
             try:
                 draft = ARImagePipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
             except Exception as exc:  # noqa: BLE001 - any loader failure is one line for the user

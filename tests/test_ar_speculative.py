@@ -161,7 +161,7 @@ def test_a_missing_paired_draft_is_named_as_missing_not_as_another_layout(pair, 
     assert not speculative.SpeculativeMethod.limits(backend).unfit
 
 
-def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept():
+def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept(monkeypatch):
     """A model whose layout no bundled draft shares: speculative is unfit, an explicit draft
     is refused by the limits before loading, and a draft loaded directly is checked before it
     is cached (a refusal leaves no draft in memory)."""
@@ -176,9 +176,12 @@ def test_a_draft_of_another_layout_is_refused_before_it_is_loaded_or_kept():
     assert "\n" not in str(err.value) and not backend.drafts and backend.memory_bytes() == memory
     if not find_bundled("tiny-ar-shapes-draft").available:
         pytest.skip("the bundled draft's assets are not checked out")
+    loads = []
+    monkeypatch.setattr(ARImagePipeline, "from_pretrained", lambda *args, **kwargs: loads.append(args))
     with pytest.raises(ValidationError, match="another token layout"):
         backend.get_draft("tiny-ar-shapes-draft")
     assert not backend.drafts and backend.memory_bytes() == memory
+    assert loads == []  # refused from its layout.json: no weights were read
 
 
 # -- static cache -------------------------------------------------------------------------------------
