@@ -321,7 +321,8 @@ def canonical_config(methods: Sequence[MethodChoice]) -> str:
     name the same run (the order methods are listed in does not change what runs: the
     plan editors attach first, the others patch what they each own), so a configuration
     already measured is reused, never measured twice."""
-    full = sorted((m.name, get_method(m.name).spec.validate(dict(m.params))) for m in methods)
+    full = sorted((m.name, get_method(m.name).spec.canonical(get_method(m.name).spec.validate(dict(m.params))))
+                  for m in methods)
     return json.dumps(full, sort_keys=True, default=str)
 
 
@@ -382,7 +383,9 @@ class SearchSpace:
                 raise Conflict(f"{name} shares a slot with a method already chosen")
             taken |= set(spec.slots) | {slot}
             values = {p: v for (m, p), v in self.fixed.items() if m == name}
-            for p in self.params[name]:  # in Config order: a bound naming an earlier parameter is known
+            for p in sampling_order(self.params[name]):
+                if p.only_if is not None and not p.is_read({**spec.defaults(), **values}):
+                    continue  # a rule another parameter replaced: left at its default, not drawn
                 values[p.name] = self._suggest_param(trial, name, p, values)
             chosen.append(MethodChoice(name, spec.validate(values)))
         return chosen
@@ -451,14 +454,23 @@ class SearchSpace:
             out[f"slot:{slot}"] = hit[0].name if hit else NONE
             if hit:
                 taken |= set(hit[0].slots)
+                chosen = {**hit[0].defaults(), **by_name[hit[0].name].params}
                 for p in self.params[hit[0].name]:
-                    value = by_name[hit[0].name].params.get(p.name, p.default)
+                    if not p.is_read(chosen):
+                        continue  # never drawn under the chosen values (``suggest``)
+                    value = chosen[p.name]
                     if p.kind in ("int", "float"):
                         low, high = self.bounds[(hit[0].name, p.name)]
                         if not low <= value <= high:
                             return None
                     out[f"{hit[0].name}.{p.name}"] = value
         return out
+
+
+def sampling_order(params: Sequence[Param]) -> list[Param]:
+    """``params`` in Config order (a bound naming an earlier parameter is known when it is
+    drawn), except that a parameter read only under another's value comes after it."""
+    return [p for p in params if p.only_if is None] + [p for p in params if p.only_if is not None]
 
 
 def build_space(modality: str, family: str | None, allowed: Sequence[str] | None, base_params: Mapping[str, Any],

@@ -241,6 +241,38 @@ def test_text_tab_runs_the_diffusion_lm(page, served):
     assert (row.modality, row.model, row.status) == ("text", "tiny-code-dllm", "ok")
 
 
+def test_fast_dllm_factor_greys_out_its_threshold_and_runs(page, served):
+    """fast_dllm's threshold is read only while factor is 0 (``Param.only_if``): the page
+    greys it out once a factor is set, and the run records the factor."""
+    from backends.catalog import find_bundled
+
+    if not find_bundled("tiny-code-dllm").available:
+        pytest.skip("assets/tiny-code-dllm is not built")
+    _, studio = served
+    open_tab(page, "Text")
+    choose_model(page, "text-model", "tiny-code-dllm")
+    wait_for_text(page, "text-family", "diffusion-lm")
+    page.locator("#text-method-fast_dllm input").check()
+    page.get_by_text("Fast-dLLM (block KV cache + parallel decoding) settings").click()
+    threshold, factor = page.get_by_label("number input for threshold"), page.get_by_label("number input for factor")
+    assert threshold.is_enabled()
+    factor.fill("1.5")
+    factor.press("Enter")
+    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for threshold\"]').disabled")
+    set_slider(page, "text-max-new-tokens", 16)
+    set_slider(page, "text-steps", 8)
+    page.locator("#text-generate").click()
+    wait_for_text(page, "text-info", "factor: 1.5")
+    no_error_toast(page)
+    row = studio.history.query(limit=1)[0]
+    assert (row.model, row.status) == ("tiny-code-dllm", "ok") and row.methods[0]["name"] == "fast_dllm"
+    assert row.methods[0]["params"]["factor"] == 1.5
+    factor.fill("0")
+    factor.press("Enter")
+    page.wait_for_function("() => !document.querySelector('[aria-label=\"number input for threshold\"]').disabled")
+    page.locator("#text-method-fast_dllm input").uncheck()
+
+
 def test_story_tab_writes_and_draws_without_restyling_the_page(page, served):
     open_tab(page, "Story")
     set_slider(page, "story-steps", 2)

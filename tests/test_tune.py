@@ -143,6 +143,29 @@ def test_exact_floor_searches_lossless_methods_only():
     assert any("snapkv" in n for n in space.notes)
 
 
+def test_a_parameter_another_replaces_is_not_drawn_and_does_not_tell_runs_apart():
+    """fast_dllm reads ``threshold`` only while ``factor`` is 0: with a factor drawn the
+    threshold stays at its default, and two configurations that differ only in it are
+    one run (measured once)."""
+    from studio.tune_spec import canonical_config
+
+    space = build_space("text", "diffusion-lm", ["fast_dllm"], {}, exact=False)
+    with_factor = FakeTrial({"slot:dllm-decoding": "fast_dllm", "fast_dllm.factor": 1.5, "fast_dllm.threshold": 0.5})
+    (chosen,) = space.suggest(with_factor)
+    assert "fast_dllm.threshold" not in with_factor.asked and chosen.params["threshold"] == 0.9
+    assert chosen.params["factor"] == 1.5
+    rule = FakeTrial({"slot:dllm-decoding": "fast_dllm", "fast_dllm.factor": 0.0, "fast_dllm.threshold": 0.5})
+    (chosen,) = space.suggest(rule)
+    assert rule.asked.index("fast_dllm.factor") < rule.asked.index("fast_dllm.threshold")
+    assert chosen.params["threshold"] == 0.5
+    same = [MethodChoice("fast_dllm", {"factor": 1.5, "threshold": t}) for t in (0.5, 0.9)]
+    assert canonical_config([same[0]]) == canonical_config([same[1]])
+    differ = [MethodChoice("fast_dllm", {"threshold": t}) for t in (0.5, 0.9)]
+    assert canonical_config([differ[0]]) != canonical_config([differ[1]])
+    assert "fast_dllm.threshold" not in space.trial_params(same[:1])
+    assert space.trial_params(differ[:1])["fast_dllm.threshold"] == 0.5
+
+
 # -- the tuner with a fake runner: known speeds and qualities ----------------------------
 
 PROMPTS = ("p0", "p1", "p2", "p3")

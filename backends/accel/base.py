@@ -29,11 +29,16 @@ _PARAM = "fastgen_param"  # the dataclasses.field metadata key of a user-facing 
 
 
 def param(default: Any, *, help: str, min: float | None = None, max: float | None = None,
-          step: float | None = None, choices: Iterable[Any] = (), paper: Any = None) -> Any:
+          step: float | None = None, choices: Iterable[Any] = (), paper: Any = None,
+          only_if: tuple[str, Any] | None = None) -> Any:
     """A ``*Config`` field a user sets. ``paper``: the paper's own setting, only where the
-    default differs from it (shown in the UI and the listing). Fields made without
-    ``param`` are filled in by the method at run time (a step count, a fitted curve)."""
-    info = {"min": min, "max": max, "step": step, "choices": tuple(choices), "help": help, "paper": paper}
+    default differs from it (shown in the UI and the listing). ``only_if=(other, value)``:
+    the method reads this parameter only while ``other`` has ``value`` (a rule that a
+    second parameter replaces), so the tuner does not draw it otherwise and two
+    configurations that differ only in it are one run. Fields made without ``param`` are
+    filled in by the method at run time (a step count, a fitted curve)."""
+    info = {"min": min, "max": max, "step": step, "choices": tuple(choices), "help": help, "paper": paper,
+            "only_if": tuple(only_if) if only_if is not None else None}
     return dataclasses.field(default=default, metadata={_PARAM: info})
 
 
@@ -61,6 +66,11 @@ class Param:
     help: str = ""
     step: float | None = None
     paper: Any = None
+    only_if: tuple[str, Any] | None = None  # (other parameter, the value under which this one is read)
+
+    def is_read(self, values: Mapping[str, Any]) -> bool:
+        """Whether the method reads this parameter under ``values`` (complete, validated)."""
+        return self.only_if is None or values[self.only_if[0]] == self.only_if[1]
 
     @classmethod
     def of(cls, f: dataclasses.Field) -> "Param":
@@ -128,7 +138,11 @@ class MethodSpec:
     def __post_init__(self):
         if self.config is not None and not issubclass(self.config, MethodConfig):
             raise TypeError(f"method {self.name!r}: config must be a MethodConfig subclass")
-        self.params  # noqa: B018  (a malformed field fails at import, not at the first request)
+        names = {p.name for p in self.params}  # a malformed field fails at import, not at the first request
+        for p in self.params:
+            if p.only_if is not None and (p.only_if[0] not in names or p.only_if[0] == p.name):
+                raise TypeError(f"method {self.name!r}: parameter {p.name!r} is read only if an unknown "
+                                f"parameter {p.only_if[0]!r} has a value")
 
     @cached_property
     def params(self) -> tuple[Param, ...]:
@@ -149,6 +163,11 @@ class MethodSpec:
             raise ValidationError(f"method '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
                                   f"it takes {sorted(known) or 'none'}")
         return {p.name: p.coerce(params.get(p.name, p.default)) for p in self.params}
+
+    def canonical(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (validated) with every parameter the method does not read under them
+        set to its default: two configurations that run alike compare equal."""
+        return {p.name: values[p.name] if p.is_read(values) else p.default for p in self.params}
 
     def build(self, values: dict[str, Any]) -> MethodConfig | None:
         """The ``*Config`` of values ``validate`` returned."""

@@ -30,9 +30,10 @@ DLLM_SLOT = "dllm-decoding"  # methods that set how a diffusion LM's steps run
 
 
 class FastDLLMConfig(MethodConfig):
-    threshold: float = param(0.9, min=0.0, max=1.0, step=0.05,
+    threshold: float = param(0.9, min=0.0, max=1.0, step=0.05, only_if=("factor", 0.0),
                              help="commit every masked token of the block whose confidence is above this in one "
-                                  "step (1.0 = only the scheduled ones: the baseline's decoding)")
+                                  "step (1.0 = only the scheduled ones: the baseline's decoding; unused once "
+                                  "factor is set)")
     factor: float = param(0.0, min=0.0, max=32.0, step=0.5,
                           help="the paper's factor rule instead of the threshold: commit the n most confident "
                                "tokens for the largest n with (n + 1)(1 - c_n) < factor (0 = off, threshold rule; "

@@ -135,6 +135,18 @@ def _control(param) -> gr.components.Component:
     return gr.Number(value=param.default, label=label, info=info, precision=0 if param.kind == "int" else None)
 
 
+def _grey_out_unread(params, controls) -> None:
+    """A parameter read only under another's value (``Param.only_if``: fast_dllm's threshold
+    once a factor is set) is greyed out while the other has any other value."""
+    index = {p.name: i for i, p in enumerate(params)}
+    for p, control in zip(params, controls):
+        if p.only_if is None:
+            continue
+        other, value = p.only_if
+        controls[index[other]].change(lambda v, value=value: gr.update(interactive=v == value),
+                                      controls[index[other]], control, show_progress="hidden")
+
+
 def accel_panel(modality: str, elem_prefix: str = "") -> AccelPanel:
     panel = AccelPanel(modality, methods_for(modality))
     with gr.Accordion("Acceleration", open=True):
@@ -149,6 +161,7 @@ def accel_panel(modality: str, elem_prefix: str = "") -> AccelPanel:
                     if spec.paper:
                         gr.Markdown(f"*Paper:* {spec.paper}")
                     controls = [_control(p) for p in spec.params]
+                    _grey_out_unread(spec.params, controls)
                 hint = gr.Markdown("", visible=True)
             panel.enabled.append(box)
             panel.params.append(controls)
