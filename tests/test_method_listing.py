@@ -10,7 +10,7 @@ from backends.accel.base import all_methods
 
 METHOD_KEYS = {"name", "title", "summary", "modalities", "families", "slots", "lossless", "paper", "defaults_note",
                "params"}
-PARAM_KEYS = {"name", "kind", "default", "min", "max", "step", "choices", "help", "paper"}
+PARAM_KEYS = {"name", "kind", "default", "min", "max", "step", "choices", "help", "paper", "only_if"}
 
 
 def test_list_methods_writes_every_registered_method_with_its_config_fields(tmp_path, monkeypatch):
@@ -34,7 +34,8 @@ def test_list_methods_writes_every_registered_method_with_its_config_fields(tmp_
     assert (deepcache["families"], deepcache["lossless"], deepcache["slots"]) == (["unet", "audio-unet"], False, [])
     assert deepcache["params"][0] == {"name": "interval", "kind": "int", "default": 3, "min": 1, "max": 10,
                                       "step": None, "choices": [], "help": "run the full UNet every N steps (paper: 3-5)",
-                                      "paper": None}
+                                      "paper": None, "only_if": None}
+    assert listed["fast_dllm"]["params"][0]["only_if"] == ["factor", 0.0]  # threshold: read while factor is 0
     assert listed["faster_cache"]["slots"] == ["dit-cache", "guidance"]
     assert listed["lookahead"]["lossless"] is True and listed["lookahead"]["params"][0]["paper"] == 15
     stream = data["modes"][0]  # StreamDiffusion: a mode of the Image tab, with its seed paper
