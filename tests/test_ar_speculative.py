@@ -150,6 +150,26 @@ def test_the_bundled_ar_model_names_its_draft_and_drafts_stay_in_their_kind(pair
     assert "token layout" in SpeculativeMethod.limits(draft_as_target).unfit
 
 
+def test_a_draft_no_smaller_than_the_model_is_not_offered(pair):
+    """A folder copy of the 1-layer bundled draft loaded as the model: the bundled draft has
+    its layout but not fewer layers, so it is not offered (it would only add forwards); a
+    deeper model of the same layout is offered it."""
+    from backends.accel.speculative import SpeculativeMethod, bundled_draft_layers
+    from backends.catalog import find_bundled
+
+    if not find_bundled("tiny-ar-shapes-draft").available:
+        pytest.skip("the bundled draft's assets are not checked out")
+    assert bundled_draft_layers("tiny-ar-shapes-draft") == 1
+    copy = ARImageBackend.from_pipeline(pair[1], "/home/user/models/my-ar-draft-copy")
+    assert pair[1].transformer.config.num_hidden_layers == 1
+    assert "fewer layers" in SpeculativeMethod.limits(copy).unfit
+    with pytest.raises(ValidationError) as err:
+        run(copy, [("speculative", {"draft": "tiny-ar-shapes-draft"})])
+    assert "\n" not in str(err.value) and not copy.drafts
+    deeper = ARImageBackend.from_pipeline(pair[0], "/home/user/models/my-ar-model")
+    assert SpeculativeMethod.limits(deeper).choices["draft"] == ("auto", "tiny-ar-shapes-draft")
+
+
 def test_a_missing_paired_draft_is_named_as_missing_not_as_another_layout(pair, monkeypatch):
     import backends.accel.speculative as speculative
 

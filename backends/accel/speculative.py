@@ -32,6 +32,7 @@ and greedy output is the plain loop's token for token.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -136,18 +137,44 @@ def bundled_draft_layout(draft_id: str) -> Any:
     return read_layout(entry.path)
 
 
+def _layers(transformer_config: Any) -> int | None:
+    return getattr(transformer_config, "num_hidden_layers", None)
+
+
+def bundled_draft_layers(draft_id: str) -> int | None:
+    """The transformer depth a bundled AR draft declares (its ``transformer/config.json``;
+    no weights loaded), or None when unknown."""
+    entry = find_bundled(draft_id)
+    path = entry.path / "transformer" / "config.json" if entry is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def ar_draft_limits(backend) -> Limits:
     """The drafts that can speculate for this AR image model: those of its token layout (a
-    loaded draft's own, a bundled one's ``layout.json``), never the model itself. With none,
+    loaded draft's own, a bundled one's ``layout.json``) with fewer layers than the model,
+    so never the model itself, even loaded from a folder copy of a draft. With none,
     the method is unfit (a hub model such as Janus or Emu3 has no draft of its layout), so
     neither the tuner nor the Image tab offers it. 'auto' stays allowed (the attach says why a
     missing or mismatched paired draft cannot run) but is searched only where it fits."""
     layout = getattr(backend.pipe, "layout", None)
+    depth = _layers(getattr(getattr(backend.pipe, "transformer", None), "config", None))
+
+    def smaller(draft_id: str, loaded: Any) -> bool:
+        """A draft as deep as its target costs a target forward per drafted token: it only
+        adds work (a folder copy of a bundled draft, loaded as the model, is one)."""
+        layers = _layers(loaded.transformer.config) if loaded is not None else bundled_draft_layers(draft_id)
+        return depth is None or layers is None or layers < depth
 
     def fits(draft_id: str) -> bool:
         loaded = backend.drafts.get(draft_id)
         draft_layout = loaded.layout if loaded is not None else bundled_draft_layout(draft_id)
-        return draft_id != backend.model_id and draft_layout is not None and draft_layout == layout
+        return (draft_id != backend.model_id and draft_layout is not None and draft_layout == layout
+                and smaller(draft_id, loaded))
 
     named = tuple(d for d in AR_DRAFTS if fits(d))
     paired = bool(backend.draft_id) and fits(backend.draft_id)
@@ -157,7 +184,7 @@ def ar_draft_limits(backend) -> Limits:
             return Limits(unfit=f"speculative: the paired draft model '{backend.draft_id}' is not available "
                                 "(its files are missing)")
         return Limits(unfit="speculative: no bundled draft model shares this model's token layout (codebook, "
-                            "prompt words, grid), and speculative decoding needs one")
+                            "prompt words, grid) with fewer layers than it, and speculative decoding needs one")
     # 'auto' is the paired draft: the search does not try it twice under its own name
     searched = ("auto",) * paired + tuple(d for d in named if d != backend.draft_id)
     return Limits(choices={"draft": ("auto", *named), "universal": (False,)}, search_choices={"draft": searched})
