@@ -3,6 +3,7 @@ named parameters, and declared properties instead of special cases keyed on stri
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,21 @@ def test_compare_tab_starts_from_the_tables_defaults():
     assert default_params("image") == {"steps": 25, "guidance": 5.0}
     assert default_params("audio") == {"steps": 25, "guidance": 3.5}
     assert default_params("text") == {"max_new_tokens": 128, "temperature": 0.0, "chat_template": True}
+
+
+def test_compare_tab_takes_a_picked_models_recommended_settings():
+    """tiny-ar-shapes is meant for guidance 1.5: at the image default 5 its images fall apart,
+    so Compare's Parameters box follows the model the user picks, keeping their other values."""
+    from studio.ui.compare import default_params, params_after_model_pick
+
+    assert default_params("image", "tiny-ar-shapes") == {"steps": 25, "guidance": 1.5}
+    assert default_params("image", "some/hub-model") == default_params("image")
+    picked = json.loads(params_after_model_pick('{"steps": 25, "guidance": 5.0, "width": 48}', "image", "tiny-ar-shapes"))
+    assert picked == {"steps": 25, "guidance": 1.5, "width": 48}
+    dllm = json.loads(params_after_model_pick(json.dumps(default_params("text")), "text", "tiny-code-dllm"))
+    assert (dllm["max_new_tokens"], dllm["steps"], dllm["block_length"]) == (64, 64, 32)
+    assert json.loads(params_after_model_pick("{not json", "image", "tiny-ar-shapes"))["guidance"] == 1.5
+    assert json.loads(params_after_model_pick("[1, 2]", "image", "dummy-sd")) == default_params("image")
 
 
 def test_a_tab_request_is_checked_no_more_often_than_a_run_request(studio_factory, monkeypatch):

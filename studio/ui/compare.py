@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from backends.accel.base import all_methods
+from backends.catalog import recommended_params
 from backends.params import controls_for
 from backends.types import MODALITIES, Request, ValidationError
 from studio import evidence
@@ -21,11 +22,26 @@ from studio.ui.common import model_choices, progress_adapter, user_errors
 from studio.ui.runs import Progress, SessionRuns, run_with_token
 
 
-def default_params(modality: str) -> dict:
+def default_params(modality: str, model: str | None = None) -> dict:
     """The Parameters box's starting JSON: the modality's defaults from its one table
-    (``backends.params``), sizes left to the model."""
-    return {spec.name: spec.default for spec in controls_for(modality)
-            if spec.default is not None and not spec.zero_means_default}
+    (``backends.params``), sizes left to the model, and ``model``'s recommended settings
+    over them (tiny-ar-shapes runs at guidance 1.5, not the image default 5)."""
+    defaults = {spec.name: spec.default for spec in controls_for(modality)
+                if spec.default is not None and not spec.zero_means_default}
+    return {**defaults, **recommended_params(model or "")}
+
+
+def params_after_model_pick(params_text: str, modality: str, model: str) -> str:
+    """The Parameters box after the user picks ``model``: its recommended settings over
+    what the box holds (the user's other values kept, as the Image tab's sliders keep
+    theirs); text that is not a JSON object is replaced by the model's defaults."""
+    try:
+        current = json.loads(params_text or "{}")
+    except ValueError:
+        current = None
+    if not isinstance(current, dict):
+        return json.dumps(default_params(modality, model))
+    return json.dumps({**current, **recommended_params(model or "")})
 
 
 EXAMPLE_CONFIGS = "deepcache(interval=3)\nsampler(scheduler=dpmpp_2m, steps=12)\ndeepcache(interval=3) + cfg_truncation(fraction=0.5)"
@@ -41,7 +57,8 @@ def build_compare_tab(studio) -> dict:
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seeds = gr.Textbox(value="0", label="Seeds (comma separated)")
-                params = gr.Code(value=json.dumps(default_params("image")), language="json", label="Parameters")
+                params = gr.Code(value=json.dumps(default_params("image", model.value)), language="json",
+                                 label="Parameters")
             configs = gr.Textbox(value=EXAMPLE_CONFIGS, lines=5, elem_id="compare-configs",
                                  label="Configurations, one per line (baseline runs first automatically)",
                                  info="e.g. deepcache(interval=3) + sampler(scheduler=dpmpp_2m, steps=20)")
@@ -110,9 +127,12 @@ def build_compare_tab(studio) -> dict:
     @user_errors
     def on_modality(m):
         choices = model_choices(studio, m)
-        return gr.update(choices=choices, value=choices[0] if choices else None), json.dumps(default_params(m))
+        first = choices[0] if choices else None
+        return gr.update(choices=choices, value=first), json.dumps(default_params(m, first))
 
     modality.change(on_modality, inputs=[modality], outputs=[model, params], api_name=False)
+    # only on user input: a comparison's own settings are not overwritten by a programmatic change
+    model.input(params_after_model_pick, inputs=[params, modality, model], outputs=[params], api_name=False)
 
     def make_request(modality, model, prompt, negative, seeds, params):
         try:
