@@ -213,8 +213,8 @@ class TextBackend(DraftingBackend):
             target_forwards=forwards[0],
             tokens_per_target_forward=round(n / forwards[0], 3) if forwards[0] else None,
         )
-        if plan.decoder is not None and state.per_step:  # a method's loop: tokens kept per step
-            plan.extra["tokens_per_step"] = list(state.per_step)
+        if plan.decoder is not None and state.per_step:  # a method's loop: tokens kept per step,
+            plan.extra.setdefault("tokens_per_step", list(state.per_step))  # unless the loop counted its own
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _edited_prompt(self, plan: DecodingPlan) -> torch.Tensor:

@@ -140,7 +140,9 @@ def block_timeline_figure(blocks: list[str], label: str):
 
 
 def draft_length_figure(rows):
-    """Text: tokens kept per verification forward, one line per configuration that has them."""
+    """Text: tokens kept per model forward, one line per configuration that has them: the
+    drafts a verification forward accepted, or the tokens a diffusion LM's denoising step
+    committed."""
     from studio.evidence import draft_lengths
 
     series = [(row.label, draft_lengths(row)) for row in rows]
@@ -150,9 +152,9 @@ def draft_length_figure(rows):
     fig, ax = plt.subplots(figsize=(8, 2.8), dpi=100)
     for label, steps in series:
         ax.step(range(len(steps)), steps, where="mid", label=label, lw=1)
-    ax.set_xlabel("verification step")
+    ax.set_xlabel("forward (verification or denoising step)")
     ax.set_ylabel("tokens kept")
-    ax.set_title("accepted tokens per target forward", fontsize=9)
+    ax.set_title("tokens kept per model forward", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -121,6 +121,9 @@ def test_parallel_decoding_takes_fewer_forwards(backend):
     # threshold 0: every masked token of a block in one step -> one forward per block
     assert fast.extra["denoising_forwards"] == GEN // 8 < base.extra["denoising_forwards"]
     assert len(ids(fast)) == len(ids(base))
+    # per forward, the tokens it committed (Compare's plot), not the streamed prefix's jumps
+    assert fast.extra["tokens_per_step"] == [8] * (GEN // 8)
+    assert base.extra["tokens_per_step"] == [1] * base.extra["denoising_forwards"]
 
 
 def test_factor_rule_takes_fewer_forwards_and_replaces_the_threshold(backend):
