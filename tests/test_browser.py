@@ -59,9 +59,19 @@ def open_tab(page, name: str) -> None:
 
 
 def set_slider(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    """Type ``value`` into a slider's number box until the slider itself shows it: a box
+    filled while a tab just opened is still being mounted can be reset to its old value,
+    and a click then sends that one (the Story test once drew 4 steps instead of 2)."""
+    box, track = page.locator(f"#{elem_id} input[type=number]"), page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(5):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            playwright_api.expect(track).to_have_value(str(value), timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    playwright_api.expect(track).to_have_value(str(value))
 
 
 def wait_for_text(page, elem_id: str, text: str, timeout_ms: float = 60_000) -> str:
@@ -254,11 +264,13 @@ def test_fast_dllm_factor_greys_out_its_threshold_and_runs(page, served):
     wait_for_text(page, "text-family", "diffusion-lm")
     page.locator("#text-method-fast_dllm input").check()
     page.get_by_text("Fast-dLLM (block KV cache + parallel decoding) settings").click()
-    threshold, factor = page.get_by_label("number input for threshold"), page.get_by_label("number input for factor")
+    group = page.locator("#text-method-fast_dllm").locator("xpath=ancestor::div[contains(@class,'group')][1]")
+    threshold = group.get_by_label("number input for threshold")
+    factor = group.get_by_label("number input for factor")
     assert threshold.is_enabled()
     factor.fill("1.5")
     factor.press("Enter")
-    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for threshold\"]').disabled")
+    playwright_api.expect(threshold).to_be_disabled()
     set_slider(page, "text-max-new-tokens", 16)
     set_slider(page, "text-steps", 8)
     page.locator("#text-generate").click()
@@ -269,7 +281,7 @@ def test_fast_dllm_factor_greys_out_its_threshold_and_runs(page, served):
     assert row.methods[0]["params"]["factor"] == 1.5
     factor.fill("0")
     factor.press("Enter")
-    page.wait_for_function("() => !document.querySelector('[aria-label=\"number input for threshold\"]').disabled")
+    playwright_api.expect(threshold).to_be_enabled()
     page.locator("#text-method-fast_dllm input").uncheck()
 
 
