@@ -285,11 +285,14 @@ def draft_forwards(method_stats: Mapping[str, Any] | None) -> int:
 
 def compact_table(report: CompareReport) -> Any:
     """The table that fits a 1400 px screen: configuration, speedup (min-max), the main
-    quality figure, prompt adherence, peak memory, evaluations, notes. Short headers; the
-    full table (every figure) is ``report.frame()``."""
+    quality figure, the perplexity change where text rows have one (a diffusion LM's lossy
+    rows agree with the baseline on few tokens; the change in perplexity is the figure its
+    methods are judged by), prompt adherence, peak memory, evaluations, notes. Short
+    headers; the full table (every figure) is ``report.frame()``."""
     import pandas as pd
 
     metric = primary_metric(report.modality)
+    with_perplexity = any("perplexity_delta_pct" in row.quality for row in report.rows)
     lines = []
     for row in report.rows:
         speed = "" if row.speedup is None else f"{row.speedup:.2f}x"
@@ -301,10 +304,13 @@ def compact_table(report: CompareReport) -> Any:
         drafted = draft_forwards(row.stats)
         if drafted and not row.error:
             notes.insert(0, f"evals: the target's only, plus {drafted} draft forwards")
+        line = {"config": row.label, "speedup": speed,
+                QUALITY_HEADERS.get(metric, metric): None if quality is None else round(float(quality), 2)}
+        if with_perplexity:
+            delta = row.quality.get("perplexity_delta_pct")
+            line["ppl Δ%"] = None if delta is None else round(float(delta), 1)
         lines.append({
-            "config": row.label,
-            "speedup": speed,
-            QUALITY_HEADERS.get(metric, metric): None if quality is None else round(float(quality), 2),
+            **line,
             "adh.": None if adherence is None else round(float(adherence), 2),
             "peak MB": None if row.peak_memory_mb is None else round(row.peak_memory_mb),
             "evals": row.model_evals,
