@@ -290,7 +290,8 @@ def _decode(backend: DiffusionLMBackend, plan: DiffusionDecodingPlan, input_ids:
     _, stats = diffusion_generate(backend.runner, input_ids, plan, on_step)
     plan.extra.update(stats.as_extra(input_ids.shape[-1] + plan.max_new_tokens),
                       steps=plan.steps, block_length=plan.block_length,
-                      threshold=plan.threshold, factor=plan.factor, cache=plan.cache,
+                      threshold=plan.threshold if plan.factor is None else None,  # the factor replaced it
+                      factor=plan.factor, cache=plan.cache,
                       # per denoising forward, the tokens it committed (Compare's per-forward plot;
                       # the streamed prefix grows in jumps that are not the model's work)
                       tokens_per_step=list(stats.committed_per_step))

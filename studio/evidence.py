@@ -76,8 +76,8 @@ def timeline_matrix(rows: list[CompareRow]) -> tuple[list[str], np.ndarray]:
 
 
 def draft_lengths(row: CompareRow) -> list[int] | None:
-    """Text: tokens kept per verification forward (speculative, lookahead...), when the
-    method's decoding loop reported them."""
+    """Text: tokens kept per verification forward (speculative, lookahead...) or committed
+    per denoising forward (a diffusion LM), when the decoding loop reported them."""
     steps = row.extra.get("tokens_per_step")
     return list(steps) if steps else None
 

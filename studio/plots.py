@@ -153,7 +153,7 @@ def draft_length_figure(rows):
     for label, steps in series:
         ax.step(range(len(steps)), steps, where="mid", label=label, lw=1)
     ax.set_xlabel("forward (verification or denoising step)")
-    ax.set_ylabel("tokens kept")
+    ax.set_ylabel("tokens kept / committed")
     ax.set_title("tokens kept per model forward", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

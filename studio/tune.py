@@ -732,8 +732,8 @@ def _confirm(runner, spec, floor, space, measurer, cases, feasible, result, prog
     """The top candidates, the shipped presets (and the single methods) on the held-out
     prompts, in one interleaved measurement."""
     picked: list[TrialRow] = []
-    for row in feasible:
-        if row.config not in {p.config for p in picked}:
+    for row in feasible:  # distinct runs (an older study may hold two labels of one run)
+        if canonical_config(row.methods) not in {canonical_config(p.methods) for p in picked}:
             picked.append(row)
         if len(picked) == spec.confirm_top:
             break

@@ -385,7 +385,8 @@ class SearchSpace:
             values = {p: v for (m, p), v in self.fixed.items() if m == name}
             for p in sampling_order(self.params[name]):
                 if p.only_if is not None and not p.is_read({**spec.defaults(), **values}):
-                    continue  # a rule another parameter replaced: left at its default, not drawn
+                    values.setdefault(p.name, p.default)  # a rule another parameter replaced: not drawn
+                    continue
                 values[p.name] = self._suggest_param(trial, name, p, values)
             chosen.append(MethodChoice(name, spec.validate(values)))
         return chosen
@@ -469,8 +470,19 @@ class SearchSpace:
 
 def sampling_order(params: Sequence[Param]) -> list[Param]:
     """``params`` in Config order (a bound naming an earlier parameter is known when it is
-    drawn), except that a parameter read only under another's value comes after it."""
-    return [p for p in params if p.only_if is None] + [p for p in params if p.only_if is not None]
+    drawn), except that a parameter read only under another's value waits until that one
+    is drawn (fast_dllm's threshold after its factor); everything else keeps its place."""
+    names = {p.name for p in params}
+    done: set[str] = set()
+    order: list[Param] = []
+    waiting = list(params)
+    while waiting:
+        ready = next((p for p in waiting if p.only_if is None or p.only_if[0] not in names
+                      or p.only_if[0] in done), waiting[0])  # waiting[0]: a cycle (refused at import)
+        waiting.remove(ready)
+        order.append(ready)
+        done.add(ready.name)
+    return order
 
 
 def build_space(modality: str, family: str | None, allowed: Sequence[str] | None, base_params: Mapping[str, Any],

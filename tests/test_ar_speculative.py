@@ -168,6 +168,10 @@ def test_a_draft_no_smaller_than_the_model_is_not_offered(pair):
     assert "\n" not in str(err.value) and not copy.drafts
     deeper = ARImageBackend.from_pipeline(pair[0], "/home/user/models/my-ar-model")
     assert SpeculativeMethod.limits(deeper).choices["draft"] == ("auto", "tiny-ar-shapes-draft")
+    # past the limits (a paired 'auto' while another draft fits), loading the draft refuses it too
+    with pytest.raises(ValidationError, match="only add work") as err:
+        copy.get_draft("tiny-ar-shapes-draft")
+    assert "\n" not in str(err.value) and not copy.drafts
 
 
 def test_a_missing_paired_draft_is_named_as_missing_not_as_another_layout(pair, monkeypatch):

@@ -63,15 +63,16 @@ def set_slider(page, elem_id: str, value) -> None:
     filled while a tab just opened is still being mounted can be reset to its old value,
     and a click then sends that one (the Story test once drew 4 steps instead of 2)."""
     box, track = page.locator(f"#{elem_id} input[type=number]"), page.locator(f"#{elem_id} input[type=range]")
+    shown = f"{float(value):g}"  # how a range input writes a number (1.0 -> "1")
     for _ in range(5):
         box.fill(str(value))
         box.press("Enter")
         try:
-            playwright_api.expect(track).to_have_value(str(value), timeout=2_000)
+            playwright_api.expect(track).to_have_value(shown, timeout=2_000)
             return
         except AssertionError:
             continue
-    playwright_api.expect(track).to_have_value(str(value))
+    playwright_api.expect(track).to_have_value(shown)
 
 
 def wait_for_text(page, elem_id: str, text: str, timeout_ms: float = 60_000) -> str:

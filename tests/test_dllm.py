@@ -126,6 +126,12 @@ def test_parallel_decoding_takes_fewer_forwards(backend):
     assert base.extra["tokens_per_step"] == [1] * base.extra["denoising_forwards"]
 
 
+def test_run_info_shows_no_threshold_once_a_factor_replaces_it(backend):
+    ruled = run(backend, PROMPTS[0], [("fast_dllm", {"factor": 1.5, "threshold": 0.5})])
+    assert ruled.extra["factor"] == 1.5 and ruled.extra["threshold"] is None
+    assert run(backend, PROMPTS[0], [("fast_dllm", {"threshold": 0.5})]).extra["threshold"] == 0.5
+
+
 def test_factor_rule_takes_fewer_forwards_and_replaces_the_threshold(backend):
     base = run(backend, PROMPTS[0])
     # factor 32 > (n + 1) for every n of a block of 8: the whole block in one step, even

@@ -166,6 +166,33 @@ def test_a_parameter_another_replaces_is_not_drawn_and_does_not_tell_runs_apart(
     assert space.trial_params(differ[:1])["fast_dllm.threshold"] == 0.5
 
 
+def test_a_conditional_parameter_is_drawn_after_its_controller_and_checked_at_import():
+    from backends.accel.base import MethodConfig, MethodSpec, Param, param
+    from studio.tune_spec import sampling_order
+
+    def p(name, only_if=None):
+        return Param(name, "float", 0.0, 0.0, 1.0, only_if=only_if)
+
+    # b waits for c; a and d keep their places
+    assert [x.name for x in sampling_order([p("a"), p("b", ("c", 0.0)), p("c"), p("d")])] == ["a", "c", "b", "d"]
+
+    class Loops(MethodConfig):
+        x: float = param(0.0, min=0, max=1, help="x", only_if=("x", 0.0))
+
+    class Chain(MethodConfig):
+        x: float = param(0.0, min=0, max=1, help="x", only_if=("y", 0.0))
+        y: float = param(0.0, min=0, max=1, help="y", only_if=("z", 0.0))
+        z: float = param(0.0, min=0, max=1, help="z")
+
+    class Untakeable(MethodConfig):
+        x: float = param(0.0, min=0, max=1, help="x", only_if=("mode", "nonee"))
+        mode: str = param("a", choices=("a", "b"), help="mode")
+
+    for config in (Loops, Chain, Untakeable):
+        with pytest.raises(TypeError, match="read only"):
+            MethodSpec("m", "m", ("text",), (), "m", config=config)
+
+
 # -- the tuner with a fake runner: known speeds and qualities ----------------------------
 
 PROMPTS = ("p0", "p1", "p2", "p3")

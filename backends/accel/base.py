@@ -138,11 +138,21 @@ class MethodSpec:
     def __post_init__(self):
         if self.config is not None and not issubclass(self.config, MethodConfig):
             raise TypeError(f"method {self.name!r}: config must be a MethodConfig subclass")
-        names = {p.name for p in self.params}  # a malformed field fails at import, not at the first request
+        by_name = {p.name: p for p in self.params}  # a malformed field fails at import, not at the first request
         for p in self.params:
-            if p.only_if is not None and (p.only_if[0] not in names or p.only_if[0] == p.name):
-                raise TypeError(f"method {self.name!r}: parameter {p.name!r} is read only if an unknown "
-                                f"parameter {p.only_if[0]!r} has a value")
+            if p.only_if is None:
+                continue
+            other, value = p.only_if
+            if other == p.name or other not in by_name or by_name[other].only_if is not None:
+                raise TypeError(f"method {self.name!r}: parameter {p.name!r} must be read only under another, "
+                                f"unconditional parameter's value, not {other!r}")
+            try:
+                takes = by_name[other].coerce(value) == value
+            except ValidationError:
+                takes = False
+            if not takes:
+                raise TypeError(f"method {self.name!r}: {p.name!r} is read only if {other!r} is {value!r}, "
+                                f"which {other!r} cannot take")
 
     @cached_property
     def params(self) -> tuple[Param, ...]:

@@ -144,7 +144,8 @@ def _grey_out_unread(params, controls) -> None:
             continue
         other, value = p.only_if
         controls[index[other]].change(lambda v, value=value: gr.update(interactive=v == value),
-                                      controls[index[other]], control, show_progress="hidden")
+                                      controls[index[other]], control, show_progress="hidden",
+                                      api_name=False, queue=False)
 
 
 def accel_panel(modality: str, elem_prefix: str = "") -> AccelPanel:

@@ -34,14 +34,16 @@ def default_params(modality: str, model: str | None = None) -> dict:
 def params_after_model_pick(params_text: str, modality: str, model: str) -> str:
     """The Parameters box after the user picks ``model``: its recommended settings over
     what the box holds (the user's other values kept, as the Image tab's sliders keep
-    theirs); text that is not a JSON object is replaced by the model's defaults."""
+    theirs). Left exactly as typed when the model recommends nothing or the text is not
+    a JSON object (half-edited text is the user's; the run says what is wrong with it)."""
+    recommended = recommended_params(model or "")
     try:
         current = json.loads(params_text or "{}")
     except ValueError:
         current = None
-    if not isinstance(current, dict):
-        return json.dumps(default_params(modality, model))
-    return json.dumps({**current, **recommended_params(model or "")})
+    if not recommended or not isinstance(current, dict):
+        return params_text
+    return json.dumps({**current, **recommended})
 
 
 EXAMPLE_CONFIGS = "deepcache(interval=3)\nsampler(scheduler=dpmpp_2m, steps=12)\ndeepcache(interval=3) + cfg_truncation(fraction=0.5)"
