@@ -108,6 +108,7 @@ def run_calibration(studio, modality: str, model: str, method: str, goal: str | 
     token = CancelToken(studio.time_limit_s, parent=cancel)
     token.start()
     backend = studio.manager.get(modality, model)
+    check_applies(method, model, backend)
     if progress is not None:
         progress(f"calibrating {method} on {len(requests)} prompt(s)")
     if goal == CURVE:
@@ -120,6 +121,18 @@ def run_calibration(studio, modality: str, model: str, method: str, goal: str | 
                                        cancel=token)
     record["id"] = studio.history.save_calibration(model, method, record, str(backend.device))
     return record
+
+
+def check_applies(method: str, model: str, backend: Any) -> None:
+    """A method calibrated only on a model it runs on: an autoregressive image model or a
+    UNet has no transformer blocks to fit (the fitting code would fail on its internals)."""
+    from backends.accel.base import get_method
+
+    families = get_method(method).spec.families
+    family = getattr(backend, "family", None)
+    if family not in families:
+        raise ValidationError(f"{method} does not apply to {model} (family {family}): it is calibrated on the "
+                              f"model families it runs on ({', '.join(families)})")
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -253,6 +253,20 @@ def test_run_calibration_stores_it_and_the_hints_say_so(studio_factory):
     assert calibration.parse_goal("first_block_cache", "40%") == 0.4
 
 
+@pytest.mark.parametrize("model", ["dummy-ar", "dummy-sd"])
+def test_calibration_refuses_a_model_the_method_does_not_run_on(studio_factory, model):
+    """An AR image model (LlamaForCausalLM) or a UNet: one line naming the model kind, not
+    the fitting code's complaint about a class it cannot read; nothing is stored."""
+    studio = studio_factory()
+    with pytest.raises(ValidationError) as err:
+        calibration.run_calibration(studio, "image", model, "teacache", calibration.CURVE, prompts=1,
+                                    prompt_texts=["a red circle"], params={"steps": 4})
+    message = str(err.value)
+    assert f"teacache does not apply to {model}" in message and "\n" not in message
+    assert "LlamaForCausalLM" not in message and "UNet2DConditionModel" not in message
+    assert calibration.calibration_table(studio.history, model) == []
+
+
 def test_calibration_panel_builds_and_lists(studio_factory):
     import gradio as gr
 
