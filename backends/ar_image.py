@@ -190,6 +190,9 @@ class ARImageBackend(Backend):
         plan = ARImagePlan(prompt=request.prompt, sampling=sampling, decoder=plain_loop, size=size, seed=request.seed,
                            negative_prompt=request.negative_prompt or None)
         plan.notes.extend(self._prompt_notes(request, sampling))
+        if size != (default_height, default_width):
+            plan.notes.append(f"'{self.model_id}' paints {default_width}x{default_height} (its token grid); the image "
+                              f"was resized to {size[1]}x{size[0]}, which adds no detail")
         return plan
 
     def _prompt_notes(self, request: Request, sampling: ARSampling) -> list[str]:

@@ -56,6 +56,15 @@ def test_an_init_image_is_refused_in_one_line_not_ignored(pipe):
     assert "img2img" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_size_other_than_the_grid_is_a_resize_and_says_so(pipe):
+    backend = ARImageBackend.from_pipeline(pipe, "tiny-ar-random")
+    native = run(backend)
+    assert native.output.size == (64, 64) and not [n for n in native.notes if "resized" in n]
+    big = run(backend, width=256, height=128)
+    assert big.output.size == (256, 128)
+    assert any("paints 64x64" in n and "resized to 256x128" in n for n in big.notes)
+
+
 def test_prompt_words_are_put_in_canonical_order(pipe):
     layout = pipe.layout
     assert layout.prompt_ids("white, top left red circle") == layout.prompt_ids(PROMPT)
