@@ -280,6 +280,11 @@ def test_a_configuration_slower_than_the_baseline_is_no_winner(tmp_path):
     assert result.winner is None and not runner.saved
     assert any("not faster than the baseline" in note for note in result.notes)
     assert not any("shipped preset" in note for note in result.notes)  # it fails the floor held-out
+    from studio.ui.tune import result_markdown
+
+    shown = result_markdown(result)  # the headline says why nothing was saved: not the floor, the speed
+    assert "none was faster than the baseline there: nothing saved" in shown
+    assert "No configuration met the floor" not in shown
 
 
 class RefusesDeepCache(FakeRunner):
@@ -329,6 +334,9 @@ def test_refused_configurations_are_bounded(tmp_path):
     trials = _states(runner, result)
     assert len(trials) <= 2 * (1 + 3)  # the budget, plus at most three refused per budgeted trial
     assert result.winner is None
+    from studio.ui.tune import result_markdown
+
+    assert "No configuration met the floor on the held-out prompts: nothing saved" in result_markdown(result)
 
 
 def test_a_faster_shipped_preset_is_pointed_out(tmp_path):

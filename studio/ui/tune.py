@@ -50,6 +50,9 @@ def result_markdown(result) -> str:
             lines.append(f"Best shipped preset at this floor, same run: {b.label} {b.heldout.speedup.median:.2f}x.")
         else:
             lines.append("No shipped preset of this model meets this floor on the held-out prompts.")
+    elif not result.cancelled and any(c.kind == "tuned" and c.feasible for c in result.confirmed):
+        lines.append("A configuration met the floor on the held-out prompts, but none was faster than the "
+                     "baseline there: nothing saved.")
     elif not result.cancelled:
         lines.append("No configuration met the floor on the held-out prompts: nothing saved.")
     if result.preset:
