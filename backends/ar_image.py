@@ -117,7 +117,7 @@ class ARImageBackend(Backend):
         model, on its device and dtype (the None stands where a text draft has its tokenizer).
         A draft of another token layout is refused before it is kept, so a refusal leaves no
         draft behind in memory."""
-        from backends.accel.speculative import bundled_draft_layers, check_same_layout
+        from backends.accel.speculative import bundled_draft_layers, check_same_layout, pipe_layers, shallower
         from backends.catalog import resolve_source
         from backends.tiny.ar_image import ARImagePipeline, read_layout
         from backends.types import ModelLoadError
@@ -129,9 +129,8 @@ class ARImageBackend(Backend):
             if read_layout(source) != self.pipe.layout:  # refused from its layout.json, before any weights load
                 raise ValidationError(f"draft model '{draft_id}' has another token layout (codebook, prompt words "
                                       "or grid) than the target: its tokens would mean other things")
-            layers = bundled_draft_layers(draft_id)  # its config.json: no weights read either
-            depth = getattr(getattr(getattr(self.pipe, "transformer", None), "config", None), "num_hidden_layers", None)
-            if layers is not None and depth is not None and layers >= depth:
+            layers, depth = bundled_draft_layers(draft_id), pipe_layers(self.pipe)  # its config.json: no weights
+            if not shallower(layers, depth):
                 raise ValidationError(f"draft model '{draft_id}' has {layers} layer(s), as many as or more than this "
                                       f"model's {depth}: drafting with it would only add work")
             try:

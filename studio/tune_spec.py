@@ -472,17 +472,14 @@ def sampling_order(params: Sequence[Param]) -> list[Param]:
     """``params`` in Config order (a bound naming an earlier parameter is known when it is
     drawn), except that a parameter read only under another's value waits until that one
     is drawn (fast_dllm's threshold after its factor); everything else keeps its place."""
-    names = {p.name for p in params}
-    done: set[str] = set()
-    order: list[Param] = []
-    waiting = list(params)
-    while waiting:
-        ready = next((p for p in waiting if p.only_if is None or p.only_if[0] not in names
-                      or p.only_if[0] in done), waiting[0])  # waiting[0]: a cycle (refused at import)
-        waiting.remove(ready)
-        order.append(ready)
-        done.add(ready.name)
-    return order
+    at = {p.name: i for i, p in enumerate(params)}
+
+    def position(p: Param) -> tuple[int, int]:  # controllers are unconditional (checked at import)
+        if p.only_if is not None and at.get(p.only_if[0], -1) > at[p.name]:
+            return at[p.only_if[0]], 1  # right after its controller
+        return at[p.name], 0
+
+    return sorted(params, key=position)
 
 
 def build_space(modality: str, family: str | None, allowed: Sequence[str] | None, base_params: Mapping[str, Any],

@@ -55,6 +55,30 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total if total > 1e-12 else p
 
 
+def verify_drafts(session: ARSession, last: int, drafts: list[tuple[int, torch.Tensor]], accept: AcceptRule,
+                  room: int) -> tuple[int, int | None, bool, torch.Tensor]:
+    """One verification forward over ``last`` and the drafts (token, the distribution it was
+    drawn from), shared by SJD and the draft-model loop: drafts are kept in order while
+    ``accept`` says so; the first refused one is replaced from ``norm(max(0, p - q))``; if
+    all are kept and ``room`` (tokens still wanted) allows, one more token comes from the
+    last output. The cache keeps the fed token and the kept drafts. Returns (kept, the new
+    token or None, whether a draft was refused, the forward's distributions)."""
+    gen, before = session.gen, session.cached
+    probs = session.forward([last] + [x for x, _ in drafts])  # probs[j]: draft position j
+    kept, new = 0, None
+    for j, (x, q) in enumerate(drafts):
+        if accept(probs[j], q, x, gen):
+            kept += 1
+            continue
+        new = draw(residual(probs[j], q), gen)
+        break
+    refused = new is not None
+    if new is None and kept < room:
+        new = draw(probs[kept], gen)  # every draft kept: one more token from the last output
+    session.crop(before + 1 + kept)
+    return kept, new, refused, probs
+
+
 def sjd_loop(session: ARSession, progress: ProgressFn | None, window: int,
              accept: AcceptRule = speculative_accept, stats: LoopStats | None = None) -> torch.Tensor:
     """The SJD token loop (module doc). ``accept``: the acceptance rule (LANTERN relaxes it)."""
@@ -68,20 +92,9 @@ def sjd_loop(session: ARSession, progress: ProgressFn | None, window: int,
         drafts = drafts[:want]
         while len(drafts) < want:  # fresh positions: uniform random tokens (SJD's initialisation)
             drafts.append((int(torch.randint(k, (), generator=gen)), fresh_q))
-        before = session.cached
-        probs = session.forward([out[-1]] + [x for x, _ in drafts])  # probs[j]: draft position j
-        kept, new = 0, None
-        for j, (x, q) in enumerate(drafts):
-            if accept(probs[j], q, x, gen):
-                kept += 1
-                continue
-            new = draw(residual(probs[j], q), gen)
-            break
-        stats.drafted += kept + (new is not None and kept < len(drafts))  # the drafts verified
+        kept, new, refused, probs = verify_drafts(session, out[-1], drafts, accept, total - len(out))
+        stats.drafted += kept + refused  # the drafts verified
         stats.accepted += kept
-        if new is None and len(out) + kept < total:
-            new = draw(probs[kept], gen)  # every draft kept: one more token from the last output
-        session.crop(before + 1 + kept)  # the fed token and the kept drafts stay cached
         out += [x for x, _ in drafts[:kept]] + ([new] if new is not None else [])
         # Jacobi update: the positions after the new token, redrawn from this forward's outputs
         drafts = [(draw(probs[j], gen), probs[j]) for j in range(kept + 1, len(drafts) + 1)]

@@ -39,7 +39,7 @@ import torch
 
 from backends.accel._ar_decoding import AR_FAMILY, AR_SLOT, ARSession, LoopStats, ProgressFn, draw, set_ar_decoder
 from backends.accel.base import Limits, Method, MethodConfig, MethodSpec, param, register
-from backends.accel.sjd import AcceptRule, residual, speculative_accept
+from backends.accel.sjd import AcceptRule, speculative_accept, verify_drafts
 from backends.catalog import bundled, find_bundled
 from backends.accel._codec_decoding import CodecHandle, check_same_codec, speculative_loop
 from backends.accel._decoding import (DecodeState, DecodingHandle, accept_greedy, crop_cache, decoding_stats,
@@ -87,20 +87,10 @@ def ar_speculative_loop(session: ARSession, progress: ProgressFn | None, draft_p
             q = drafting.forward([drafts[-1][0]])[-1]
             if confidence and float(q.max()) < confidence:
                 break  # the next draft is doubtful: verify what we have
-        before, start = session.cached, len(out)
-        probs = session.forward([out[-1]] + [x for x, _ in drafts])
-        kept, new = 0, None
-        for j, (x, q_j) in enumerate(drafts):
-            if accept(probs[j], q_j, x, gen):
-                kept += 1
-                continue
-            new = draw(residual(probs[j], q_j), gen)
-            break
-        stats.drafted += kept + (new is not None)
+        start = len(out)
+        kept, new, refused, _ = verify_drafts(session, out[-1], drafts, accept, total - start)
+        stats.drafted += kept + refused
         stats.accepted += kept
-        if new is None and start + kept < total:
-            new = draw(probs[kept], gen)  # every draft kept: one more token from the last output
-        session.crop(before + 1 + kept)
         drafting.crop(min(drafting.cached, prefix + start + kept))  # the draft keeps what was accepted
         out += [x for x, _ in drafts[:kept]] + ([new] if new is not None else [])
         if schedule == "heuristic":
@@ -137,8 +127,15 @@ def bundled_draft_layout(draft_id: str) -> Any:
     return read_layout(entry.path)
 
 
-def _layers(transformer_config: Any) -> int | None:
-    return getattr(transformer_config, "num_hidden_layers", None)
+def pipe_layers(pipe: Any) -> int | None:
+    """The transformer depth of a loaded AR pipeline, or None where it has no such config."""
+    return getattr(getattr(getattr(pipe, "transformer", None), "config", None), "num_hidden_layers", None)
+
+
+def shallower(draft_layers: int | None, target_layers: int | None) -> bool:
+    """A draft as deep as its target costs a target forward per drafted token: it only adds
+    work (a folder copy of a bundled draft, loaded as the model, is one). Unknown: allowed."""
+    return draft_layers is None or target_layers is None or draft_layers < target_layers
 
 
 def bundled_draft_layers(draft_id: str) -> int | None:
@@ -161,20 +158,14 @@ def ar_draft_limits(backend) -> Limits:
     the method is unfit (a hub model such as Janus or Emu3 has no draft of its layout), so
     neither the tuner nor the Image tab offers it. 'auto' stays allowed (the attach says why a
     missing or mismatched paired draft cannot run) but is searched only where it fits."""
-    layout = getattr(backend.pipe, "layout", None)
-    depth = _layers(getattr(getattr(backend.pipe, "transformer", None), "config", None))
-
-    def smaller(draft_id: str, loaded: Any) -> bool:
-        """A draft as deep as its target costs a target forward per drafted token: it only
-        adds work (a folder copy of a bundled draft, loaded as the model, is one)."""
-        layers = _layers(loaded.transformer.config) if loaded is not None else bundled_draft_layers(draft_id)
-        return depth is None or layers is None or layers < depth
+    layout, depth = getattr(backend.pipe, "layout", None), pipe_layers(backend.pipe)
 
     def fits(draft_id: str) -> bool:
         loaded = backend.drafts.get(draft_id)
         draft_layout = loaded.layout if loaded is not None else bundled_draft_layout(draft_id)
+        layers = pipe_layers(loaded) if loaded is not None else bundled_draft_layers(draft_id)
         return (draft_id != backend.model_id and draft_layout is not None and draft_layout == layout
-                and smaller(draft_id, loaded))
+                and shallower(layers, depth))
 
     named = tuple(d for d in AR_DRAFTS if fits(d))
     paired = bool(backend.draft_id) and fits(backend.draft_id)
